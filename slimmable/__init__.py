@@ -1,0 +1,18 @@
+"""slimmable: slimmable neural networks — one set of weights, several widths, switched at run time."""
+
+from .models import create_model, list_models
+from .nn import get_channels, get_width, get_widths, set_channels, set_width, use_width
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "create_model",
+    "get_channels",
+    "get_width",
+    "get_widths",
+    "list_models",
+    "set_channels",
+    "set_width",
+    "use_width",
+]

@@ -1,0 +1,111 @@
+"""Base class of the model families and the per-model channel plan (S-Net widths or US-Net range)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..nn import WidthRange, WidthTable, get_width, make_divisible, normalize_widths, set_width, use_width
+from ..nn.channels import ChannelRule
+
+__all__ = ["ChannelPlan", "SlimNet"]
+
+
+class ChannelPlan:
+    """Turns a layer's full-width size into its channel rule.
+
+    Slimmable (S-Net) models get a :class:`WidthTable` over ``widths`` with the family's rounding; universally
+    slimmable (US-Net) models get a :class:`WidthRange` over ``width_range`` with the official US rounding.
+
+    Args:
+        widths: the switches of an S-Net (ignored when ``width_range`` is given, except as BN statistics widths).
+        round_fn: ``round_fn(channels * width) -> int``, the family's rounding for S-Nets.
+        width_range: ``(lo, hi)`` for a US-Net.
+        stat_widths: US-Nets: widths whose BN statistics are stored.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[float],
+        round_fn: Callable[[float], int],
+        width_range: tuple[float, float] | None = None,
+        stat_widths: Sequence[float] | None = None,
+    ) -> None:
+        self.round_fn = round_fn
+        self.width_range = None if width_range is None else (float(width_range[0]), float(width_range[1]))
+        if self.width_range is not None:
+            lo, hi = self.width_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"width_range {width_range} must satisfy 0 < lo <= hi")
+            self.stat_widths = normalize_widths(stat_widths if stat_widths is not None else (lo, hi))
+            bad = [w for w in self.stat_widths if not lo - 1e-9 <= w <= hi + 1e-9]
+            if bad:
+                raise ValueError(f"stat_widths {bad} are outside width_range {width_range}")
+            self.widths = self.stat_widths
+        else:
+            self.widths = normalize_widths(widths)
+            self.stat_widths = ()
+
+    @property
+    def is_us(self) -> bool:
+        return self.width_range is not None
+
+    @property
+    def max_width(self) -> float:
+        return self.width_range[1] if self.width_range else self.widths[-1]
+
+    def rule(self, channels: int) -> ChannelRule:
+        """Rule for a layer whose size at width 1.0 is ``channels``."""
+        if self.width_range is not None:
+            lo, hi = self.width_range
+            return WidthRange(make_divisible(channels * hi), lo, hi)
+        return WidthTable.build(self.widths, lambda w: self.round_fn(channels * w))
+
+    def scaled(self, rule: ChannelRule, factor: int) -> ChannelRule:
+        """``rule`` times an integer ``factor`` at every width (MobileNet v2's expansion, ResNet's bottleneck)."""
+        if isinstance(rule, WidthRange):
+            return WidthRange(rule.max_channels * factor, rule.lo, rule.hi, ratio=rule.ratio * factor)
+        assert isinstance(rule, WidthTable)
+        return WidthTable.build(rule.widths, [c * factor for c in rule.channels])
+
+    def divided(self, rule: WidthTable, divisor: int) -> WidthTable:
+        """``rule`` floor-divided by ``divisor`` at every width (ResNet's bottleneck, ShuffleNet's groups)."""
+        return WidthTable.build(rule.widths, [c // divisor for c in rule.channels])
+
+
+class SlimNet(nn.Module):
+    """Base of all slimmable model families: the width API as methods, and the constructor kwargs for checkpoints.
+
+    Attributes:
+        widths: the switch widths (S-Nets) or the widths with stored BN statistics (US-Nets).
+        width_range: ``(lo, hi)`` for universally slimmable models, else ``None``.
+        model_kwargs: the keyword arguments the model was built with (saved in checkpoints).
+    """
+
+    widths: tuple[float, ...]
+    width_range: tuple[float, float] | None = None
+    model_name: str = ""
+    model_kwargs: dict[str, Any]
+
+    def set_width(self, width: float) -> SlimNet:
+        """Switch the whole model to ``width`` (see :func:`slimmable.nn.set_width`); returns ``self``."""
+        set_width(self, width)
+        return self
+
+    def use_width(self, width: float) -> contextlib.AbstractContextManager[nn.Module]:
+        """Context manager running the model at ``width`` and restoring the previous width on exit."""
+        return use_width(self, width)
+
+    @property
+    def width(self) -> float | None:
+        """The current width (``None`` after per-layer channels were set)."""
+        return get_width(self)
+
+    def iter_widths(self) -> Iterator[float]:
+        """Iterate the model's switches, setting each in turn, then restore the width it had."""
+        for w in self.widths:
+            with use_width(self, w):
+                yield w

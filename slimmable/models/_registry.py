@@ -1,0 +1,51 @@
+"""Model registry: ``register_model`` decorates one-line builder functions; ``create_model`` looks them up."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["create_model", "is_model", "list_models", "register_model"]
+
+_MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its ``__name__``; a duplicate name is an error."""
+    name = fn.__name__
+    if name in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODEL_ENTRYPOINTS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of registered models matching a shell-style ``pattern``."""
+    return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    return name in _MODEL_ENTRYPOINTS
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``.
+        **kwargs: passed to the model (``widths``, ``num_classes``, ``in_chans``, ``small_input``, ...);
+            ``None`` values are dropped so that unset CLI/config fields keep the model's defaults.
+
+    Raises:
+        ValueError: unknown name (the message suggests close matches).
+    """
+    if name not in _MODEL_ENTRYPOINTS:
+        near = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return _MODEL_ENTRYPOINTS[name](**kwargs)

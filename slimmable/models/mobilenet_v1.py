@@ -1,0 +1,112 @@
+"""Slimmable and universally slimmable MobileNet v1 (official S-MobileNet v1 / US-MobileNet v1 layouts)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import SlimConv2d, SlimLinear, create_norm, make_divisible
+from ..nn.channels import ChannelRule
+from ._base import ChannelPlan, SlimNet
+from ._registry import register_model
+from .mobilenet_v2 import _grid, _init_weights
+
+__all__ = ["SlimMobileNetV1", "slim_mobilenet_v1", "us_mobilenet_v1"]
+
+# c (channels at width 1.0), n (repeats), s (stride of the first block)
+DEPTHWISE_SEPARABLE_SETTING: tuple[tuple[int, int, int], ...] = (
+    (64, 1, 1),
+    (128, 2, 2),
+    (256, 2, 2),
+    (512, 6, 2),
+    (1024, 2, 2),
+)
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise 3x3 → BN → ReLU6 → pointwise 1x1 → BN → ReLU6. Keys: ``body.{0..5}``."""
+
+    def __init__(self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, plan: ChannelPlan) -> None:
+        super().__init__()
+        cin, cout, sw = in_rule.max_channels, out_rule.max_channels, plan.stat_widths
+        self.body = nn.Sequential(
+            SlimConv2d(cin, cin, 3, stride, 1, bias=False, depthwise=True),
+            create_norm(in_rule, cin, sw),
+            nn.ReLU6(inplace=True),
+            SlimConv2d(cin, cout, 1, bias=False, out_rule=out_rule),
+            create_norm(out_rule, cout, sw),
+            nn.ReLU6(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class SlimMobileNetV1(SlimNet):
+    """Slimmable MobileNet v1, state-dict compatible with the official checkpoints.
+
+    Args:
+        widths: the switches (S-Net), default ``(0.25, 0.5, 0.75, 1.0)``.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        small_input: stride-1 stem for 28x28 / 32x32 images.
+        width_range: ``(lo, hi)`` builds a universally slimmable network.
+        stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.25..1.0 step 0.025).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        small_input: bool = False,
+        width_range: tuple[float, float] | None = None,
+        stat_widths: Sequence[float] | None = None,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        # The official S-MobileNet v1 rounds with a minimum of 8 channels; its US version with a minimum of 1.
+        plan = ChannelPlan(widths, functools.partial(make_divisible, min_value=8), width_range, stat_widths)
+        self.widths, self.width_range = plan.widths, plan.width_range
+        self.num_classes = num_classes
+        rule = plan.rule(32)
+        c = rule.max_channels
+        stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
+        features: list[nn.Module] = [
+            nn.Sequential(stem, create_norm(rule, c, plan.stat_widths), nn.ReLU6(inplace=True))
+        ]
+        for ch, n, s in DEPTHWISE_SEPARABLE_SETTING:
+            out_rule = plan.rule(ch)
+            for i in range(n):
+                features.append(DepthwiseSeparableConv(rule, out_rule, s if i == 0 else 1, plan))
+                rule = out_rule
+        features.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*features)
+        self.num_features = rule.max_channels
+        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
+        head.append(SlimLinear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(*head)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register_model
+def slim_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
+    """Slimmable MobileNet v1, widths 0.25/0.5/0.75/1.0."""
+    return SlimMobileNetV1(**kwargs)
+
+
+@register_model
+def us_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
+    """Universally slimmable MobileNet v1, any width in [0.25, 1.0]; BN statistics every 0.025 (official)."""
+    kwargs.setdefault("width_range", (0.25, 1.0))
+    lo, hi = kwargs["width_range"]
+    kwargs.setdefault("stat_widths", _grid(lo, hi, 0.025))
+    kwargs.pop("widths", None)
+    return SlimMobileNetV1(**kwargs)

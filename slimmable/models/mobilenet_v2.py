@@ -1,0 +1,155 @@
+"""Slimmable and universally slimmable MobileNet v2 (official S-MobileNet v2 / US-MobileNet v2 layouts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import SlimConv2d, create_norm, make_divisible
+from ..nn.channels import ChannelRule
+from ._base import ChannelPlan, SlimNet
+from ._registry import register_model
+
+__all__ = ["SlimMobileNetV2", "slim_mobilenet_v2", "us_mobilenet_v2"]
+
+# t (expansion), c (channels at width 1.0), n (repeats), s (stride of the first block)
+INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1) → depthwise (3x3) → project (1x1), residual when shape is kept. Keys: ``body.{0..7}``."""
+
+    def __init__(
+        self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, expand_ratio: int, plan: ChannelPlan
+    ) -> None:
+        super().__init__()
+        hidden_rule = plan.scaled(in_rule, expand_ratio)
+        cin, hidden, cout = in_rule.max_channels, hidden_rule.max_channels, out_rule.max_channels
+        sw = plan.stat_widths
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [
+                SlimConv2d(cin, hidden, 1, bias=False, out_rule=hidden_rule),
+                create_norm(hidden_rule, hidden, sw),
+                nn.ReLU6(inplace=True),
+            ]
+        layers += [
+            SlimConv2d(hidden, hidden, 3, stride, 1, bias=False, depthwise=True),
+            create_norm(hidden_rule, hidden, sw),
+            nn.ReLU6(inplace=True),
+            SlimConv2d(hidden, cout, 1, bias=False, out_rule=out_rule),
+            create_norm(out_rule, cout, sw),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_rule == out_rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_residual:
+            return x + self.body(x)
+        return self.body(x)
+
+
+class SlimMobileNetV2(SlimNet):
+    """Slimmable MobileNet v2 (Yu et al. 2019), state-dict compatible with the official checkpoints.
+
+    Args:
+        widths: the switches (S-Net), default the paper's ``(0.35, 0.5, 0.75, 1.0)``.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        small_input: stride-1 stem for 28x28 / 32x32 images.
+        width_range: ``(lo, hi)`` builds a universally slimmable network (any width in the range).
+        stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.35..1.0 step 0.025).
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[float] = (0.35, 0.5, 0.75, 1.0),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        small_input: bool = False,
+        width_range: tuple[float, float] | None = None,
+        stat_widths: Sequence[float] | None = None,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths)
+        self.widths, self.width_range = plan.widths, plan.width_range
+        self.num_classes = num_classes
+        sw = plan.stat_widths
+        rule = plan.rule(32)
+        c = rule.max_channels
+        stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
+        features: list[nn.Module] = [nn.Sequential(stem, create_norm(rule, c, sw), nn.ReLU6(inplace=True))]
+        for t, ch, n, s in INVERTED_RESIDUAL_SETTING:
+            out_rule = plan.rule(ch)
+            for i in range(n):
+                features.append(InvertedResidual(rule, out_rule, s if i == 0 else 1, t, plan))
+                rule = out_rule
+        top = plan.max_width
+        self.num_features = make_divisible(1280 * top) if top > 1.0 else 1280
+        # The last 1x1 conv has a fixed output (the official models do not slim it), so its BN is a plain one.
+        features.append(
+            nn.Sequential(
+                SlimConv2d(rule.max_channels, self.num_features, 1, bias=False),
+                nn.BatchNorm2d(self.num_features),
+                nn.ReLU6(inplace=True),
+            )
+        )
+        features.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*features)
+        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
+        head.append(nn.Linear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(*head)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He-normal convs, unit BN, small-normal linear layers (the official ``reset_parameters``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@register_model
+def slim_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
+    """Slimmable MobileNet v2, widths 0.35/0.5/0.75/1.0."""
+    return SlimMobileNetV2(**kwargs)
+
+
+@register_model
+def us_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
+    """Universally slimmable MobileNet v2, any width in [0.35, 1.0]; BN statistics every 0.025 (official)."""
+    kwargs.setdefault("width_range", (0.35, 1.0))
+    lo, hi = kwargs["width_range"]
+    kwargs.setdefault("stat_widths", _grid(lo, hi, 0.025))
+    kwargs.pop("widths", None)
+    return SlimMobileNetV2(**kwargs)
+
+
+def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
+    n = round((hi - lo) / step)
+    return tuple(round(lo + i * step, 6) for i in range(n + 1))

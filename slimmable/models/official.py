@@ -1,0 +1,163 @@
+"""Load checkpoints written by the official slimmable_networks code (JiahuiYu/slimmable_networks).
+
+The official training script saves ``{'model': DataParallel(model).state_dict(), ...}``: keys carry a ``module.``
+prefix, and switchable BN layers store switch ``i`` under ``bn.{i}``, where ``i`` is the position of the width in
+the (ascending) width list. Our models use the same module names and sort widths ascending, so after the prefix
+is stripped the keys line up one to one; everything is validated before the model is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["OFFICIAL_MODELS", "CheckpointError", "load_official_checkpoint", "read_checkpoint_file"]
+
+#: official model file -> (our registered name, kwargs)
+OFFICIAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "s_mobilenet_v1": ("slim_mobilenet_v1", {}),
+    "s_mobilenet_v2": ("slim_mobilenet_v2", {}),
+    "s_shufflenet": ("slim_shufflenet_v1", {}),
+    "s_resnet": ("slim_resnet50", {}),
+    "us_mobilenet_v1": ("us_mobilenet_v1", {}),
+    "us_mobilenet_v2": ("us_mobilenet_v2", {}),
+}
+
+_BN_SWITCH = re.compile(r"^(.*)\.bn\.(\d+)\.(weight|running_mean)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message says why and what to do."""
+
+
+def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the problem.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is a folder, empty, truncated, corrupt, or holds arbitrary pickled objects.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; check the path")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} is a folder; give the checkpoint file inside it")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes); the save was probably interrupted")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        msg = str(err)
+        if "weights_only" in msg or "Unsupported global" in msg:
+            raise CheckpointError(
+                f"checkpoint {p} holds Python objects beyond tensors and plain containers, which are not loaded "
+                "for safety (weights_only=True). Re-save it as a plain state_dict"
+            ) from err
+        raise CheckpointError(f"checkpoint {p} is corrupt ({msg}); re-download or re-save it") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {p} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); "
+            "it may be truncated or corrupt: re-download or re-save it"
+        ) from err
+
+
+def official_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Extract the state dict of an official checkpoint and strip the ``module.`` prefix."""
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        sd = obj["model"]
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        hint = ""
+        if isinstance(obj, Mapping) and "format_version" in obj:
+            hint = " It is a checkpoint written by slimmable itself: load it with slimmable.train.load_checkpoint."
+        raise CheckpointError(
+            f"{source} is not an official slimmable_networks checkpoint: expected {{'model': state_dict}} or a "
+            f"state_dict, found {keys}.{hint}"
+        )
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
+    return out
+
+
+def _switch_channels(sd: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per switchable-BN layer, the channel count of each stored switch (ordered by switch index)."""
+    found: dict[str, dict[int, int]] = {}
+    for k, v in sd.items():
+        m = _BN_SWITCH.match(k)
+        if m and v.dim() == 1:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = v.shape[0]
+    return {layer: [d[i] for i in sorted(d)] for layer, d in found.items()}
+
+
+def _describe_mismatch(
+    own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], model: nn.Module, source: str
+) -> str:
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    lines = [f"{source} does not fit {type(model).__name__}:"]
+    ck_sw, own_sw = _switch_channels(sd), _switch_channels(own)
+    common = [layer for layer in own_sw if layer in ck_sw]
+    if common:
+        layer = common[0]
+        if len(ck_sw[layer]) != len(own_sw[layer]) or ck_sw[layer] != own_sw[layer]:
+            widths = getattr(model, "widths", "?")
+            lines.append(
+                f"  widths differ: at {layer} the checkpoint's switches have channels {ck_sw[layer]} "
+                f"({len(ck_sw[layer])} switches), the model's widths {widths} give {own_sw[layer]}. "
+                "Build the model with the widths the checkpoint was trained with"
+            )
+    if missing:
+        lines.append(f"  {len(missing)} keys missing from the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys in the checkpoint, e.g. {unexpected[:5]}")
+    if shape:
+        ex = [f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(sd[k].shape)}" for k in shape[:5]]
+        lines.append(f"  {len(shape)} keys with other shapes, e.g. " + "; ".join(ex))
+    if (missing or unexpected) and not common:
+        lines.append("  the layouts share no layers: is this checkpoint for another model family?")
+    return "\n".join(lines)
+
+
+def load_official_checkpoint(checkpoint: str | os.PathLike[str] | Mapping[str, Any], model: nn.Module) -> nn.Module:
+    """Load an official slimmable_networks checkpoint into ``model``, all or nothing.
+
+    Args:
+        checkpoint: a path, or the object ``torch.load`` returned (``{'model': state_dict}`` or a state dict).
+        model: the matching model, e.g. ``create_model("slim_mobilenet_v2")`` for ``s_mobilenet_v2``, built with
+            the checkpoint's widths. Floating tensors are cast to the model's dtype (the official fp16 fixtures
+            are upcast).
+
+    Returns:
+        ``model``, with the weights loaded.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        CheckpointError: unreadable file, not an official checkpoint, or keys/shapes/widths that do not match; the
+            model is left unchanged.
+    """
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    sd = official_state_dict(obj, source)
+    own = model.state_dict()
+    if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
+        raise CheckpointError(_describe_mismatch(own, sd, model, source))
+    converted = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(converted, strict=True)
+    return model

@@ -1,0 +1,155 @@
+"""Slimmable ResNet (official S-ResNet-50 layout; basic-block depths 18/34 for small data)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import SlimConv2d, SlimLinear, create_norm
+from ..nn.channels import ChannelRule
+from ._base import ChannelPlan, SlimNet
+from ._registry import register_model
+from .mobilenet_v2 import _init_weights
+
+__all__ = ["SlimResNet", "slim_resnet18", "slim_resnet34", "slim_resnet50", "slim_resnet101"]
+
+# depth -> (bottleneck?, blocks per stage)
+RESNET_SETTINGS: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 8, 36, 3)),
+}
+STAGE_CHANNELS = (64, 128, 256, 512)
+
+
+def _int_round(v: float) -> int:
+    # The official S-ResNet truncates: int(64 * 0.75) = 48.
+    return int(v)
+
+
+class Block(nn.Module):
+    """Bottleneck (1x1-3x3-1x1, stride in the 3x3) or basic (3x3-3x3) block; keys ``body.*``, ``shortcut.*``."""
+
+    def __init__(
+        self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, bottleneck: bool, plan: ChannelPlan
+    ) -> None:
+        super().__init__()
+        sw = plan.stat_widths
+        cin, cout = in_rule.max_channels, out_rule.max_channels
+        if bottleneck:
+            mid_rule = plan.divided(out_rule, 4)  # type: ignore[arg-type]
+            mid = mid_rule.max_channels
+            layers: list[nn.Module] = [
+                SlimConv2d(cin, mid, 1, bias=False, out_rule=mid_rule),
+                create_norm(mid_rule, mid, sw),
+                nn.ReLU(inplace=True),
+                SlimConv2d(mid, mid, 3, stride, 1, bias=False, out_rule=mid_rule),
+                create_norm(mid_rule, mid, sw),
+                nn.ReLU(inplace=True),
+                SlimConv2d(mid, cout, 1, bias=False, out_rule=out_rule),
+                create_norm(out_rule, cout, sw),
+            ]
+        else:
+            layers = [
+                SlimConv2d(cin, cout, 3, stride, 1, bias=False, out_rule=out_rule),
+                create_norm(out_rule, cout, sw),
+                nn.ReLU(inplace=True),
+                SlimConv2d(cout, cout, 3, 1, 1, bias=False, out_rule=out_rule),
+                create_norm(out_rule, cout, sw),
+            ]
+        self.body = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_rule == out_rule
+        if not self.use_residual:
+            self.shortcut = nn.Sequential(
+                SlimConv2d(cin, cout, 1, stride, bias=False, out_rule=out_rule), create_norm(out_rule, cout, sw)
+            )
+        self.post_relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.use_residual else self.shortcut(x)
+        return self.post_relu(self.body(x) + identity)
+
+
+class SlimResNet(SlimNet):
+    """Slimmable ResNet, state-dict compatible with the official S-ResNet-50 checkpoints.
+
+    Args:
+        depth: 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks).
+        widths: the switches, default ``(0.25, 0.5, 0.75, 1.0)``.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        small_input: 3x3 stride-1 stem without max-pooling, for 28x28 / 32x32 images.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        small_input: bool = False,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth not in RESNET_SETTINGS:
+            raise ValueError(f"ResNet depth {depth} is not supported; choose one of {sorted(RESNET_SETTINGS)}")
+        bottleneck, blocks = RESNET_SETTINGS[depth]
+        plan = ChannelPlan(widths, _int_round)
+        self.widths, self.width_range = plan.widths, None
+        self.num_classes = num_classes
+        rule = plan.rule(64)
+        c = rule.max_channels
+        if small_input:
+            stem: list[nn.Module] = [SlimConv2d(in_chans, c, 3, 1, 1, bias=False, out_rule=rule)]
+        else:
+            stem = [SlimConv2d(in_chans, c, 7, 2, 3, bias=False, out_rule=rule)]
+        stem += [create_norm(rule, c), nn.ReLU(inplace=True)]
+        if not small_input:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        features: list[nn.Module] = [nn.Sequential(*stem)]
+        expansion = 4 if bottleneck else 1
+        for stage, n in enumerate(blocks):
+            out_rule = plan.rule(STAGE_CHANNELS[stage] * expansion)
+            for i in range(n):
+                stride = 2 if i == 0 and stage != 0 else 1
+                features.append(Block(rule, out_rule, stride, bottleneck, plan))
+                rule = out_rule
+        features.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*features)
+        self.num_features = rule.max_channels
+        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
+        head.append(SlimLinear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(*head)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register_model
+def slim_resnet18(**kwargs) -> SlimResNet:
+    """Slimmable ResNet-18 (basic blocks), widths 0.25/0.5/0.75/1.0."""
+    return SlimResNet(depth=18, **kwargs)
+
+
+@register_model
+def slim_resnet34(**kwargs) -> SlimResNet:
+    """Slimmable ResNet-34 (basic blocks), widths 0.25/0.5/0.75/1.0."""
+    return SlimResNet(depth=34, **kwargs)
+
+
+@register_model
+def slim_resnet50(**kwargs) -> SlimResNet:
+    """Slimmable ResNet-50, widths 0.25/0.5/0.75/1.0 (official S-ResNet-50)."""
+    return SlimResNet(depth=50, **kwargs)
+
+
+@register_model
+def slim_resnet101(**kwargs) -> SlimResNet:
+    """Slimmable ResNet-101, widths 0.25/0.5/0.75/1.0."""
+    return SlimResNet(depth=101, **kwargs)

@@ -1,0 +1,27 @@
+"""Slimmable layers and the width API."""
+
+from .base import SlimModule, get_channels, get_width, get_widths, set_channels, set_width, slim_modules, use_width
+from .channels import ChannelRule, WidthRange, WidthTable, make_divisible, normalize_widths
+from .layers import SlimConv2d, SlimConvNormAct, SlimLinear, SwitchableBatchNorm2d, USBatchNorm2d, create_norm
+
+__all__ = [
+    "ChannelRule",
+    "SlimConv2d",
+    "SlimConvNormAct",
+    "SlimLinear",
+    "SlimModule",
+    "SwitchableBatchNorm2d",
+    "USBatchNorm2d",
+    "WidthRange",
+    "WidthTable",
+    "create_norm",
+    "get_channels",
+    "get_width",
+    "get_widths",
+    "make_divisible",
+    "normalize_widths",
+    "set_channels",
+    "set_width",
+    "slim_modules",
+    "use_width",
+]

@@ -1,0 +1,199 @@
+"""The width API: width is state of each slimmable layer, set by walking the model, never a global flag.
+
+``set_width(model, w)`` walks ``model.modules()``, so it reaches the layers through ``nn.DataParallel``,
+``DistributedDataParallel`` and ``torch.compile`` wrappers (each keeps the wrapped model as a submodule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+from torch import nn
+
+from .channels import ChannelRule, WidthRange, WidthTable, _fmt, _key
+
+__all__ = [
+    "SlimModule",
+    "get_channels",
+    "get_width",
+    "get_widths",
+    "set_channels",
+    "set_width",
+    "slim_modules",
+    "use_width",
+]
+
+
+class SlimModule(nn.Module):
+    """Base class of every slimmable layer.
+
+    A subclass resolves a width to its own active sizes in :meth:`_resolve` (which must not modify the module, so
+    that a bad width is rejected before any layer changes) and applies them in :meth:`_apply_state`. ``forward``
+    only slices; it never assigns attributes.
+    """
+
+    #: current width (``None`` after :func:`set_channels` gave this layer a custom size)
+    width: float | None = None
+
+    def _resolve(self, width: float) -> object:
+        """Return the state this layer takes at ``width``; raise ``ValueError`` if it cannot run at ``width``."""
+        raise NotImplementedError
+
+    def _apply_state(self, state: object) -> None:
+        raise NotImplementedError
+
+    def _get_state(self) -> object:
+        raise NotImplementedError
+
+    def set_width(self, width: float) -> None:
+        """Switch this layer alone to ``width``. Prefer :func:`set_width` on the whole model."""
+        self._apply_state(self._resolve(width))
+
+
+def slim_modules(model: nn.Module) -> Iterator[tuple[str, SlimModule]]:
+    """Yield ``(qualified_name, module)`` for every :class:`SlimModule` in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, SlimModule):
+            yield name, m
+
+
+def _strip_wrappers(name: str) -> str:
+    # DataParallel/DDP register the model as ``module``, torch.compile as ``_orig_mod``.
+    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
+    return ".".join(parts)
+
+
+def set_width(model: nn.Module, width: float) -> None:
+    """Switch every slimmable layer of ``model`` to ``width``.
+
+    The switch is atomic: every layer is checked before any changes, so a bad width leaves the model as it was.
+
+    Args:
+        model: a model holding :class:`SlimModule` layers (possibly wrapped by DDP, DataParallel or compile).
+        width: the width multiplier, one of the model's widths (or inside its range for universally slimmable
+            models).
+
+    Raises:
+        ValueError: ``width`` is not a width of some layer; the message names the layer and the allowed widths.
+        TypeError: ``model`` has no slimmable layers.
+    """
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise TypeError(f"width must be a number such as 0.5, got {type(width).__name__} {width!r}")
+    mods = list(slim_modules(model))
+    if not mods:
+        raise TypeError(f"{type(model).__name__} has no slimmable layers; build it with slimmable.create_model")
+    states = []
+    for name, m in mods:
+        try:
+            states.append(m._resolve(float(width)))
+        except ValueError as err:
+            where = _strip_wrappers(name) or type(m).__name__
+            allowed = get_widths(model)
+            raise ValueError(
+                f"{err} of {where}; the model's widths are {_describe_widths(allowed)}. "
+                "Use one of them, or add the width when building the model (create_model(..., widths=...))"
+            ) from err
+    for (_, m), s in zip(mods, states):
+        m._apply_state(s)
+
+
+def _describe_widths(widths: tuple[float, ...] | tuple[float, float, str]) -> str:
+    if len(widths) == 3 and widths[2] == "range":
+        return f"any width in [{widths[0]:g}, {widths[1]:g}]"
+    return _fmt(widths)  # type: ignore[arg-type]
+
+
+def get_widths(model: nn.Module) -> tuple:
+    """Widths every slimmable layer of ``model`` supports.
+
+    Returns:
+        The sorted tuple of switch widths for slimmable networks; ``(lo, hi, "range")`` for universally slimmable
+        ones.
+    """
+    common: set[float] | None = None
+    ranges: list[tuple[float, float]] = []
+    for _, m in slim_modules(model):
+        rules = [r for r in getattr(m, "channel_rules", ()) if r is not None]
+        for r in rules:
+            if isinstance(r, WidthRange):
+                ranges.append((r.lo, r.hi))
+            elif isinstance(r, WidthTable):
+                common = set(r.widths) if common is None else common & set(r.widths)
+    if ranges:
+        lo = max(r[0] for r in ranges)
+        hi = min(r[1] for r in ranges)
+        return (lo, hi, "range")
+    return tuple(sorted(common or ()))
+
+
+def get_width(model: nn.Module) -> float | None:
+    """The width the model is set to, or ``None`` if its layers disagree (after :func:`set_channels`)."""
+    ws = {m.width for _, m in slim_modules(model)}
+    return ws.pop() if len(ws) == 1 else None
+
+
+@contextlib.contextmanager
+def use_width(model: nn.Module, width: float) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` at ``width`` inside the block, restore every layer's state on exit.
+
+    The previous state is restored on normal exit and when the block raises.
+
+    Example:
+        >>> with use_width(model, 0.5):
+        ...     y = model(x)
+    """
+    saved = [(m, m._get_state()) for _, m in slim_modules(model)]
+    set_width(model, width)
+    try:
+        yield model
+    finally:
+        for m, s in saved:
+            m._apply_state(s)
+
+
+def get_channels(model: nn.Module) -> dict[str, int]:
+    """The active output channel count of every layer whose output is slimmable (a ChannelSpec), by name."""
+    out = {}
+    for name, m in slim_modules(model):
+        c = getattr(m, "active_out", None)
+        if c is not None and getattr(m, "out_rule", None) is not None:
+            out[_strip_wrappers(name)] = int(c)
+    return out
+
+
+def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
+    """Give individual layers custom output channel counts (a ChannelSpec, keyed by qualified module name).
+
+    Layers not named keep their current size. Input channels follow the incoming tensor, so only outputs are set.
+    Channels tied by a residual connection must be given equal counts (the search keeps them tied).
+
+    Raises:
+        KeyError: a name is not a slimmable layer of the model (the message lists near matches).
+        ValueError: a count is outside ``1..max_channels`` of its layer.
+    """
+    by_name = {_strip_wrappers(n): m for n, m in slim_modules(model)}
+    settable = {n: m for n, m in by_name.items() if getattr(m, "out_rule", None) is not None}
+    plan = []
+    for name, c in spec.items():
+        if name not in settable:
+            import difflib
+
+            near = difflib.get_close_matches(name, list(settable), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else f"; settable layers: {len(settable)}"
+            raise KeyError(f"{name!r} is not a layer with slimmable output channels in this model{hint}")
+        m = settable[name]
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= m.max_out:
+            raise ValueError(f"channels for {name} must be an int in 1..{m.max_out}, got {c!r}")
+        plan.append((m, c))
+    for m, c in plan:
+        m._set_out_channels(c)
+
+
+def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:
+    if rule is not None and rule.max_channels > max_channels:
+        raise ValueError(f"{what}: channel rule reaches {rule.max_channels} channels but the layer has {max_channels}")
+
+
+def _width_key(width: float) -> float:
+    return _key(width)

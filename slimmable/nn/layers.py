@@ -1,0 +1,352 @@
+"""Slimmable layers: convolution, linear, switchable and universally slimmable BatchNorm, conv-norm-act block.
+
+Convolutions and linear layers share weights across widths by taking the first ``c`` channels. Input channels
+always follow the incoming tensor (``x.shape[1]``), so a layer needs only a rule for its *output* channels;
+depthwise convolutions follow their input on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SlimModule
+from .channels import ChannelRule, WidthRange, WidthTable, _key
+
+__all__ = [
+    "SlimConv2d",
+    "SlimConvNormAct",
+    "SlimLinear",
+    "SwitchableBatchNorm2d",
+    "USBatchNorm2d",
+    "create_norm",
+]
+
+
+class _SlimOut(SlimModule):
+    """Shared width logic of layers with a slimmable output dimension (conv, linear)."""
+
+    out_rule: ChannelRule | None
+    active_out: int
+
+    @property
+    def max_out(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def channel_rules(self) -> tuple[ChannelRule | None, ...]:
+        return (self.out_rule,)
+
+    def _resolve(self, width: float) -> tuple[float, int]:
+        c = self.out_rule(width) if self.out_rule is not None else self.max_out
+        if c > self.max_out:
+            raise ValueError(f"width {width:g} needs {c} channels, more than the {self.max_out} built")
+        return (_key(width), c)
+
+    def _apply_state(self, state: object) -> None:
+        self.width, self.active_out = state  # type: ignore[misc]
+
+    def _get_state(self) -> object:
+        return (self.width, self.active_out)
+
+    def _set_out_channels(self, channels: int) -> None:
+        self.width, self.active_out = None, int(channels)
+
+
+class SlimConv2d(nn.Conv2d, _SlimOut):
+    """``nn.Conv2d`` whose active output channels depend on the width; input channels follow the input.
+
+    Args:
+        in_channels: input channels at full width.
+        out_channels: output channels at full width (the weight's size).
+        kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
+        groups: a fixed group count (active channels must stay divisible by it).
+        out_rule: maps a width to the active output channels; ``None`` keeps the output at ``out_channels``.
+        depthwise: a depthwise convolution (``groups`` = channels at every width, output follows input).
+
+    Shape:
+        input ``(N, C_in_active, H, W)`` → output ``(N, C_out_active, H', W')``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        out_rule: ChannelRule | None = None,
+        depthwise: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if depthwise:
+            if in_channels != out_channels:
+                raise ValueError(
+                    f"a depthwise conv needs in_channels == out_channels, got {in_channels}, {out_channels}"
+                )
+            groups = in_channels
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+        )
+        if out_rule is not None and depthwise:
+            raise ValueError("a depthwise conv's output follows its input; give no out_rule")
+        self.out_rule = out_rule
+        self.depthwise = depthwise
+        self.active_out = out_channels
+        if out_rule is not None:
+            top = out_rule.max_channels
+            if top > out_channels:
+                raise ValueError(f"out_rule reaches {top} channels but the conv has {out_channels}")
+
+    @property
+    def max_out(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cin = x.shape[1]
+        if self.depthwise:
+            weight = self.weight if cin == self.in_channels else self.weight[:cin]
+            bias = self.bias if self.bias is None or cin == self.in_channels else self.bias[:cin]
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, cin)
+        cout = self.active_out
+        if cout == self.out_channels and cin == self.in_channels:
+            weight, bias = self.weight, self.bias
+        else:
+            weight = self.weight[:cout, : cin // self.groups]
+            bias = None if self.bias is None else self.bias[:cout]
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.depthwise:
+            s += ", depthwise=True"
+        if self.out_rule is not None:
+            s += f", widths={self.out_rule.describe()}"
+        return s
+
+
+class SlimLinear(nn.Linear, _SlimOut):
+    """``nn.Linear`` whose input features follow the input and whose outputs optionally depend on the width.
+
+    Shape:
+        input ``(*, F_in_active)`` → output ``(*, F_out_active)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        out_rule: ChannelRule | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.out_rule = out_rule
+        self.active_out = out_features
+
+    @property
+    def max_out(self) -> int:
+        return self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fin = x.shape[-1]
+        fout = self.active_out
+        if fin == self.in_features and fout == self.out_features:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias[:fout]
+        return F.linear(x, self.weight[:fout, :fin], bias)
+
+
+class SwitchableBatchNorm2d(SlimModule):
+    """One ``BatchNorm2d`` per width (the S-Nets' switchable BN): each switch keeps its own statistics and affine.
+
+    ``bn[i]`` belongs to the i-th smallest width, which is the official checkpoints' layout.
+
+    Args:
+        rule: the channel count of each width (a :class:`WidthTable`).
+        eps, momentum: as ``nn.BatchNorm2d``.
+    """
+
+    def __init__(
+        self,
+        rule: WidthTable,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(rule, WidthTable):
+            raise TypeError(f"SwitchableBatchNorm2d needs a WidthTable, got {type(rule).__name__}")
+        self.rule = rule
+        self.bn = nn.ModuleList(
+            nn.BatchNorm2d(c, eps=eps, momentum=momentum, device=device, dtype=dtype) for c in rule.channels
+        )
+        self.num_features = rule.max_channels
+        self.index: int | None = len(self.bn) - 1
+        self.width = rule.widths[-1]
+
+    @property
+    def channel_rules(self) -> tuple[ChannelRule, ...]:
+        return (self.rule,)
+
+    def _resolve(self, width: float) -> tuple[float, int]:
+        return (_key(width), self.rule.index(width))
+
+    def _apply_state(self, state: object) -> None:
+        self.width, self.index = state  # type: ignore[misc]
+
+    def _get_state(self) -> object:
+        return (self.width, self.index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.index
+        if idx is None:
+            idx = self._index_for_channels(x.shape[1])
+        return self.bn[idx](x)
+
+    def _index_for_channels(self, c: int) -> int:
+        # After set_channels the width is unknown: use the widest switch with exactly this many channels.
+        for i in range(len(self.bn) - 1, -1, -1):
+            if self.bn[i].num_features == c:
+                return i
+        raise ValueError(
+            f"no switch of this SwitchableBatchNorm2d has {c} channels (it has {list(self.rule.channels)}); "
+            "arbitrary channel counts need a universally slimmable model (USBatchNorm2d) and BN calibration"
+        )
+
+
+class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
+    """Universally slimmable BN: one shared affine (sliced), running statistics kept per calibrated width.
+
+    The affine ``weight``/``bias`` have the full size and are sliced like convolution weights; ``bn[i]`` holds
+    the statistics (no affine) of the i-th width in ``stat_widths``, the official US checkpoints' layout. At a
+    width with no statistics the layer normalises with batch statistics in training mode and refuses to run in
+    eval mode (the statistics would be wrong for every width, the very failure S-Nets fix).
+
+    Args:
+        rule: channel count for any width in a range (:class:`WidthRange`).
+        stat_widths: widths that keep running statistics (trained or calibrated).
+    """
+
+    def __init__(
+        self,
+        rule: WidthRange,
+        stat_widths: Sequence[float] = (),
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            rule.max_channels, eps, momentum, affine=True, track_running_stats=False, device=device, dtype=dtype
+        )
+        self.rule = rule
+        self.stat_widths = tuple(_key(w) for w in stat_widths)
+        self.bn = nn.ModuleList(
+            nn.BatchNorm2d(rule(w), eps=eps, momentum=momentum, affine=False, device=device, dtype=dtype)
+            for w in self.stat_widths
+        )
+        self.width = _key(rule.hi)
+        self.active_out = rule.max_channels
+        self.stat_index: int | None = self.stat_widths.index(self.width) if self.width in self.stat_widths else None
+
+    @property
+    def channel_rules(self) -> tuple[ChannelRule, ...]:
+        return (self.rule,)
+
+    def _resolve(self, width: float) -> tuple[float, int, int | None]:
+        c = self.rule(width)
+        k = _key(width)
+        return (k, c, self.stat_widths.index(k) if k in self.stat_widths else None)
+
+    def _apply_state(self, state: object) -> None:
+        self.width, self.active_out, self.stat_index = state  # type: ignore[misc]
+
+    def _get_state(self) -> object:
+        return (self.width, self.active_out, self.stat_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        weight, bias = self.weight[:c], self.bias[:c]
+        idx = self.stat_index
+        if idx is not None and self.bn[idx].num_features == c:
+            bn = self.bn[idx]
+            factor = 0.0
+            if self.training:
+                # As nn.BatchNorm2d: momentum None means a cumulative average (used by BN calibration).
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, self.training, factor, self.eps)
+        if not self.training:
+            raise RuntimeError(
+                f"USBatchNorm2d has no statistics for width {self.width} ({c} channels); its calibrated widths are "
+                f"{self.stat_widths}. Calibrate BN statistics for this width first"
+            )
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+
+
+def create_norm(rule: ChannelRule | None, channels: int, stat_widths: Sequence[float] = ()) -> nn.Module:
+    """Pick the norm layer for a rule: switchable BN for a width table, US BN for a range, plain BN for none."""
+    if rule is None:
+        return nn.BatchNorm2d(channels)
+    if isinstance(rule, WidthTable):
+        return SwitchableBatchNorm2d(rule)
+    if isinstance(rule, WidthRange):
+        return USBatchNorm2d(rule, stat_widths)
+    raise TypeError(f"no norm layer for channel rule {type(rule).__name__}")
+
+
+class SlimConvNormAct(nn.Sequential):
+    """Conv → norm → activation, as ``nn.Sequential`` (keys ``0.weight``, ``1.bn.0.weight``, ...).
+
+    Args:
+        in_channels, out_channels: full-width sizes.
+        kernel_size, stride: of the convolution (padding is ``(kernel_size - 1) // 2``).
+        out_rule: output channels per width (``None``: not slimmed; a depthwise conv follows its input).
+        depthwise: depthwise convolution.
+        norm_rule: channel rule of the norm (defaults to ``out_rule``).
+        act_layer: activation class (``None``: no activation).
+        stat_widths: widths with BN statistics, for US BN.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        *,
+        out_rule: ChannelRule | None = None,
+        depthwise: bool = False,
+        norm_rule: ChannelRule | None = None,
+        act_layer: Callable[..., nn.Module] | None = nn.ReLU,
+        stat_widths: Sequence[float] = (),
+    ) -> None:
+        conv = SlimConv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            (kernel_size - 1) // 2,
+            bias=False,
+            out_rule=None if depthwise else out_rule,
+            depthwise=depthwise,
+        )
+        norm = create_norm(norm_rule if norm_rule is not None else out_rule, out_channels, stat_widths)
+        layers: list[nn.Module] = [conv, norm]
+        if act_layer is not None:
+            layers.append(act_layer(inplace=True))
+        super().__init__(*layers)
