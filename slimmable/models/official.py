@@ -59,7 +59,7 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         msg = str(err)
-        if "weights_only" in msg or "Unsupported global" in msg:
+        if "Unsupported global" in msg or "GLOBAL" in msg:
             raise CheckpointError(
                 f"checkpoint {p} holds Python objects beyond tensors and plain containers, which are not loaded "
                 "for safety (weights_only=True). Re-save it as a plain state_dict"

@@ -188,6 +188,10 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
         plan.append((m, c))
     for m, c in plan:
         m._set_out_channels(c)
+    # The model no longer runs at one width: norm layers pick statistics by channel count from now on.
+    for m in by_name.values():
+        if hasattr(m, "_set_custom"):
+            m._set_custom()
 
 
 def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:

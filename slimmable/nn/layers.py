@@ -210,14 +210,18 @@ class SwitchableBatchNorm2d(SlimModule):
     def _get_state(self) -> object:
         return (self.width, self.index)
 
+    def _set_custom(self) -> None:
+        self.width = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.index
-        if idx is None:
+        if self.width is None and (idx is None or self.bn[idx].num_features != x.shape[1]):
             idx = self._index_for_channels(x.shape[1])
         return self.bn[idx](x)
 
     def _index_for_channels(self, c: int) -> int:
-        # After set_channels the width is unknown: use the widest switch with exactly this many channels.
+        # After set_channels the width is undefined: keep the current switch where its size fits, else use the
+        # widest switch with exactly this many channels.
         for i in range(len(self.bn) - 1, -1, -1):
             if self.bn[i].num_features == c:
                 return i
@@ -274,6 +278,9 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _apply_state(self, state: object) -> None:
         self.width, self.active_out, self.stat_index = state  # type: ignore[misc]
+
+    def _set_custom(self) -> None:
+        self.width = None
 
     def _get_state(self) -> object:
         return (self.width, self.active_out, self.stat_index)

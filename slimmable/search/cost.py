@@ -1,0 +1,167 @@
+"""Cost of a slimmable model at a width: MACs (``torch.utils.flop_counter``), active parameters, latency.
+
+MACs are FLOPs / 2 as counted by ``FlopCounterMode`` (convolutions, linear layers and matrix products); this
+is the convention of the official tables' ``flop_counter`` column. Active parameters count only the weights a
+forward pass at the current width actually uses (the official profiler reports the full count at every width).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..nn import SlimConv2d, SlimLinear, USBatchNorm2d, get_widths, use_width
+
+__all__ = ["WidthProfile", "count_active_params", "count_macs", "measure_latency", "profile_widths"]
+
+
+def _example_input(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> torch.Tensor:
+    p = next(model.parameters())
+    if isinstance(input_size, int):
+        in_chans = _in_chans(model)
+        shape = (batch_size, in_chans, input_size, input_size)
+    else:
+        shape = (batch_size, *input_size)
+    return torch.randn(shape, device=p.device, dtype=p.dtype)
+
+
+def _in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``x`` at its current width (FLOPs / 2).
+
+    Returns:
+        MACs for the whole batch ``x``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _active_params(module: nn.Module, inputs: tuple) -> int:
+    x = inputs[0]
+    if isinstance(module, SlimConv2d):
+        cin = x.shape[1]
+        if module.depthwise:
+            cout, per_group_in = cin, 1
+        else:
+            cout, per_group_in = module.active_out, cin // module.groups
+        kh, kw = module.kernel_size
+        n = cout * per_group_in * kh * kw
+        return n + (cout if module.bias is not None else 0)
+    if isinstance(module, SlimLinear):
+        fin, fout = x.shape[-1], module.active_out
+        return fout * fin + (fout if module.bias is not None else 0)
+    if isinstance(module, USBatchNorm2d):
+        return 2 * x.shape[1]
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+@torch.no_grad()
+def count_active_params(model: nn.Module, x: torch.Tensor) -> int:
+    """Learnable parameters used by a forward pass at the current width (other switches' BNs excluded)."""
+    total = 0
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        nonlocal total
+        if id(module) not in seen:  # a module called twice (shared) counts once
+            seen.add(id(module))
+            total += _active_params(module, inputs)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if any(True for _ in m.parameters(False))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one forward pass on ``x`` in eval mode, in milliseconds."""
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    try:
+        for _ in range(warmup):
+            model(x)
+        sync()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return 1e3 * statistics.median(times)
+
+
+@dataclass(frozen=True)
+class WidthProfile:
+    """Cost of one width: MACs and active parameters per image, latency at ``batch_size``."""
+
+    width: float
+    macs: int
+    params: int
+    latency_ms: float | None
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def profile_widths(
+    model: nn.Module,
+    input_size: int | Sequence[int] = 224,
+    widths: Sequence[float] | None = None,
+    batch_size: int = 1,
+    latency_runs: int = 30,
+) -> list[WidthProfile]:
+    """Profile ``model`` at each width: MACs, active parameters, and (if ``latency_runs`` > 0) latency.
+
+    Args:
+        model: a slimmable model (its width is restored afterwards).
+        input_size: image side (square, the model's input channels) or a full ``(C, H, W)``.
+        widths: widths to profile; default the model's switches (for a US model: its stored-statistics widths).
+        batch_size: batch size for the latency measurement (MACs and params are per image).
+        latency_runs: timed runs per width; 0 skips latency.
+
+    Returns:
+        One :class:`WidthProfile` per width, in the order given.
+    """
+    if widths is None:
+        ws = get_widths(model)
+        widths = getattr(model, "widths", ws) if len(ws) == 3 and ws[2] == "range" else ws
+    x1 = _example_input(model, input_size, 1)
+    xb = _example_input(model, input_size, batch_size)
+    out = []
+    for w in widths:
+        with use_width(model, w):
+            macs = count_macs(model, x1)
+            params = count_active_params(model, x1)
+            lat = measure_latency(model, xb, runs=latency_runs) if latency_runs > 0 else None
+        out.append(WidthProfile(float(w), int(macs), int(params), lat, batch_size))
+    return out

@@ -1,0 +1,132 @@
+"""Each slim layer at width w equals a plain PyTorch layer built from the sliced weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimmable.nn import (
+    SlimConv2d,
+    SlimLinear,
+    SwitchableBatchNorm2d,
+    USBatchNorm2d,
+    WidthRange,
+    WidthTable,
+    make_divisible,
+    set_width,
+)
+
+WIDTHS = (0.25, 0.5, 1.0)
+
+
+def _dense_conv(slim: SlimConv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
+    conv = nn.Conv2d(
+        cin, cout, slim.kernel_size, slim.stride, slim.padding, slim.dilation, groups, slim.bias is not None
+    )
+    with torch.no_grad():
+        conv.weight.copy_(slim.weight[:cout, : cin // groups])
+        if slim.bias is not None:
+            conv.bias.copy_(slim.bias[:cout])
+    return conv
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_equals_dense_conv_from_sliced_weights(bias: bool, stride: int) -> None:
+    out_rule = WidthTable.build(WIDTHS, [4, 8, 16])
+    slim = SlimConv2d(12, 16, 3, stride, 1, bias=bias, out_rule=out_rule)
+    for w, cin in zip(WIDTHS, (3, 6, 12)):
+        slim.set_width(w)
+        cout = out_rule(w)
+        x = torch.randn(2, cin, 9, 9)
+        torch.testing.assert_close(slim(x), _dense_conv(slim, cin, cout, 1)(x), rtol=0, atol=0)
+
+
+def test_grouped_conv_equals_dense_grouped_conv() -> None:
+    out_rule = WidthTable.build(WIDTHS, [6, 12, 24])
+    slim = SlimConv2d(24, 24, 1, groups=3, bias=False, out_rule=out_rule)
+    for w, cin in zip(WIDTHS, (6, 12, 24)):
+        slim.set_width(w)
+        x = torch.randn(2, cin, 5, 5)
+        torch.testing.assert_close(slim(x), _dense_conv(slim, cin, out_rule(w), 3)(x), rtol=0, atol=0)
+
+
+def test_depthwise_conv_follows_input_channels() -> None:
+    slim = SlimConv2d(16, 16, 3, 2, 1, bias=True, depthwise=True)
+    for cin in (4, 8, 16):
+        x = torch.randn(2, cin, 8, 8)
+        ref = F.conv2d(x, slim.weight[:cin], slim.bias[:cin], 2, 1, 1, cin)
+        y = slim(x)
+        assert y.shape == (2, cin, 4, 4)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="depthwise"):
+        SlimConv2d(8, 16, 3, depthwise=True)
+
+
+def test_linear_equals_dense_linear() -> None:
+    slim = SlimLinear(32, 10)
+    for fin in (8, 16, 32):
+        x = torch.randn(2, fin)
+        torch.testing.assert_close(slim(x), F.linear(x, slim.weight[:, :fin], slim.bias), rtol=0, atol=0)
+    slim_out = SlimLinear(32, 20, out_rule=WidthTable.build(WIDTHS, [5, 10, 20]))
+    set_width(slim_out, 0.5)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(slim_out(x), F.linear(x, slim_out.weight[:10, :16], slim_out.bias[:10]))
+
+
+def test_switchable_bn_keeps_separate_statistics_per_switch() -> None:
+    bn = SwitchableBatchNorm2d(WidthTable.build(WIDTHS, [4, 8, 16]))
+    bn.train()
+    before = [b.running_mean.clone() for b in bn.bn]
+    set_width(bn, 0.5)
+    x = torch.randn(8, 8, 4, 4) + 3.0
+    y = bn(x)
+    # Only the 0.5 switch moved; in training mode the output is normalised with batch statistics.
+    assert torch.equal(bn.bn[0].running_mean, before[0])
+    assert torch.equal(bn.bn[2].running_mean, before[2])
+    assert not torch.equal(bn.bn[1].running_mean, before[1])
+    torch.testing.assert_close(bn.bn[1].running_mean, 0.1 * x.mean((0, 2, 3)))
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(8), atol=1e-5, rtol=0)
+    bn.eval()
+    ref = F.batch_norm(x, bn.bn[1].running_mean, bn.bn[1].running_var, bn.bn[1].weight, bn.bn[1].bias, False, 0, 1e-5)
+    torch.testing.assert_close(bn(x), ref)
+
+
+def test_us_bn_slices_shared_affine_and_uses_per_width_statistics() -> None:
+    rule = WidthRange(16, 0.25, 1.0)
+    bn = USBatchNorm2d(rule, stat_widths=(0.5, 1.0))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.bn[0].running_mean.uniform_(-1, 1)
+        bn.bn[0].running_var.uniform_(0.5, 2)
+    bn.eval()
+    set_width(bn, 0.5)
+    x = torch.randn(2, 8, 3, 3)
+    s = bn.bn[0]
+    ref = F.batch_norm(x, s.running_mean, s.running_var, bn.weight[:8], bn.bias[:8], False, 0.0, 1e-5)
+    torch.testing.assert_close(bn(x), ref)
+    set_width(bn, 0.75)  # inside the range but without statistics
+    with pytest.raises(RuntimeError, match="no statistics for width 0.75"):
+        bn(torch.randn(2, 12, 3, 3))
+    bn.train()
+    assert bn(torch.randn(4, 12, 3, 3)).shape == (4, 12, 3, 3)
+
+
+def test_make_divisible_matches_tf_slim_rounding() -> None:
+    assert make_divisible(32 * 0.35) == 16  # 11.2 -> 8 is >10% down, so 16
+    assert make_divisible(16 * 0.35) == 8
+    assert make_divisible(24 * 0.75) == 24  # 18 -> 16 is >10% down
+    assert make_divisible(96 * 0.35) == 32
+    assert make_divisible(3.0, min_value=8) == 8
+    assert make_divisible(1280 * 1.4) == 1792
+
+
+def test_width_range_rule_is_official_us_rounding() -> None:
+    rule = WidthRange(32 * 6, 0.35, 1.0, ratio=6)
+    assert rule(1.0) == 192
+    assert rule(0.35) == make_divisible(192 * 0.35 / 6) * 6 == 96
+    with pytest.raises(ValueError, match=r"outside the width range \[0.35, 1\]"):
+        rule(0.3)
