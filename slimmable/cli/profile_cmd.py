@@ -57,3 +57,7 @@ def run(args: argparse.Namespace) -> int:
         path = write_json_atomic(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})
         print(f"wrote {path}")
     return 0
+
+
+def _ms(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
