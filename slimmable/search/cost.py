@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..nn import SlimConv2d, SlimLinear, USBatchNorm2d, get_widths, use_width
+from ..nn import SlimConv2d, SlimLinear, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, use_width
 
 __all__ = ["WidthProfile", "count_active_params", "count_macs", "measure_latency", "profile_widths"]
 
@@ -71,6 +71,9 @@ def _active_params(module: nn.Module, inputs: tuple) -> int:
         return fout * fin + (fout if module.bias is not None else 0)
     if isinstance(module, USBatchNorm2d):
         return 2 * x.shape[1]
+    if isinstance(module, SwitchableBatchNorm2d):
+        # In eval mode the active switch is applied without calling it as a module: count it here.
+        return 2 * x.shape[1] if module.bn[0].affine else 0
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
@@ -86,7 +89,13 @@ def count_active_params(model: nn.Module, x: torch.Tensor) -> int:
             seen.add(id(module))
             total += _active_params(module, inputs)
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if any(True for _ in m.parameters(False))]
+    switch_bns = {id(b) for m in model.modules() if isinstance(m, SwitchableBatchNorm2d) for b in m.bn}
+    counted = [
+        m
+        for m in model.modules()
+        if id(m) not in switch_bns and (isinstance(m, SwitchableBatchNorm2d) or any(True for _ in m.parameters(False)))
+    ]
+    handles = [m.register_forward_pre_hook(hook) for m in counted]
     was_training = model.training
     model.eval()
     try:

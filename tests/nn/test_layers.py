@@ -130,3 +130,24 @@ def test_width_range_rule_is_official_us_rounding() -> None:
     assert rule(0.35) == make_divisible(192 * 0.35 / 6) * 6 == 96
     with pytest.raises(ValueError, match=r"outside the width range \[0.35, 1\]"):
         rule(0.3)
+
+
+def test_inference_weight_memo_is_invalidated_by_weight_updates() -> None:
+    slim = SlimConv2d(8, 8, 1, bias=False, out_rule=WidthTable.build((0.5, 1.0), [4, 8]))
+    slim_fc = SlimLinear(8, 3)
+    set_width(slim, 0.5)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        y1 = slim(x)
+        assert slim._weight_memo  # narrowed weight memoised without autograd
+        slim.weight.mul_(2.0)  # in-place update (as an optimizer step) bumps the version counter
+        torch.testing.assert_close(slim(x), 2 * y1)
+        slim.load_state_dict({"weight": torch.ones(8, 8, 1, 1)})
+        torch.testing.assert_close(slim(x), x.sum(1, keepdim=True).expand(2, 4, 3, 3))
+        torch.testing.assert_close(slim_fc(torch.ones(1, 4)), slim_fc.weight[:, :4].sum(1)[None] + slim_fc.bias)
+        slim_fc.weight.zero_()
+        torch.testing.assert_close(slim_fc(torch.ones(1, 4)), slim_fc.bias[None])
+    # with autograd on, gradients flow into the full weight through the view (no memo involved)
+    slim(x).sum().backward()
+    assert slim.weight.grad is not None and slim.weight.grad[4:].abs().sum() == 0
+    assert slim.weight.grad[:4].abs().sum() > 0

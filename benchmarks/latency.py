@@ -1,0 +1,120 @@
+"""CPU latency of each slimmable model per width, side by side with torchvision's dense models.
+
+For every width the slimmable model and its dense reference are timed in interleaved rounds (the machine is
+noisy; ratios are only meaningful when measured together), in eval mode under ``torch.inference_mode``:
+
+* ``slim_mobilenet_v2`` at width w  vs  ``torchvision.models.mobilenet_v2(width_mult=w)`` (same architecture),
+* ``slim_resnet50`` at 1.0  vs  ``torchvision.models.resnet50()``,
+* the other families are timed alone (torchvision has no matching dense model).
+
+Usage:
+    python benchmarks/latency.py [--models slim_mobilenet_v2,slim_resnet50] [--batch-sizes 1,8] [--rounds 5]
+        [--json benchmarks/latency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+import slimmable
+
+
+def dense_reference(name: str, width: float) -> nn.Module | None:
+    """torchvision's dense model with the same architecture, where one exists."""
+    if name == "slim_mobilenet_v2":
+        return torchvision.models.mobilenet_v2(width_mult=width)
+    if name == "slim_resnet50" and width == 1.0:
+        return torchvision.models.resnet50()
+    return None
+
+
+def time_once(fn: Callable[[], object], runs: int) -> float:
+    """Median seconds of ``runs`` calls."""
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_pair(slim: nn.Module, dense: nn.Module | None, x: torch.Tensor, rounds: int, target_s: float) -> dict:
+    """Interleaved rounds of (slim, dense); returns median-of-round-medians in ms."""
+    fns = {"slim": lambda: slim(x)}
+    if dense is not None:
+        fns["dense"] = lambda: dense(x)
+    for fn in fns.values():  # warm-up, and an estimate for the number of runs
+        for _ in range(3):
+            fn()
+    est = time_once(fns["slim"], 3)
+    runs = max(3, min(50, int(target_s / max(est, 1e-6))))
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for k in order:
+            per[k].append(time_once(fns[k], runs))
+    out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in per.items()}
+    out["runs"] = runs
+    if dense is not None:
+        out["ratio"] = out["slim_ms"] / out["dense_ms"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="slim_mobilenet_v2,slim_resnet50,slim_mobilenet_v1,slim_shufflenet_v1")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--target-seconds", type=float, default=0.4, help="time per measurement (sets runs)")
+    ap.add_argument("--json", default="benchmarks/latency.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    results = []
+    header = f"{'model':<20} {'width':>5} {'batch':>5} {'slim ms':>9} {'dense ms':>9} {'ratio':>6}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        model = slimmable.create_model(name).eval()  # built outside inference mode: normal tensors
+        with torch.inference_mode():
+            for bs in (int(b) for b in args.batch_sizes.split(",")):
+                x = torch.randn(bs, 3, 224, 224)
+                for w in model.widths:
+                    model.set_width(w)
+                    with torch.inference_mode(False):  # normal tensors, like the slimmable model's
+                        dense = dense_reference(name, w)
+                    if dense is not None:
+                        dense.eval()
+                    r = bench_pair(model, dense, x, args.rounds, args.target_seconds)
+                    r.update(model=name, width=w, batch=bs)
+                    results.append(r)
+                    dense_ms = f"{r['dense_ms']:9.2f}" if "dense_ms" in r else f"{'-':>9}"
+                    ratio = f"{r['ratio']:6.3f}" if "ratio" in r else f"{'-':>6}"
+                    print(f"{name:<20} {w:5g} {bs:5d} {r['slim_ms']:9.2f} {dense_ms} {ratio}", flush=True)
+    meta = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "rounds": args.rounds,
+    }
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
