@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,8 @@ class ChannelPlan:
         round_fn: ``round_fn(channels * width) -> int``, the family's rounding for S-Nets.
         width_range: ``(lo, hi)`` for a US-Net.
         stat_widths: US-Nets: widths whose BN statistics are stored.
+        channels: a ChannelSpec: full-size channels of named layers (an int: the same at every width, for a
+            single-width network such as a searched one; a list: one count per width, as AutoSlim trains them).
     """
 
     def __init__(
@@ -33,8 +35,13 @@ class ChannelPlan:
         round_fn: Callable[[float], int],
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
+        channels: Mapping[str, int | Sequence[int]] | None = None,
     ) -> None:
         self.round_fn = round_fn
+        self.spec = dict(channels) if channels is not None else None
+        self._asked: list[str] = []
+        if self.spec is not None and width_range is not None:
+            raise ValueError("channels= builds a network with fixed per-layer channels; it cannot take a width_range")
         self.width_range = None if width_range is None else (float(width_range[0]), float(width_range[1]))
         if self.width_range is not None:
             lo, hi = self.width_range
@@ -57,15 +64,55 @@ class ChannelPlan:
     def max_width(self) -> float:
         return self.width_range[1] if self.width_range else self.widths[-1]
 
-    def rule(self, channels: int) -> ChannelRule:
-        """Rule for a layer whose size at width 1.0 is ``channels``."""
+    def rule(self, channels: int, name: str | None = None) -> ChannelRule:
+        """Rule for layer ``name`` whose size at width 1.0 is ``channels`` (a channel spec naming it wins)."""
+        from_spec = self._from_spec(name)
+        if from_spec is not None:
+            return from_spec
         if self.width_range is not None:
             lo, hi = self.width_range
             return WidthRange(make_divisible(channels * hi), lo, hi)
         return WidthTable.build(self.widths, lambda w: self.round_fn(channels * w))
 
-    def scaled(self, rule: ChannelRule, factor: int) -> ChannelRule:
+    def _from_spec(self, name: str | None) -> WidthTable | None:
+        if name is None:
+            return None
+        self._asked.append(name)
+        if self.spec is None or name not in self.spec:
+            return None
+        value = self.spec[name]
+        counts = [value] * len(self.widths) if isinstance(value, int) else list(value)
+        if len(counts) != len(self.widths):
+            raise ValueError(
+                f"channels[{name!r}] has {len(counts)} counts but the model has {len(self.widths)} widths "
+                f"{self.widths}; give one count per width (or an int for a single-width network)"
+            )
+        return WidthTable.build(self.widths, counts)
+
+    def fixed(self, name: str, default: int) -> int:
+        """Size of a layer that is not slimmed (one size at every width), unless the channel spec names it."""
+        rule = self._from_spec(name)
+        if rule is None:
+            return default
+        if len(set(rule.channels)) != 1:
+            raise ValueError(f"{name} is not slimmable: give one int for it in channels, got {rule.channels}")
+        return rule.channels[0]
+
+    def check_spec(self) -> None:
+        """Raise if the channel spec names layers the model does not have (call after building)."""
+        if self.spec is None:
+            return
+        unknown = sorted(set(self.spec) - set(self._asked))
+        if unknown:
+            raise ValueError(
+                f"channels names layers this model does not have: {unknown}; valid names: {', '.join(self._asked)}"
+            )
+
+    def scaled(self, rule: ChannelRule, factor: int, name: str | None = None) -> ChannelRule:
         """``rule`` times an integer ``factor`` at every width (MobileNet v2's expansion, ResNet's bottleneck)."""
+        from_spec = self._from_spec(name)
+        if from_spec is not None:
+            return from_spec
         if isinstance(rule, WidthRange):
             return WidthRange(rule.max_channels * factor, rule.lo, rule.hi, ratio=rule.ratio * factor)
         assert isinstance(rule, WidthTable)

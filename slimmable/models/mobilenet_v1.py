@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,38 +49,43 @@ class SlimMobileNetV1(SlimNet):
     """Slimmable MobileNet v1, state-dict compatible with the official checkpoints.
 
     Args:
-        widths: the switches (S-Net), default ``(0.25, 0.5, 0.75, 1.0)``.
+        widths: the switches (S-Net), default (without ``channels``) ``(0.25, 0.5, 0.75, 1.0)``.
         num_classes: classifier outputs.
         in_chans: input image channels.
         small_input: stride-1 stem for 28x28 / 32x32 images.
         width_range: ``(lo, hi)`` builds a universally slimmable network.
         stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.25..1.0 step 0.025).
+        channels: a ChannelSpec (layer name → channels, or one count per width) overriding the default sizes.
     """
 
     def __init__(
         self,
-        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        widths: Sequence[float] | None = None,
         num_classes: int = 1000,
         in_chans: int = 3,
         small_input: bool = False,
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         drop_rate: float = 0.0,
+        channels: Mapping[str, int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
+        if widths is None:  # a channel spec alone builds one network; else the paper's switches
+            widths = (1.0,) if channels is not None else (0.25, 0.5, 0.75, 1.0)
         # The official S-MobileNet v1 rounds with a minimum of 8 channels; its US version with a minimum of 1.
-        plan = ChannelPlan(widths, functools.partial(make_divisible, min_value=8), width_range, stat_widths)
+        rounding = functools.partial(make_divisible, min_value=8)
+        plan = ChannelPlan(widths, rounding, width_range, stat_widths, channels)
         self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
-        rule = plan.rule(32)
+        rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
         stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
         features: list[nn.Module] = [
             nn.Sequential(stem, create_norm(rule, c, plan.stat_widths), nn.ReLU6(inplace=True))
         ]
         for ch, n, s in DEPTHWISE_SEPARABLE_SETTING:
-            out_rule = plan.rule(ch)
             for i in range(n):
+                out_rule = plan.rule(ch, f"features.{len(features)}.body.3")
                 features.append(DepthwiseSeparableConv(rule, out_rule, s if i == 0 else 1, plan))
                 rule = out_rule
         features.append(nn.AdaptiveAvgPool2d(1))
@@ -89,6 +94,7 @@ class SlimMobileNetV1(SlimNet):
         head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
         head.append(SlimLinear(self.num_features, num_classes))
         self.classifier = nn.Sequential(*head)
+        plan.check_spec()
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,10 +30,16 @@ class InvertedResidual(nn.Module):
     """Expand (1x1) → depthwise (3x3) → project (1x1), residual when shape is kept. Keys: ``body.{0..7}``."""
 
     def __init__(
-        self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, expand_ratio: int, plan: ChannelPlan
+        self,
+        in_rule: ChannelRule,
+        out_rule: ChannelRule,
+        stride: int,
+        expand_ratio: int,
+        plan: ChannelPlan,
+        expand_name: str | None = None,
     ) -> None:
         super().__init__()
-        hidden_rule = plan.scaled(in_rule, expand_ratio)
+        hidden_rule = plan.scaled(in_rule, expand_ratio, expand_name if expand_ratio != 1 else None)
         cin, hidden, cout = in_rule.max_channels, hidden_rule.max_channels, out_rule.max_channels
         sw = plan.stat_widths
         layers: list[nn.Module] = []
@@ -63,41 +69,47 @@ class SlimMobileNetV2(SlimNet):
     """Slimmable MobileNet v2 (Yu et al. 2019), state-dict compatible with the official checkpoints.
 
     Args:
-        widths: the switches (S-Net), default the paper's ``(0.35, 0.5, 0.75, 1.0)``.
+        widths: the switches (S-Net), default (without ``channels``) the paper's ``(0.35, 0.5, 0.75, 1.0)``.
         num_classes: classifier outputs.
         in_chans: input image channels.
         small_input: stride-1 stem for 28x28 / 32x32 images.
         width_range: ``(lo, hi)`` builds a universally slimmable network (any width in the range).
         stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.35..1.0 step 0.025).
         drop_rate: dropout before the classifier.
+        channels: a ChannelSpec (layer name → channels, or one count per width) overriding the default sizes,
+            e.g. a searched network; the last 1x1 conv (``features.18.0``) may be named too.
     """
 
     def __init__(
         self,
-        widths: Sequence[float] = (0.35, 0.5, 0.75, 1.0),
+        widths: Sequence[float] | None = None,
         num_classes: int = 1000,
         in_chans: int = 3,
         small_input: bool = False,
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         drop_rate: float = 0.0,
+        channels: Mapping[str, int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
-        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths)
+        if widths is None:  # a channel spec alone builds one network; else the paper's switches
+            widths = (1.0,) if channels is not None else (0.35, 0.5, 0.75, 1.0)
+        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths, channels)
         self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
         sw = plan.stat_widths
-        rule = plan.rule(32)
+        rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
         stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
         features: list[nn.Module] = [nn.Sequential(stem, create_norm(rule, c, sw), nn.ReLU6(inplace=True))]
         for t, ch, n, s in INVERTED_RESIDUAL_SETTING:
-            out_rule = plan.rule(ch)
             for i in range(n):
-                features.append(InvertedResidual(rule, out_rule, s if i == 0 else 1, t, plan))
+                k = len(features)
+                out_rule = plan.rule(ch, f"features.{k}.body.{3 if t == 1 else 6}")
+                features.append(InvertedResidual(rule, out_rule, s if i == 0 else 1, t, plan, f"features.{k}.body.0"))
                 rule = out_rule
         top = plan.max_width
-        self.num_features = make_divisible(1280 * top) if top > 1.0 else 1280
+        self.num_features = plan.fixed(f"features.{len(features)}.0", make_divisible(1280 * top) if top > 1.0 else 1280)
         # The last 1x1 conv has a fixed output (the official models do not slim it), so its BN is a plain one.
         features.append(
             nn.Sequential(
@@ -111,6 +123,7 @@ class SlimMobileNetV2(SlimNet):
         head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
         head.append(nn.Linear(self.num_features, num_classes))
         self.classifier = nn.Sequential(*head)
+        plan.check_spec()
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

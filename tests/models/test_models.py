@@ -110,3 +110,34 @@ def test_create_model_errors() -> None:
         slimmable.create_model("slim_resnet18", widths=(0.5, -1.0))
     with pytest.raises(ValueError, match="depth 19"):
         slimmable.models.SlimResNet(depth=19)
+
+
+@pytest.mark.parametrize(
+    ("family", "budget", "macs"),
+    [("mobilenet_v2", "207M", 207), ("mobilenet_v2", "305M", 305), ("mobilenet_v1", "150M", 150),
+     ("mobilenet_v1", "325M", 325)],
+)  # fmt: skip
+def test_official_autoslim_channel_configs_build_and_profile_to_their_macs(family, budget, macs) -> None:
+    from slimmable.search.official_specs import official_autoslim_spec
+
+    spec = official_autoslim_spec(family, budget)
+    model = slimmable.create_model(f"slim_{family}", channels=spec).eval()
+    assert model.widths == (1.0,)
+    got = count_macs(model, torch.randn(1, 3, 224, 224)) / 1e6
+    assert abs(got - macs) <= 0.01 * macs
+    active = slimmable.get_channels(model)
+    assert all(active[k] == v for k, v in spec.items() if k in active)
+
+
+def test_channel_spec_per_width_and_errors() -> None:
+    spec = {"features.0.0": [8, 16], "features.1.body.3": [8, 16]}
+    model = slimmable.create_model("slim_mobilenet_v1", widths=(0.5, 1.0), channels=spec, small_input=True)
+    assert model.features[0][0].out_channels == 16
+    with model.use_width(0.5):
+        assert slimmable.get_channels(model)["features.1.body.3"] == 8
+    with pytest.raises(ValueError, match=r"does not have: \['features.99.body.3'\]"):
+        slimmable.create_model("slim_mobilenet_v1", channels={"features.99.body.3": 8})
+    with pytest.raises(ValueError, match="one count per width"):
+        slimmable.create_model("slim_mobilenet_v1", widths=(0.5, 1.0), channels={"features.0.0": [8, 16, 32]})
+    with pytest.raises(ValueError, match="width_range"):
+        slimmable.create_model("us_mobilenet_v2", channels={"features.0.0": 8})
