@@ -48,4 +48,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return _MODEL_ENTRYPOINTS[name](**kwargs)
+    model = _MODEL_ENTRYPOINTS[name](**kwargs)
+    # Recorded so that checkpoints can rebuild the same architecture: create_model(model_name, **model_kwargs).
+    model.model_name = name
+    model.model_kwargs = dict(kwargs)
+    return model
