@@ -250,7 +250,7 @@ class SwitchableBatchNorm2d(SlimModule):
         if self.width is None and (idx is None or self.bn[idx].num_features != x.shape[1]):
             idx = self._index_for_channels(x.shape[1])
         bn = self.bn[idx]
-        if self.training or not bn.track_running_stats:
+        if bn.training or not bn.track_running_stats:  # the switch's own mode (BN calibration trains it alone)
             return bn(x)
         # Inference: normalise with the switch's statistics directly, skipping a nested module call (~2 us per
         # layer, a few percent of a narrow MobileNet's batch-1 latency).
@@ -317,7 +317,28 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
         self.width, self.active_out, self.stat_index = state  # type: ignore[misc]
 
     def _set_custom(self) -> None:
-        self.width = None
+        # Per-layer channel specs mix widths: no stored statistics fit, so normalise with batch statistics
+        # (training mode; AutoSlim's search evaluates candidates this way).
+        self.width, self.stat_index = None, None
+
+    def add_stat_width(self, width: float) -> int:
+        """Add a statistics slot for ``width`` (used by BN calibration); returns its index.
+
+        Raises:
+            ValueError: ``width`` is outside the layer's range.
+        """
+        k = _key(width)
+        if k in self.stat_widths:
+            return self.stat_widths.index(k)
+        # Slots stay sorted by width, so a model rebuilt with the same stat_widths has the same state-dict keys.
+        widths = sorted((*self.stat_widths, k))
+        i = widths.index(k)
+        bn = nn.BatchNorm2d(self.rule(k), eps=self.eps, momentum=self.momentum, affine=False, device=self.weight.device)
+        self.bn.insert(i, bn)
+        self.stat_widths = tuple(widths)
+        if self.width is not None:
+            self.stat_index = widths.index(self.width) if self.width in widths else None
+        return i
 
     def _get_state(self) -> object:
         return (self.width, self.active_out, self.stat_index)

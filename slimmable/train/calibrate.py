@@ -1,0 +1,125 @@
+"""BN calibration: re-estimate each width's BatchNorm statistics after training (US-Nets, naive-BN baselines)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
+
+__all__ = ["calibrate_bn"]
+
+logger = logging.getLogger(__name__)
+
+
+def _stat_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm layers holding the statistics of the model's current width."""
+    out: list[nn.BatchNorm2d] = []
+    for _, m in slim_modules(model):
+        if isinstance(m, SwitchableBatchNorm2d):
+            if m.index is None:
+                raise ValueError("calibrate_bn needs a uniform width; per-layer channel specs have no switch to fill")
+            out.append(m.bn[m.index])
+        elif isinstance(m, USBatchNorm2d):
+            assert m.width is not None and m.stat_index is not None
+            out.append(m.bn[m.stat_index])
+    return out
+
+
+@torch.no_grad()
+def calibrate_bn(
+    model: nn.Module,
+    batches: Iterable,
+    widths: Sequence[float] | None = None,
+    num_batches: int = 10,
+    device: torch.device | str | None = None,
+) -> dict[float, int]:
+    """Re-estimate BN running statistics for each width from training batches.
+
+    For each width the statistics of the BN layers active at that width are reset and recomputed as a
+    cumulative average (``momentum=None``) over ``num_batches`` batches, in training mode for BN only (dropout
+    and everything else stay in eval mode), without gradients. Only BN statistics change: weights, affine
+    parameters and other widths' statistics are untouched. A universally slimmable model gains a statistics slot
+    for each width it had none for, so the width then runs in eval mode and the slot is saved in checkpoints
+    (``model.widths`` and ``model.model_kwargs["stat_widths"]`` are updated to rebuild it).
+
+    Fixed-size BatchNorm layers shared by all widths (MobileNet v2's last 1x1 conv) keep their statistics.
+
+    Args:
+        model: a slimmable model.
+        batches: iterable of ``(images, labels)`` or image tensors; use training images without augmentation.
+        widths: widths to calibrate; default the model's widths.
+        num_batches: batches per width.
+        device: where to move the images (default: the model's device).
+
+    Returns:
+        Images used per width.
+
+    Raises:
+        ValueError: a width the model cannot run at, or too few batches.
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    if widths is None:
+        ws = get_widths(model)
+        widths = getattr(model, "widths", ()) if len(ws) == 3 and ws[2] == "range" else ws
+    if device is None:
+        device = next(model.parameters()).device
+    widths = [float(w) for w in widths]
+    us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
+    for w in widths:
+        for m in us_layers:
+            m.add_stat_width(w)
+    _record_stat_widths(model, us_layers)
+
+    was_training = model.training
+    used: dict[float, int] = {}
+    try:
+        model.eval()
+        for w in widths:
+            with use_width(model, w):
+                layers = _stat_layers(model)
+                saved = [(bn, bn.momentum) for bn in layers]
+                for bn in layers:
+                    bn.reset_running_stats()
+                    bn.momentum = None
+                    bn.train()
+                for m in us_layers:  # the shared-affine wrapper decides between stored and batch statistics
+                    m.train()
+                n_images, n = 0, 0
+                try:
+                    for batch in batches:
+                        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                        model(x.to(device, non_blocking=True))
+                        n_images += x.shape[0]
+                        n += 1
+                        if n >= num_batches:
+                            break
+                finally:
+                    for bn, momentum in saved:
+                        bn.momentum = momentum
+                        bn.eval()
+                    for m in us_layers:
+                        m.eval()
+                if n == 0:
+                    raise ValueError("calibrate_bn got no batches; pass a non-empty loader of training images")
+                used[w] = n_images
+                logger.debug("calibrated BN at width %g on %d images", w, n_images)
+    finally:
+        model.train(was_training)
+    return used
+
+
+def _record_stat_widths(model: nn.Module, us_layers: list[USBatchNorm2d]) -> None:
+    if not us_layers:
+        return
+    stat_widths = tuple(sorted(set(us_layers[0].stat_widths)))
+    target = getattr(model, "module", getattr(model, "_orig_mod", model))
+    if hasattr(target, "widths"):
+        target.widths = stat_widths
+    kwargs = getattr(target, "model_kwargs", None)
+    if isinstance(kwargs, dict):
+        kwargs["stat_widths"] = stat_widths
