@@ -151,8 +151,45 @@ class SlimNet(nn.Module):
         """The current width (``None`` after per-layer channels were set)."""
         return get_width(self)
 
+    def channel_groups(self) -> list[list[str]]:
+        """Layers whose output channels must stay equal (tied by residual additions), for channel search.
+
+        Each inner list holds qualified names of layers with slimmable outputs; a layer not tied to any other
+        forms a group of its own. Families that cannot be searched raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define channel groups for search")
+
     def iter_widths(self) -> Iterator[float]:
         """Iterate the model's switches, setting each in turn, then restore the width it had."""
         for w in self.widths:
             with use_width(self, w):
                 yield w
+
+
+def residual_channel_groups(model: nn.Module, stem: str) -> list[list[str]]:
+    """Channel groups of a chain of blocks with ``body`` (and optional ``shortcut``) and ``use_residual``.
+
+    Inside a block every slimmable-output conv is its own group except the block's last one (its output), which
+    joins the group of the block's input when the block adds its input back (and starts a new group otherwise,
+    together with a projection shortcut).
+    """
+    from ..nn import SlimConv2d
+
+    groups: list[list[str]] = [[stem]]
+    current = groups[0]
+    for k, block in enumerate(model.features):  # type: ignore[union-attr]
+        body = getattr(block, "body", None)
+        if body is None:
+            continue
+        convs = [f"features.{k}.body.{i}" for i, m in enumerate(body) if isinstance(m, SlimConv2d) and m.out_rule]
+        *inner, last = convs
+        groups.extend([name] for name in inner)
+        if getattr(block, "use_residual", False):
+            current.append(last)
+        else:
+            current = [last]
+            shortcut = getattr(block, "shortcut", None)
+            if shortcut is not None:
+                current.append(f"features.{k}.shortcut.0")
+            groups.append(current)
+    return groups

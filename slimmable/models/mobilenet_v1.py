@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, SlimLinear, create_norm, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, residual_channel_groups
 from ._registry import register_model
 from .mobilenet_v2 import _grid, _init_weights
 
@@ -96,6 +96,10 @@ class SlimMobileNetV1(SlimNet):
         self.classifier = nn.Sequential(*head)
         plan.check_spec()
         _init_weights(self)
+
+    def channel_groups(self) -> list[list[str]]:
+        """Layers with tied output channels (see :meth:`SlimNet.channel_groups`)."""
+        return residual_channel_groups(self, "features.0.0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, create_norm, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, residual_channel_groups
 from ._registry import register_model
 
 __all__ = ["SlimMobileNetV2", "slim_mobilenet_v2", "us_mobilenet_v2"]
@@ -125,6 +125,10 @@ class SlimMobileNetV2(SlimNet):
         self.classifier = nn.Sequential(*head)
         plan.check_spec()
         _init_weights(self)
+
+    def channel_groups(self) -> list[list[str]]:
+        """Layers with tied output channels (see :meth:`SlimNet.channel_groups`)."""
+        return residual_channel_groups(self, "features.0.0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""

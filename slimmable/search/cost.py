@@ -7,9 +7,10 @@ forward pass at the current width actually uses (the official profiler reports t
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,20 +39,33 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
+@contextlib.contextmanager
+def _maybe_eval(model: nn.Module, eval_mode: bool) -> Iterator[None]:
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    try:
+        yield
+    finally:
+        if eval_mode:
+            model.train(was_training)
+
+
 @torch.no_grad()
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+def count_macs(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int:
     """Multiply-accumulates of one forward pass of ``model`` on ``x`` at its current width (FLOPs / 2).
+
+    Args:
+        model: the model, at the width to count.
+        x: an input batch.
+        eval_mode: run in eval mode (restored after); ``False`` keeps the modes as they are (channel search
+            normalises universally slimmable layers with batch statistics).
 
     Returns:
         MACs for the whole batch ``x``.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with _maybe_eval(model, eval_mode), FlopCounterMode(display=False) as counter:
+        model(x)
     return counter.get_total_flops() // 2
 
 
@@ -78,8 +92,11 @@ def _active_params(module: nn.Module, inputs: tuple) -> int:
 
 
 @torch.no_grad()
-def count_active_params(model: nn.Module, x: torch.Tensor) -> int:
-    """Learnable parameters used by a forward pass at the current width (other switches' BNs excluded)."""
+def count_active_params(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int:
+    """Learnable parameters used by a forward pass at the current width (other switches' BNs excluded).
+
+    ``x`` is an input batch (only its first two images are used); ``eval_mode`` as in :func:`count_macs`.
+    """
     total = 0
     seen: set[int] = set()
 
@@ -96,24 +113,22 @@ def count_active_params(model: nn.Module, x: torch.Tensor) -> int:
         if id(m) not in switch_bns and (isinstance(m, SwitchableBatchNorm2d) or any(True for _ in m.parameters(False)))
     ]
     handles = [m.register_forward_pre_hook(hook) for m in counted]
-    was_training = model.training
-    model.eval()
     try:
-        model(x[:1])
+        with _maybe_eval(model, eval_mode):
+            model(x[:2])
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return total
 
 
-@torch.inference_mode()
-def measure_latency(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time of one forward pass on ``x`` in eval mode, in milliseconds."""
-    was_training = model.training
-    model.eval()
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5, eval_mode: bool = True
+) -> float:
+    """Median wall time of one forward pass on ``x`` (eval mode unless ``eval_mode=False``), in milliseconds."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    try:
+    with _maybe_eval(model, eval_mode):
         for _ in range(warmup):
             model(x)
         sync()
@@ -123,8 +138,6 @@ def measure_latency(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: i
             model(x)
             sync()
             times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
     return 1e3 * statistics.median(times)
 
 
