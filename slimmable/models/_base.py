@@ -8,10 +8,22 @@ from typing import Any
 
 from torch import nn
 
-from ..nn import WidthRange, WidthTable, get_width, make_divisible, normalize_widths, set_width, use_width
+from ..nn import (
+    SharedBatchNorm2d,
+    WidthRange,
+    WidthTable,
+    create_norm,
+    get_width,
+    make_divisible,
+    normalize_widths,
+    set_width,
+    use_width,
+)
 from ..nn.channels import ChannelRule
 
-__all__ = ["ChannelPlan", "SlimNet"]
+__all__ = ["NORM_KINDS", "ChannelPlan", "SlimNet"]
+
+NORM_KINDS = ("switchable", "shared")
 
 
 class ChannelPlan:
@@ -27,6 +39,8 @@ class ChannelPlan:
         stat_widths: US-Nets: widths whose BN statistics are stored.
         channels: a ChannelSpec: full-size channels of named layers (an int: the same at every width, for a
             single-width network such as a searched one; a list: one count per width, as AutoSlim trains them).
+        norm: ``"switchable"`` (one BN per width, the S-Nets' switchable BN) or ``"shared"`` (one BN sliced for
+            every width: the naive baseline whose shared statistics fail at test time).
     """
 
     def __init__(
@@ -36,8 +50,12 @@ class ChannelPlan:
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         channels: Mapping[str, int | Sequence[int]] | None = None,
+        norm: str = "switchable",
     ) -> None:
         self.round_fn = round_fn
+        if norm not in NORM_KINDS:
+            raise ValueError(f"norm {norm!r} is not one of {NORM_KINDS}")
+        self.norm_kind = norm
         self.spec = dict(channels) if channels is not None else None
         self._asked: list[str] = []
         if self.spec is not None and width_range is not None:
@@ -88,6 +106,12 @@ class ChannelPlan:
                 f"{self.widths}; give one count per width (or an int for a single-width network)"
             )
         return WidthTable.build(self.widths, counts)
+
+    def norm(self, rule: ChannelRule | None, channels: int) -> nn.Module:
+        """The norm layer for a conv with output ``rule``: switchable BN (default), shared BN, or US BN."""
+        if self.norm_kind == "shared" and rule is not None:
+            return SharedBatchNorm2d(rule)
+        return create_norm(rule, channels, self.stat_widths)
 
     def fixed(self, name: str, default: int) -> int:
         """Size of a layer that is not slimmed (one size at every width), unless the channel spec names it."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, create_norm, make_divisible
+from ..nn import SlimConv2d, SlimLinear, make_divisible
 from ..nn.channels import ChannelRule
 from ._base import ChannelPlan, SlimNet, residual_channel_groups
 from ._registry import register_model
@@ -31,13 +31,13 @@ class DepthwiseSeparableConv(nn.Module):
 
     def __init__(self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, plan: ChannelPlan) -> None:
         super().__init__()
-        cin, cout, sw = in_rule.max_channels, out_rule.max_channels, plan.stat_widths
+        cin, cout = in_rule.max_channels, out_rule.max_channels
         self.body = nn.Sequential(
             SlimConv2d(cin, cin, 3, stride, 1, bias=False, depthwise=True),
-            create_norm(in_rule, cin, sw),
+            plan.norm(in_rule, cin),
             nn.ReLU6(inplace=True),
             SlimConv2d(cin, cout, 1, bias=False, out_rule=out_rule),
-            create_norm(out_rule, cout, sw),
+            plan.norm(out_rule, cout),
             nn.ReLU6(inplace=True),
         )
 
@@ -67,6 +67,7 @@ class SlimMobileNetV1(SlimNet):
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         drop_rate: float = 0.0,
+        norm: str = "switchable",
         channels: Mapping[str, int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
@@ -74,15 +75,13 @@ class SlimMobileNetV1(SlimNet):
             widths = (1.0,) if channels is not None else (0.25, 0.5, 0.75, 1.0)
         # The official S-MobileNet v1 rounds with a minimum of 8 channels; its US version with a minimum of 1.
         rounding = functools.partial(make_divisible, min_value=8)
-        plan = ChannelPlan(widths, rounding, width_range, stat_widths, channels)
+        plan = ChannelPlan(widths, rounding, width_range, stat_widths, channels, norm=norm)
         self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
         stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
-        features: list[nn.Module] = [
-            nn.Sequential(stem, create_norm(rule, c, plan.stat_widths), nn.ReLU6(inplace=True))
-        ]
+        features: list[nn.Module] = [nn.Sequential(stem, plan.norm(rule, c), nn.ReLU6(inplace=True))]
         for ch, n, s in DEPTHWISE_SEPARABLE_SETTING:
             for i in range(n):
                 out_rule = plan.rule(ch, f"features.{len(features)}.body.3")

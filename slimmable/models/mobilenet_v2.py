@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, create_norm, make_divisible
+from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
 from ._base import ChannelPlan, SlimNet, residual_channel_groups
 from ._registry import register_model
@@ -41,20 +41,19 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden_rule = plan.scaled(in_rule, expand_ratio, expand_name if expand_ratio != 1 else None)
         cin, hidden, cout = in_rule.max_channels, hidden_rule.max_channels, out_rule.max_channels
-        sw = plan.stat_widths
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers += [
                 SlimConv2d(cin, hidden, 1, bias=False, out_rule=hidden_rule),
-                create_norm(hidden_rule, hidden, sw),
+                plan.norm(hidden_rule, hidden),
                 nn.ReLU6(inplace=True),
             ]
         layers += [
             SlimConv2d(hidden, hidden, 3, stride, 1, bias=False, depthwise=True),
-            create_norm(hidden_rule, hidden, sw),
+            plan.norm(hidden_rule, hidden),
             nn.ReLU6(inplace=True),
             SlimConv2d(hidden, cout, 1, bias=False, out_rule=out_rule),
-            create_norm(out_rule, cout, sw),
+            plan.norm(out_rule, cout),
         ]
         self.body = nn.Sequential(*layers)
         self.use_residual = stride == 1 and in_rule == out_rule
@@ -76,6 +75,7 @@ class SlimMobileNetV2(SlimNet):
         width_range: ``(lo, hi)`` builds a universally slimmable network (any width in the range).
         stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.35..1.0 step 0.025).
         drop_rate: dropout before the classifier.
+        norm: ``"switchable"`` BN per width (default) or ``"shared"`` BN (the naive baseline).
         channels: a ChannelSpec (layer name → channels, or one count per width) overriding the default sizes,
             e.g. a searched network; the last 1x1 conv (``features.18.0``) may be named too.
     """
@@ -89,19 +89,19 @@ class SlimMobileNetV2(SlimNet):
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         drop_rate: float = 0.0,
+        norm: str = "switchable",
         channels: Mapping[str, int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if widths is None:  # a channel spec alone builds one network; else the paper's switches
             widths = (1.0,) if channels is not None else (0.35, 0.5, 0.75, 1.0)
-        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths, channels)
+        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths, channels, norm=norm)
         self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
-        sw = plan.stat_widths
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
         stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
-        features: list[nn.Module] = [nn.Sequential(stem, create_norm(rule, c, sw), nn.ReLU6(inplace=True))]
+        features: list[nn.Module] = [nn.Sequential(stem, plan.norm(rule, c), nn.ReLU6(inplace=True))]
         for t, ch, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
                 k = len(features)

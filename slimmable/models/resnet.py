@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, create_norm
+from ..nn import SlimConv2d, SlimLinear
 from ..nn.channels import ChannelRule
 from ._base import ChannelPlan, SlimNet, residual_channel_groups
 from ._registry import register_model
@@ -38,34 +38,33 @@ class Block(nn.Module):
         self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, bottleneck: bool, plan: ChannelPlan
     ) -> None:
         super().__init__()
-        sw = plan.stat_widths
         cin, cout = in_rule.max_channels, out_rule.max_channels
         if bottleneck:
             mid_rule = plan.divided(out_rule, 4)  # type: ignore[arg-type]
             mid = mid_rule.max_channels
             layers: list[nn.Module] = [
                 SlimConv2d(cin, mid, 1, bias=False, out_rule=mid_rule),
-                create_norm(mid_rule, mid, sw),
+                plan.norm(mid_rule, mid),
                 nn.ReLU(inplace=True),
                 SlimConv2d(mid, mid, 3, stride, 1, bias=False, out_rule=mid_rule),
-                create_norm(mid_rule, mid, sw),
+                plan.norm(mid_rule, mid),
                 nn.ReLU(inplace=True),
                 SlimConv2d(mid, cout, 1, bias=False, out_rule=out_rule),
-                create_norm(out_rule, cout, sw),
+                plan.norm(out_rule, cout),
             ]
         else:
             layers = [
                 SlimConv2d(cin, cout, 3, stride, 1, bias=False, out_rule=out_rule),
-                create_norm(out_rule, cout, sw),
+                plan.norm(out_rule, cout),
                 nn.ReLU(inplace=True),
                 SlimConv2d(cout, cout, 3, 1, 1, bias=False, out_rule=out_rule),
-                create_norm(out_rule, cout, sw),
+                plan.norm(out_rule, cout),
             ]
         self.body = nn.Sequential(*layers)
         self.use_residual = stride == 1 and in_rule == out_rule
         if not self.use_residual:
             self.shortcut = nn.Sequential(
-                SlimConv2d(cin, cout, 1, stride, bias=False, out_rule=out_rule), create_norm(out_rule, cout, sw)
+                SlimConv2d(cin, cout, 1, stride, bias=False, out_rule=out_rule), plan.norm(out_rule, cout)
             )
         self.post_relu = nn.ReLU(inplace=True)
 
@@ -93,12 +92,13 @@ class SlimResNet(SlimNet):
         in_chans: int = 3,
         small_input: bool = False,
         drop_rate: float = 0.0,
+        norm: str = "switchable",
     ) -> None:
         super().__init__()
         if depth not in RESNET_SETTINGS:
             raise ValueError(f"ResNet depth {depth} is not supported; choose one of {sorted(RESNET_SETTINGS)}")
         bottleneck, blocks = RESNET_SETTINGS[depth]
-        plan = ChannelPlan(widths, _int_round)
+        plan = ChannelPlan(widths, _int_round, norm=norm)
         self.widths, self.width_range = plan.widths, None
         self.num_classes = num_classes
         rule = plan.rule(64)
@@ -107,7 +107,7 @@ class SlimResNet(SlimNet):
             stem: list[nn.Module] = [SlimConv2d(in_chans, c, 3, 1, 1, bias=False, out_rule=rule)]
         else:
             stem = [SlimConv2d(in_chans, c, 7, 2, 3, bias=False, out_rule=rule)]
-        stem += [create_norm(rule, c), nn.ReLU(inplace=True)]
+        stem += [plan.norm(rule, c), nn.ReLU(inplace=True)]
         if not small_input:
             stem.append(nn.MaxPool2d(3, 2, 1))
         features: list[nn.Module] = [nn.Sequential(*stem)]

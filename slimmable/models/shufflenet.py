@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, WidthTable, create_norm
+from ..nn import SlimConv2d, SlimLinear, WidthTable
 from ._base import ChannelPlan, SlimNet
 from ._registry import register_model
 from .mobilenet_v2 import _init_weights
@@ -74,7 +74,7 @@ class ShuffleUnit(nn.Module):
                 f"a_{i}",
                 nn.Sequential(
                     SlimConv2d(in_split.max_channels, first_rule.max_channels, 1, bias=False, out_rule=first_rule),
-                    create_norm(first_rule, first_rule.max_channels),
+                    plan.norm(first_rule, first_rule.max_channels),
                     nn.ReLU(inplace=True),
                 ),
             )
@@ -82,7 +82,7 @@ class ShuffleUnit(nn.Module):
         self.b = nn.Sequential(
             ChannelShuffle(groups),
             SlimConv2d(mid, mid, 3, stride, 1, bias=False, depthwise=True),
-            create_norm(mid_rule, mid),
+            plan.norm(mid_rule, mid),
         )
         for i in range(groups):
             setattr(
@@ -90,7 +90,7 @@ class ShuffleUnit(nn.Module):
                 f"c_{i}",
                 nn.Sequential(
                     SlimConv2d(mid_split.max_channels, last_rule.max_channels, 1, bias=False, out_rule=last_rule),
-                    create_norm(last_rule, last_rule.max_channels),
+                    plan.norm(last_rule, last_rule.max_channels),
                 ),
             )
         self.post_relu = nn.ReLU(inplace=True)
@@ -127,11 +127,12 @@ class SlimShuffleNetV1(SlimNet):
         small_input: bool = False,
         groups: int = 3,
         drop_rate: float = 0.0,
+        norm: str = "switchable",
     ) -> None:
         super().__init__()
         if groups != 3:
             raise ValueError(f"groups={groups}: only the official groups=3 channel table is implemented")
-        plan = ChannelPlan(widths, int)
+        plan = ChannelPlan(widths, int, norm=norm)
         self.widths, self.width_range = plan.widths, None
         self.num_classes = num_classes
         self.groups = groups
@@ -144,7 +145,7 @@ class SlimShuffleNetV1(SlimNet):
         for i in range(groups):
             layers: list[nn.Module] = [
                 SlimConv2d(in_chans, hc, 3, 1 if small_input else 2, 1, bias=False, out_rule=head_rule),
-                create_norm(head_rule, hc),
+                plan.norm(head_rule, hc),
                 nn.ReLU(inplace=True),
             ]
             if not small_input:

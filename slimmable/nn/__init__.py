@@ -2,10 +2,19 @@
 
 from .base import SlimModule, get_channels, get_width, get_widths, set_channels, set_width, slim_modules, use_width
 from .channels import ChannelRule, WidthRange, WidthTable, make_divisible, normalize_widths
-from .layers import SlimConv2d, SlimConvNormAct, SlimLinear, SwitchableBatchNorm2d, USBatchNorm2d, create_norm
+from .layers import (
+    SharedBatchNorm2d,
+    SlimConv2d,
+    SlimConvNormAct,
+    SlimLinear,
+    SwitchableBatchNorm2d,
+    USBatchNorm2d,
+    create_norm,
+)
 
 __all__ = [
     "ChannelRule",
+    "SharedBatchNorm2d",
     "SlimConv2d",
     "SlimConvNormAct",
     "SlimLinear",

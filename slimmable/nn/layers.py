@@ -17,6 +17,7 @@ from .base import SlimModule
 from .channels import ChannelRule, WidthRange, WidthTable, _key
 
 __all__ = [
+    "SharedBatchNorm2d",
     "SlimConv2d",
     "SlimConvNormAct",
     "SlimLinear",
@@ -361,6 +362,64 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
                 f"{self.stat_widths}. Calibrate BN statistics for this width first"
             )
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+
+
+class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
+    """One BatchNorm2d shared by every width, sliced like a convolution (affine *and* running statistics).
+
+    This is naive slimmable training's BN, kept as the baseline the paper shows failing: each channel's mean and
+    variance depend on how many input channels are active, so one set of running statistics is wrong for every
+    width at test time. Re-estimating the statistics for a width (:func:`slimmable.train.calibrate_bn`) right
+    before evaluating it shows where the failure comes from.
+    """
+
+    def __init__(
+        self,
+        rule: ChannelRule,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(rule.max_channels, eps, momentum, device=device, dtype=dtype)
+        self.rule = rule
+        self.width = _key(rule.widths[-1])
+
+    @property
+    def channel_rules(self) -> tuple[ChannelRule, ...]:
+        return (self.rule,)
+
+    def _resolve(self, width: float) -> float:
+        self.rule(width)  # validates
+        return _key(width)
+
+    def _apply_state(self, state: object) -> None:
+        self.width = state  # type: ignore[assignment]
+
+    def _get_state(self) -> object:
+        return self.width
+
+    def _set_custom(self) -> None:
+        self.width = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # Slices of the buffers are views: training updates the shared statistics in place.
+        return F.batch_norm(
+            x,
+            self.running_mean[:c],
+            self.running_var[:c],
+            self.weight[:c],
+            self.bias[:c],
+            self.training,
+            factor,
+            self.eps,
+        )
 
 
 def create_norm(rule: ChannelRule | None, channels: int, stat_widths: Sequence[float] = ()) -> nn.Module:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn import SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
+from ..nn import SharedBatchNorm2d, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
 
 __all__ = ["calibrate_bn"]
 
@@ -23,6 +23,8 @@ def _stat_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
             if m.index is None:
                 raise ValueError("calibrate_bn needs a uniform width; per-layer channel specs have no switch to fill")
             out.append(m.bn[m.index])
+        elif isinstance(m, SharedBatchNorm2d):
+            out.append(m)
         elif isinstance(m, USBatchNorm2d):
             assert m.width is not None and m.stat_index is not None
             out.append(m.bn[m.stat_index])
@@ -69,6 +71,11 @@ def calibrate_bn(
     if device is None:
         device = next(model.parameters()).device
     widths = [float(w) for w in widths]
+    if len(widths) > 1 and any(isinstance(m, SharedBatchNorm2d) for _, m in slim_modules(model)):
+        raise ValueError(
+            "this model's BN is shared by all widths and holds one set of statistics: calibrate one width at a "
+            "time, right before evaluating it (calibrate_bn(model, batches, widths=[w]))"
+        )
     us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
     for w in widths:
         for m in us_layers:

@@ -48,3 +48,38 @@ def test_us_calibration_adds_widths_and_reloads_identically(tmp_path) -> None:
     again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     with torch.no_grad(), again.use_width(0.6):
         torch.testing.assert_close(again(x), y, rtol=0, atol=0)
+
+
+def test_shared_bn_baseline_statistics_are_wrong_for_narrow_width_until_recalibrated() -> None:
+    """The paper's failure mode in miniature: one set of BN statistics does not fit the narrow width."""
+    torch.manual_seed(0)
+    model = slimmable.create_model("slim_mobilenet_v1", num_classes=10, small_input=True, norm="shared")
+    data = _batches(4, seed=3)
+    bn = model.features[5].body[4]  # a BN deep enough that its input depends on the active width
+    model.train()
+    with torch.no_grad():  # naive Algorithm 1 accumulates one set of statistics over every width
+        for x in data:
+            for w in model.widths:
+                model.set_width(w)
+                model(x)
+    model.set_width(0.25)
+    model.eval()
+
+    def mismatch() -> float:
+        """Relative gap between the BN's running mean and the mean of what it is fed at width 0.25."""
+        seen = []
+        handle = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].mean((0, 2, 3))))
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        handle.remove()
+        fed = torch.stack(seen).mean(0)
+        return float((bn.running_mean[: fed.numel()] - fed).abs().mean() / fed.abs().mean())
+
+    before = mismatch()
+    with pytest.raises(ValueError, match="one width at a time"):
+        calibrate_bn(model, data, widths=[0.25, 1.0])
+    calibrate_bn(model, data, widths=[0.25], num_batches=4)
+    after = mismatch()
+    assert before > 0.2  # shared statistics are off by more than 20%
+    assert after < 0.05 and after < before / 10
