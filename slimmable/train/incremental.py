@@ -1,0 +1,127 @@
+"""Incremental training (the S-Nets paper's baseline): freeze the narrow network, train only the added channels.
+
+Stage ``k`` trains width ``w_k`` while the sub-network of width ``w_{k-1}`` (every weight slice it uses) stays
+exactly as stage ``k-1`` left it: its gradients are zeroed and, after each optimizer step, its values are
+restored (so weight decay and momentum cannot move it either). Each width keeps its own switchable BN, so the
+frozen network's accuracy is unchanged by later stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import SlimConv2d, SlimLinear, slim_modules, use_width
+
+__all__ = ["FrozenSubnet", "record_input_channels"]
+
+
+@torch.no_grad()
+def record_input_channels(model: nn.Module, width: float, example: torch.Tensor) -> dict[str, int]:
+    """Input channel count of every slimmable conv/linear layer when ``model`` runs at ``width`` on ``example``."""
+    seen: dict[str, int] = {}
+
+    def hook_for(name: str, channel_dim: int):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            seen.setdefault(name, int(inputs[0].shape[channel_dim]))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(hook_for(name, 1 if isinstance(m, SlimConv2d) else -1))
+        for name, m in slim_modules(model)
+        if isinstance(m, (SlimConv2d, SlimLinear))
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with use_width(model, width):
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+class FrozenSubnet:
+    """Keeps the weights of ``model``'s width-``width`` sub-network fixed during further training.
+
+    Args:
+        model: a slimmable model.
+        width: the width whose sub-network is frozen.
+        example: an input batch (one image suffices) to find each layer's input channels.
+        optimizer: if given, values are restored after each of its steps (weight decay, momentum).
+
+    Call :meth:`remove` to stop freezing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        width: float,
+        example: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        cin = record_input_channels(model, width, example)
+        self.slices: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []
+        self.handles = []
+        with use_width(model, width):
+            for name, m in slim_modules(model):
+                if not isinstance(m, (SlimConv2d, SlimLinear)) or name not in cin:
+                    continue
+                c = cin[name]
+                if isinstance(m, SlimConv2d) and m.depthwise:
+                    out_idx: tuple[slice, ...] = (slice(0, c),)
+                    w_idx = out_idx
+                else:
+                    per_group = c // (m.groups if isinstance(m, SlimConv2d) else 1)
+                    out_idx = (slice(0, m.active_out),)
+                    w_idx = (slice(0, m.active_out), slice(0, per_group))
+                self._freeze(m.weight, w_idx)
+                if m.bias is not None:
+                    self._freeze(m.bias, out_idx)
+        # Layers that are not slimmable (MobileNet v2's last conv BN and classifier) are shared by every width:
+        # the narrow network uses all of them, so they are frozen whole, running statistics included.
+        inside_slim = {id(sub) for _, m in slim_modules(model) for sub in m.modules()}
+        for m in model.modules():
+            if id(m) in inside_slim:
+                continue
+            for p in m.parameters(recurse=False):
+                self._freeze(p, (slice(None),))
+            for b in m.buffers(recurse=False):
+                if b.is_floating_point():
+                    self.slices.append((b, (slice(None),), b.detach().clone()))
+        self.optimizer_handle = optimizer.register_step_post_hook(self._restore) if optimizer is not None else None
+
+    def _freeze(self, param: torch.Tensor, idx: Sequence[slice]) -> None:
+        idx = tuple(idx)
+        self.slices.append((param, idx, param.detach()[idx].clone()))
+        if not param.requires_grad:
+            return
+
+        def zero_grad(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[idx] = 0
+            return grad
+
+        self.handles.append(param.register_hook(zero_grad))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen values back (called after every optimizer step when an optimizer was given)."""
+        for param, idx, value in self.slices:
+            param[idx] = value
+
+    def _restore(self, *args: object) -> None:
+        self.restore()
+
+    def remove(self) -> None:
+        """Stop freezing: remove the gradient hooks and the optimizer hook."""
+        for h in self.handles:
+            h.remove()
+        if self.optimizer_handle is not None:
+            self.optimizer_handle.remove()
+        self.handles = []
