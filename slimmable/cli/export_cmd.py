@@ -1,0 +1,102 @@
+"""``slimmable export``: a width (or ChannelSpec) of a slimmable model as a dense ONNX / TorchScript / pickled file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
+from ..export._io import spec_tag, width_tag
+from ._common import format_table, parse_widths
+from ._deploy import _load_model, add_model_args, describe_source, read_channel_spec
+
+_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export widths as plain dense models (ONNX, TorchScript, pickled module)",
+        description="Export a slimmable model at one or more widths (or a per-layer ChannelSpec) as ordinary dense "
+        "models: ONNX (checked against PyTorch with onnxruntime, dynamic batch), TorchScript, or a pickled "
+        "nn.Module. --bundle writes every width to ONNX plus manifest.json with MACs and measured latency. "
+        "Files are named MODEL_wWIDTH.EXT (MODEL_cHASH.EXT for a ChannelSpec).",
+    )
+    add_model_args(p)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--width", help="comma-separated widths to export (default: all the model's widths)")
+    what.add_argument("--channels", metavar="SPEC", help="a ChannelSpec file (JSON/YAML) from the channel search")
+    p.add_argument("--format", choices=sorted(_EXTENSIONS), default="onnx", help="output format (default onnx)")
+    p.add_argument("--bundle", action="store_true", help="ONNX for every width + manifest.json (MACs, latency)")
+    p.add_argument("--out", default="exported", help="output folder (default ./exported)")
+    p.add_argument("--input-size", type=int, help="input side in pixels (default: checkpoint's, else 224; 32 small)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions (inference only)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 18 dynamo exporter, 17 TorchScript exporter)")
+    p.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        default="auto",
+        help="ONNX exporter: dynamo (PyTorch's default, needs onnxscript) or the deprecated TorchScript one",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip checking the file against PyTorch")
+    p.add_argument("--latency-runs", type=int, default=20, help="--bundle: timed runs per width (0 skips)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = _load_model(args)
+    model = loaded.model
+    print(describe_source(loaded))
+    pre = loaded.preprocess or {}
+    size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
+    out = Path(args.out)
+    if args.bundle:
+        if args.channels:
+            raise ValueError("--bundle exports widths; drop --channels (or export the spec without --bundle)")
+        widths = parse_widths(args.width) or default_widths(model)
+        manifest = export_bundle(
+            model,
+            out,
+            widths,
+            name=loaded.name,
+            input_size=size,
+            fold_bn=args.fold_bn,
+            opset=args.opset,
+            exporter=args.exporter,
+            latency_runs=args.latency_runs,
+        )
+        print(f"wrote {len(widths)} ONNX files and {manifest}")
+        return 0
+    ext = _EXTENSIONS[args.format]
+    jobs: list[tuple[str, dict]] = []
+    if args.channels:
+        spec = read_channel_spec(args.channels)
+        jobs.append((f"{loaded.name}_{spec_tag(spec)}{ext}", {"channels": spec}))
+    else:
+        for w in parse_widths(args.width) or default_widths(model):
+            jobs.append((f"{loaded.name}_{width_tag(w)}{ext}", {"width": w}))
+    rows = []
+    for filename, target in jobs:
+        path = out / filename
+        if args.format == "onnx":
+            res = export_onnx(
+                model,
+                path,
+                input_size=size,
+                opset=args.opset,
+                fold_bn=args.fold_bn,
+                exporter=args.exporter,
+                verify=not args.no_verify,
+                **target,
+            )
+        elif args.format == "torchscript":
+            res = export_torchscript(
+                model, path, input_size=size, fold_bn=args.fold_bn, verify=not args.no_verify, **target
+            )
+        else:
+            res = save_dense(model, path, fold_bn=args.fold_bn, **target)
+        label = f"{target['width']:g}" if "width" in target else args.channels
+        diff = "-" if res.max_abs_diff is None else f"{res.max_abs_diff:.2e}"
+        rows.append((label, str(path), f"{path.stat().st_size / 1e6:.2f}", diff))
+    print(format_table(["width", "file", "MB", "max diff vs PyTorch"], rows))
+    return 0

@@ -1,0 +1,102 @@
+"""``slimmable serve``: an HTTP prediction server on loopback that switches width per request or latency budget."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from ..export import default_widths
+from ..runtime import SlimmableRunner
+from ..serve import PredictionServer, check_loopback
+from ._common import format_table, parse_widths
+from ._deploy import _load_model, add_model_args, describe_source
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "slimmable" / "latency.json")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP server on 127.0.0.1: predictions at a width or within a latency budget",
+        description="Serve predictions over HTTP on a loopback address. POST /predict takes an image (raw bytes, "
+        "multipart, or base64 in JSON) or a JSON tensor, plus width=W or budget_ms=B; the answer carries the top-k "
+        "classes, the width used and the time taken. GET /info shows the calibrated latency per width.",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1; no others)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--serve-widths", help="comma-separated widths to serve (default: all, at most 8 for US models)")
+    p.add_argument("--input-size", type=int, help="input side (default: checkpoint's, else 224; 32 with --small-input)")
+    p.add_argument("--batch-sizes", default="1", help="batch sizes to calibrate latency for (default 1)")
+    p.add_argument("--calibration-seconds", type=float, default=5.0, help="calibration time budget (default 5)")
+    p.add_argument("--latency-cache", default=_default_cache(), help="latency cache file ('none' disables)")
+    p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (default: folded)")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1,
+        help="at most N forward passes at once, others queue (default 1: on CPU one pass already uses every "
+        "intra-op thread, and overlapping passes oversubscribe the cores and break the calibrated latencies; 0: "
+        "no limit)",
+    )
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    host = check_loopback(args.host)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = _load_model(args)
+    pre = loaded.preprocess or {}
+    size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError as err:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated ints such as 1,8") from err
+    labels = None
+    if args.labels:
+        labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+    print(describe_source(loaded))
+    runner = SlimmableRunner(
+        loaded.model,
+        parse_widths(args.serve_widths) or default_widths(loaded.model),
+        input_size=size,
+        batch_sizes=batch_sizes,
+        fold_bn=not args.no_fold_bn,
+        calibration_s=args.calibration_seconds,
+        cache_path=None if args.latency_cache.lower() == "none" else args.latency_cache,
+        name=loaded.name,
+        max_concurrency=args.max_concurrency or None,
+    )
+    src = "cache " + str(runner.cache_path) if runner.calibrated_from_cache else "measured"
+    print(f"calibrated latency ({src}, {runner.calibration_seconds:.2f} s, {torch.get_num_threads()} threads):")
+    rows = [(f"{w:g}", *(f"{runner.base_latency(w, b):.3f}" for b in batch_sizes)) for w in runner.widths]
+    print(format_table(["width", *(f"batch {b} (ms)" for b in batch_sizes)], rows))
+    mem = runner.memory_bytes()
+    print(
+        f"memory: {mem['dense_total'] / 1e6:.1f} MB of dense copies vs "
+        f"{mem['source_weight_set'] / 1e6:.1f} MB in the slimmable weight set"
+    )
+    server = PredictionServer(
+        runner, host, args.port, labels=labels, mean=pre.get("mean"), std=pre.get("std"), resize=pre.get("eval_resize")
+    )
+    # SIGTERM stops the server like Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"serving {loaded.name} at {server.url} (POST /predict, GET /info, GET /health); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    return 0

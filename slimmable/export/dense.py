@@ -1,0 +1,407 @@
+"""Turn a slimmable model at one width (or a per-layer ChannelSpec) into a plain dense ``nn.Module``.
+
+The export deep-copies the model, switches the copy to the requested width, runs one forward pass with
+forward-pre-hooks that record each slimmable layer's input channel count, and replaces every slimmable layer by
+the ordinary layer it computes at that width:
+
+* :class:`~slimmable.nn.SlimConv2d` → ``nn.Conv2d`` holding ``weight[:active_out, :cin // groups]``
+  (depthwise: ``weight[:cin]`` with ``groups = cin``);
+* :class:`~slimmable.nn.SlimLinear` → ``nn.Linear`` holding ``weight[:active_out, :cin]``;
+* :class:`~slimmable.nn.SwitchableBatchNorm2d` → a copy of the active switch's ``nn.BatchNorm2d``;
+* :class:`~slimmable.nn.USBatchNorm2d` → ``nn.BatchNorm2d`` with the shared affine sliced to ``c`` and the
+  statistics stored for that width.
+
+The family's own ``forward`` (residual additions, ShuffleNet's split by shape) keeps working with the plain
+layers, so the result is the same class as the source model with no slimmable layer left. Sliced tensors are
+cloned and contiguous, so the export shares no memory with the source and runs at dense speed. The source model
+is never modified (not its width, hooks, or training flag).
+
+Optionally :func:`fold_batchnorm` folds each ``BatchNorm2d`` into the convolution right before it in an
+``nn.Sequential`` (the only place where the convolution's output provably feeds the BN alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import (
+    SlimConv2d,
+    SlimLinear,
+    SlimModule,
+    SwitchableBatchNorm2d,
+    USBatchNorm2d,
+    get_channels,
+    set_channels,
+    set_width,
+    slim_modules,
+)
+from ._io import model_label
+
+__all__ = [
+    "default_widths",
+    "example_input",
+    "export_channels",
+    "export_width",
+    "fold_batchnorm",
+    "input_channels",
+    "is_dense",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: spatial size of the recording forward pass when no example input is given (channel counts do not depend on it)
+_PROBE_SIZE = 16
+
+
+def export_width(
+    model: nn.Module,
+    width: float,
+    *,
+    fold_bn: bool = False,
+    example: torch.Tensor | None = None,
+) -> nn.Module:
+    """A plain dense copy of ``model`` at ``width``, in eval mode.
+
+    Args:
+        model: a slimmable model (possibly wrapped by DataParallel/DDP/``torch.compile``); it is not modified.
+        width: one of the model's widths (a universally slimmable model: a width with stored BN statistics).
+        fold_bn: fold every BatchNorm that directly follows a convolution into it (inference only; see
+            :func:`fold_batchnorm`).
+        example: an input ``(N, C, H, W)`` for the recording forward pass; default a ``(1, C, 16, 16)`` tensor
+            with the model's input channels.
+
+    Returns:
+        An ``nn.Module`` of the model's class whose layers are ordinary ``nn.Conv2d``/``nn.BatchNorm2d``/
+        ``nn.Linear``; its outputs equal ``model``'s at ``width`` (in eval mode). The attribute ``export_info``
+        records the width, per-layer channels and whether BN was folded.
+
+    Raises:
+        ValueError: ``width`` is not a width of the model, or (US models) the width has no BN statistics.
+        TypeError: ``model`` has no slimmable layers.
+    """
+    src = _unwrap(model)
+    if not any(True for _ in slim_modules(src)):
+        raise TypeError(f"{type(src).__name__} has no slimmable layers; export_width needs a slimmable model")
+    dense = _copy_for_export(src)
+    set_width(dense, width)
+    _check_us_stats(dense, f"width {float(width):g}")
+    return _densify(dense, src, example, fold_bn, width=float(width))
+
+
+def export_channels(
+    model: nn.Module,
+    spec: Mapping[str, int],
+    *,
+    fold_bn: bool = False,
+    example: torch.Tensor | None = None,
+) -> nn.Module:
+    """A plain dense copy of ``model`` with per-layer output channels ``spec`` (a ChannelSpec).
+
+    Layers not named in ``spec`` keep the size they have in ``model`` now (see :func:`slimmable.set_channels`).
+
+    Args:
+        model: a slimmable model; it is not modified.
+        spec: qualified layer name → output channels, as written by the channel search.
+        fold_bn: fold BatchNorm into the preceding convolution (see :func:`fold_batchnorm`).
+        example: an input ``(N, C, H, W)`` for the recording forward pass.
+
+    Returns:
+        The dense module (eval mode), equal to ``model`` after ``set_channels(model, spec)``.
+
+    Raises:
+        KeyError: a name in ``spec`` is not a layer with slimmable outputs (the message suggests near names).
+        ValueError: a count is out of range, or the channels cannot run (a switchable BN has no switch of that
+            size; a US model has no statistics for it).
+    """
+    src = _unwrap(model)
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"spec must be a mapping of layer name to channels, got {type(spec).__name__}")
+    dense = _copy_for_export(src)
+    set_channels(dense, dict(spec))
+    return _densify(dense, src, example, fold_bn, width=None)
+
+
+def is_dense(module: nn.Module) -> bool:
+    """``True`` when ``module`` holds no slimmable layer."""
+    return not any(isinstance(m, SlimModule) for m in module.modules())
+
+
+def input_channels(model: nn.Module) -> int:
+    """Input channels of a model: those of its first convolution (or linear layer); 3 if it has neither."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+        if isinstance(m, nn.Linear):
+            return int(m.in_features)
+    return 3
+
+
+def example_input(
+    model: nn.Module, input_size: int | Sequence[int] = _PROBE_SIZE, batch_size: int = 1, seed: int | None = 0
+) -> torch.Tensor:
+    """A random input ``(batch_size, C, H, W)`` on the model's device and dtype.
+
+    Args:
+        model: the model (its first convolution gives ``C`` when ``input_size`` is an int).
+        input_size: a square side ``H = W``, or ``(C, H, W)``.
+        batch_size: ``N``.
+        seed: seed of a local generator (``None``: the global RNG).
+    """
+    shape = _input_shape(model, input_size)
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+
+
+def _input_shape(model: nn.Module, input_size: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(input_size, bool):
+        raise TypeError(f"input_size must be an int or (C, H, W), got {input_size!r}")
+    if isinstance(input_size, int):
+        if input_size < 1:
+            raise ValueError(f"input_size {input_size} must be a positive image side such as 224")
+        return (input_channels(model), input_size, input_size)
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_size {tuple(input_size)} must be a side such as 224 or a (C, H, W) triple")
+    return shape  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each ``nn.BatchNorm2d`` into the ``nn.Conv2d`` right before it in an ``nn.Sequential``, in place.
+
+    Inside ``nn.Sequential`` a module's output goes only to the next module, so folding there is always exact
+    (up to float rounding). The folded convolution gets a bias; the BatchNorm becomes ``nn.Identity``. Only use the
+    result for inference: the BN's running statistics are baked in.
+
+    Args:
+        module: a dense module (no slimmable layers), e.g. the output of :func:`export_width`.
+
+    Returns:
+        The number of BatchNorm layers folded.
+
+    Raises:
+        TypeError: ``module`` still holds slimmable layers (export it first).
+    """
+    if not is_dense(module):
+        raise TypeError("fold_batchnorm needs a dense module; call export_width(model, width, fold_bn=True) instead")
+    folded = 0
+    for seq in list(module.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in itertools.pairwise(keys):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if (
+                type(conv) is nn.Conv2d
+                and type(bn) is nn.BatchNorm2d
+                and bn.track_running_stats
+                and bn.running_mean is not None
+                and conv.out_channels == bn.num_features
+            ):
+                setattr(seq, a, _fold(conv, bn))
+                setattr(seq, b, nn.Identity())
+                folded += 1
+    return folded
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    # Compute in float64, store in the conv's dtype: w' = w * g / sqrt(var + eps), b' = (b - mean) * s + beta.
+    w = conv.weight.detach().double()
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        scale = scale * bn.weight.detach().double()
+        shift = shift * bn.weight.detach().double() + bn.bias.detach().double()
+    bias = conv.bias.detach().double() * scale if conv.bias is not None else torch.zeros_like(shift)
+    new = _new_conv(conv, conv.in_channels, conv.out_channels, conv.groups, bias=True)
+    new.weight = nn.Parameter((w * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype), conv.weight.requires_grad)
+    new.bias = nn.Parameter((bias + shift).to(conv.weight.dtype), conv.weight.requires_grad)
+    return new
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _copy_for_export(model: nn.Module) -> nn.Module:
+    dense = copy.deepcopy(model)
+    dense.eval()
+    return dense
+
+
+def _check_us_stats(model: nn.Module, what: str) -> None:
+    for name, m in slim_modules(model):
+        if isinstance(m, USBatchNorm2d) and m.stat_index is None:
+            raise ValueError(
+                f"{what} has no BN statistics in {name} (stored for widths {m.stat_widths}); export one of those "
+                "widths, or calibrate BN statistics for this width first (slimmable.train calibrate_bn)"
+            )
+
+
+def _densify(
+    dense: nn.Module, src: nn.Module, example: torch.Tensor | None, fold_bn: bool, width: float | None
+) -> nn.Module:
+    """Replace every slimmable layer of ``dense`` (a switched copy) by its plain equivalent."""
+    what = f"width {width:g}" if width is not None else "these channels"
+    mods = list(slim_modules(dense))
+    channels = get_channels(dense)
+    seen: dict[str, int] = {}
+    conflicts: set[str] = set()
+
+    def recorder(name: str, linear: bool) -> Any:
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            c = int(inputs[0].shape[-1] if linear else inputs[0].shape[1])
+            if seen.setdefault(name, c) != c:
+                conflicts.add(name)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n, isinstance(m, SlimLinear))) for n, m in mods]
+    x = example if example is not None else example_input(src, _PROBE_SIZE)
+    try:
+        dense(x)
+    except RuntimeError as err:
+        raise ValueError(f"the model cannot run at {what}: {err}") from err
+    finally:
+        for h in handles:
+            h.remove()
+    if conflicts:
+        raise ValueError(
+            f"layers {sorted(conflicts)} ran with different input channel counts in one forward pass; a shared "
+            "slimmable layer cannot become a single dense layer"
+        )
+    missing = [n or type(m).__name__ for n, m in mods if n not in seen]
+    if missing:
+        raise ValueError(
+            f"layers {missing[:5]} did not run in the forward pass, so their input channels are unknown; pass an "
+            "example input that exercises every layer"
+        )
+    replacements = {name: _dense_layer(name, m, seen[name]) for name, m in mods}
+    if "" in replacements:  # the model itself is a single slimmable layer
+        dense = replacements.pop("")
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = dense.get_submodule(parent_name) if parent_name else dense
+        setattr(parent, child, new)
+    dense.eval()
+    n_folded = fold_batchnorm(dense) if fold_bn else 0
+    assert is_dense(dense), "a slimmable layer survived the export"
+    dense.export_info = {"width": width, "channels": channels, "fold_bn": bool(fold_bn), "source": model_label(src)}
+    _logger.debug("exported %s at %s: %d layers replaced, %d BN folded", model_label(src), what, len(mods), n_folded)
+    return dense
+
+
+def _take(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` block of ``t`` as a new contiguous tensor (never a view of the source)."""
+    return t.detach()[tuple(slice(0, s) for s in sizes)].clone(memory_format=torch.contiguous_format)
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+def _new_conv(src: nn.Conv2d, cin: int, cout: int, groups: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(
+        cin,
+        cout,
+        src.kernel_size,
+        src.stride,
+        src.padding,
+        src.dilation,
+        groups,
+        bias,
+        src.padding_mode,
+        device="meta",
+    )
+
+
+def _dense_layer(name: str, m: SlimModule, cin: int) -> nn.Module:
+    where = name or type(m).__name__
+    if isinstance(m, SlimConv2d):
+        if m.depthwise:
+            conv = _new_conv(m, cin, cin, cin, m.bias is not None)
+            conv.weight = _param(_take(m.weight, cin), m.weight)
+            if m.bias is not None:
+                conv.bias = _param(_take(m.bias, cin), m.bias)
+            return conv
+        if cin % m.groups:
+            raise ValueError(f"{where}: {cin} input channels are not divisible by its {m.groups} groups")
+        cout = int(m.active_out)
+        conv = _new_conv(m, cin, cout, m.groups, m.bias is not None)
+        conv.weight = _param(_take(m.weight, cout, cin // m.groups), m.weight)
+        if m.bias is not None:
+            conv.bias = _param(_take(m.bias, cout), m.bias)
+        return conv
+    if isinstance(m, SlimLinear):
+        fout = int(m.active_out)
+        lin = nn.Linear(cin, fout, m.bias is not None, device="meta")
+        lin.weight = _param(_take(m.weight, fout, cin), m.weight)
+        if m.bias is not None:
+            lin.bias = _param(_take(m.bias, fout), m.bias)
+        return lin
+    if isinstance(m, SwitchableBatchNorm2d):
+        # the switch SwitchableBatchNorm2d.forward uses: the active one, or after set_channels one of this size
+        idx = m.index
+        if m.width is None and (idx is None or m.bn[idx].num_features != cin):
+            idx = m._index_for_channels(cin)
+        bn = copy.deepcopy(m.bn[idx])
+        if bn.num_features != cin:
+            raise ValueError(f"{where}: switch {idx} normalises {bn.num_features} channels but receives {cin}")
+        return bn.eval()
+    if isinstance(m, USBatchNorm2d):
+        idx = m.stat_index
+        if idx is None or m.bn[idx].num_features != cin:
+            raise ValueError(
+                f"{where} has no BN statistics for {cin} channels (stored for widths {m.stat_widths}); calibrate BN "
+                "statistics for these channels first"
+            )
+        stats = m.bn[idx]
+        bn = nn.BatchNorm2d(cin, m.eps, m.momentum, affine=True, track_running_stats=True, device="meta")
+        bn.weight = _param(_take(m.weight, cin), m.weight)
+        bn.bias = _param(_take(m.bias, cin), m.bias)
+        bn.running_mean = stats.running_mean.detach().clone()
+        bn.running_var = stats.running_var.detach().clone()
+        bn.num_batches_tracked = stats.num_batches_tracked.detach().clone()
+        return bn.eval()
+    raise TypeError(
+        f"{where}: no dense equivalent for {type(m).__name__}; export supports SlimConv2d, SlimLinear, "
+        "SwitchableBatchNorm2d and USBatchNorm2d"
+    )
+
+
+def default_widths(model: nn.Module, limit: int = 8) -> tuple[float, ...]:
+    """Widths to export or serve by default: the model's switches, or for a universally slimmable model (which
+    stores BN statistics for many widths) at most ``limit`` of its statistics widths, evenly spaced, both ends
+    included.
+
+    Raises:
+        TypeError: ``model`` has no ``widths`` attribute (not built by :func:`slimmable.create_model`).
+    """
+    src = _unwrap(model)
+    widths = tuple(float(w) for w in getattr(src, "widths", ()) or ())
+    if not widths:
+        raise TypeError(f"{type(src).__name__} has no widths; give the widths to export explicitly")
+    if getattr(src, "width_range", None) is None or len(widths) <= limit:
+        return widths
+    picks = sorted({round(i * (len(widths) - 1) / (limit - 1)) for i in range(limit)})
+    return tuple(widths[i] for i in picks)

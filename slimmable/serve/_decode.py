@@ -1,0 +1,118 @@
+"""Request decoding for the server: images (PNG/JPEG/... bytes) and JSON tensors to model inputs."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: images larger than this are refused before decoding (a 50-megapixel JPEG decodes to 150 MB)
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class BadRequest(ValueError):
+    """A request the server refuses, with the HTTP status to answer (4xx) and a message for the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(
+    data: bytes,
+    input_shape: Sequence[int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    resize: int | None = None,
+) -> torch.Tensor:
+    """Decode image bytes and preprocess them as for evaluation: resize the short side to ``resize`` (default
+    ``side / 0.875``, 256 for 224), center-crop to ``(H, W)``, scale to [0, 1], normalise.
+
+    Args:
+        data: the encoded image (any format Pillow reads: PNG, JPEG, WebP, ...).
+        input_shape: the model's ``(C, H, W)``; ``C`` must be 1 (grayscale) or 3 (RGB).
+        mean, std: per-channel normalisation (default: ImageNet's for RGB, 0.5 for grayscale).
+        resize: short side before the crop.
+
+    Returns:
+        A tensor ``(1, C, H, W)``.
+
+    Raises:
+        BadRequest: not an image, a corrupt or oversized one, or a model input that is not an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
+
+    c, h, w = (int(s) for s in input_shape)
+    if c not in (1, 3):
+        raise BadRequest(f"this model takes {c}-channel inputs, which are not images; send a tensor instead")
+    if not data:
+        raise BadRequest("the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise BadRequest(
+                f"the image has {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; "
+                "downscale it",
+                413,
+            )
+        img.load()
+        img = img.convert("RGB" if c == 3 else "L")
+    except BadRequest:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
+    img = TF.resize(img, resize if resize else round(min(h, w) / 0.875), antialias=True)
+    img = TF.center_crop(img, [h, w])
+    x = TF.to_tensor(img)
+    if mean is None:
+        mean = IMAGENET_MEAN if c == 3 else (0.5,)
+    if std is None:
+        std = IMAGENET_STD if c == 3 else (0.5,)
+    x = TF.normalize(x, list(mean), list(std))
+    return x.unsqueeze(0)
+
+
+def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch.Tensor:
+    """A JSON nested list ``(C, H, W)`` or ``(N, C, H, W)`` as a float32 tensor ``(N, C, H, W)``.
+
+    Raises:
+        BadRequest: not a rectangular list of finite numbers, the wrong shape, or more than ``max_batch`` items.
+    """
+    c, h, w = (int(s) for s in input_shape)
+    if not isinstance(obj, list):
+        raise BadRequest(f"'tensor' must be a nested list of numbers of shape ({c}, {h}, {w}) or (N, {c}, {h}, {w})")
+    try:
+        x = torch.tensor(obj, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] < 1:
+        raise BadRequest(f"'tensor' has shape {tuple(x.shape)}; this model takes ({c}, {h}, {w}) or (N, {c}, {h}, {w})")
+    if x.shape[0] > max_batch:
+        raise BadRequest(f"'tensor' holds {x.shape[0]} inputs; at most {max_batch} per request", 413)
+    if not bool(torch.isfinite(x).all()):
+        raise BadRequest("'tensor' holds NaN or infinite values")
+    return x
+
+
+def number_param(params: Mapping[str, Any], key: str) -> float | None:
+    """A positive finite number from a JSON body, form field or query string (``None`` when absent)."""
+    v = params.get(key)
+    if v is None or v == "":
+        return None
+    if isinstance(v, bool):
+        raise BadRequest(f"{key} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError) as err:
+        raise BadRequest(f"{key} must be a number such as 0.5, got {v!r}") from err
+    if not math.isfinite(f) or f <= 0:
+        raise BadRequest(f"{key} must be a positive finite number, got {v!r}")
+    return f

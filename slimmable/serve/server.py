@@ -1,0 +1,333 @@
+"""A small HTTP prediction server around :class:`~slimmable.runtime.SlimmableRunner`, on loopback only.
+
+Why the standard library (``http.server.ThreadingHTTPServer``) rather than FastAPI + uvicorn: the API is three
+routes, and the work per request is one CPU-bound forward pass that PyTorch runs with the GIL released, so one
+thread per request is the right concurrency model (an async framework would hand each request to a thread pool
+anyway). The runner is thread-safe by design, the server adds no dependency (the deployment extra stays
+onnx/onnxruntime), and tests can start and stop it in-process in milliseconds. The price is that it is a plain
+HTTP/1.1 server without TLS, authentication or HTTP/2: it binds only loopback addresses (127.0.0.0/8, ::1) and
+refuses any other, so exposing it takes a reverse proxy that provides those.
+
+Routes:
+
+* ``GET /health`` → ``{"status": "ok"}``
+* ``GET /info`` → model, widths, input shape, calibrated latencies, drift, memory
+* ``POST /predict`` with either
+  - ``Content-Type: application/json``: ``{"tensor": [...] | "image_base64": "...", "width": 0.5 | "budget_ms": 10,
+    "top_k": 5}``; the tensor is ``(C, H, W)`` or ``(N, C, H, W)``;
+  - ``Content-Type: image/png`` (``image/*``, ``application/octet-stream``): the image bytes as the body, options
+    in the query string (``/predict?budget_ms=10``);
+  - ``Content-Type: multipart/form-data``: an ``image`` (or ``file``) part and ``width``/``budget_ms``/``top_k``
+    fields.
+
+  Answer: ``{"predictions": [{"class_index", "label"?, "top_k": [{"index", "prob", "label"?}]}], "width",
+  "budget_ms", "budget_met", "inference_ms", "predicted_ms", "total_ms", "batch_size"}``. Neither width nor
+  budget runs the widest width.
+
+Bad requests get a 4xx JSON ``{"error": message, "status": code}``; an unexpected failure a 500. Either way the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from email import policy
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import torch
+
+from ..runtime import SlimmableRunner
+from ._decode import BadRequest, decode_image, decode_tensor, number_param
+
+__all__ = ["BadRequest", "PredictionServer", "check_loopback"]
+
+_logger = logging.getLogger(__name__)
+
+
+def check_loopback(host: str) -> str:
+    """The loopback IP address to bind for ``host``.
+
+    Args:
+        host: ``"localhost"``, an address in 127.0.0.0/8, or ``"::1"``.
+
+    Raises:
+        ValueError: ``host`` is not a loopback address (the server never binds other addresses).
+    """
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as err:
+        raise ValueError(
+            f"host {host!r} is not an IP address; use 127.0.0.1 (the server binds only loopback addresses)"
+        ) from err
+    if not ip.is_loopback:
+        raise ValueError(
+            f"host {host} is not a loopback address; the server binds only 127.0.0.1 or ::1. To reach it from other "
+            "machines, put a reverse proxy with TLS and authentication in front of it"
+        )
+    return str(ip)
+
+
+class PredictionServer(ThreadingHTTPServer):
+    """Threaded HTTP server answering predictions with a :class:`SlimmableRunner` (one thread per request).
+
+    Use as a context manager (``with PredictionServer(runner) as srv: requests to srv.url``), or call
+    :meth:`start` / :meth:`stop`, or ``serve_forever()`` in the foreground.
+
+    Args:
+        runner: the calibrated runner.
+        host: a loopback address (see :func:`check_loopback`).
+        port: TCP port; 0 picks a free one (read it from :attr:`port`).
+        labels: class names, indexed by class (optional).
+        top_k: default number of classes returned per input.
+        max_body_bytes: larger request bodies get 413.
+        max_batch: largest batch of a tensor request.
+        mean, std: image normalisation (default: ImageNet's).
+        resize: short side images are resized to before the center crop (default ``side / 0.875``).
+
+    Raises:
+        ValueError: ``host`` is not a loopback address.
+        OSError: the port is taken.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        runner: SlimmableRunner,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        labels: Sequence[str] | None = None,
+        top_k: int = 5,
+        max_body_bytes: int = 16 << 20,
+        max_batch: int = 32,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resize: int | None = None,
+    ) -> None:
+        addr = check_loopback(host)
+        self.address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.runner = runner
+        self.labels = list(labels) if labels is not None else None
+        self.top_k = int(top_k)
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_batch = int(max_batch)
+        self.mean, self.std, self.resize = mean, std, resize
+        self._thread: threading.Thread | None = None
+        super().__init__((addr, int(port)), _Handler)
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8000``."""
+        host = self.server_address[0]
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self) -> PredictionServer:
+        """Serve in a background thread; returns ``self``."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="slimmable-serve", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (waits for the serving thread)."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def __enter__(self) -> PredictionServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ request handling (called by _Handler)
+
+    def predict(self, x: torch.Tensor, params: Mapping[str, Any], t0: float) -> dict[str, Any]:
+        """Run ``x`` ``(N, C, H, W)`` with the request's ``width``/``budget_ms``/``top_k`` and build the answer.
+
+        Raises:
+            BadRequest: bad parameters, an unknown width, or a budget below the fastest width.
+        """
+        width = number_param(params, "width")
+        budget = number_param(params, "budget_ms")
+        if width is not None and budget is not None:
+            raise BadRequest("give either width or budget_ms, not both")
+        top_k = number_param(params, "top_k")
+        try:
+            result = self.runner.run(x, width=width, budget_ms=budget)
+        except (ValueError, TypeError) as err:
+            raise BadRequest(str(err)) from err
+        probs = torch.softmax(result.output.float(), dim=1)
+        k = max(1, min(int(top_k) if top_k else self.top_k, probs.shape[1]))
+        values, indices = probs.topk(k, dim=1)
+        preds = []
+        for row_p, row_i in zip(values.tolist(), indices.tolist()):
+            top = [self._entry({"index": i, "prob": round(p, 6)}, i) for p, i in zip(row_p, row_i)]
+            preds.append(self._entry({"class_index": row_i[0]}, row_i[0]) | {"top_k": top})
+        return {
+            "predictions": preds,
+            "width": result.width,
+            "budget_ms": result.budget_ms,
+            "budget_met": result.budget_met,
+            "inference_ms": round(result.latency_ms, 4),
+            "predicted_ms": None if result.predicted_ms is None else round(result.predicted_ms, 4),
+            "total_ms": round(1e3 * (time.perf_counter() - t0), 4),
+            "batch_size": int(x.shape[0]),
+        }
+
+    def _entry(self, d: dict[str, Any], index: int) -> dict[str, Any]:
+        if self.labels is not None and 0 <= index < len(self.labels):
+            d["label"] = self.labels[index]
+        return d
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so load tests and clients can reuse connections
+    # Headers and body go out in two writes; with Nagle's algorithm the second waits for the client's delayed ACK
+    # (40 ms on Linux), which would dwarf a few-millisecond inference.
+    disable_nagle_algorithm = True
+    server_version = "slimmable-serve/1"
+    server: PredictionServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _logger.debug("%s - %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._send(200, {"status": "ok"})
+        elif path == "/info":
+            info = self.server.runner.info()
+            info["labels"] = len(self.server.labels) if self.server.labels is not None else None
+            self._send(200, info)
+        elif path == "/":
+            self._send(200, {"routes": ["GET /health", "GET /info", "POST /predict"]})
+        else:
+            self._send(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict"})
+
+    def do_POST(self) -> None:
+        t0 = time.perf_counter()
+        split = urlsplit(self.path)
+        try:
+            if split.path != "/predict":
+                self.close_connection = True  # the body is not read
+                raise BadRequest(f"no route POST {split.path}; use POST /predict", 404)
+            body = self._read_body()
+            x, params = self._parse(body, dict(parse_qsl(split.query)))
+            self._send(200, self.server.predict(x, params, t0))
+        except BadRequest as err:
+            self._send(err.status, {"error": str(err), "status": err.status})
+        except Exception as err:  # keep serving whatever happens in one request
+            _logger.exception("internal error answering %s", self.path)
+            self._send(500, {"error": f"internal error: {type(err).__name__}: {err}", "status": 500})
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise BadRequest("send the body with a Content-Length header (chunked bodies are not supported)", 411)
+        try:
+            n = int(length)
+        except ValueError as err:
+            self.close_connection = True
+            raise BadRequest(f"Content-Length {length!r} is not an integer") from err
+        if n < 0:
+            self.close_connection = True
+            raise BadRequest(f"Content-Length {n} is negative")
+        if n > self.server.max_body_bytes:
+            self.close_connection = True
+            raise BadRequest(f"the body has {n} bytes, more than the {self.server.max_body_bytes} allowed", 413)
+        body = self.rfile.read(n)
+        if len(body) != n:
+            self.close_connection = True
+            raise BadRequest(f"the body ended after {len(body)} of {n} bytes")
+        return body
+
+    def _parse(self, body: bytes, query: dict[str, str]) -> tuple[torch.Tensor, dict[str, Any]]:
+        srv = self.server
+        shape = srv.runner.input_shape
+        ctype = self.headers.get_content_type()
+        params: dict[str, Any] = dict(query)
+        if ctype == "application/json":
+            try:
+                obj = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as err:
+                raise BadRequest(f"the body is not valid JSON ({err})") from err
+            if not isinstance(obj, dict):
+                raise BadRequest('the JSON body must be an object such as {"tensor": [...], "width": 0.5}')
+            params.update({k: v for k, v in obj.items() if k not in ("tensor", "image_base64")})
+            if "tensor" in obj:
+                return decode_tensor(obj["tensor"], shape, srv.max_batch), params
+            if "image_base64" in obj:
+                try:
+                    data = base64.b64decode(obj["image_base64"], validate=True)
+                except (binascii.Error, TypeError, ValueError) as err:
+                    raise BadRequest(f"'image_base64' is not valid base64 ({err})") from err
+                return decode_image(data, shape, srv.mean, srv.std, srv.resize), params
+            raise BadRequest("the JSON body needs a 'tensor' (nested list) or an 'image_base64' field")
+        if ctype == "multipart/form-data":
+            image, fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
+            params.update(fields)
+            if image is None:
+                raise BadRequest("the multipart body needs an 'image' (or 'file') part")
+            return decode_image(image, shape, srv.mean, srv.std, srv.resize), params
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            return decode_image(body, shape, srv.mean, srv.std, srv.resize), params
+        raise BadRequest(
+            f"unsupported Content-Type {ctype!r}; send application/json, multipart/form-data, or image bytes "
+            "(image/png, image/jpeg)",
+            415,
+        )
+
+    def _send(self, status: int, payload: Mapping[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _parse_multipart(content_type: str, body: bytes) -> tuple[bytes | None, dict[str, str]]:
+    """The image part and the text fields of a ``multipart/form-data`` body (parsed with the email package)."""
+    msg = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
+    )
+    if not msg.is_multipart():
+        raise BadRequest("the multipart body could not be parsed (check the boundary)")
+    image: bytes | None = None
+    fields: dict[str, str] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name in ("image", "file"):
+            image = payload
+        elif isinstance(name, str):
+            fields[name] = payload.decode("utf-8", "replace").strip()
+    return image, fields

@@ -1,0 +1,69 @@
+"""``slimmable serve`` smoke test: start the command as a process, query it over 127.0.0.1, stop it with SIGINT."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slimmable.cli.main import main
+
+
+def test_serve_command_starts_answers_and_stops(tmp_path):
+    cmd = [
+        sys.executable, "-m", "slimmable.cli.main", "serve", "--model", "slim_mobilenet_v1", "--num-classes", "10",
+        "--small-input", "--port", "0", "--calibration-seconds", "0.3", "--threads", "1",
+        "--latency-cache", str(tmp_path / "lat.json"),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        url = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"at http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                url = int(m.group(1))
+                break
+        assert url is not None, "".join(lines)
+        text = "".join(lines)
+        assert "RANDOM WEIGHTS" in text and "calibrated latency" in text
+        conn = http.client.HTTPConnection("127.0.0.1", url, timeout=30)
+        conn.request("GET", "/info")
+        info = json.loads(conn.getresponse().read())
+        assert info["model"] == "slim_mobilenet_v1" and info["widths"] == [0.25, 0.5, 0.75, 1.0]
+        body = json.dumps({"tensor": [[[0.0] * 32] * 32] * 3, "budget_ms": 1e4})
+        conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["width"] == 1.0
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert (tmp_path / "lat.json").is_file()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_serve_refuses_non_loopback_hosts(capsys):
+    assert main(["serve", "--model", "slim_mobilenet_v1", "--host", "0.0.0.0"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "::"])
+def test_serve_refuses_other_addresses(capsys, host):
+    assert main(["serve", "--model", "slim_mobilenet_v1", "--host", host]) == 2
