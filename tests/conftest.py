@@ -35,3 +35,8 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# One intra-op thread: the suite's tensors are small, and two OpenMP threads on a shared 2-core machine can stall
+# for seconds per call when another process holds a core. Tests that measure threading set it themselves.
+torch.set_num_threads(1)
