@@ -1,0 +1,178 @@
+"""``slimmable eval --checkpoint C``: top-1/top-5/loss, MACs, active parameters and latency at each width."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import DataConfig, RunConfig, apply_overrides
+from ._common import format_table, parse_widths
+
+_EPILOG = """\
+examples:
+  slimmable eval --checkpoint runs/fmnist_slim_mobilenet_v2/best.pt
+  slimmable eval --checkpoint runs/imagenet_s_mbv2/best.pt --data /data/imagenet
+  # a checkpoint of the official slimmable_networks code (no recipe inside: name the model and widths)
+  slimmable eval --checkpoint s_mobilenet_v2_0.35_0.5_0.75_1.0.pt --model slim_mobilenet_v2 \\
+      --widths 0.35,0.5,0.75,1.0 --dataset image_folder --data /data/imagenet
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint at each width: accuracy, loss, MACs, parameters, latency",
+        description="Evaluate a checkpoint at every width on a dataset split, each width with its own BatchNorm "
+        "statistics. Prints a table and writes it as JSON and CSV. Takes checkpoints written by `slimmable train` "
+        "(which record their model and data) and official slimmable_networks checkpoints (give --model, --widths "
+        "and the data).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.pt)")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--dataset",
+        choices=("fashion_mnist", "cifar10", "cifar100", "image_folder"),
+        help="dataset kind (default: the checkpoint's; image_folder for official checkpoints)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="test: the test set (ImageNet val/); val: the images held out from training (default test)",
+    )
+    p.add_argument("--widths", help="comma-separated widths to evaluate (official checkpoints: the trained widths)")
+    p.add_argument("--model", help="official checkpoints: our model name, e.g. slim_mobilenet_v2")
+    p.add_argument("--num-classes", type=int, default=1000, help="official checkpoints: classes (default 1000)")
+    p.add_argument("--small-input", action="store_true", help="official checkpoints: stride-1 stem (28-32 px)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the dataset's / 224)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="override a data setting of the saved recipe, e.g. --set data.val_size=5000",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 in memory, else min(4, CPU count))")
+    p.add_argument("--latency-runs", type=int, default=20, help="timed batch-1 forward passes per width (0: skip)")
+    p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
+    p.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (default: beside the checkpoint)")
+    p.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, DataConfig, str]:
+    """The model, the data settings and a description of the checkpoint."""
+    from ..models import create_model
+    from ..models.official import load_official_checkpoint, read_checkpoint_file
+    from ..train import build_model_from_checkpoint, load_checkpoint
+
+    raw = read_checkpoint_file(args.checkpoint)
+    ours = isinstance(raw, dict) and "format_version" in raw
+    if ours:
+        if args.model:
+            raise ValueError(f"{args.checkpoint} was written by slimmable train and records its model; drop --model")
+        ckpt = load_checkpoint(args.checkpoint)
+        model = build_model_from_checkpoint(ckpt, device)
+        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=f"recipe saved in {args.checkpoint}")
+        data = cfg.data
+        desc = f"{ckpt['model_name']} (epoch {ckpt.get('epoch')})"
+    else:
+        if not args.model:
+            raise ValueError(
+                f"{args.checkpoint} is not a slimmable training checkpoint; if it is an official slimmable_networks "
+                "checkpoint, name the model and its widths: --model slim_mobilenet_v2 --widths 0.35,0.5,0.75,1.0"
+            )
+        model = create_model(
+            args.model,
+            widths=parse_widths(args.widths),
+            num_classes=args.num_classes,
+            small_input=args.small_input or None,
+        )
+        load_official_checkpoint(raw, model)
+        model.to(device).eval()
+        data = DataConfig(dataset="image_folder", augment="none")
+        desc = f"{args.model} (official checkpoint)"
+    return model, data, desc
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import create_datasets, create_loader
+    from ..train import evaluate, resolve_device, width_report, write_report
+
+    device = resolve_device(args.device)
+    model, data_cfg, desc = _load(args, device)
+    section = apply_overrides({"data": _data_dict(data_cfg)}, args.overrides)
+    if set(section) - {"data"}:
+        raise ValueError("eval --set only takes data.* keys")
+    data_cfg = RunConfig.from_dict(section, source="--set").data
+    name = args.dataset or data_cfg.dataset
+    root = args.data or data_cfg.root
+    if name != "fashion_mnist" and root is None:
+        raise ValueError(f"dataset {name} needs its folder: --data DIR")
+    splits = create_datasets(
+        name,
+        root,
+        image_size=args.image_size or data_cfg.image_size,
+        eval_resize=data_cfg.eval_resize,
+        augment="none",
+        val_size=data_cfg.val_size,
+        split_seed=data_cfg.split_seed,
+        download=data_cfg.download,
+        cache_dir=args.data_cache,
+        load_train=args.split == "val",
+    )
+    dataset = splits.val if args.split == "val" else splits.test
+    if dataset is None:
+        raise ValueError("--split val needs images held out from training: --set data.val_size=N (N > 0)")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes < splits.num_classes:
+        raise ValueError(
+            f"{root} has {splits.num_classes} classes but the model predicts {num_classes}: labels out of range; "
+            "evaluate on the dataset the model was trained on"
+        )
+    widths = parse_widths(args.widths) or tuple(model.widths)
+    workers = args.workers
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if name == "image_folder" else 0
+    loader = create_loader(dataset, args.batch_size, train=False, num_workers=workers, pin_memory=device.type == "cuda")
+    metrics = evaluate(model, loader, widths, device=device)
+    shape = (splits.in_chans, splits.image_size, splits.image_size)
+    rows = width_report(model, metrics, shape, latency_runs=args.latency_runs)
+    stem = Path(args.out) if args.out else _default_stem(args.checkpoint, args.split)
+    meta = {"checkpoint": str(args.checkpoint), "model": desc, "dataset": name, "root": splits.root,
+            "split": args.split, "device": str(device)}  # fmt: skip
+    json_path, csv_path = write_report(stem, rows, meta)
+    print(f"{desc} on {name} {args.split} ({metrics[0].images} images, {splits.root}), device {device}")
+    table = [
+        (
+            f"{r['width']:g}",
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            f"{r['loss']:.4f}",
+            f"{r['macs'] / 1e6:.2f}",
+            f"{r['params'] / 1e6:.3f}",
+            "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
+        )
+        for r in rows
+    ]
+    print(format_table(["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"], table))
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def _data_dict(cfg: DataConfig) -> dict[str, Any]:
+    return RunConfig(data=cfg).to_dict()["data"]
+
+
+def _default_stem(checkpoint: str, split: str) -> Path:
+    ckpt = Path(checkpoint)
+    folder = ckpt.parent if os.access(ckpt.parent, os.W_OK) else Path.cwd()
+    return folder / f"eval_{ckpt.stem}_{split}"

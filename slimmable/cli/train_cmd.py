@@ -1,0 +1,149 @@
+"""``slimmable train --recipe R``: train a slimmable network with Algorithm 1 (one process or under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..config import RunConfig, apply_overrides, load_recipe
+from ._common import format_table
+
+_EPILOG = """\
+examples:
+  slimmable train --recipe recipes/fmnist_slim_mobilenet_v2.yaml
+  slimmable train --recipe recipes/fmnist_slim_mobilenet_v2.yaml --set train.epochs=1 --set optim.lr=0.1
+  slimmable train --resume runs/fmnist_slim_mobilenet_v2/last.pt          # continue a stopped run
+  torchrun --nproc_per_node 4 -m slimmable.cli.main train --recipe recipes/imagenet_slim_mobilenet_v2.yaml \\
+      --set data.root=/data/imagenet                                      # 4 GPUs, same global batch
+
+outputs (in --out): config.yaml (resolved recipe), last.pt (every epoch and on Ctrl-C / SIGTERM), best.pt (best
+mean validation top-1 over widths), history.json, final_metrics.json/.csv (test split), tb/ (TensorBoard).
+A run never resumes by itself: pass --resume PATH.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a slimmable network from a recipe (Algorithm 1: every width on every batch)",
+        description="Train a slimmable network: for each batch, a forward and backward pass at every width (the "
+        "gradients add up), then one optimizer step. The recipe (YAML) holds model, data, optimizer and training "
+        "settings; the device and data workers come from the flags below.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/fmnist_slim_mobilenet_v2.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=5 --set model.widths=[0.5,1.0] (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue the run saved in this checkpoint (e.g. runs/NAME/last.pt); without --recipe its saved "
+        "recipe is used",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/<recipe name>, or the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="data-loading processes (default: 0 for in-memory datasets, else min(8, CPU count))",
+    )
+    p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
+    p.add_argument("--latency-runs", type=int, default=10, help="timed runs per width in the final report (0: skip)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard scalars")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    p.set_defaults(func=run)
+
+
+def _show_progress(disabled: bool) -> bool:
+    if disabled or os.environ.get("CI", "").lower() in ("true", "1"):
+        return False
+    return sys.stderr.isatty()
+
+
+def _resolve_config(args: argparse.Namespace) -> RunConfig:
+    if args.recipe:
+        return load_recipe(args.recipe, args.overrides)
+    if not args.resume:
+        raise ValueError("give --recipe YAML (a file in recipes/), or --resume CHECKPOINT to continue a run")
+    from ..train import load_checkpoint
+
+    saved = load_checkpoint(args.resume).get("config")
+    if not saved:
+        raise ValueError(f"{args.resume} holds no recipe; pass the one the run used with --recipe")
+    source = f"recipe saved in {args.resume}"
+    return RunConfig.from_dict(apply_overrides(saved, args.overrides), source=source)
+
+
+def run(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    cfg = _resolve_config(args)
+    if args.out:
+        out = Path(args.out)
+    elif args.resume:
+        out = Path(args.resume).parent
+    else:
+        out = Path("runs") / Path(args.recipe).stem
+    if not args.resume and (out / "last.pt").exists():
+        raise ValueError(
+            f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'}, or pick another --out"
+        )
+    workers = args.workers
+    if workers is None:
+        workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)
+    from ..train import train_from_config
+
+    result = train_from_config(
+        cfg,
+        out,
+        device=args.device,
+        num_workers=workers,
+        resume=args.resume,
+        progress=_show_progress(args.no_progress),
+        tensorboard=not args.no_tensorboard,
+        cache_dir=args.data_cache,
+        latency_runs=args.latency_runs,
+    )
+    if rank != 0:
+        return 0
+    if result.interrupted:
+        print(f"stopped after {result.epochs_done} epochs; continue with:")
+        print(f"  slimmable train --resume {result.last_checkpoint}")
+        return 130
+    rows = [
+        (
+            f"{r['width']:g}",
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            f"{r['loss']:.4f}",
+            f"{r['macs'] / 1e6:.2f}",
+            f"{r['params'] / 1e6:.3f}",
+            "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
+        )
+        for r in result.report
+    ]
+    best = "-" if result.best_top1_mean is None else f"{result.best_top1_mean:.2f}"
+    print(
+        f"\n{cfg.model.name}: test split, best checkpoint (epoch {result.best_epoch}, mean {result.selection_split} "
+        f"top-1 {best})"
+    )
+    print(format_table(["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"], rows))
+    print(f"\noutputs in {result.out_dir}:")
+    print(f"  best checkpoint  {result.best_checkpoint}")
+    print(f"  last checkpoint  {result.last_checkpoint}")
+    print(f"  metrics          {result.out_dir / 'final_metrics.json'} (.csv), {result.out_dir / 'history.json'}")
+    if not args.no_tensorboard:
+        print(f"  TensorBoard      tensorboard --logdir {result.out_dir / 'tb'}")
+    return 0

@@ -1,0 +1,476 @@
+"""Run configuration: frozen dataclasses filled from a YAML recipe, strictly.
+
+A recipe has four sections, one per dataclass: ``model``, ``data``, ``optim``, ``train``. Loading is strict: an
+unknown or duplicate key, or a value of the wrong type, is an error naming the key, the file and the valid keys.
+``--set section.key=value`` overrides are applied to the raw YAML before validation, so they are checked the same
+way. Recipes hold no hardware settings: the device and the number of data workers come from command-line flags.
+
+Example:
+    >>> cfg = load_recipe("recipes/fmnist_slim_mobilenet_v2.yaml", overrides=["train.epochs=1"])
+    >>> cfg.optim.lr
+    0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_recipe",
+    "save_config",
+]
+
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder"]
+AugmentName = Literal["crop_flip", "basic", "mobile", "none"]
+ScheduleName = Literal["constant", "multistep", "cosine", "linear", "exponential"]
+AmpMode = Literal["off", "bf16", "fp16", "auto"]
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build (``slimmable.create_model`` arguments).
+
+    Attributes:
+        name: a registered model, e.g. ``slim_mobilenet_v2`` (see ``slimmable.list_models()``).
+        widths: the switches to train; ``None`` keeps the model's default widths.
+        num_classes: classifier outputs; ``None`` takes the dataset's class count.
+        in_chans: input channels; ``None`` takes the dataset's (1 for Fashion-MNIST, 3 otherwise).
+        small_input: stride-1 stem for 28x28 / 32x32 images.
+        drop_rate: dropout before the classifier.
+    """
+
+    name: str = "slim_mobilenet_v2"
+    widths: tuple[float, ...] | None = None
+    num_classes: int | None = None
+    in_chans: int | None = None
+    small_input: bool = False
+    drop_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
+        if self.widths is not None:
+            _check(len(self.widths) > 0, "model.widths", "give at least one width, e.g. [0.25, 0.5, 0.75, 1.0]")
+            _check(all(w > 0 for w in self.widths), "model.widths", f"widths must be positive, got {self.widths}")
+        _check(self.num_classes is None or self.num_classes >= 1, "model.num_classes", "must be >= 1")
+        _check(self.in_chans is None or self.in_chans >= 1, "model.in_chans", "must be >= 1")
+        _check(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, augmentation and batching.
+
+    Attributes:
+        dataset: ``fashion_mnist`` (IDX files), ``cifar10`` / ``cifar100`` (python pickles) or ``image_folder``
+            (``root/train/<class>/*``, ``root/val/<class>/*``, e.g. ImageNet).
+        root: the dataset folder. ``None`` is allowed for Fashion-MNIST only (Debian's
+            ``/usr/share/datasets/fashion-mnist``, else a torchvision download).
+        download: Fashion-MNIST: download with torchvision when no local copy is found.
+        image_size: training crop and evaluation size; ``None``: 28 (Fashion-MNIST), 32 (CIFAR), 224 (folders).
+        eval_resize: folders: resize the shorter side to this before the center crop; ``None``: image_size / 0.875.
+        augment: ``crop_flip`` (pad + random crop + flip, small images), ``basic`` / ``mobile`` (the official
+            ImageNet recipes: random-resized crop from scale 0.08 / 0.25, colour jitter 0.4, PCA lighting 0.1,
+            flip), or ``none``.
+        crop_scale_min: override the random-resized crop's smallest scale (``basic``/``mobile``).
+        crop_padding: ``crop_flip`` padding in pixels.
+        hflip: random horizontal flips.
+        val_size: images held out from the training set for validation and best-checkpoint selection; 0 selects
+            on the test split (ImageNet ``val/``), which is then no longer an unbiased test.
+        split_seed: seed of the held-out split (fixed, independent of ``train.seed``).
+        batch_size: global batch size, split evenly across processes.
+        eval_batch_size: global evaluation batch size; ``None``: ``batch_size``.
+    """
+
+    dataset: DatasetName = "fashion_mnist"
+    root: str | None = None
+    download: bool = True
+    image_size: int | None = None
+    eval_resize: int | None = None
+    augment: AugmentName = "crop_flip"
+    crop_scale_min: float | None = None
+    crop_padding: int = 4
+    hflip: bool = True
+    val_size: int = 0
+    split_seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+        _check(self.val_size >= 0, "data.val_size", f"must be >= 0, got {self.val_size}")
+        _check(self.image_size is None or self.image_size >= 8, "data.image_size", "must be >= 8 pixels")
+        _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
+        if self.crop_scale_min is not None:
+            _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
+        if self.dataset != "image_folder" and self.augment in ("basic", "mobile"):
+            raise ValueError(
+                f"data.augment: {self.augment!r} is the ImageNet random-resized-crop recipe, for "
+                f"dataset image_folder; {self.dataset} uses 'crop_flip' or 'none'"
+            )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (stepped every optimizer step).
+
+    Attributes:
+        name: ``sgd`` or ``adamw``.
+        lr: peak learning rate (for the global batch size).
+        momentum, nesterov: SGD.
+        betas, eps: AdamW.
+        weight_decay: L2 (SGD) / decoupled (AdamW) weight decay.
+        decay_norm_and_bias: also decay BatchNorm weights and all biases (default: not).
+        decay_depthwise: decay depthwise convolution weights (the official recipes do not).
+        schedule: ``constant``, ``multistep`` (``milestones`` in epochs, factor ``gamma``), ``cosine`` (to
+            ``min_lr``), ``linear`` (to ``min_lr``), ``exponential`` (``gamma`` per epoch, the official MobileNets).
+        milestones: ``multistep`` epochs.
+        gamma: ``multistep`` factor, or ``exponential`` factor per epoch.
+        min_lr: final learning rate of ``cosine`` / ``linear``.
+        warmup_epochs: linear warm-up from ``lr * warmup_factor`` (fractional epochs allowed).
+        warmup_factor: starting fraction of ``lr`` for warm-up.
+        grad_clip: clip the global gradient norm to this; ``None``: no clipping.
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False
+    decay_depthwise: bool = True
+    schedule: ScheduleName = "cosine"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_factor: float = 0.0
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+        _check(0 <= self.warmup_factor <= 1, "optim.warmup_factor", "must be in [0, 1]")
+        _check(self.gamma > 0, "optim.gamma", "must be > 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+        if self.schedule == "multistep":
+            _check(len(self.milestones) > 0, "optim.milestones", "schedule multistep needs milestones, e.g. [30, 60]")
+        _check(list(self.milestones) == sorted(self.milestones), "optim.milestones", "must be increasing")
+        if self.nesterov and self.name == "sgd":
+            _check(self.momentum > 0, "optim.nesterov", "Nesterov momentum needs optim.momentum > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (Algorithm 1 of Yu et al. 2019) and its numerics.
+
+    Attributes:
+        epochs: passes over the training set.
+        seed: seeds model initialisation, data order and augmentation.
+        width_sampler: which widths train on each batch; ``all`` = every switch, widest first (S-Nets).
+        inplace_distill: narrower widths learn the widest width's (detached) predictions instead of the labels.
+        label_smoothing: cross-entropy label smoothing (labels only, not the distillation target).
+        amp: autocast: ``off``, ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``auto`` (CUDA: bf16 if
+            supported else fp16; CPU: off).
+        channels_last: NHWC memory format for model and inputs.
+        compile: ``torch.compile`` the model (recompiles once per width).
+        deterministic: deterministic algorithms (slower on CUDA).
+        sync_bn: synchronise BatchNorm statistics across processes, per switch.
+        eval_every: validate every this many epochs (and after the last).
+        log_interval: steps between progress lines (when no progress bar is shown).
+    """
+
+    epochs: int = 10
+    seed: int = 0
+    width_sampler: Literal["all"] = "all"
+    inplace_distill: bool = False
+    label_smoothing: float = 0.0
+    amp: AmpMode = "off"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    sync_bn: bool = False
+    eval_every: int = 1
+    log_interval: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run: the four sections of a recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to ``config.yaml`` and into checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from a nested dict, strictly.
+
+        Args:
+            data: ``{"model": {...}, "data": {...}, "optim": {...}, "train": {...}}``; missing sections and keys
+                take their defaults.
+            source: where ``data`` came from, used in error messages (a file name).
+
+        Raises:
+            ValueError: unknown key, wrong type or invalid value; the message names the key, ``source`` and the
+                valid keys.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: a recipe is a mapping of sections {_SECTION_NAMES}, got {type(data).__name__}")
+        kwargs = {}
+        for key, value in data.items():
+            if key not in _SECTIONS:
+                hint = _suggest(key, _SECTIONS)
+                raise ValueError(f"{source}: unknown section {key!r}{hint}; valid sections: {_SECTION_NAMES}")
+            if value is None:
+                value = {}
+            kwargs[key] = _build(_SECTIONS[key], value, key, source)
+        return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+_SECTION_NAMES = ", ".join(_SECTIONS)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _build(cls: type, values: Any, section: str, source: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source}: section {section!r} must be a mapping of keys {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{section}.{key}"
+        if key not in names:
+            raise ValueError(
+                f"{source}: unknown key {where!r}{_suggest(str(key), names)}; valid keys in {section}: "
+                f"{', '.join(names)}"
+            )
+        try:
+            kwargs[key] = _coerce(value, hints[key], where)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        inner = _type_name(args[0])
+        return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} {inner}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where} must be {_type_name(tp)}, got {len(value)} values {list(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")  # internal: a field type this loader lacks
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping (plain YAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise _DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"recipe {path} does not exist; see the recipes/ folder for examples")
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as err:
+        raise ValueError(f"{path}: {err}; keep one (YAML would silently use the last)") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw recipe dict (values are parsed as YAML scalars/lists).
+
+    Raises:
+        ValueError: malformed override, or a section/key that does not exist (the message lists valid keys).
+    """
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"{source} {item!r}: expected section.key=value, e.g. train.epochs=5")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{source} {item!r}: the key must be section.key with a section of {_SECTION_NAMES}")
+        section, key = parts
+        if section not in _SECTIONS:
+            raise ValueError(
+                f"{source} {item!r}: unknown section {section!r}{_suggest(section, _SECTIONS)}; valid: {_SECTION_NAMES}"
+            )
+        names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in names:
+            raise ValueError(
+                f"{source} {item!r}: unknown key {dotted!r}{_suggest(key, names)}; valid keys in {section}: "
+                f"{', '.join(names)}"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{source} {item!r}: the value is not valid YAML ({err})") from err
+        sec = out.get(section)
+        out[section] = dict(sec) if isinstance(sec, Mapping) else {}
+        out[section][key] = value
+    return out
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML recipe strictly, applying ``section.key=value`` overrides first.
+
+    Args:
+        path: the recipe file.
+        overrides: e.g. ``["train.epochs=5", "optim.lr=0.05", "model.widths=[0.5,1.0]"]``.
+
+    Returns:
+        The validated :class:`RunConfig`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: invalid YAML, duplicate or unknown key, wrong type or value; the message names the key, the
+            file and the valid keys.
+    """
+    p = Path(path)
+    raw = _read_yaml(p)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{p}: a recipe is a mapping of sections {_SECTION_NAMES}, got {type(raw).__name__}")
+    source = str(p) if not overrides else f"{p} (with --set {' '.join(overrides)})"
+    return RunConfig.from_dict(apply_overrides(raw, overrides), source=source)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved config as YAML (atomically: temporary file, then rename); ``load_recipe`` reads it back."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,74 @@
+"""Training: Algorithm 1, width samplers, optimizer/schedule factories, checkpoints, evaluation, distributed runs."""
+
+from .calibrate import calibrate_bn
+from .checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    build_model_from_checkpoint,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+from .distributed import (
+    DistInfo,
+    SyncBatchNorm2d,
+    average_bn_statistics,
+    convert_sync_batchnorm,
+    init_distributed,
+    resolve_device,
+    wrap_ddp,
+)
+from .engine import (
+    EpochStats,
+    StepResult,
+    Trainer,
+    WidthMetrics,
+    evaluate,
+    resolve_amp,
+    soft_cross_entropy,
+    train_step,
+)
+from .optim import create_optimizer, create_scheduler, lr_factor, param_groups
+from .report import REPORT_COLUMNS, width_report, write_report
+from .run import TrainResult, model_kwargs_from_config, train_from_config
+from .samplers import AllWidths, WidthSampler, create_width_sampler
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "REPORT_COLUMNS",
+    "AllWidths",
+    "DistInfo",
+    "EpochStats",
+    "StepResult",
+    "SyncBatchNorm2d",
+    "TrainResult",
+    "Trainer",
+    "WidthMetrics",
+    "WidthSampler",
+    "average_bn_statistics",
+    "build_model_from_checkpoint",
+    "calibrate_bn",
+    "convert_sync_batchnorm",
+    "create_optimizer",
+    "create_scheduler",
+    "create_width_sampler",
+    "evaluate",
+    "get_rng_state",
+    "init_distributed",
+    "load_checkpoint",
+    "lr_factor",
+    "model_kwargs_from_config",
+    "param_groups",
+    "resolve_amp",
+    "resolve_device",
+    "save_checkpoint",
+    "set_rng_state",
+    "soft_cross_entropy",
+    "train_from_config",
+    "train_step",
+    "unwrap_model",
+    "width_report",
+    "wrap_ddp",
+    "write_report",
+]

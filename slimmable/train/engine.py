@@ -1,0 +1,431 @@
+"""Algorithm 1 (slimmable training) and evaluation at every width.
+
+For each batch: for each width the sampler picks (widest first), switch the model to it, forward, compute the
+loss and backpropagate; gradients accumulate over the widths; then one optimizer step. Switchable BN keeps
+separate statistics and affine parameters per width, so every width is trained and evaluated with its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import set_width, use_width
+from .samplers import WidthSampler
+
+__all__ = [
+    "EpochStats",
+    "StepResult",
+    "Trainer",
+    "WidthMetrics",
+    "evaluate",
+    "resolve_amp",
+    "soft_cross_entropy",
+    "train_step",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Autocast dtype and whether a gradient scaler is needed, for ``mode`` on ``device``.
+
+    Args:
+        mode: ``off``, ``bf16``, ``fp16`` or ``auto`` (CUDA: bf16 where supported, else fp16; CPU: off).
+        device: the training device.
+
+    Returns:
+        ``(dtype or None, use_grad_scaler)``.
+
+    Raises:
+        ValueError: fp16 off CUDA, bf16 on a GPU without it, or an unknown mode.
+    """
+    cuda = device.type == "cuda"
+    if mode == "off":
+        return None, False
+    if mode == "auto":
+        if not cuda:
+            return None, False
+        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+    if mode == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("train.amp=bf16: this GPU has no bfloat16 support; use fp16 or auto")
+        return torch.bfloat16, False
+    if mode == "fp16":
+        if not cuda:
+            raise ValueError(f"train.amp=fp16 needs a CUDA device, the device is {device}; use bf16 or off on CPU")
+        return torch.float16, True
+    raise ValueError(f"train.amp {mode!r} is not one of off, bf16, fp16, auto")
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a probability distribution (in-place distillation), averaged over the batch.
+
+    Args:
+        logits: ``(N, K)`` student logits.
+        target_probs: ``(N, K)`` teacher probabilities (no gradient flows into them).
+    """
+    return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+@dataclass
+class StepResult:
+    """Per-width loss (mean over the batch) and top-1 correct count of one training step, as device tensors."""
+
+    widths: list[float]
+    losses: torch.Tensor
+    correct: torch.Tensor
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    widths: Sequence[float],
+    *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ddp: nn.parallel.DistributedDataParallel | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    label_smoothing: float = 0.0,
+    inplace_distill: bool = False,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """One optimizer step of Algorithm 1: forward + backward at each width (gradients accumulate), one update.
+
+    Args:
+        model: the unwrapped slimmable model (its width is switched).
+        optimizer: updated once, after all widths.
+        images: ``(N, C, H, W)`` on the model's device.
+        targets: ``(N,)`` class indices.
+        widths: widths to train, widest first.
+        forward: what to call on ``images`` (a DDP or compiled wrapper of ``model``); default ``ddp``, else
+            ``model``.
+        ddp: the DDP wrapper, if any: all backward passes but the last run under ``no_sync()``, so gradients are
+            all-reduced once per step.
+        autocast_dtype: autocast dtype, or ``None`` for full precision.
+        scaler: gradient scaler (fp16).
+        label_smoothing: label smoothing of the cross-entropy.
+        inplace_distill: widths after the first learn the first (widest) width's detached soft predictions.
+        grad_clip: clip the gradient norm (after unscaling) to this.
+
+    Returns:
+        The per-width losses and correct counts (detached).
+    """
+    if forward is None:
+        forward = ddp if ddp is not None else model
+    optimizer.zero_grad(set_to_none=True)
+    losses, correct = [], []
+    teacher = None
+    last = len(widths) - 1
+    for i, w in enumerate(widths):
+        set_width(model, w)
+        sync = contextlib.nullcontext() if ddp is None or i == last else ddp.no_sync()
+        with sync:
+            with _autocast(images.device, autocast_dtype):
+                logits = forward(images)
+            if teacher is not None:
+                loss = soft_cross_entropy(logits, teacher)
+            else:
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            if inplace_distill and i == 0:
+                teacher = F.softmax(logits.detach().float(), dim=1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        losses.append(loss.detach())
+        correct.append((logits.detach().argmax(dim=1) == targets).sum())
+    if grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(list(widths), torch.stack(losses), torch.stack(correct))
+
+
+@dataclass
+class WidthMetrics:
+    """Evaluation of one width: top-1/top-5 accuracy (%), mean cross-entropy, image count."""
+
+    width: float
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    widths: Sequence[float],
+    *,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> list[WidthMetrics]:
+    """Top-1/top-5 accuracy and loss of ``model`` at each width, in eval mode (each switch's own BN statistics).
+
+    Each batch is loaded once and run at every width. In a distributed run each process evaluates its shard and
+    the counts are summed over processes.
+
+    Args:
+        model: the (unwrapped) slimmable model; its width and train/eval mode are restored afterwards.
+        loader: yields ``(images, targets)``.
+        widths: widths to evaluate.
+        device: where to run (default: the model's).
+        autocast_dtype: autocast dtype or ``None``.
+        channels_last: NHWC inputs.
+        progress: show a progress bar.
+
+    Returns:
+        One :class:`WidthMetrics` per width, in the order given.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_w = len(widths)
+    sums = torch.zeros(3, n_w, dtype=torch.float64, device=device)  # loss sum, top-1, top-5
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    batches = _progress(loader, progress, "eval")
+    try:
+        for images, targets in batches:
+            images, targets = _to_device(images, targets, device, channels_last)
+            for j, w in enumerate(widths):
+                with use_width(model, w), _autocast(device, autocast_dtype):
+                    logits = model(images)
+                logits = logits.float()
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hit = top == targets[:, None]
+                sums[0, j] += F.cross_entropy(logits, targets, reduction="sum").double()
+                sums[1, j] += hit[:, 0].sum()
+                sums[2, j] += hit.any(dim=1).sum()
+            count += targets.shape[0]
+    finally:
+        model.train(was_training)
+    _all_reduce_(sums)
+    _all_reduce_(count)
+    n = max(1.0, float(count))
+    s = sums.cpu()
+    return [
+        WidthMetrics(float(w), 100.0 * float(s[1, j]) / n, 100.0 * float(s[2, j]) / n, float(s[0, j]) / n, int(n))
+        for j, w in enumerate(widths)
+    ]
+
+
+def _to_device(
+    images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=fmt)
+    return images, targets.to(device, non_blocking=True)
+
+
+def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None, initial: int = 0) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True, leave=False)
+
+
+@dataclass
+class EpochStats:
+    """Training metrics of one epoch (this run's part of it when resumed mid-epoch)."""
+
+    epoch: int
+    loss: dict[float, float] = field(default_factory=dict)
+    top1: dict[float, float] = field(default_factory=dict)
+    images: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+    interrupted: bool = False
+    batches_done: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class Trainer:
+    """Runs Algorithm 1 epoch by epoch; owns the step counter and the numerics settings.
+
+    Args:
+        model: the unwrapped slimmable model, on ``device``.
+        optimizer: its optimizer.
+        scheduler: a per-step LR scheduler (stepped after each optimizer step), or ``None``.
+        sampler: chooses the widths of each step.
+        device: the training device.
+        forward: the callable used for forward passes (DDP / compiled wrapper); default ``model``.
+        ddp: the DDP wrapper, for ``no_sync()``.
+        autocast_dtype, scaler, label_smoothing, inplace_distill, grad_clip: see :func:`train_step`.
+        channels_last: NHWC inputs.
+        seed: seeds the per-step width choice (identical on every process).
+        log_interval: steps between progress log lines (without a progress bar).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        sampler: WidthSampler,
+        *,
+        device: torch.device,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        ddp: nn.parallel.DistributedDataParallel | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        label_smoothing: float = 0.0,
+        inplace_distill: bool = False,
+        grad_clip: float | None = None,
+        channels_last: bool = False,
+        seed: int = 0,
+        log_interval: int = 50,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
+        self.device = device
+        self.forward = forward if forward is not None else model
+        self.ddp = ddp
+        self.autocast_dtype, self.scaler = autocast_dtype, scaler
+        self.label_smoothing, self.inplace_distill, self.grad_clip = label_smoothing, inplace_distill, grad_clip
+        self.channels_last = channels_last
+        self.seed = seed
+        self.log_interval = log_interval
+        self.step = 0
+
+    def widths_for_step(self) -> list[float]:
+        """The widths of the next step: depends on (seed, step) only, so every process agrees."""
+        return self.sampler.widths_for_step(self.step, random.Random(self.seed * 1_000_003 + self.step))
+
+    def train_epoch(
+        self,
+        loader: Iterable,
+        epoch: int,
+        *,
+        steps_in_epoch: int,
+        start_batch: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+        progress: bool = False,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        batches: Iterable | None = None,
+    ) -> EpochStats:
+        """Train one epoch (from ``start_batch`` when resuming), stopping early when ``should_stop()`` is true.
+
+        Args:
+            loader: yields ``(images, targets)`` batches of this process.
+            epoch: 0-based epoch index (for messages).
+            steps_in_epoch: batches of a full epoch (for messages).
+            start_batch: batches of this epoch already done (the loader starts after them).
+            should_stop: polled after every step; a true result ends the epoch early (``interrupted``).
+            progress: show a progress bar instead of log lines.
+            on_log: called every ``log_interval`` steps with ``(global_step, scalars)``.
+            batches: an already created iterator over ``loader`` (to control when random states are drawn).
+        """
+        self.model.train()
+        widths_seen: list[float] = []
+        loss_sum: dict[float, torch.Tensor] = {}
+        correct_sum: dict[float, torch.Tensor] = {}
+        n_images = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats = EpochStats(epoch, batches_done=start_batch)
+        t0 = time.perf_counter()
+        it = batches if batches is not None else iter(loader)
+        bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
+        for images, targets in bar:
+            images, targets = _to_device(images, targets, self.device, self.channels_last)
+            widths = self.widths_for_step()
+            res = train_step(
+                self.model,
+                self.optimizer,
+                images,
+                targets,
+                widths,
+                forward=self.forward,
+                ddp=self.ddp,
+                autocast_dtype=self.autocast_dtype,
+                scaler=self.scaler,
+                label_smoothing=self.label_smoothing,
+                inplace_distill=self.inplace_distill,
+                grad_clip=self.grad_clip,
+            )
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.step += 1
+            stats.batches_done += 1
+            stats.steps += 1
+            bs = targets.shape[0]
+            n_images += bs
+            for j, w in enumerate(res.widths):
+                if w not in loss_sum:
+                    widths_seen.append(w)
+                    loss_sum[w] = torch.zeros((), dtype=torch.float64, device=self.device)
+                    correct_sum[w] = torch.zeros((), dtype=torch.float64, device=self.device)
+                loss_sum[w] += res.losses[j].double() * bs
+                correct_sum[w] += res.correct[j].double()
+            if stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch:
+                scalars = {f"loss/{w:g}": float(res.losses[j]) for j, w in enumerate(res.widths)}
+                scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+                if on_log is not None:
+                    on_log(self.step, scalars)
+                if not progress:
+                    losses = " ".join(f"{w:g}:{float(res.losses[j]):.3f}" for j, w in enumerate(res.widths))
+                    _logger.info(
+                        "epoch %d step %d/%d  lr %.4g  loss %s",
+                        epoch + 1,
+                        stats.batches_done,
+                        steps_in_epoch,
+                        scalars["lr"],
+                        losses,
+                    )
+                elif hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}")
+            if should_stop is not None and should_stop():
+                stats.interrupted = stats.batches_done < steps_in_epoch
+                break
+        if hasattr(bar, "close"):
+            bar.close()
+        # one reduction of the epoch's sums over processes
+        vec = torch.stack([n_images] + [loss_sum[w] for w in widths_seen] + [correct_sum[w] for w in widths_seen])
+        _all_reduce_(vec)
+        vec = vec.cpu()
+        n = max(1.0, float(vec[0]))
+        k = len(widths_seen)
+        for j, w in enumerate(widths_seen):
+            stats.loss[w] = float(vec[1 + j]) / n
+            stats.top1[w] = 100.0 * float(vec[1 + k + j]) / n
+        stats.images = int(vec[0])
+        stats.seconds = time.perf_counter() - t0
+        stats.lr = self.optimizer.param_groups[0]["lr"]
+        return stats

@@ -1,0 +1,150 @@
+"""Optimizer and learning-rate schedule factories.
+
+Weight decay skips BatchNorm parameters and biases by default (and, like the official recipes, can skip
+depthwise convolutions). Every schedule is a function of the optimizer step, so warm-up and decay are smooth
+within an epoch and a resumed run continues on the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+__all__ = ["create_optimizer", "create_scheduler", "lr_factor", "param_groups"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+SCHEDULES = ("constant", "multistep", "cosine", "linear", "exponential")
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, decay_norm_and_bias: bool = False, decay_depthwise: bool = True
+) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group.
+
+    Args:
+        model: the (unwrapped) model.
+        weight_decay: decay of the decayed group.
+        decay_norm_and_bias: decay normalisation weights and biases too.
+        decay_depthwise: decay depthwise convolution weights (the official slimmable recipes do not).
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]``
+        (empty groups left out).
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            skip = (not decay_norm_and_bias and (isinstance(module, _NORM_TYPES) or name == "bias")) or (
+                not decay_depthwise and _is_depthwise(module)
+            )
+            (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str = "sgd",
+    lr: float = 0.1,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    decay_norm_and_bias: bool = False,
+    decay_depthwise: bool = True,
+) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW over :func:`param_groups`.
+
+    Raises:
+        ValueError: unknown optimizer name.
+    """
+    groups = param_groups(model, weight_decay, decay_norm_and_bias=decay_norm_and_bias, decay_depthwise=decay_depthwise)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    raise ValueError(f"optimizer {name!r} is not one of sgd, adamw")
+
+
+def lr_factor(
+    step: int,
+    *,
+    schedule: str,
+    steps_per_epoch: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.0,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Warm-up rises linearly from ``warmup_factor`` to 1 over ``warmup_steps``; then ``cosine`` and ``linear``
+    decay to ``min_factor`` at ``total_steps``, ``multistep`` multiplies by ``gamma`` at each milestone epoch, and
+    ``exponential`` by ``gamma`` every epoch.
+    """
+    if step < warmup_steps:
+        return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_factor) * t
+    epoch = step / steps_per_epoch
+    if schedule == "multistep":
+        return gamma ** sum(1 for m in milestones if epoch >= m)
+    if schedule == "exponential":
+        return gamma ** math.floor(epoch)
+    raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str = "cosine",
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    warmup_factor: float = 0.0,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+    min_lr: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR`` (call ``scheduler.step()`` after every optimizer step).
+
+    Raises:
+        ValueError: unknown schedule, or ``min_lr`` above the learning rate.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    base = optimizer.param_groups[0]["lr"]
+    if min_lr > base:
+        raise ValueError(f"optim.min_lr {min_lr} is above optim.lr {base}; lower it")
+    fn = partial(
+        lr_factor,
+        schedule=schedule,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=round(warmup_epochs * steps_per_epoch),
+        warmup_factor=warmup_factor,
+        milestones=tuple(milestones),
+        gamma=gamma,
+        min_factor=min_lr / base,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,82 @@
+"""Per-width report rows: accuracy and loss joined with cost (MACs, active parameters, latency); JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..search.cost import profile_widths
+from .engine import WidthMetrics
+
+__all__ = ["REPORT_COLUMNS", "width_report", "write_json", "write_report"]
+
+REPORT_COLUMNS = ("width", "top1", "top5", "loss", "images", "macs", "params", "latency_ms")
+
+
+def width_report(
+    model: nn.Module,
+    metrics: Sequence[WidthMetrics],
+    input_shape: tuple[int, int, int],
+    *,
+    latency_runs: int = 10,
+    latency_batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Join evaluation metrics with each width's cost (:func:`slimmable.search.cost.profile_widths`).
+
+    Args:
+        model: the evaluated model (its width is restored).
+        metrics: from :func:`slimmable.train.evaluate`.
+        input_shape: ``(C, H, W)`` of one input image.
+        latency_runs: timed forward passes per width on the model's device; 0 skips latency.
+        latency_batch_size: batch size of the latency measurement.
+
+    Returns:
+        One dict per width with the keys of :data:`REPORT_COLUMNS` (MACs and parameters per image).
+    """
+    widths = [m.width for m in metrics]
+    costs = profile_widths(model, input_shape, widths, batch_size=latency_batch_size, latency_runs=latency_runs)
+    rows = []
+    for m, c in zip(metrics, costs):
+        row = m.to_dict()
+        row.update(macs=c.macs, params=c.params, latency_ms=c.latency_ms)
+        rows.append({k: row.get(k) for k in REPORT_COLUMNS})
+    return rows
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def write_report(
+    stem: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (``{"meta": ..., "widths": rows}``) and ``<stem>.csv`` (one line per width).
+
+    Returns:
+        The JSON and CSV paths.
+    """
+    stem = Path(stem)
+    json_path = write_json(stem.with_suffix(".json"), {"meta": dict(meta or {}), "widths": list(rows)})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in REPORT_COLUMNS})
+    csv_path = stem.with_suffix(".csv")
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, csv_path)
+    return json_path, csv_path

@@ -1,0 +1,536 @@
+"""A whole training run from a :class:`~slimmable.config.RunConfig`: data, model, Algorithm 1, checkpoints, report.
+
+Reproducibility: the model is initialised from ``train.seed`` on every process, and every epoch reseeds the random
+generators from ``(seed, epoch, rank)``, so an epoch's data order and augmentation do not depend on what ran
+before it. A run resumed from an end-of-epoch checkpoint therefore finishes exactly like an uninterrupted one
+(on CPU, or with ``train.deterministic``). A run stopped by SIGINT/SIGTERM saves a mid-epoch checkpoint; resuming it
+skips the batches already done and restores the random states (exact with ``--workers 0``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, save_config
+from ..data import create_datasets, create_loader
+from ..models import create_model
+from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
+from .engine import EpochStats, Trainer, WidthMetrics, evaluate, resolve_amp
+from .optim import create_optimizer, create_scheduler
+from .report import width_report, write_json, write_report
+from .samplers import create_width_sampler
+
+__all__ = ["TrainResult", "model_kwargs_from_config", "train_from_config"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        out_dir: the output folder.
+        report: per-width rows of the final evaluation (test split, best checkpoint) with costs; empty when
+            interrupted.
+        best_top1_mean: best mean validation top-1 over widths, and its ``best_epoch``.
+        last_checkpoint, best_checkpoint: paths.
+        interrupted: stopped by a signal before the last epoch (resume from ``last_checkpoint``).
+        epochs_done: completed epochs.
+        selection_split: the split the best checkpoint was selected on (``val`` or ``test``).
+    """
+
+    out_dir: Path
+    report: list[dict[str, Any]] = field(default_factory=list)
+    best_top1_mean: float | None = None
+    best_epoch: int | None = None
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+    interrupted: bool = False
+    epochs_done: int = 0
+    selection_split: str = "val"
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag polled between steps; a second SIGINT aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self, info: DistInfo, sync_every: int = 10) -> None:
+        self.info, self.sync_every = info, sync_every
+        self.requested = False
+        self._polls = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def poll(self, force: bool = False) -> bool:
+        """The stop flag, agreed by all processes (synchronised every ``sync_every`` polls, or when ``force``)."""
+        if not self.info.distributed:
+            return self.requested
+        self._polls += 1
+        if not force and self._polls % self.sync_every:
+            return False
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+
+def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The ``create_model`` keyword arguments of a run (``None`` model fields take the dataset's values)."""
+    mc = cfg.model
+    kwargs: dict[str, Any] = {
+        "num_classes": mc.num_classes or num_classes,
+        "in_chans": mc.in_chans or in_chans,
+        "small_input": mc.small_input,
+        "drop_rate": mc.drop_rate,
+    }
+    if mc.widths is not None:
+        kwargs["widths"] = list(mc.widths)
+    return kwargs
+
+
+def _model_kwargs(model: Any, fallback: Mapping[str, Any]) -> dict[str, Any]:
+    # create_model records the kwargs (they change when BN calibration adds US widths); else the config's
+    return dict(getattr(model, "model_kwargs", None) or fallback)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    _seed_all((seed * 1_000_003 + (epoch + 1) * 10_007 + rank) % (2**63))
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    state = get_rng_state()
+    if not info.distributed:
+        return [state]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _metrics_dict(metrics: list[WidthMetrics]) -> list[dict[str, Any]]:
+    return [m.to_dict() for m in metrics]
+
+
+def _mean_top1(metrics: list[WidthMetrics]) -> float:
+    return sum(m.top1 for m in metrics) / len(metrics)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check_resume(ckpt: Mapping[str, Any], cfg: RunConfig, name: str, kwargs: Mapping[str, Any], path: str) -> None:
+    if ckpt["model_name"] != name or _plain(ckpt["model_kwargs"]) != _plain(kwargs):
+        raise ValueError(
+            f"--resume {path}: the checkpoint is {ckpt['model_name']}({dict(ckpt['model_kwargs'])}) but the recipe "
+            f"builds {name}({dict(kwargs)}); resume with the recipe the run started with (its config.yaml)"
+        )
+    old = ckpt.get("config") or {}
+    new = cfg.to_dict()
+    changed = [
+        f"{sec}.{k}: {old[sec].get(k)!r} -> {v!r}"
+        for sec, vals in new.items()
+        for k, v in vals.items()
+        if isinstance(old.get(sec), Mapping) and old[sec].get(k) != v
+    ]
+    if changed:
+        _logger.warning("resuming with changed settings: %s", "; ".join(changed))
+
+
+def train_from_config(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    num_workers: int = 0,
+    resume: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    tensorboard: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    latency_runs: int = 10,
+) -> TrainResult:
+    """Train a slimmable model as ``cfg`` describes; run it alike as one process or under ``torchrun``.
+
+    Writes to ``out_dir`` (rank 0): ``config.yaml`` (resolved recipe), ``last.pt`` (every epoch and on
+    SIGINT/SIGTERM), ``best.pt`` (best mean validation top-1 over widths), ``history.json``, ``final_metrics.json``
+    and ``.csv`` (test split, best checkpoint, with MACs/parameters/latency), and TensorBoard scalars in ``tb/``.
+
+    Args:
+        cfg: the run configuration.
+        out_dir: output folder.
+        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when available.
+        num_workers: data-loading worker processes.
+        resume: continue from this checkpoint (its model must match ``cfg.model``).
+        progress: progress bars instead of periodic log lines.
+        tensorboard: write TensorBoard scalars.
+        cache_dir: where downloaded data go.
+        latency_runs: timed forward passes per width in the final report (0: no latency).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: inconsistent settings or data (the message names the setting and the fix).
+        FileNotFoundError: missing data or checkpoint.
+    """
+    info = init_distributed(device)
+    try:
+        return _train(cfg, Path(out_dir), info, num_workers, resume, progress, tensorboard, cache_dir, latency_runs)
+    finally:
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: RunConfig,
+    out_dir: Path,
+    info: DistInfo,
+    num_workers: int,
+    resume: str | os.PathLike[str] | None,
+    progress: bool,
+    tensorboard: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    latency_runs: int,
+) -> TrainResult:
+    mc, dc, oc, tc = cfg.model, cfg.data, cfg.optim, cfg.train
+    dev = info.device
+    amp_dtype, use_scaler = resolve_amp(tc.amp, dev)  # before loading data: fail fast
+    _set_determinism(tc.deterministic, dev)
+    _seed_all(tc.seed)
+    data = create_datasets(
+        dc.dataset,
+        dc.root,
+        image_size=dc.image_size,
+        eval_resize=dc.eval_resize,
+        augment=dc.augment,
+        crop_scale_min=dc.crop_scale_min,
+        crop_padding=dc.crop_padding,
+        hflip=dc.hflip,
+        val_size=dc.val_size,
+        split_seed=dc.split_seed,
+        download=dc.download,
+        cache_dir=cache_dir,
+    )
+    kwargs = model_kwargs_from_config(cfg, data.num_classes, data.in_chans)
+    if kwargs["num_classes"] < data.num_classes:
+        raise ValueError(
+            f"the data in {data.root} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) but "
+            f"model.num_classes is {kwargs['num_classes']}: labels would be out of range. Set model.num_classes to "
+            f"{data.num_classes} or null"
+        )
+    if kwargs["in_chans"] != data.in_chans:
+        raise ValueError(
+            f"model.in_chans is {kwargs['in_chans']} but the images of {data.root} have {data.in_chans} channels; "
+            "set model.in_chans to null"
+        )
+    build_kwargs = dict(kwargs)
+    if "widths" in build_kwargs:
+        build_kwargs["widths"] = tuple(build_kwargs["widths"])
+    model = create_model(mc.name, **build_kwargs)
+    widths = tuple(model.widths)
+    if tc.sync_bn and info.distributed:
+        convert_sync_batchnorm(model, dist.new_group())
+    model.to(dev)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    pin = dev.type == "cuda"
+    assert data.train is not None
+    train_loader = create_loader(
+        data.train, dc.batch_size, train=True, num_workers=num_workers, seed=tc.seed,
+        rank=info.rank, world_size=info.world_size, pin_memory=pin,
+    )  # fmt: skip
+    eval_bs = dc.eval_batch_size or dc.batch_size
+    eval_bs = max(info.world_size, eval_bs - eval_bs % info.world_size)
+
+    def eval_loader(ds: Any) -> Any:
+        return create_loader(
+            ds, eval_bs, train=False, num_workers=num_workers, rank=info.rank, world_size=info.world_size,
+            pin_memory=pin,
+        )  # fmt: skip
+
+    selection_split = "val" if data.val is not None else "test"
+    select_loader = eval_loader(data.val if data.val is not None else data.test)
+    if selection_split == "test" and info.is_main:
+        _logger.warning(
+            "data.val_size is 0: the best checkpoint is selected on the test split (%s), so its test accuracy is "
+            "optimistic; hold out images with data.val_size",
+            data.root,
+        )
+    steps_per_epoch = len(train_loader)
+    per_rank_batch = dc.batch_size // info.world_size
+
+    optimizer = create_optimizer(
+        model, oc.name, oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, betas=oc.betas, eps=oc.eps,
+        weight_decay=oc.weight_decay, decay_norm_and_bias=oc.decay_norm_and_bias, decay_depthwise=oc.decay_depthwise,
+    )  # fmt: skip
+    scheduler = create_scheduler(
+        optimizer, oc.schedule, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=oc.warmup_epochs,
+        warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma, min_lr=oc.min_lr,
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    ddp = wrap_ddp(model, info) if info.distributed else None
+    forward: Any = ddp if ddp is not None else model
+    if tc.compile:
+        forward = torch.compile(forward)
+    trainer = Trainer(
+        model, optimizer, scheduler, create_width_sampler(tc.width_sampler, widths), device=dev, forward=forward,
+        ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
+        inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=tc.channels_last, seed=tc.seed,
+        log_interval=tc.log_interval,
+    )  # fmt: skip
+
+    start_epoch, start_batch = 0, 0
+    best: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    rng_to_restore = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        _check_resume(ckpt, cfg, mc.name, _model_kwargs(model, kwargs), str(resume))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        trainer.step = int(ckpt["step"])
+        start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
+        best, history = dict(ckpt.get("best") or {}), list(ckpt.get("history") or [])
+        if start_batch:
+            if int(ckpt.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+                raise ValueError(
+                    f"--resume {resume}: the checkpoint stopped mid-epoch with {ckpt.get('steps_per_epoch')} steps "
+                    f"per epoch, this run has {steps_per_epoch} (batch size or process count changed); resume "
+                    "with the settings it was written with"
+                )
+            states = ckpt.get("rng") or []
+            if len(states) == info.world_size:
+                rng_to_restore = states[info.rank]
+            else:
+                _logger.warning(
+                    "the checkpoint holds random states of %d processes, not %d", len(states), info.world_size
+                )
+        if info.is_main:
+            _logger.info(
+                "resuming %s at epoch %d, batch %d (step %d)", resume, start_epoch + 1, start_batch, trainer.step
+            )
+
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    writer = None
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if tensorboard:
+            writer = _tensorboard(out_dir / "tb")
+        _logger.info(
+            "training %s widths %s on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
+            mc.name, ",".join(f"{w:g}" for w in widths), dev, len(data.train), steps_per_epoch, per_rank_batch,
+            info.world_size, tc.epochs, out_dir,
+        )  # fmt: skip
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "model": model.state_dict(),
+            "model_name": mc.name,
+            "model_kwargs": _model_kwargs(model, kwargs),
+            "widths": list(widths),
+            "preprocess": data.preprocess(),
+            "config": cfg.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "step": trainer.step,
+            "rng": _gather_rng(info),
+            "best": best,
+            "history": history,
+        }
+
+    def on_log(step: int, scalars: dict[str, float]) -> None:
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(f"train/{k}", v, step)
+
+    result = TrainResult(out_dir, last_checkpoint=last_path, selection_split=selection_split)
+    with _StopSignal(info) as stop:
+        for epoch in range(start_epoch, tc.epochs):
+            sampler = train_loader.batch_sampler.sampler
+            sampler.set_epoch(epoch, start=start_batch * per_rank_batch)
+            if start_batch == 0:
+                _seed_epoch(tc.seed, epoch, info.rank)
+            batches = iter(train_loader)
+            if rng_to_restore is not None:
+                set_rng_state(rng_to_restore)
+                rng_to_restore = None
+            stats = trainer.train_epoch(
+                train_loader, epoch, steps_in_epoch=steps_per_epoch, start_batch=start_batch,
+                should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
+            )  # fmt: skip
+            start_batch = 0
+            if stats.interrupted:
+                ck = checkpoint(epoch, stats.batches_done)
+                if info.is_main:
+                    save_checkpoint(last_path, ck)
+                    _logger.warning(
+                        "stopped by a signal at epoch %d, batch %d/%d; saved %s. Continue with --resume %s",
+                        epoch + 1, stats.batches_done, steps_per_epoch, last_path, last_path,
+                    )  # fmt: skip
+                result.interrupted, result.epochs_done = True, epoch
+                _close(writer)
+                return result
+            if info.distributed:
+                average_bn_statistics(model, info.world_size)
+            record = _epoch_record(stats)
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+                val = evaluate(
+                    model, select_loader, widths, device=dev, autocast_dtype=amp_dtype, channels_last=tc.channels_last
+                )
+                record["val"] = _metrics_dict(val)
+                record["val_top1_mean"] = _mean_top1(val)
+                if not best or record["val_top1_mean"] > best["top1_mean"]:
+                    best = {"top1_mean": record["val_top1_mean"], "epoch": epoch + 1}
+                    record["best"] = True
+            history.append(record)
+            ck = checkpoint(epoch + 1, 0)
+            if info.is_main:
+                save_checkpoint(last_path, ck)
+                if record.get("best"):
+                    save_checkpoint(best_path, ck)
+                write_json(out_dir / "history.json", history)
+                _log_epoch(record, tc.epochs, selection_split, writer)
+            if stop.poll(force=True) and epoch + 1 < tc.epochs:
+                if info.is_main:
+                    _logger.warning(
+                        "stopped by a signal after epoch %d; continue with --resume %s", epoch + 1, last_path
+                    )
+                result.interrupted, result.epochs_done = True, epoch + 1
+                _close(writer)
+                return result
+
+    result.epochs_done = tc.epochs
+    result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
+    result.best_checkpoint = best_path if best else None
+    # final: the best checkpoint on the test split
+    if info.is_main and best_path.exists():
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+    if info.distributed:  # rank 0 wrote best.pt; other machines may not see the output folder
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                # receive into a copy, then copy_: an in-place op bumps the version counter that the slim
+                # layers' inference weight memo checks (a collective writing into t would not)
+                buf = t.clone()
+                dist.broadcast(buf, src=0)
+                t.copy_(buf)
+    test = evaluate(
+        model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype, channels_last=tc.channels_last
+    )
+    if info.is_main:
+        shape = (data.in_chans, data.image_size, data.image_size)
+        result.report = width_report(model, test, shape, latency_runs=latency_runs)
+        meta = {
+            "model": mc.name,
+            "checkpoint": str(best_path),
+            "epoch": best.get("epoch"),
+            "split": "test",
+            "dataset": data.name,
+            "root": data.root,
+            "device": str(dev),
+        }
+        write_report(out_dir / "final_metrics", result.report, meta)
+        if writer is not None:
+            for r in result.report:
+                writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], tc.epochs)
+    _close(writer)
+    return result
+
+
+def _epoch_record(stats: EpochStats) -> dict[str, Any]:
+    return {
+        "epoch": stats.epoch + 1,
+        "train": [{"width": w, "loss": stats.loss[w], "top1": stats.top1[w]} for w in stats.loss],
+        "lr": stats.lr,
+        "seconds": stats.seconds,
+        "images_per_second": stats.images_per_second,
+    }
+
+
+def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any) -> None:
+    train = " ".join(f"{t['width']:g}:{t['loss']:.3f}" for t in record["train"])
+    msg = f"epoch {record['epoch']}/{epochs}  train loss {train}"
+    if "val" in record:
+        val = " ".join(f"{v['width']:g}:{v['top1']:.2f}" for v in record["val"])
+        msg += f"  | {split} top-1 {val} (mean {record['val_top1_mean']:.2f}{', best' if record.get('best') else ''})"
+    msg += f"  | {record['seconds']:.1f}s, {record['images_per_second']:.0f} img/s"
+    _logger.info(msg)
+    if writer is None:
+        return
+    e = record["epoch"]
+    for t in record["train"]:
+        writer.add_scalar(f"train_epoch/loss/{t['width']:g}", t["loss"], e)
+        writer.add_scalar(f"train_epoch/top1/{t['width']:g}", t["top1"], e)
+    for v in record.get("val", []):
+        for k in ("top1", "top5", "loss"):
+            writer.add_scalar(f"{split}/{k}/{v['width']:g}", v[k], e)
+    if "val" in record:
+        writer.add_scalar(f"{split}/top1_mean", record["val_top1_mean"], e)
+    writer.add_scalar("train_epoch/images_per_second", record["images_per_second"], e)
+    writer.flush()
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # tensorboard is a dependency, but a broken install should not stop training
+        _logger.warning("TensorBoard logging is off: %s", err)
+        return None
+    return SummaryWriter(str(path))
+
+
+def _close(writer: Any) -> None:
+    if writer is not None:
+        writer.close()

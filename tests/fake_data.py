@@ -1,0 +1,129 @@
+"""Small datasets written in the real on-disk formats, for tests: Fashion-MNIST IDX, CIFAR pickles, JPEG folders.
+
+Images of class ``k`` carry a bright block at a class-dependent place, so a tiny model learns them in a few steps.
+Importable from any test module because ``tests/`` (the root conftest's folder) is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+
+def class_images(n: int, size: int, channels: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (n, size, size, channels) uint8, labels (n,) int)``, learnable from the block position."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, size, size, channels), dtype=np.uint8)
+    block = max(2, size // 4)
+    for i, k in enumerate(labels):
+        r, c = (k % 16) // 4 * block, (k % 4) * block  # one cell of a 4x4 grid per class
+        images[i, r : r + block, c : c + block, :] = 230
+    return images, labels
+
+
+def _idx_images(images: np.ndarray) -> bytes:
+    n, h, w = images.shape
+    return struct.pack(">IIII", 0x0803, n, h, w) + images.astype(np.uint8).tobytes()
+
+
+def _idx_labels(labels: np.ndarray) -> bytes:
+    return struct.pack(">II", 0x0801, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def write_fashion_mnist(
+    folder: Path, n_train: int = 96, n_test: int = 48, size: int = 28, compress: bool = True, bad_label: bool = False
+) -> Path:
+    """The four Fashion-MNIST IDX files (gzip by default), with ``n_train`` / ``n_test`` images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = class_images(n, size, 1, 10, seed)
+        if bad_label and split == "train":
+            labels[3] = 12
+        files = {
+            f"{split}-images-idx3-ubyte": _idx_images(images[..., 0]),
+            f"{split}-labels-idx1-ubyte": _idx_labels(labels),
+        }
+        for name, data in files.items():
+            if compress:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
+def write_cifar(
+    root: Path, num_classes: int = 10, per_batch: int = 10, n_test: int = 20, bad_label: bool = False
+) -> Path:
+    """A CIFAR-10 (5 training batches) or CIFAR-100 (one ``train`` file) python-pickle folder under ``root``."""
+    if num_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_file, meta_file, label_key, names_key = "test_batch", "batches.meta", "labels", "label_names"
+    else:
+        folder = root / "cifar-100-python"
+        train_files = ["train"]
+        test_file, meta_file, label_key, names_key = "test", "meta", "fine_labels", "fine_label_names"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate([*train_files, test_file]):
+        n = n_test if name == test_file else per_batch
+        images, labels = class_images(n, 32, 3, num_classes, seed=i)
+        labels = [int(v) for v in labels]
+        if bad_label and name == train_files[0]:
+            labels[0] = num_classes + 5
+        entry = {"data": images.transpose(0, 3, 1, 2).reshape(n, -1), label_key: labels}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / meta_file, "wb") as f:
+        pickle.dump({names_key: [f"class{k}" for k in range(num_classes)]}, f)
+    return root
+
+
+def write_image_folder(
+    root: Path, classes: Sequence[str] = ("ant", "bee", "cat"), n_train: int = 4, n_val: int = 2, size: int = 24
+) -> Path:
+    """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``."""
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        images, _ = class_images(n * len(classes), size, 3, len(classes), seed)
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(images[k * n + i]).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def write_recipe(path: Path, sections: dict) -> Path:
+    """Write a recipe YAML."""
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def tiny_recipe(fmnist_dir: Path, **overrides: dict) -> dict:
+    """A recipe that trains slim_resnet18 at widths 0.125/0.25 on 16x16 fake Fashion-MNIST in seconds."""
+    sections = {
+        "model": {"name": "slim_resnet18", "widths": [0.125, 0.25], "small_input": True},
+        "data": {
+            "dataset": "fashion_mnist",
+            "root": str(fmnist_dir),
+            "download": False,
+            "image_size": 16,
+            "augment": "crop_flip",
+            "crop_padding": 2,
+            "val_size": 16,
+            "batch_size": 16,
+        },
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
+        "train": {"epochs": 2, "seed": 3, "log_interval": 1},
+    }
+    for sec, vals in overrides.items():
+        sections[sec] = {**sections.get(sec, {}), **vals}
+    return sections

@@ -1,0 +1,116 @@
+"""Whole runs on small fake Fashion-MNIST: outputs, best-checkpoint tracking, exact resume, setting errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fake_data import tiny_recipe, write_fashion_mnist
+
+from slimmable.config import RunConfig, load_recipe
+from slimmable.data import create_datasets, create_loader
+from slimmable.train import build_model_from_checkpoint, evaluate, load_checkpoint, train_from_config
+from slimmable.train import run as run_module
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fashion_mnist(tmp_path_factory.mktemp("data") / "fm", n_train=96, n_test=48)
+
+
+def _cfg(fmnist: Path, **overrides: dict) -> RunConfig:
+    return RunConfig.from_dict(tiny_recipe(fmnist, **overrides))
+
+
+def _train(cfg: RunConfig, out: Path, **kw) -> run_module.TrainResult:
+    kw.setdefault("tensorboard", False)
+    return train_from_config(cfg, out, device="cpu", latency_runs=0, cache_dir=out.parent / "cache", **kw)
+
+
+def test_run_writes_checkpoints_metrics_and_config(fmnist: Path, tmp_path: Path) -> None:
+    cfg = _cfg(fmnist)
+    out = tmp_path / "run"
+    result = _train(cfg, out, tensorboard=True)
+    assert not result.interrupted and result.epochs_done == 2 and result.selection_split == "val"
+    assert load_recipe(out / "config.yaml") == cfg
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    best = max(history, key=lambda h: h["val_top1_mean"])
+    assert result.best_epoch == best["epoch"] and result.best_top1_mean == pytest.approx(best["val_top1_mean"])
+    for h in history:
+        assert [t["width"] for t in h["train"]] == [0.25, 0.125] and [v["width"] for v in h["val"]] == [0.125, 0.25]
+    last, best_ck = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert (last["epoch"], last["batch_in_epoch"], last["step"], last["steps_per_epoch"]) == (2, 0, 10, 5)
+    assert best_ck["epoch"] == result.best_epoch and last["model_kwargs"]["in_chans"] == 1
+    assert last["preprocess"]["image_size"] == 16 and last["config"] == cfg.to_dict()
+    report = json.loads((out / "final_metrics.json").read_text())
+    assert report["meta"]["split"] == "test" and report["meta"]["epoch"] == result.best_epoch
+    rows = report["widths"]
+    assert [r["width"] for r in rows] == [0.125, 0.25] and rows == result.report
+    assert rows[0]["macs"] < rows[1]["macs"] and rows[0]["params"] < rows[1]["params"] and rows[0]["images"] == 48
+    header = (out / "final_metrics.csv").read_text().splitlines()[0]
+    assert header == "width,top1,top5,loss,images,macs,params,latency_ms"
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    # the report is the best checkpoint evaluated on the test split
+    model = build_model_from_checkpoint(out / "best.pt")
+    splits = create_datasets("fashion_mnist", fmnist, image_size=16, download=False, cache_dir=tmp_path / "cache")
+    metrics = evaluate(model, create_loader(splits.test, 16, train=False), [0.125, 0.25])
+    assert [m.top1 for m in metrics] == [r["top1"] for r in rows]
+
+
+def test_training_learns(fmnist: Path, tmp_path: Path) -> None:
+    cfg = _cfg(fmnist, train={"epochs": 4}, optim={"lr": 0.05})
+    result = _train(cfg, tmp_path / "run")
+    assert all(r["top1"] > 40 for r in result.report), result.report  # 10 classes: chance is 10 %
+
+
+def test_sigterm_mid_epoch_then_resume_is_exact(fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(fmnist, train={"epochs": 3}, model={"drop_rate": 0.2})
+    full = _train(cfg, tmp_path / "full")
+
+    seed_epoch = run_module._seed_epoch
+
+    def seed_and_signal(seed: int, epoch: int, rank: int) -> None:
+        seed_epoch(seed, epoch, rank)
+        if epoch == 1:  # SIGTERM arrives during epoch 2: the run stops after its first step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(run_module, "_seed_epoch", seed_and_signal)
+    stopped = _train(cfg, tmp_path / "resumed")
+    assert stopped.interrupted and stopped.epochs_done == 1
+    ck = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 1, 6)
+    monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)
+    resumed = _train(cfg, tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
+    assert not resumed.interrupted and resumed.report == full.report
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_setting_errors(fmnist: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"has 10 classes \(labels 0..9\) but model.num_classes is 5"):
+        _train(_cfg(fmnist, model={"num_classes": 5}), tmp_path / "a")
+    with pytest.raises(ValueError, match="model.in_chans is 3 but the images"):
+        _train(_cfg(fmnist, model={"in_chans": 3}), tmp_path / "b")
+    cfg = _cfg(fmnist, train={"epochs": 1})
+    _train(cfg, tmp_path / "c")
+    other = _cfg(fmnist, model={"widths": [0.125, 0.375]})
+    with pytest.raises(ValueError, match="--resume .*the checkpoint is slim_resnet18"):
+        _train(other, tmp_path / "c", resume=tmp_path / "c" / "last.pt")
+    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device"):
+        _train(_cfg(fmnist, train={"amp": "fp16"}), tmp_path / "d")
+
+
+def test_recipe_file_of_the_fixture_is_valid(fmnist: Path, tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(fmnist)))
+    assert load_recipe(path) == _cfg(fmnist)
