@@ -59,14 +59,25 @@ class _SlimOut(SlimModule):
     #: keep contiguous copies of narrowed weights for inference (see :meth:`_narrow_weight`)
     cache_inference_weights: bool = True
 
+    def train(self, mode: bool = True):  # type: ignore[override]
+        # Writes that bypass autograd's version counter (``.data.copy_``, collectives such as ``dist.broadcast``)
+        # cannot be detected by the memo's stamp; dropping it on every train()/eval() switch covers training loops.
+        self._weight_memo.clear()
+        return super().train(mode)
+
+    def clear_weight_memo(self) -> None:
+        """Drop the memoised narrowed weights (after writing the weights in a way autograd does not see)."""
+        self._weight_memo.clear()
+
     def _narrow_weight(self, rows: int, cols: int) -> torch.Tensor:
         """``weight[:rows, :cols]``, contiguous when gradients are off.
 
         A narrowed weight is a strided view; oneDNN then re-lays it out on every call, which costs up to ~10% of
         a narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
         and validated against the weight's storage and version counter, so optimizer steps, ``load_state_dict``
-        and ``.to()`` all invalidate it. The memo holds at most one copy per width (less than one extra weight
-        set in total for the usual width lists) and never enters the state dict.
+        and ``.to()`` all invalidate it; ``train()``/``eval()`` drop it, and :meth:`clear_weight_memo` does so
+        after writes autograd cannot see (``.data.copy_``, in-place collectives). The memo holds at most one copy
+        per width (less than one extra weight set for the usual width lists) and never enters the state dict.
         """
         weight = self.weight
         if (

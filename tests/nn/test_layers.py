@@ -151,3 +151,17 @@ def test_inference_weight_memo_is_invalidated_by_weight_updates() -> None:
     slim(x).sum().backward()
     assert slim.weight.grad is not None and slim.weight.grad[4:].abs().sum() == 0
     assert slim.weight.grad[:4].abs().sum() > 0
+
+
+def test_weight_memo_dropped_on_mode_switch_for_writes_autograd_cannot_see() -> None:
+    slim = SlimConv2d(8, 8, 1, bias=False, out_rule=WidthTable.build((0.5, 1.0), [4, 8])).eval()
+    set_width(slim, 0.5)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        y1 = slim(x)
+        slim.weight.data.mul_(3.0)  # .data shares no version counter: the stamp cannot see this write
+        slim.eval()  # what a training loop does before evaluating (e.g. after a dist.broadcast of the weights)
+        torch.testing.assert_close(slim(x), 3 * y1)
+        slim.weight.data.mul_(2.0)
+        slim.clear_weight_memo()
+        torch.testing.assert_close(slim(x), 6 * y1)
