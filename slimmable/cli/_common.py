@@ -42,3 +42,34 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, p)
     return p
+
+
+REPORT_HEADERS = ["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"]
+
+
+def format_report_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-width table of a training or evaluation report (rows of ``final_metrics.json``)."""
+    cells = [
+        (
+            f"{r['width']:g}",
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            f"{r['loss']:.4f}",
+            f"{r['macs'] / 1e6:.2f}",
+            f"{r['params'] / 1e6:.3f}",
+            "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+        )
+        for r in rows
+    ]
+    return format_table(REPORT_HEADERS, cells)
+
+
+def print_outputs(out_dir: Path, tensorboard: bool = True) -> None:
+    """Where a training run's outputs are."""
+    print(f"\noutputs in {out_dir}:")
+    print(f"  best checkpoint  {out_dir / 'best.pt'}")
+    print(f"  last checkpoint  {out_dir / 'last.pt'}")
+    print(f"  metrics          {out_dir / 'final_metrics.json'} (.csv), {out_dir / 'history.json'}")
+    print(f"  plot             {out_dir / 'accuracy_vs_macs.png'} (top-1 vs MACs per width)")
+    if tensorboard and (out_dir / "tb").exists():
+        print(f"  TensorBoard      tensorboard --logdir {out_dir / 'tb'}")

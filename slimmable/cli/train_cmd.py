@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, load_recipe
-from ._common import format_table
+from ._common import format_report_table, print_outputs
 
 _EPILOG = """\
 examples:
@@ -122,28 +122,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped after {result.epochs_done} epochs; continue with:")
         print(f"  slimmable train --resume {result.last_checkpoint}")
         return 130
-    rows = [
-        (
-            f"{r['width']:g}",
-            f"{r['top1']:.2f}",
-            f"{r['top5']:.2f}",
-            f"{r['loss']:.4f}",
-            f"{r['macs'] / 1e6:.2f}",
-            f"{r['params'] / 1e6:.3f}",
-            "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
-        )
-        for r in result.report
-    ]
     best = "-" if result.best_top1_mean is None else f"{result.best_top1_mean:.2f}"
     print(
         f"\n{cfg.model.name}: test split, best checkpoint (epoch {result.best_epoch}, mean {result.selection_split} "
         f"top-1 {best})"
     )
-    print(format_table(["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"], rows))
-    print(f"\noutputs in {result.out_dir}:")
-    print(f"  best checkpoint  {result.best_checkpoint}")
-    print(f"  last checkpoint  {result.last_checkpoint}")
-    print(f"  metrics          {result.out_dir / 'final_metrics.json'} (.csv), {result.out_dir / 'history.json'}")
-    if not args.no_tensorboard:
-        print(f"  TensorBoard      tensorboard --logdir {result.out_dir / 'tb'}")
+    print(format_report_table(result.report))
+    print_outputs(result.out_dir, tensorboard=not args.no_tensorboard)
     return 0

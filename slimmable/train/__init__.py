@@ -1,6 +1,6 @@
 """Training: Algorithm 1, width samplers, optimizer/schedule factories, checkpoints, evaluation, distributed runs."""
 
-from .calibrate import calibrate_bn
+from .calibrate import add_stat_widths, calibrate_bn
 from .checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     build_model_from_checkpoint,
@@ -30,9 +30,9 @@ from .engine import (
     train_step,
 )
 from .optim import create_optimizer, create_scheduler, lr_factor, param_groups
-from .report import REPORT_COLUMNS, width_report, write_report
+from .report import REPORT_COLUMNS, plot_report, width_report, write_report
 from .run import TrainResult, model_kwargs_from_config, train_from_config
-from .samplers import AllWidths, WidthSampler, create_width_sampler
+from .samplers import AllWidths, Sandwich, WidthSampler, create_width_sampler
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -40,12 +40,14 @@ __all__ = [
     "AllWidths",
     "DistInfo",
     "EpochStats",
+    "Sandwich",
     "StepResult",
     "SyncBatchNorm2d",
     "TrainResult",
     "Trainer",
     "WidthMetrics",
     "WidthSampler",
+    "add_stat_widths",
     "average_bn_statistics",
     "build_model_from_checkpoint",
     "calibrate_bn",
@@ -60,6 +62,7 @@ __all__ = [
     "lr_factor",
     "model_kwargs_from_config",
     "param_groups",
+    "plot_report",
     "resolve_amp",
     "resolve_device",
     "save_checkpoint",

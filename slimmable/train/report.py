@@ -15,7 +15,7 @@ from torch import nn
 from ..search.cost import profile_widths
 from .engine import WidthMetrics
 
-__all__ = ["REPORT_COLUMNS", "width_report", "write_json", "write_report"]
+__all__ = ["REPORT_COLUMNS", "plot_report", "width_report", "write_json", "write_report"]
 
 REPORT_COLUMNS = ("width", "top1", "top5", "loss", "images", "macs", "params", "latency_ms")
 
@@ -80,3 +80,37 @@ def write_report(
     tmp.write_text(buf.getvalue())
     os.replace(tmp, csv_path)
     return json_path, csv_path
+
+
+def plot_report(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Plot top-1 accuracy against MACs per width (one point per width, annotated) to a PNG file.
+
+    Args:
+        rows: report rows with ``width``, ``top1`` and ``macs`` (from :func:`width_report`).
+        path: the PNG to write (atomically).
+        title: plot title.
+
+    Returns:
+        The PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["macs"] / 1e6, r["top1"], r["width"]) for r in rows)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    for macs, top1, width in pts:
+        ax.annotate(f"{width:g}x", (macs, top1), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title or "accuracy vs MACs, one network at every width")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = Path(path)
+    tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, p)
+    return p

@@ -9,6 +9,7 @@ skips the batches already done and restores the random states (exact with ``--wo
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -23,13 +24,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, save_config
-from ..data import create_datasets, create_loader
+from ..data import DatasetSplits, TensorImageDataset, create_datasets, create_loader, imagenet_eval_transform
 from ..models import create_model
+from .calibrate import add_stat_widths, calibrate_bn
 from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
-from .engine import EpochStats, Trainer, WidthMetrics, evaluate, resolve_amp
+from .engine import EpochStats, Trainer, WidthMetrics, evaluate, resolve_amp, width_label
 from .optim import create_optimizer, create_scheduler
-from .report import width_report, write_json, write_report
+from .report import plot_report, width_report, write_json, write_report
 from .samplers import create_width_sampler
 
 __all__ = ["TrainResult", "model_kwargs_from_config", "train_from_config"]
@@ -110,7 +112,29 @@ def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) ->
     }
     if mc.widths is not None:
         kwargs["widths"] = list(mc.widths)
+    if mc.width_range is not None:
+        kwargs["width_range"] = list(mc.width_range)
+    if mc.stat_widths is not None:
+        kwargs["stat_widths"] = list(mc.stat_widths)
     return kwargs
+
+
+def _without_augmentation(data: DatasetSplits) -> Any:
+    """The training split with the evaluation transform (for BN calibration)."""
+    ds = data.train
+    if isinstance(ds, TensorImageDataset):
+        return ds.view(augment="none")
+    eval_tf = imagenet_eval_transform(data.image_size, data.eval_resize)
+    if isinstance(ds, torch.utils.data.Subset) and hasattr(ds.dataset, "transform"):
+        base = copy.copy(ds.dataset)
+        base.transform = eval_tf
+        return torch.utils.data.Subset(base, ds.indices)
+    if hasattr(ds, "transform"):
+        out = copy.copy(ds)
+        out.transform = eval_tf
+        return out
+    _logger.warning("BN calibration uses the training transform of %s (no evaluation transform known)", data.root)
+    return ds
 
 
 def _model_kwargs(model: Any, fallback: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,7 +293,21 @@ def _train(
     if "widths" in build_kwargs:
         build_kwargs["widths"] = tuple(build_kwargs["widths"])
     model = create_model(mc.name, **build_kwargs)
+    width_range = getattr(model, "width_range", None)
+    if width_range is not None and mc.widths is not None:
+        raise ValueError(
+            f"model.widths {list(mc.widths)} is for slimmable (S-Net) switches, but {mc.name} is universally "
+            "slimmable (any width in its range); set model.widths to null and give model.width_range [lo, hi] and "
+            "model.stat_widths (the widths calibrated and evaluated after training) instead"
+        )
+    sampler = create_width_sampler(
+        tc.width_sampler, tuple(model.widths), width_range=width_range, n=tc.num_sampled_widths
+    )
+    if width_range is not None:
+        # the widths trained at every step keep running statistics during training (validated each epoch)
+        add_stat_widths(model, getattr(sampler, "fixed_widths", ()))
     widths = tuple(model.widths)
+    val_widths = widths if width_range is None else tuple(sorted(getattr(sampler, "fixed_widths", widths)))
     if tc.sync_bn and info.distributed:
         convert_sync_batchnorm(model, dist.new_group())
     model.to(dev)
@@ -301,6 +339,23 @@ def _train(
         )
     steps_per_epoch = len(train_loader)
     per_rank_batch = dc.batch_size // info.world_size
+    calib_loader = None
+    if width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
+        calib_loader = create_loader(
+            _without_augmentation(data), dc.batch_size, train=True, num_workers=num_workers, seed=tc.seed,
+            rank=info.rank, world_size=info.world_size, pin_memory=pin,
+        )  # fmt: skip
+
+    def calibrate() -> None:
+        assert calib_loader is not None
+        used = calibrate_bn(model, calib_loader, widths, num_batches=tc.calib_batches, device=dev)
+        if info.distributed:
+            average_bn_statistics(model, info.world_size)
+        if info.is_main:
+            _logger.info(
+                "calibrated BN statistics of %d widths (%s) on %d training images each, without augmentation",
+                len(used), ",".join(f"{w:g}" for w in used), next(iter(used.values())) * info.world_size,
+            )  # fmt: skip
 
     optimizer = create_optimizer(
         model, oc.name, oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, betas=oc.betas, eps=oc.eps,
@@ -316,7 +371,7 @@ def _train(
     if tc.compile:
         forward = torch.compile(forward)
     trainer = Trainer(
-        model, optimizer, scheduler, create_width_sampler(tc.width_sampler, widths), device=dev, forward=forward,
+        model, optimizer, scheduler, sampler, device=dev, forward=forward,
         ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
         inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=tc.channels_last, seed=tc.seed,
         log_interval=tc.log_interval,
@@ -365,9 +420,9 @@ def _train(
         if tensorboard:
             writer = _tensorboard(out_dir / "tb")
         _logger.info(
-            "training %s widths %s on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
-            mc.name, ",".join(f"{w:g}" for w in widths), dev, len(data.train), steps_per_epoch, per_rank_batch,
-            info.world_size, tc.epochs, out_dir,
+            "training %s widths %s (%r) on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
+            mc.name, ",".join(f"{w:g}" for w in widths), sampler, dev, len(data.train), steps_per_epoch,
+            per_rank_batch, info.world_size, tc.epochs, out_dir,
         )  # fmt: skip
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
@@ -428,8 +483,9 @@ def _train(
             record = _epoch_record(stats)
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                 val = evaluate(
-                    model, select_loader, widths, device=dev, autocast_dtype=amp_dtype, channels_last=tc.channels_last
-                )
+                    model, select_loader, val_widths, device=dev, autocast_dtype=amp_dtype,
+                    channels_last=tc.channels_last,
+                )  # fmt: skip
                 record["val"] = _metrics_dict(val)
                 record["val_top1_mean"] = _mean_top1(val)
                 if not best or record["val_top1_mean"] > best["top1_mean"]:
@@ -455,6 +511,16 @@ def _train(
     result.epochs_done = tc.epochs
     result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
     result.best_checkpoint = best_path if best else None
+    best_is_last = best.get("epoch") == tc.epochs
+    if width_range is not None:
+        # US-Nets: only the widths trained at every step have statistics; calibrate every stat width so that the
+        # final checkpoints evaluate at all of them without recalibration
+        calibrate()
+        ck = checkpoint(tc.epochs, 0)
+        if info.is_main:
+            save_checkpoint(last_path, ck)
+            if best_is_last:
+                save_checkpoint(best_path, ck)
     # final: the best checkpoint on the test split
     if info.is_main and best_path.exists():
         model.load_state_dict(load_checkpoint(best_path)["model"])
@@ -466,6 +532,12 @@ def _train(
                 buf = t.clone()
                 dist.broadcast(buf, src=0)
                 t.copy_(buf)
+    if width_range is not None and best and not best_is_last:
+        calibrate()
+        if info.is_main:
+            best_ck = load_checkpoint(best_path)
+            best_ck.update(model=model.state_dict(), model_kwargs=_model_kwargs(model, kwargs), widths=list(widths))
+            save_checkpoint(best_path, best_ck)
     test = evaluate(
         model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype, channels_last=tc.channels_last
     )
@@ -482,6 +554,7 @@ def _train(
             "device": str(dev),
         }
         write_report(out_dir / "final_metrics", result.report, meta)
+        plot_report(result.report, out_dir / "accuracy_vs_macs.png", f"{mc.name} on {data.name} (test split)")
         if writer is not None:
             for r in result.report:
                 writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], tc.epochs)
@@ -492,7 +565,7 @@ def _train(
 def _epoch_record(stats: EpochStats) -> dict[str, Any]:
     return {
         "epoch": stats.epoch + 1,
-        "train": [{"width": w, "loss": stats.loss[w], "top1": stats.top1[w]} for w in stats.loss],
+        "train": [{"width": w, "loss": stats.loss[w], "top1": stats.top1[w]} for w in stats.loss],  # w: "random" too
         "lr": stats.lr,
         "seconds": stats.seconds,
         "images_per_second": stats.images_per_second,
@@ -500,7 +573,7 @@ def _epoch_record(stats: EpochStats) -> dict[str, Any]:
 
 
 def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any) -> None:
-    train = " ".join(f"{t['width']:g}:{t['loss']:.3f}" for t in record["train"])
+    train = " ".join(f"{width_label(t['width'])}:{t['loss']:.3f}" for t in record["train"])
     msg = f"epoch {record['epoch']}/{epochs}  train loss {train}"
     if "val" in record:
         val = " ".join(f"{v['width']:g}:{v['top1']:.2f}" for v in record["val"])
@@ -511,8 +584,8 @@ def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any) -> 
         return
     e = record["epoch"]
     for t in record["train"]:
-        writer.add_scalar(f"train_epoch/loss/{t['width']:g}", t["loss"], e)
-        writer.add_scalar(f"train_epoch/top1/{t['width']:g}", t["top1"], e)
+        writer.add_scalar(f"train_epoch/loss/{width_label(t['width'])}", t["loss"], e)
+        writer.add_scalar(f"train_epoch/top1/{width_label(t['width'])}", t["top1"], e)
     for v in record.get("val", []):
         for k in ("top1", "top5", "loss"):
             writer.add_scalar(f"{split}/{k}/{v['width']:g}", v[k], e)

@@ -48,6 +48,7 @@ def test_run_writes_checkpoints_metrics_and_config(fmnist: Path, tmp_path: Path)
     assert (last["epoch"], last["batch_in_epoch"], last["step"], last["steps_per_epoch"]) == (2, 0, 10, 5)
     assert best_ck["epoch"] == result.best_epoch and last["model_kwargs"]["in_chans"] == 1
     assert last["preprocess"]["image_size"] == 16 and last["config"] == cfg.to_dict()
+    assert (out / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "final_metrics.json").read_text())
     assert report["meta"]["split"] == "test" and report["meta"]["epoch"] == result.best_epoch
     rows = report["widths"]
