@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import DataConfig, RunConfig, apply_overrides
-from ._common import format_table, parse_widths
+from ._common import format_report_table, parse_widths
 
 _EPILOG = """\
 examples:
@@ -151,19 +151,7 @@ def run(args: argparse.Namespace) -> int:
             "split": args.split, "device": str(device)}  # fmt: skip
     json_path, csv_path = write_report(stem, rows, meta)
     print(f"{desc} on {name} {args.split} ({metrics[0].images} images, {splits.root}), device {device}")
-    table = [
-        (
-            f"{r['width']:g}",
-            f"{r['top1']:.2f}",
-            f"{r['top5']:.2f}",
-            f"{r['loss']:.4f}",
-            f"{r['macs'] / 1e6:.2f}",
-            f"{r['params'] / 1e6:.3f}",
-            "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}",
-        )
-        for r in rows
-    ]
-    print(format_table(["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"], table))
+    print(format_report_table(rows))
     print(f"wrote {json_path} and {csv_path}")
     return 0
 

@@ -6,10 +6,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..nn import (
     SharedBatchNorm2d,
+    SlimLinear,
     WidthRange,
     WidthTable,
     create_norm,
@@ -179,9 +181,21 @@ class SlimNet(nn.Module):
         """Layers whose output channels must stay equal (tied by residual additions), for channel search.
 
         Each inner list holds qualified names of layers with slimmable outputs; a layer not tied to any other
-        forms a group of its own. Families that cannot be searched raise ``NotImplementedError``.
+        forms a group of its own. The default covers chains of blocks with ``body``/``shortcut``/``use_residual``;
+        families that cannot be searched raise ``NotImplementedError``.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not define channel groups for search")
+        return residual_channel_groups(self, "features.0.0")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    @staticmethod
+    def make_classifier(num_features: int, num_classes: int, drop_rate: float, slim: bool = True) -> nn.Sequential:
+        """Optional dropout, then a linear layer (slimmable input when ``slim``), as ``classifier.{0,1}``."""
+        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
+        head.append(SlimLinear(num_features, num_classes) if slim else nn.Linear(num_features, num_classes))
+        return nn.Sequential(*head)
 
     def iter_widths(self) -> Iterator[float]:
         """Iterate the model's switches, setting each in turn, then restore the width it had."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet, residual_channel_groups
+from ._base import ChannelPlan, SlimNet
 from ._registry import register_model
 
 __all__ = ["SlimMobileNetV2", "slim_mobilenet_v2", "us_mobilenet_v2"]
@@ -120,19 +120,9 @@ class SlimMobileNetV2(SlimNet):
         )
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
-        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
-        head.append(nn.Linear(self.num_features, num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=False)
         plan.check_spec()
         _init_weights(self)
-
-    def channel_groups(self) -> list[list[str]]:
-        """Layers with tied output channels (see :meth:`SlimNet.channel_groups`)."""
-        return residual_channel_groups(self, "features.0.0")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def _init_weights(model: nn.Module) -> None:

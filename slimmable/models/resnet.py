@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear
+from ..nn import SlimConv2d
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet, residual_channel_groups
+from ._base import ChannelPlan, SlimNet
 from ._registry import register_model
 from .mobilenet_v2 import _init_weights
 
@@ -121,18 +121,8 @@ class SlimResNet(SlimNet):
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
         self.num_features = rule.max_channels
-        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
-        head.append(SlimLinear(self.num_features, num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
         _init_weights(self)
-
-    def channel_groups(self) -> list[list[str]]:
-        """Layers with tied output channels (see :meth:`SlimNet.channel_groups`)."""
-        return residual_channel_groups(self, "features.0.0")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 @register_model

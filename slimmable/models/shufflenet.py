@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, WidthTable
+from ..nn import SlimConv2d, WidthTable
 from ._base import ChannelPlan, SlimNet
 from ._registry import register_model
 from .mobilenet_v2 import _init_weights
@@ -162,10 +162,12 @@ class SlimShuffleNetV1(SlimNet):
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
         self.num_features = rule.max_channels
-        head: list[nn.Module] = [nn.Dropout(drop_rate)] if drop_rate > 0 else []
-        head.append(SlimLinear(self.num_features, num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
         _init_weights(self)
+
+    def channel_groups(self) -> list[list[str]]:
+        """Not defined: the split group convolutions tie channels across groups in ways the search does not model."""
+        raise NotImplementedError("channel search is not supported for ShuffleNet (grouped 1x1 convs split by shape)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
