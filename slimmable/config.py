@@ -57,6 +57,10 @@ class ModelConfig:
         in_chans: input channels; ``None`` takes the dataset's (1 for Fashion-MNIST, 3 otherwise).
         small_input: stride-1 stem for 28x28 / 32x32 images.
         drop_rate: dropout before the classifier.
+        width_range: ``[lo, hi]`` of a universally slimmable model (``us_*``); ``None`` keeps the model's
+            default (official: 0.25-1.0 for MobileNet v1, 0.35-1.0 for v2).
+        stat_widths: universally slimmable models: the widths whose BN statistics are stored and calibrated after
+            training (and evaluated); ``None`` keeps the model's default (official: every 0.025 of the range).
     """
 
     name: str = "slim_mobilenet_v2"
@@ -65,9 +69,21 @@ class ModelConfig:
     in_chans: int | None = None
     small_input: bool = False
     drop_rate: float = 0.0
+    width_range: tuple[float, float] | None = None
+    stat_widths: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
+        if self.width_range is not None:
+            lo, hi = self.width_range
+            _check(0 < lo < hi, "model.width_range", f"must be [lo, hi] with 0 < lo < hi, got {list(self.width_range)}")
+        if self.stat_widths is not None:
+            _check(len(self.stat_widths) > 0, "model.stat_widths", "give at least one width, or null for the default")
+            _check(all(w > 0 for w in self.stat_widths), "model.stat_widths", f"must be positive: {self.stat_widths}")
+            if self.width_range is not None:
+                lo, hi = self.width_range
+                out = [w for w in self.stat_widths if not lo <= w <= hi]
+                _check(not out, "model.stat_widths", f"{out} are outside model.width_range {list(self.width_range)}")
         if self.widths is not None:
             _check(len(self.widths) > 0, "model.widths", "give at least one width, e.g. [0.25, 0.5, 0.75, 1.0]")
             _check(all(w > 0 for w in self.widths), "model.widths", f"widths must be positive, got {self.widths}")
@@ -192,8 +208,14 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training set.
         seed: seeds model initialisation, data order and augmentation.
-        width_sampler: which widths train on each batch; ``all`` = every switch, widest first (S-Nets).
+        width_sampler: which widths train on each batch; ``all`` = every switch, widest first (S-Nets);
+            ``sandwich`` = the widest and narrowest width of a universally slimmable model's range plus
+            ``num_sampled_widths - 2`` random widths in between (US-Nets).
+        num_sampled_widths: widths per batch of the ``sandwich`` sampler (official: 4); unused by ``all``.
         inplace_distill: narrower widths learn the widest width's (detached) predictions instead of the labels.
+        calib_batches: universally slimmable models: training batches (without augmentation) used to re-estimate
+            the BN statistics of each of the model's ``stat_widths`` after training, before the final evaluation
+            and the final ``best.pt`` / ``last.pt``.
         label_smoothing: cross-entropy label smoothing (labels only, not the distillation target).
         amp: autocast: ``off``, ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``auto`` (CUDA: bf16 if
             supported else fp16; CPU: off).
@@ -207,8 +229,10 @@ class TrainConfig:
 
     epochs: int = 10
     seed: int = 0
-    width_sampler: Literal["all"] = "all"
+    width_sampler: Literal["all", "sandwich"] = "all"
+    num_sampled_widths: int = 4
     inplace_distill: bool = False
+    calib_batches: int = 20
     label_smoothing: float = 0.0
     amp: AmpMode = "off"
     channels_last: bool = False
@@ -220,6 +244,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(
+            self.num_sampled_widths >= 2,
+            "train.num_sampled_widths",
+            f"must be >= 2 (the widest, the narrowest and n-2 random widths), got {self.num_sampled_widths}",
+        )
+        _check(self.calib_batches >= 1, "train.calib_batches", f"must be >= 1, got {self.calib_batches}")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")

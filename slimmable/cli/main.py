@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 # Sub-commands in the order ``--help`` lists them; each is the module ``slimmable.cli.<name>_cmd``.
-COMMANDS = ("train", "eval", "report", "list", "profile", "export", "serve")
+COMMANDS = ("train", "eval", "calibrate", "search", "report", "list", "profile", "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

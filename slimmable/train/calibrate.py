@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn import SharedBatchNorm2d, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
 
-__all__ = ["calibrate_bn"]
+__all__ = ["add_stat_widths", "calibrate_bn"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,8 @@ def calibrate_bn(
             "this model's BN is shared by all widths and holds one set of statistics: calibrate one width at a "
             "time, right before evaluating it (calibrate_bn(model, batches, widths=[w]))"
         )
+    add_stat_widths(model, widths)
     us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
-    for w in widths:
-        for m in us_layers:
-            m.add_stat_width(w)
-    _record_stat_widths(model, us_layers)
 
     was_training = model.training
     used: dict[float, int] = {}
@@ -118,6 +115,31 @@ def calibrate_bn(
     finally:
         model.train(was_training)
     return used
+
+
+def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, ...]:
+    """Give every universally slimmable BN layer a (fresh) statistics slot for each width it lacks.
+
+    ``model.widths`` and ``model.model_kwargs["stat_widths"]`` are updated, so ``create_model(model.model_name,
+    **model.model_kwargs)`` rebuilds the same slots and a saved state dict loads into it. New slots hold default
+    statistics until trained or calibrated. A model without universally slimmable BN is left as it is.
+
+    Args:
+        model: a (possibly wrapped) slimmable model.
+        widths: widths within the model's range.
+
+    Returns:
+        The model's statistics widths afterwards (empty for a model without universally slimmable BN).
+
+    Raises:
+        ValueError: a width outside the model's range.
+    """
+    us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
+    for w in widths:
+        for m in us_layers:
+            m.add_stat_width(float(w))
+    _record_stat_widths(model, us_layers)
+    return tuple(sorted(set(us_layers[0].stat_widths))) if us_layers else ()
 
 
 def _record_stat_widths(model: nn.Module, us_layers: list[USBatchNorm2d]) -> None:

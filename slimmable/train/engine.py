@@ -24,6 +24,7 @@ from ..nn import set_width, use_width
 from .samplers import WidthSampler
 
 __all__ = [
+    "RANDOM_WIDTHS",
     "EpochStats",
     "StepResult",
     "Trainer",
@@ -32,6 +33,7 @@ __all__ = [
     "resolve_amp",
     "soft_cross_entropy",
     "train_step",
+    "width_label",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -177,6 +179,11 @@ class WidthMetrics:
         return asdict(self)
 
 
+def width_label(key: float | str) -> str:
+    """A width as text (``0.25``), or a pooled key such as ``random`` as it is."""
+    return key if isinstance(key, str) else f"{key:g}"
+
+
 def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
@@ -260,13 +267,20 @@ def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = 
     return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True, leave=False)
 
 
+RANDOM_WIDTHS = "random"
+
+
 @dataclass
 class EpochStats:
-    """Training metrics of one epoch (this run's part of it when resumed mid-epoch)."""
+    """Training metrics of one epoch (this run's part of it when resumed mid-epoch).
+
+    ``loss`` and ``top1`` are keyed by width; widths the sampler draws at random (not in its ``fixed_widths``)
+    are pooled under the key ``"random"``.
+    """
 
     epoch: int
-    loss: dict[float, float] = field(default_factory=dict)
-    top1: dict[float, float] = field(default_factory=dict)
+    loss: dict[float | str, float] = field(default_factory=dict)
+    top1: dict[float | str, float] = field(default_factory=dict)
     images: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -325,6 +339,12 @@ class Trainer:
         self.seed = seed
         self.log_interval = log_interval
         self.step = 0
+        fixed = getattr(sampler, "fixed_widths", None)
+        self._fixed = None if fixed is None else {float(w) for w in fixed}
+
+    def _stat_key(self, width: float) -> float | str:
+        # widths the sampler draws at random are pooled: one entry per epoch, not one per random draw
+        return width if self._fixed is None or width in self._fixed else RANDOM_WIDTHS
 
     def widths_for_step(self) -> list[float]:
         """The widths of the next step: depends on (seed, step) only, so every process agrees."""
@@ -355,9 +375,10 @@ class Trainer:
             batches: an already created iterator over ``loader`` (to control when random states are drawn).
         """
         self.model.train()
-        widths_seen: list[float] = []
-        loss_sum: dict[float, torch.Tensor] = {}
-        correct_sum: dict[float, torch.Tensor] = {}
+        keys_seen: list[float | str] = []
+        loss_sum: dict[float | str, torch.Tensor] = {}
+        correct_sum: dict[float | str, torch.Tensor] = {}
+        count_sum: dict[float | str, torch.Tensor] = {}  # images per key (pooled random widths count each draw)
         n_images = torch.zeros((), dtype=torch.float64, device=self.device)
         stats = EpochStats(epoch, batches_done=start_batch)
         t0 = time.perf_counter()
@@ -387,15 +408,21 @@ class Trainer:
             stats.steps += 1
             bs = targets.shape[0]
             n_images += bs
-            for j, w in enumerate(res.widths):
-                if w not in loss_sum:
-                    widths_seen.append(w)
-                    loss_sum[w] = torch.zeros((), dtype=torch.float64, device=self.device)
-                    correct_sum[w] = torch.zeros((), dtype=torch.float64, device=self.device)
-                loss_sum[w] += res.losses[j].double() * bs
-                correct_sum[w] += res.correct[j].double()
+            keys = [self._stat_key(w) for w in res.widths]
+            for j, key in enumerate(keys):
+                if key not in loss_sum:
+                    keys_seen.append(key)
+                    loss_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
+                    correct_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
+                    count_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
+                loss_sum[key] += res.losses[j].double() * bs
+                correct_sum[key] += res.correct[j].double()
+                count_sum[key] += bs
             if stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch:
-                scalars = {f"loss/{w:g}": float(res.losses[j]) for j, w in enumerate(res.widths)}
+                step_losses: dict[str, list[float]] = {}
+                for j, key in enumerate(keys):
+                    step_losses.setdefault(width_label(key), []).append(float(res.losses[j]))
+                scalars = {f"loss/{k}": sum(v) / len(v) for k, v in step_losses.items()}
                 scalars["lr"] = self.optimizer.param_groups[0]["lr"]
                 if on_log is not None:
                     on_log(self.step, scalars)
@@ -417,14 +444,14 @@ class Trainer:
         if hasattr(bar, "close"):
             bar.close()
         # one reduction of the epoch's sums over processes
-        vec = torch.stack([n_images] + [loss_sum[w] for w in widths_seen] + [correct_sum[w] for w in widths_seen])
-        _all_reduce_(vec)
-        vec = vec.cpu()
-        n = max(1.0, float(vec[0]))
-        k = len(widths_seen)
-        for j, w in enumerate(widths_seen):
-            stats.loss[w] = float(vec[1 + j]) / n
-            stats.top1[w] = 100.0 * float(vec[1 + k + j]) / n
+        sums = [n_images]
+        for key in keys_seen:
+            sums += [loss_sum[key], correct_sum[key], count_sum[key]]
+        vec = _all_reduce_(torch.stack(sums)).cpu()
+        for j, key in enumerate(keys_seen):
+            loss, correct, count = (float(v) for v in vec[1 + 3 * j : 4 + 3 * j])
+            stats.loss[key] = loss / max(1.0, count)
+            stats.top1[key] = 100.0 * correct / max(1.0, count)
         stats.images = int(vec[0])
         stats.seconds = time.perf_counter() - t0
         stats.lr = self.optimizer.param_groups[0]["lr"]

@@ -8,7 +8,9 @@ from typing import Protocol, runtime_checkable
 
 from ..nn import normalize_widths
 
-__all__ = ["AllWidths", "WidthSampler", "create_width_sampler"]
+__all__ = ["SAMPLERS", "AllWidths", "Sandwich", "WidthSampler", "create_width_sampler"]
+
+SAMPLERS = ("all", "sandwich")
 
 
 @runtime_checkable
@@ -18,6 +20,10 @@ class WidthSampler(Protocol):
     ``widths_for_step`` must return the widest width first (in-place distillation uses its predictions as the
     target of the others) and must depend only on ``step`` and ``rng``, so that every process of a distributed
     run picks the same widths.
+
+    A sampler may also have a ``fixed_widths`` attribute: the widths it trains at every step. Those keep BN running
+    statistics during training (the trainer validates on them and reports their losses one by one); any other
+    width is reported as ``"random"``.
     """
 
     def widths_for_step(self, step: int, rng: random.Random) -> list[float]:
@@ -34,6 +40,7 @@ class AllWidths:
 
     def __init__(self, widths: Sequence[float]) -> None:
         self.widths = tuple(sorted(normalize_widths(widths), reverse=True))
+        self.fixed_widths = self.widths
 
     def widths_for_step(self, step: int, rng: random.Random) -> list[float]:
         return list(self.widths)
@@ -42,15 +49,67 @@ class AllWidths:
         return f"AllWidths({', '.join(f'{w:g}' for w in self.widths)})"
 
 
-_SAMPLERS = {"all": AllWidths}
+class Sandwich:
+    """The sandwich rule of universally slimmable networks (Yu & Huang 2019).
 
+    Each step trains the widest width ``hi``, the narrowest ``lo`` and ``n - 2`` widths drawn uniformly from
+    ``(lo, hi)`` with the step's ``rng`` (so the draw depends on the seed and the step only), widest first.
 
-def create_width_sampler(name: str, widths: Sequence[float]) -> WidthSampler:
-    """Build a width sampler by name (``all``).
+    Args:
+        lo: the narrowest width of the model's range.
+        hi: the widest width.
+        n: widths per step, ``>= 2`` (the official recipes use 4).
 
     Raises:
-        ValueError: unknown name.
+        ValueError: ``n < 2`` or not ``0 < lo < hi``.
     """
-    if name not in _SAMPLERS:
-        raise ValueError(f"width sampler {name!r} is not one of {', '.join(_SAMPLERS)}")
-    return _SAMPLERS[name](widths)
+
+    def __init__(self, lo: float, hi: float, n: int = 4) -> None:
+        lo, hi = float(lo), float(hi)
+        if not 0 < lo < hi:
+            raise ValueError(
+                f"sandwich width range ({lo:g}, {hi:g}) must satisfy 0 < lo < hi; give the model's width_range"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"sandwich n={n!r} must be an integer >= 2 (widest + narrowest + n-2 random widths)")
+        self.lo, self.hi, self.n = normalize_widths([lo])[0], normalize_widths([hi])[0], n
+        self.fixed_widths = (self.hi, self.lo)
+
+    def widths_for_step(self, step: int, rng: random.Random) -> list[float]:
+        """``[hi, n - 2 random widths (descending), lo]``; the random widths come from ``rng`` alone."""
+        randoms = sorted((round(rng.uniform(self.lo, self.hi), 6) for _ in range(self.n - 2)), reverse=True)
+        return [self.hi, *randoms, self.lo]
+
+    def __repr__(self) -> str:
+        return f"Sandwich(lo={self.lo:g}, hi={self.hi:g}, n={self.n})"
+
+
+def create_width_sampler(
+    name: str,
+    widths: Sequence[float],
+    width_range: tuple[float, float] | None = None,
+    n: int = 4,
+) -> WidthSampler:
+    """Build a width sampler by name.
+
+    Args:
+        name: ``all`` (every width in ``widths`` on every batch: S-Nets) or ``sandwich`` (US-Nets: the range ends
+            plus ``n - 2`` random widths per step).
+        widths: the model's widths (switches, or a US model's BN statistics widths).
+        width_range: ``(lo, hi)`` of a universally slimmable model; required by ``sandwich``.
+        n: widths per step of ``sandwich``.
+
+    Raises:
+        ValueError: unknown name, or ``sandwich`` without a width range.
+    """
+    if name == "all":
+        return AllWidths(widths)
+    if name == "sandwich":
+        if width_range is None:
+            raise ValueError(
+                "width sampler 'sandwich' draws random widths from a range, but this model has fixed switches "
+                f"{tuple(widths)}; use a universally slimmable model (us_mobilenet_v1, us_mobilenet_v2, or "
+                "model.width_range) or train.width_sampler: all"
+            )
+        return Sandwich(width_range[0], width_range[1], n)
+    raise ValueError(f"width sampler {name!r} is not one of {', '.join(SAMPLERS)}")

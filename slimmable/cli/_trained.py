@@ -1,0 +1,54 @@
+"""Loading a checkpoint written by ``slimmable train`` together with the data of its saved recipe."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..data import DatasetSplits, create_datasets
+
+
+def load_trained(path: str | os.PathLike[str], device: torch.device) -> tuple[dict[str, Any], nn.Module, RunConfig]:
+    """The checkpoint dict, its model (eval mode, on ``device``) and its saved recipe.
+
+    Raises:
+        CheckpointError: not a slimmable training checkpoint (an official one: the message names the loader).
+        ValueError: the checkpoint holds no recipe.
+    """
+    from ..train import build_model_from_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("config"):
+        raise ValueError(
+            f"{path} holds no recipe (config), so the training data cannot be rebuilt; use a checkpoint written by "
+            "`slimmable train`"
+        )
+    cfg = RunConfig.from_dict(ckpt["config"], source=f"recipe saved in {path}")
+    model = build_model_from_checkpoint(ckpt, device)
+    return ckpt, model, cfg
+
+
+def training_splits(
+    cfg: RunConfig, root: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> DatasetSplits:
+    """The recipe's dataset, every split without augmentation (training images as the evaluation sees them).
+
+    The held-out ``val`` split is the one the run held out (same ``data.val_size`` and ``data.split_seed``), so it
+    holds no image the model trained on.
+    """
+    dc = cfg.data
+    return create_datasets(
+        dc.dataset,
+        root or dc.root,
+        image_size=dc.image_size,
+        eval_resize=dc.eval_resize,
+        augment="none",
+        val_size=dc.val_size,
+        split_seed=dc.split_seed,
+        download=dc.download,
+        cache_dir=cache_dir,
+    )
