@@ -28,10 +28,12 @@ A run never resumes by itself: pass --resume PATH.
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a slimmable network from a recipe (Algorithm 1: every width on every batch)",
-        description="Train a slimmable network: for each batch, a forward and backward pass at every width (the "
-        "gradients add up), then one optimizer step. The recipe (YAML) holds model, data, optimizer and training "
-        "settings; the device and data workers come from the flags below.",
+        help="train a slimmable network from a recipe (Algorithm 1, or the sandwich rule for US-Nets)",
+        description="Train a slimmable network: for each batch, a forward and backward pass at each width the "
+        "sampler picks (train.width_sampler: 'all' switches, Algorithm 1; 'sandwich' for universally slimmable "
+        "models: widest, narrowest and random widths), the gradients adding up, then one optimizer step. The recipe "
+        "(YAML) holds model, data, optimizer and training settings; the device and data workers come from the "
+        "flags below.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
