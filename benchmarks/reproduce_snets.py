@@ -14,7 +14,7 @@ widths on every step; ``incremental``: each stage). Hyper-parameters are fixed i
 no test data (the last epoch is reported), so the test split is only read for the final numbers.
 
 Usage:
-    python benchmarks/reproduce_snets.py --seeds 0,1 --epochs 4 [--out runs/snets_study]
+    python benchmarks/reproduce_snets.py                          # 2 seeds, 3 epochs; resumes benchmarks/results/snets_study
     python benchmarks/reproduce_snets.py --quick                 # small subset, for CI (asserted by the tests)
 """
 
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--model")
     ap.add_argument("--widths")
-    ap.add_argument("--out", default="runs/snets_study")
+    ap.add_argument("--out", default="benchmarks/results/snets_study", help="results folder (finished runs are reused)")
     ap.add_argument("--fresh", action="store_true", help="ignore finished runs saved in --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)

@@ -69,8 +69,9 @@ class Block(nn.Module):
         self.post_relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.use_residual else self.shortcut(x)
-        return self.post_relu(self.body(x) + identity)
+        out = self.body(x)
+        out += x if self.use_residual else self.shortcut(x)  # in place, as torchvision: no extra activation copy
+        return self.post_relu(out)
 
 
 class SlimResNet(SlimNet):
