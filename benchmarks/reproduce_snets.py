@@ -14,8 +14,8 @@ widths on every step; ``incremental``: each stage). Hyper-parameters are fixed i
 no test data (the last epoch is reported), so the test split is only read for the final numbers.
 
 Usage:
-    python benchmarks/reproduce_snets.py                          # 2 seeds, 3 epochs; resumes benchmarks/results/snets_study
-    python benchmarks/reproduce_snets.py --quick                 # small subset, for CI (asserted by the tests)
+    python benchmarks/reproduce_snets.py           # 2 seeds, 3 epochs; resumes benchmarks/results/snets_study
+    python benchmarks/reproduce_snets.py --quick   # small subset, for CI (asserted by the tests)
 """
 
 from __future__ import annotations
