@@ -131,9 +131,7 @@ def test_save_dense_roundtrip(build, tmp_path):
 
 def test_bundle_manifest(build, tmp_path):
     model = build("slim_shufflenet_v1")
-    manifest = export_bundle(
-        model, tmp_path / "b", name="shuf", input_size=32, exporter="torchscript", latency_runs=2
-    )
+    manifest = export_bundle(model, tmp_path / "b", name="shuf", input_size=32, exporter="torchscript", latency_runs=2)
     assert manifest.name == MANIFEST_NAME
     data = json.loads(manifest.read_text())
     assert data["model"] == "shuf" and data["fold_bn"] is True and data["exporter"] == "torchscript"
