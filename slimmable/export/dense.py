@@ -26,7 +26,6 @@ import copy
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from ..nn import (
     SwitchableBatchNorm2d,
     USBatchNorm2d,
     get_channels,
+    record_input_channels,
     set_channels,
     set_width,
     slim_modules,
@@ -265,31 +265,11 @@ def _densify(
     what = f"width {width:g}" if width is not None else "these channels"
     mods = list(slim_modules(dense))
     channels = get_channels(dense)
-    seen: dict[str, int] = {}
-    conflicts: set[str] = set()
-
-    def recorder(name: str, linear: bool) -> Any:
-        def hook(_module: nn.Module, inputs: tuple) -> None:
-            c = int(inputs[0].shape[-1] if linear else inputs[0].shape[1])
-            if seen.setdefault(name, c) != c:
-                conflicts.add(name)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(recorder(n, isinstance(m, SlimLinear))) for n, m in mods]
     x = example if example is not None else example_input(src, _PROBE_SIZE)
     try:
-        dense(x)
+        seen = record_input_channels(dense, x)
     except RuntimeError as err:
         raise ValueError(f"the model cannot run at {what}: {err}") from err
-    finally:
-        for h in handles:
-            h.remove()
-    if conflicts:
-        raise ValueError(
-            f"layers {sorted(conflicts)} ran with different input channel counts in one forward pass; a shared "
-            "slimmable layer cannot become a single dense layer"
-        )
     missing = [n or type(m).__name__ for n, m in mods if n not in seen]
     if missing:
         raise ValueError(

@@ -1,6 +1,16 @@
 """Slimmable layers and the width API."""
 
-from .base import SlimModule, get_channels, get_width, get_widths, set_channels, set_width, slim_modules, use_width
+from .base import (
+    SlimModule,
+    get_channels,
+    get_width,
+    get_widths,
+    record_input_channels,
+    set_channels,
+    set_width,
+    slim_modules,
+    use_width,
+)
 from .channels import ChannelRule, WidthRange, WidthTable, make_divisible, normalize_widths
 from .layers import (
     SharedBatchNorm2d,
@@ -29,6 +39,7 @@ __all__ = [
     "get_widths",
     "make_divisible",
     "normalize_widths",
+    "record_input_channels",
     "set_channels",
     "set_width",
     "slim_modules",

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from .channels import ChannelRule, WidthRange, WidthTable, _fmt, _key
@@ -18,6 +19,7 @@ __all__ = [
     "get_channels",
     "get_width",
     "get_widths",
+    "record_input_channels",
     "set_channels",
     "set_width",
     "slim_modules",
@@ -201,3 +203,42 @@ def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:
 
 def _width_key(width: float) -> float:
     return _key(width)
+
+
+@torch.no_grad()
+def record_input_channels(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Input channel count of every slimmable layer in one forward pass of ``model`` on ``example``, as it is set.
+
+    Input channels follow the incoming tensor, so they are only known by running the model: convolutions and norms
+    read dimension 1, linear layers the last dimension. Layers that did not run are absent from the result.
+
+    Raises:
+        ValueError: a layer ran twice with different input channel counts (it cannot become one dense layer).
+    """
+    seen: dict[str, int] = {}
+    conflicts: set[str] = set()
+
+    def recorder(name: str, dim: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            c = int(inputs[0].shape[dim])
+            if seen.setdefault(name, c) != c:
+                conflicts.add(name)
+
+        return hook
+
+    from .layers import SlimLinear  # layers import this module
+
+    handles = [
+        m.register_forward_pre_hook(recorder(n, -1 if isinstance(m, SlimLinear) else 1)) for n, m in slim_modules(model)
+    ]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    if conflicts:
+        raise ValueError(
+            f"layers {sorted(conflicts)} ran with different input channel counts in one forward pass; a shared "
+            "slimmable layer cannot become a single dense layer"
+        )
+    return seen

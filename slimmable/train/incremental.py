@@ -13,37 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, slim_modules, use_width
+from ..nn import SlimConv2d, SlimLinear, record_input_channels, slim_modules, use_width
 
-__all__ = ["FrozenSubnet", "record_input_channels"]
-
-
-@torch.no_grad()
-def record_input_channels(model: nn.Module, width: float, example: torch.Tensor) -> dict[str, int]:
-    """Input channel count of every slimmable conv/linear layer when ``model`` runs at ``width`` on ``example``."""
-    seen: dict[str, int] = {}
-
-    def hook_for(name: str, channel_dim: int):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            seen.setdefault(name, int(inputs[0].shape[channel_dim]))
-
-        return hook
-
-    handles = [
-        m.register_forward_pre_hook(hook_for(name, 1 if isinstance(m, SlimConv2d) else -1))
-        for name, m in slim_modules(model)
-        if isinstance(m, (SlimConv2d, SlimLinear))
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with use_width(model, width):
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return seen
+__all__ = ["FrozenSubnet"]
 
 
 class FrozenSubnet:
@@ -65,7 +37,13 @@ class FrozenSubnet:
         example: torch.Tensor,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        cin = record_input_channels(model, width, example)
+        was_training = model.training
+        try:
+            model.eval()
+            with use_width(model, width):
+                cin = record_input_channels(model, example)
+        finally:
+            model.train(was_training)
         self.slices: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []
         self.handles = []
         with use_width(model, width):

@@ -6,14 +6,16 @@ import torch
 import torch.nn.functional as F
 
 import slimmable
-from slimmable.train.incremental import FrozenSubnet, record_input_channels
+from slimmable.nn import record_input_channels
+from slimmable.train.incremental import FrozenSubnet
 
 
 def test_frozen_subnet_output_unchanged_while_wider_width_trains() -> None:
     torch.manual_seed(0)
     model = slimmable.create_model("slim_mobilenet_v2", widths=(0.5, 1.0), num_classes=10, small_input=True)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    assert record_input_channels(model, 0.5, x[:1])["features.2.body.0"] == 8
+    with model.use_width(0.5):
+        assert record_input_channels(model.eval(), x[:1])["features.2.body.0"] == 8
     model.eval()
     with torch.no_grad(), model.use_width(0.5):
         narrow_before = model(x)
