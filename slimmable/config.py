@@ -61,6 +61,9 @@ class ModelConfig:
             default (official: 0.25-1.0 for MobileNet v1, 0.35-1.0 for v2).
         stat_widths: universally slimmable models: the widths whose BN statistics are stored and calibrated after
             training (and evaluated); ``None`` keeps the model's default (official: every 0.025 of the range).
+        channels: path of a channel spec JSON (``slimmable search`` writes them): per-layer channels of a network
+            trained from scratch, e.g. a searched one with ``widths: [1.0]``. The spec is read when the model is
+            built and saved in the checkpoint's model arguments, so the checkpoint reloads without the file.
     """
 
     name: str = "slim_mobilenet_v2"
@@ -71,9 +74,14 @@ class ModelConfig:
     drop_rate: float = 0.0
     width_range: tuple[float, float] | None = None
     stat_widths: tuple[float, ...] | None = None
+    channels: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
+        _check(
+            self.channels is None or self.width_range is None, "model.channels",
+            "a channel spec fixes every layer's channels; it cannot be combined with model.width_range",
+        )  # fmt: skip
         if self.width_range is not None:
             lo, hi = self.width_range
             _check(0 < lo < hi, "model.width_range", f"must be [lo, hi] with 0 < lo < hi, got {list(self.width_range)}")

@@ -120,6 +120,7 @@ def test_wrong_type(tmp_path: Path, text: str, pattern: str) -> None:
         ("data:\n  batch_size: 0\n", "data.batch_size: must be >= 1"),
         ("data:\n  dataset: cifar10\n  augment: mobile\n", "data.augment: 'mobile' is the ImageNet"),
         ("model:\n  widths: [0.5, -1]\n", "model.widths: widths must be positive"),
+        ("model:\n  channels: s.json\n  width_range: [0.25, 1.0]\n", "model.channels: a channel spec fixes"),
     ],
 )
 def test_invalid_value(tmp_path: Path, text: str, pattern: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from ._common import format_table, parse_widths
 
@@ -15,11 +16,16 @@ examples:
   slimmable eval --checkpoint runs/fmnist_us_mobilenet_v1/best_calibrated.pt --widths 0.4,0.6
   # a slimmable (S-Net) model: re-estimate its switches' statistics on more batches, in place
   slimmable calibrate --checkpoint runs/r/best.pt --batches 100 --out runs/r/best.pt
+  # a per-layer channel spec (e.g. found by `slimmable search`): the network it picks out, ready to evaluate
+  slimmable calibrate --checkpoint runs/fmnist_us_mobilenet_v1/best.pt --channels search_best/spec_10M.json
+  slimmable eval --checkpoint runs/fmnist_us_mobilenet_v1/best_spec_10M_calibrated.pt
 
 The training images come from the recipe saved in the checkpoint, without augmentation, in a fixed shuffled
 order; the images it held out (data.val_size) are not used. The output is a new checkpoint (default: beside the
 input, <name>_calibrated.pt) whose recorded model arguments include the new widths, so it reloads with their
-statistics; the input is only overwritten when --out names it.
+statistics; the input is only overwritten when --out names it. With --channels the output is a checkpoint of the
+fixed-channel network the spec picks out (the family `slimmable search` names, e.g. slim_mobilenet_v1 for
+us_mobilenet_v1, one width 1.0), all of its BatchNorm statistics re-estimated for those channels.
 """
 
 
@@ -36,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `slimmable train`")
     p.add_argument("--widths", help="comma-separated widths, e.g. 0.4,0.6 (default: every width the model has)")
+    p.add_argument(
+        "--channels", metavar="SPEC.json",
+        help="a per-layer channel spec (from `slimmable search`) instead of --widths: write the network it picks out",
+    )  # fmt: skip
     p.add_argument("--batches", type=int, metavar="N", help="training batches per width (default: train.calib_batches)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the recipe's data.batch_size)")
     p.add_argument("--out", metavar="PATH", help="output checkpoint (default: <checkpoint>_calibrated.pt beside it)")
@@ -47,10 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_output(checkpoint: str | os.PathLike[str]) -> Path:
-    """``runs/x/best.pt`` → ``runs/x/best_calibrated.pt``."""
+def default_output(checkpoint: str | os.PathLike[str], spec: str | os.PathLike[str] | None = None) -> Path:
+    """``runs/x/best.pt`` → ``runs/x/best_calibrated.pt`` (with a spec ``s.json``: ``best_s_calibrated.pt``)."""
     p = Path(checkpoint)
-    return p.with_name(f"{p.stem}_calibrated{p.suffix or '.pt'}")
+    tag = f"_{Path(spec).stem}" if spec is not None else ""
+    return p.with_name(f"{p.stem}{tag}_calibrated{p.suffix or '.pt'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,10 +73,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches {args.batches}: give at least 1 batch per width")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.channels and args.widths:
+        raise ValueError("give --widths or --channels, not both: a channel spec fixes every layer's channels")
+    spec = None
+    if args.channels:
+        from ..search.autoslim import load_channel_spec
+
+        spec = load_channel_spec(args.channels)  # before the data: a bad spec path fails fast
     device = resolve_device(args.device)
     ckpt, model, cfg = load_trained(args.checkpoint, device)
     widths = parse_widths(args.widths) or tuple(model.widths)
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(args.checkpoint, args.channels)
     splits = training_splits(cfg, args.data, args.data_cache)
     assert splits.train is not None
     batch_size = args.batch_size or cfg.data.batch_size
@@ -77,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         splits.train, min(batch_size, len(splits.train)), train=True, num_workers=workers, seed=args.seed,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
+    if spec is not None:
+        return _calibrate_spec(args, ckpt, model, cfg, spec, loader, num_batches, splits, out, device)
     used = calibrate_bn(model, loader, widths, num_batches=num_batches, device=device)
 
     new = dict(ckpt)
@@ -100,4 +120,47 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if splits.val is None:
         print("(the recipe held out no images, data.val_size 0: evaluate with `slimmable eval --checkpoint OUT`)")
+    return 0
+
+
+def _calibrate_spec(
+    args: argparse.Namespace, ckpt: dict, model: Any, cfg: Any, spec: dict[str, int], loader: Any,
+    num_batches: int, splits: Any, out: Path, device: Any,
+) -> int:  # fmt: skip
+    """``--channels``: write a checkpoint of the fixed-channel network the spec picks out, statistics re-estimated."""
+    import dataclasses
+
+    import torch
+
+    from ..data import create_loader
+    from ..search import count_active_params, count_macs
+    from ..train import calibrate_channels, evaluate, save_checkpoint
+
+    fixed = calibrate_channels(model, spec, loader, num_batches=num_batches, device=device)
+    recipe = dataclasses.replace(
+        cfg.model, name=fixed.model_name, widths=(1.0,), width_range=None, stat_widths=None, channels=args.channels
+    )
+    new = {k: ckpt[k] for k in ("format_version", "preprocess") if k in ckpt}
+    new.update(
+        model={k: v.detach().cpu() for k, v in fixed.state_dict().items()},
+        model_name=fixed.model_name,
+        model_kwargs=dict(fixed.model_kwargs),
+        widths=[1.0],
+        config=dataclasses.replace(cfg, model=recipe).to_dict(),
+        calibration=[{"channels": str(args.channels), "images": fixed.calibration["images"], "seed": args.seed,
+                      "batch_size": loader.batch_sampler.batch_size, "source": str(args.checkpoint)}],
+    )  # fmt: skip
+    save_checkpoint(out, new)
+    probe = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size, device=device)
+    macs, params = count_macs(fixed, probe) / 2, count_active_params(fixed, probe)
+    top1 = "-"
+    if splits.val is not None:
+        val_loader = create_loader(splits.val, cfg.data.batch_size, train=False, num_workers=0)
+        top1 = f"{evaluate(fixed, val_loader, [1.0], device=device)[0].top1:.2f}"
+    print(f"{ckpt['model_name']} at the channels of {args.channels}: {fixed.model_name}, BN statistics re-estimated "
+          f"on {fixed.calibration['images']} training images of {splits.root} (no augmentation)")  # fmt: skip
+    n_val = len(splits.val) if splits.val is not None else 0
+    print(format_table(["MACs", "params", f"held-out top-1 % ({n_val} images)"],
+                       [(f"{macs / 1e6:.2f}M", f"{params / 1e6:.3f}M", top1)]))  # fmt: skip
+    print(f"wrote {out}")
     return 0

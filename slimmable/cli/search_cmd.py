@@ -139,14 +139,9 @@ def _fmt_cost(value: float, metric: str) -> str:
     return f"{value:g}"
 
 
-def _dense_name(model_name: str) -> str:
-    # a searched network has fixed channels: the slimmable family builds it (create_model(..., channels=spec))
-    return "slim_" + model_name[3:] if model_name.startswith("us_") else model_name
-
-
 def run(args: argparse.Namespace) -> int:
     from ..search.autoslim import autoslim_search, save_channel_spec
-    from ..train import resolve_device
+    from ..train import fixed_channels_name, resolve_device
     from ._trained import load_trained, training_splits
 
     texts = [t for t in args.budgets.split(",") if t.strip()]
@@ -214,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         path = out / f"spec_{_budget_tag(text)}.json"
         meta = {
-            "model": _dense_name(ckpt["model_name"]),
+            "model": fixed_channels_name(ckpt["model_name"]),
             "searched_model": ckpt["model_name"],
             "checkpoint": str(args.checkpoint),
             "num_classes": ckpt["model_kwargs"].get("num_classes"),

@@ -101,6 +101,7 @@ def export_channels(
     *,
     fold_bn: bool = False,
     example: torch.Tensor | None = None,
+    reset_bn_stats: bool = False,
 ) -> nn.Module:
     """A plain dense copy of ``model`` with per-layer output channels ``spec`` (a ChannelSpec).
 
@@ -111,6 +112,10 @@ def export_channels(
         spec: qualified layer name → output channels, as written by the channel search.
         fold_bn: fold BatchNorm into the preceding convolution (see :func:`fold_batchnorm`).
         example: an input ``(N, C, H, W)`` for the recording forward pass.
+        reset_bn_stats: give every BatchNorm fresh running statistics (mean 0, variance 1) instead of the stored
+            ones, to be re-estimated for these channels (:func:`slimmable.train.calibrate_channels` does). A
+            universally slimmable model has no stored statistics for a per-layer mix of widths, so it needs this.
+            Not with ``fold_bn``.
 
     Returns:
         The dense module (eval mode), equal to ``model`` after ``set_channels(model, spec)``.
@@ -123,9 +128,11 @@ def export_channels(
     src = _unwrap(model)
     if not isinstance(spec, Mapping):
         raise TypeError(f"spec must be a mapping of layer name to channels, got {type(spec).__name__}")
+    if reset_bn_stats and fold_bn:
+        raise ValueError("reset_bn_stats=True leaves statistics to re-estimate; fold BN after re-estimating them")
     dense = _copy_for_export(src)
     set_channels(dense, dict(spec))
-    return _densify(dense, src, example, fold_bn, width=None)
+    return _densify(dense, src, example, fold_bn, width=None, reset_bn_stats=reset_bn_stats)
 
 
 def is_dense(module: nn.Module) -> bool:
@@ -259,30 +266,47 @@ def _check_us_stats(model: nn.Module, what: str) -> None:
 
 
 def _densify(
-    dense: nn.Module, src: nn.Module, example: torch.Tensor | None, fold_bn: bool, width: float | None
+    dense: nn.Module,
+    src: nn.Module,
+    example: torch.Tensor | None,
+    fold_bn: bool,
+    width: float | None,
+    reset_bn_stats: bool = False,
 ) -> nn.Module:
     """Replace every slimmable layer of ``dense`` (a switched copy) by its plain equivalent."""
     what = f"width {width:g}" if width is not None else "these channels"
     mods = list(slim_modules(dense))
     channels = get_channels(dense)
     x = example if example is not None else example_input(src, _PROBE_SIZE)
+    if reset_bn_stats:
+        # Statistics are to be replaced, so record with batch statistics (a US layer has none stored for a mix of
+        # widths); the copy's own statistics may change, they are discarded. Two images: BN needs more than one
+        # value per channel in training mode.
+        dense.train()
+        x = x.expand(max(2, x.shape[0]), *x.shape[1:])
     try:
         seen = record_input_channels(dense, x)
     except RuntimeError as err:
         raise ValueError(f"the model cannot run at {what}: {err}") from err
+    finally:
+        dense.eval()
     missing = [n or type(m).__name__ for n, m in mods if n not in seen]
     if missing:
         raise ValueError(
             f"layers {missing[:5]} did not run in the forward pass, so their input channels are unknown; pass an "
             "example input that exercises every layer"
         )
-    replacements = {name: _dense_layer(name, m, seen[name]) for name, m in mods}
+    replacements = {name: _dense_layer(name, m, seen[name], reset_bn_stats) for name, m in mods}
     if "" in replacements:  # the model itself is a single slimmable layer
         dense = replacements.pop("")
     for name, new in replacements.items():
         parent_name, _, child = name.rpartition(".")
         parent = dense.get_submodule(parent_name) if parent_name else dense
         setattr(parent, child, new)
+    if reset_bn_stats:
+        for m in dense.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.reset_running_stats()
     dense.eval()
     n_folded = fold_batchnorm(dense) if fold_bn else 0
     assert is_dense(dense), "a slimmable layer survived the export"
@@ -315,7 +339,7 @@ def _new_conv(src: nn.Conv2d, cin: int, cout: int, groups: int, bias: bool) -> n
     )
 
 
-def _dense_layer(name: str, m: SlimModule, cin: int) -> nn.Module:
+def _dense_layer(name: str, m: SlimModule, cin: int, reset_bn_stats: bool = False) -> nn.Module:
     where = name or type(m).__name__
     if isinstance(m, SlimConv2d):
         if m.depthwise:
@@ -350,6 +374,11 @@ def _dense_layer(name: str, m: SlimModule, cin: int) -> nn.Module:
         return bn.eval()
     if isinstance(m, USBatchNorm2d):
         idx = m.stat_index
+        if reset_bn_stats:
+            bn = nn.BatchNorm2d(cin, m.eps, m.momentum, affine=True, track_running_stats=True, device=m.weight.device)
+            bn.weight = _param(_take(m.weight, cin), m.weight)
+            bn.bias = _param(_take(m.bias, cin), m.bias)
+            return bn.eval()
         if idx is None or m.bn[idx].num_features != cin:
             raise ValueError(
                 f"{where} has no BN statistics for {cin} channels (stored for widths {m.stat_widths}); calibrate BN "

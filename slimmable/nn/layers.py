@@ -368,6 +368,12 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
                 factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, self.training, factor, self.eps)
         if not self.training:
+            if self.width is None:
+                raise RuntimeError(
+                    f"USBatchNorm2d has no statistics for a per-layer channel spec ({c} channels here); stored "
+                    "statistics are per uniform width. Re-estimate them for the spec with "
+                    "slimmable.train.calibrate_channels (CLI: slimmable calibrate --channels SPEC.json)"
+                )
             raise RuntimeError(
                 f"USBatchNorm2d has no statistics for width {self.width} ({c} channels); its calibrated widths are "
                 f"{self.stat_widths}. Calibrate BN statistics for this width first"

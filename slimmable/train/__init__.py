@@ -1,6 +1,6 @@
 """Training: Algorithm 1, width samplers, optimizer/schedule factories, checkpoints, evaluation, distributed runs."""
 
-from .calibrate import add_stat_widths, calibrate_bn
+from .calibrate import add_stat_widths, calibrate_bn, calibrate_channels, fixed_channels_name
 from .checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     build_model_from_checkpoint,
@@ -51,11 +51,13 @@ __all__ = [
     "average_bn_statistics",
     "build_model_from_checkpoint",
     "calibrate_bn",
+    "calibrate_channels",
     "convert_sync_batchnorm",
     "create_optimizer",
     "create_scheduler",
     "create_width_sampler",
     "evaluate",
+    "fixed_channels_name",
     "get_rng_state",
     "init_distributed",
     "load_checkpoint",

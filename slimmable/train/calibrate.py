@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..nn import SharedBatchNorm2d, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
 
-__all__ = ["add_stat_widths", "calibrate_bn"]
+__all__ = ["add_stat_widths", "calibrate_bn", "calibrate_channels", "fixed_channels_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,36 +85,131 @@ def calibrate_bn(
         model.eval()
         for w in widths:
             with use_width(model, w):
-                layers = _stat_layers(model)
-                saved = [(bn, bn.momentum) for bn in layers]
-                for bn in layers:
-                    bn.reset_running_stats()
-                    bn.momentum = None
-                    bn.train()
-                for m in us_layers:  # the shared-affine wrapper decides between stored and batch statistics
-                    m.train()
-                n_images, n = 0, 0
-                try:
-                    for batch in batches:
-                        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                        model(x.to(device, non_blocking=True))
-                        n_images += x.shape[0]
-                        n += 1
-                        if n >= num_batches:
-                            break
-                finally:
-                    for bn, momentum in saved:
-                        bn.momentum = momentum
-                        bn.eval()
-                    for m in us_layers:
-                        m.eval()
-                if n == 0:
-                    raise ValueError("calibrate_bn got no batches; pass a non-empty loader of training images")
-                used[w] = n_images
-                logger.debug("calibrated BN at width %g on %d images", w, n_images)
+                # the US wrappers decide between stored and batch statistics, so they run in training mode too
+                used[w] = _reestimate(model, _stat_layers(model), us_layers, batches, num_batches, device)
+                logger.debug("calibrated BN at width %g on %d images", w, used[w])
     finally:
         model.train(was_training)
     return used
+
+
+def _reestimate(
+    model: nn.Module,
+    layers: Sequence[nn.BatchNorm2d],
+    also_train: Sequence[nn.Module],
+    batches: Iterable,
+    num_batches: int,
+    device: torch.device | str,
+) -> int:
+    """Reset ``layers``' statistics and recompute them as a cumulative average over ``num_batches`` batches.
+
+    ``model`` is in eval mode; only ``layers`` (and the wrappers ``also_train``) run in training mode meanwhile.
+    Returns the number of images used.
+    """
+    saved = [(bn, bn.momentum) for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for m in also_train:
+        m.train()
+    n_images, n = 0, 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device, non_blocking=True))
+            n_images += x.shape[0]
+            n += 1
+            if n >= num_batches:
+                break
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+            bn.eval()
+        for m in also_train:
+            m.eval()
+    if n == 0:
+        raise ValueError("BN calibration got no batches; pass a non-empty loader of training images")
+    return n_images
+
+
+def fixed_channels_name(model_name: str) -> str:
+    """The registered family that builds a network with fixed per-layer channels: ``us_x`` → ``slim_x``."""
+    return "slim_" + model_name[3:] if model_name.startswith("us_") else model_name
+
+
+@torch.no_grad()
+def calibrate_channels(
+    model: nn.Module,
+    spec: Mapping[str, int],
+    batches: Iterable,
+    num_batches: int = 10,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The network a per-layer channel spec picks out of a trained model, with BN statistics re-estimated for it.
+
+    A searched spec (AutoSlim) mixes widths across layers, so no stored statistics fit it: a universally slimmable
+    model has none for the mix, and a slimmable model's switches were estimated with other input channels. This
+    takes the spec's weights from ``model``, builds the fixed-channel network with
+    ``create_model(fixed_channels_name(model.model_name), widths=[1.0], channels=full_spec, ...)`` (the network
+    ``slimmable search`` prints for training from scratch), and re-estimates every BatchNorm's statistics on
+    ``num_batches`` batches (cumulative average, no gradients). ``model`` is not modified.
+
+    Args:
+        model: a trained slimmable or universally slimmable model built by :func:`slimmable.create_model`.
+        spec: layer name → output channels (layers not named keep their current size); a search's output.
+        batches: ``(images, labels)`` batches or image tensors; use training images without augmentation.
+        num_batches: batches to average over.
+        device: where to run (default: the model's device).
+
+    Returns:
+        The fixed-channel model (eval mode, one width 1.0) with ``model_name``/``model_kwargs`` recorded, so it
+        saves as a training checkpoint and exports like any slimmable model. ``calibration`` holds the images used.
+
+    Raises:
+        KeyError, ValueError: the spec names unknown layers or out-of-range counts; no batches.
+    """
+    from ..export.dense import export_channels  # export builds on the model layers, not on training
+    from ..models import create_model
+
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    src = getattr(model, "module", getattr(model, "_orig_mod", model))
+    name, kwargs = getattr(src, "model_name", None), getattr(src, "model_kwargs", None)
+    if not name or kwargs is None:
+        raise ValueError("calibrate_channels needs a model built by slimmable.create_model (it records its arguments)")
+    if device is None:
+        device = next(model.parameters()).device
+    dense = export_channels(src, spec, reset_bn_stats=True)
+    full = dict(dense.export_info["channels"])
+    keep = {k: v for k, v in kwargs.items() if k not in ("widths", "width_range", "stat_widths", "channels", "norm")}
+    fixed_name = fixed_channels_name(name)
+    try:
+        fixed = create_model(fixed_name, widths=[1.0], channels=full, **keep).to(device)
+    except TypeError as err:
+        if "channels" not in str(err):
+            raise
+        raise ValueError(
+            f"{fixed_name} cannot be built with per-layer channels (create_model(..., channels=spec)); the MobileNet "
+            "families can"
+        ) from err
+    # Same family, same module names: the dense layers' tensors are the fixed model's, switch 0 of each BN.
+    dense_state = dense.state_dict()
+    bn_prefixes = {n + "." for n, m in slim_modules(fixed) if isinstance(m, SwitchableBatchNorm2d)}
+    state = {}
+    for key in fixed.state_dict():
+        src_key = key
+        for prefix in bn_prefixes:
+            if key.startswith(prefix + "bn.0."):
+                src_key = prefix + key[len(prefix) + 5 :]
+        state[key] = dense_state[src_key]
+    fixed.load_state_dict(state, strict=True)
+    fixed.eval()
+    layers = [m for m in fixed.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    images = _reestimate(fixed, layers, (), batches, num_batches, device)
+    fixed.calibration = {"images": images, "num_batches": num_batches}
+    logger.debug("calibrated %s at a channel spec on %d images", name, images)
+    return fixed
 
 
 def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, ...]:

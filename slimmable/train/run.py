@@ -116,6 +116,10 @@ def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) ->
         kwargs["width_range"] = list(mc.width_range)
     if mc.stat_widths is not None:
         kwargs["stat_widths"] = list(mc.stat_widths)
+    if mc.channels is not None:
+        from ..search.autoslim import load_channel_spec
+
+        kwargs["channels"] = load_channel_spec(mc.channels)
     return kwargs
 
 

@@ -172,3 +172,44 @@ def test_search_resumes_from_its_state_file(
     assert resumed["history"] == reference["history"] and resumed["found"] == reference["found"]
     spec = json.loads((tmp_path / "cut" / f"spec_{budget}.json").read_text())
     assert spec["channels"] == json.loads((tmp_path / "ref" / f"spec_{budget}.json").read_text())["channels"]
+
+
+def test_searched_spec_is_calibrated_from_the_supernet_and_trained_from_scratch_by_recipe(
+    fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """search → calibrate --channels (the spec's network out of the US model) → train with model.channels."""
+    ck, full, _ = _us_setup(fmnist, tmp_path)
+    budget = f"{0.8 * full:.0f}"
+    assert _search(ck, tmp_path / "s", budget) == 0
+    spec_path = tmp_path / "s" / f"spec_{budget}.json"
+    spec = load_channel_spec(spec_path)
+    capsys.readouterr()
+    assert main(["calibrate", "--checkpoint", str(ck), "--channels", str(spec_path), "--batches", "2"]) == 0
+    text = capsys.readouterr().out
+    out = tmp_path / f"us_spec_{budget}_calibrated.pt"
+    assert f"wrote {out}" in text and "held-out top-1" in text and "slim_mobilenet_v2" in text
+    new = load_checkpoint(out)
+    assert new["model_name"] == "slim_mobilenet_v2" and new["widths"] == [1.0] and new["config"]["model"]["widths"] == [1.0]
+    model = build_model_from_checkpoint(out)
+    got = slimmable.get_channels(model)
+    assert {k: got[k] for k in spec} == spec
+    assert float(count_macs(model, torch.randn(1, 1, 16, 16))) <= float(budget)
+    rc = main(["eval", "--checkpoint", str(out), "--latency-runs", "0", "--out", str(tmp_path / "ev")])
+    assert rc == 0 and [r["width"] for r in json.loads((tmp_path / "ev.json").read_text())["widths"]] == [1.0]
+    # bad input: both --widths and --channels; a spec file that is not there
+    assert main(["calibrate", "--checkpoint", str(ck), "--channels", str(spec_path), "--widths", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(ck), "--channels", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json does not exist" in capsys.readouterr().err
+
+    # the same spec trained from scratch: a recipe names it in model.channels
+    recipe = tmp_path / "scratch.yaml"
+    sections = tiny_recipe(fmnist, model={"name": "slim_mobilenet_v2", "widths": [1.0], "channels": str(spec_path)})
+    recipe.write_text(json.dumps(sections))  # JSON is YAML
+    run = tmp_path / "run"
+    rc = main(["train", "--recipe", str(recipe), "--out", str(run), "--set", "train.epochs=1", "--no-tensorboard",
+               "--latency-runs", "0"])  # fmt: skip
+    assert rc == 0
+    trained = build_model_from_checkpoint(run / "last.pt")  # the spec travels in the checkpoint
+    got = slimmable.get_channels(trained)
+    assert {k: got[k] for k in spec} == spec
