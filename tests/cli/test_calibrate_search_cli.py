@@ -189,7 +189,8 @@ def test_searched_spec_is_calibrated_from_the_supernet_and_trained_from_scratch_
     out = tmp_path / f"us_spec_{budget}_calibrated.pt"
     assert f"wrote {out}" in text and "held-out top-1" in text and "slim_mobilenet_v2" in text
     new = load_checkpoint(out)
-    assert new["model_name"] == "slim_mobilenet_v2" and new["widths"] == [1.0] and new["config"]["model"]["widths"] == [1.0]
+    assert new["model_name"] == "slim_mobilenet_v2" and new["widths"] == [1.0]
+    assert new["config"]["model"]["widths"] == [1.0] and new["config"]["model"]["name"] == "slim_mobilenet_v2"
     model = build_model_from_checkpoint(out)
     got = slimmable.get_channels(model)
     assert {k: got[k] for k in spec} == spec
