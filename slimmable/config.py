@@ -220,6 +220,9 @@ class TrainConfig:
             ``sandwich`` = the widest and narrowest width of a universally slimmable model's range plus
             ``num_sampled_widths - 2`` random widths in between (US-Nets).
         num_sampled_widths: widths per batch of the ``sandwich`` sampler (official: 4); unused by ``all``.
+        per_layer_widths: ``sandwich`` only: each random width is drawn per group of layers (non-uniform widths;
+            layers tied by a residual addition share a draw), so training covers the per-layer mixes that
+            AutoSlim's search visits. The widest and narrowest samples stay uniform.
         inplace_distill: narrower widths learn the widest width's (detached) predictions instead of the labels.
         calib_batches: universally slimmable models: training batches (without augmentation) used to re-estimate
             the BN statistics of each of the model's ``stat_widths`` after training, before the final evaluation
@@ -239,6 +242,7 @@ class TrainConfig:
     seed: int = 0
     width_sampler: Literal["all", "sandwich"] = "all"
     num_sampled_widths: int = 4
+    per_layer_widths: bool = False
     inplace_distill: bool = False
     calib_batches: int = 20
     label_smoothing: float = 0.0
@@ -252,6 +256,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(
+            not self.per_layer_widths or self.width_sampler == "sandwich", "train.per_layer_widths",
+            "draws the sandwich sampler's random widths per layer; set train.width_sampler: sandwich",
+        )  # fmt: skip
         _check(
             self.num_sampled_widths >= 2,
             "train.num_sampled_widths",

@@ -152,7 +152,7 @@ def _calibrate_spec(
     )  # fmt: skip
     save_checkpoint(out, new)
     probe = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size, device=device)
-    macs, params = count_macs(fixed, probe) / 2, count_active_params(fixed, probe)
+    macs, params = count_macs(fixed, probe), count_active_params(fixed, probe)
     top1 = "-"
     if splits.val is not None:
         val_loader = create_loader(splits.val, cfg.data.batch_size, train=False, num_workers=0)

@@ -21,6 +21,7 @@ __all__ = [
     "get_widths",
     "record_input_channels",
     "set_channels",
+    "set_layer_widths",
     "set_width",
     "slim_modules",
     "use_width",
@@ -194,6 +195,29 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
     for m in by_name.values():
         if hasattr(m, "_set_custom"):
             m._set_custom()
+
+
+def set_layer_widths(model: nn.Module, widths: Mapping[str, float]) -> dict[str, int]:
+    """Set named layers to their channel count at a width of their own (non-uniform widths, US-Nets training).
+
+    Each named layer takes the channels its own rule gives at its width (the official rounding), so layers of a
+    universally slimmable model may run at different widths of the range; the rest keep their size.
+    Equivalent to :func:`set_channels` with those counts, which it returns.
+
+    Raises:
+        KeyError: a name is not a layer with slimmable output channels.
+        ValueError: a width the layer cannot take.
+    """
+    by_name = {_strip_wrappers(n): m for n, m in slim_modules(model)}
+    spec = {}
+    for name, w in widths.items():
+        m = by_name.get(name)
+        rule = getattr(m, "out_rule", None)
+        if rule is None:
+            raise KeyError(f"{name!r} is not a layer with slimmable output channels in this model")
+        spec[name] = int(rule(float(w)))
+    set_channels(model, spec)
+    return spec
 
 
 def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:

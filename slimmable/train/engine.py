@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import set_width, use_width
+from ..nn import set_layer_widths, set_width, use_width
 from .samplers import WidthSampler
 
 __all__ = [
@@ -117,7 +117,8 @@ def train_step(
         optimizer: updated once, after all widths.
         images: ``(N, C, H, W)`` on the model's device.
         targets: ``(N,)`` class indices.
-        widths: widths to train, widest first.
+        widths: widths to train, widest first; an entry may be a ``{layer name: width}`` mapping (non-uniform
+            widths, see :func:`slimmable.nn.set_layer_widths`).
         forward: what to call on ``images`` (a DDP or compiled wrapper of ``model``); default ``ddp``, else
             ``model``.
         ddp: the DDP wrapper, if any: all backward passes but the last run under ``no_sync()``, so gradients are
@@ -138,7 +139,10 @@ def train_step(
     teacher = None
     last = len(widths) - 1
     for i, w in enumerate(widths):
-        set_width(model, w)
+        if isinstance(w, Mapping):
+            set_layer_widths(model, w)
+        else:
+            set_width(model, w)
         sync = contextlib.nullcontext() if ddp is None or i == last else ddp.no_sync()
         with sync:
             with _autocast(images.device, autocast_dtype):
@@ -342,8 +346,10 @@ class Trainer:
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
 
-    def _stat_key(self, width: float) -> float | str:
+    def _stat_key(self, width: float | Mapping[str, float]) -> float | str:
         # widths the sampler draws at random are pooled: one entry per epoch, not one per random draw
+        if isinstance(width, Mapping):
+            return RANDOM_WIDTHS
         return width if self._fixed is None or width in self._fixed else RANDOM_WIDTHS
 
     def widths_for_step(self) -> list[float]:
@@ -427,7 +433,10 @@ class Trainer:
                 if on_log is not None:
                     on_log(self.step, scalars)
                 if not progress:
-                    losses = " ".join(f"{w:g}:{float(res.losses[j]):.3f}" for j, w in enumerate(res.widths))
+                    losses = " ".join(
+                        f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
+                        for j, w in enumerate(res.widths)
+                    )
                     _logger.info(
                         "epoch %d step %d/%d  lr %.4g  loss %s",
                         epoch + 1,

@@ -123,6 +123,16 @@ def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) ->
     return kwargs
 
 
+def _layer_groups(model: Any) -> list[list[str]]:
+    try:
+        return model.channel_groups()
+    except (AttributeError, NotImplementedError) as err:
+        raise ValueError(
+            f"train.per_layer_widths: {type(model).__name__} does not list its channel groups (channel_groups()), "
+            "so per-layer widths cannot keep residual channels tied; use it with the MobileNet families"
+        ) from err
+
+
 def _without_augmentation(data: DatasetSplits) -> Any:
     """The training split with the evaluation transform (for BN calibration)."""
     ds = data.train
@@ -305,7 +315,11 @@ def _train(
             "model.stat_widths (the widths calibrated and evaluated after training) instead"
         )
     sampler = create_width_sampler(
-        tc.width_sampler, tuple(model.widths), width_range=width_range, n=tc.num_sampled_widths
+        tc.width_sampler,
+        tuple(model.widths),
+        width_range=width_range,
+        n=tc.num_sampled_widths,
+        layer_groups=_layer_groups(model) if tc.per_layer_widths else None,
     )
     if width_range is not None:
         # the widths trained at every step keep running statistics during training (validated each epoch)

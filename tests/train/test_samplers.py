@@ -85,3 +85,31 @@ def test_recipe_keys_of_us_training_are_validated() -> None:
     for data, match in bad:
         with pytest.raises(ValueError, match=match):
             RunConfig.from_dict(data, source="r.yaml")
+
+
+def test_per_layer_sandwich_draws_one_width_per_tied_group_and_trains_those_channels() -> None:
+    model = slimmable.create_model("us_mobilenet_v2", num_classes=10, small_input=True, width_range=(0.35, 1.0))
+    groups = model.channel_groups()
+    s = Sandwich(0.35, 1.0, n=4, layer_groups=groups)
+    assert "per layer" in repr(s) and s.fixed_widths == (1.0, 0.35)
+    draws = [s.widths_for_step(step, _rng(3, step)) for step in range(20)]
+    assert draws == [s.widths_for_step(step, _rng(3, step)) for step in range(20)]  # seed and step only
+    for ws in draws:
+        assert ws[0] == 1.0 and ws[-1] == 0.35 and len(ws) == 4
+        for layerwise in ws[1:-1]:
+            assert set(layerwise) == {name for g in groups for name in g}
+            for g in groups:  # tied layers share one draw
+                assert len({layerwise[name] for name in g}) == 1 and 0.35 <= layerwise[g[0]] <= 1.0
+            assert len(set(layerwise.values())) > len(groups) // 2  # non-uniform: the groups differ
+    # the model runs at the drawn per-layer channels: each layer at its own width's rounding
+    layerwise = draws[0][1]
+    spec = slimmable.nn.set_layer_widths(model, layerwise)
+    got = slimmable.get_channels(model)
+    layers = dict(slimmable.nn.slim_modules(model))
+    for name, w in layerwise.items():
+        assert got[name] == spec[name] == layers[name].out_rule(w)
+    assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="sandwich"):
+        create_width_sampler("all", (0.5, 1.0), layer_groups=groups)
+    with pytest.raises(ValueError, match="train.per_layer_widths.*width_sampler: sandwich"):
+        RunConfig.from_dict({"train": {"per_layer_widths": True}})

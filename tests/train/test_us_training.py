@@ -154,3 +154,13 @@ def test_us_setting_errors(fmnist: Path, tmp_path: Path) -> None:
     widths_on_us = RunConfig.from_dict(tiny_recipe(fmnist, model={"name": "us_mobilenet_v1"}))
     with pytest.raises(ValueError, match="model.widths .* is for slimmable .*model.width_range"):
         _train(widths_on_us, tmp_path / "b")
+
+
+def test_per_layer_random_widths_train_and_report_the_pooled_random_loss(fmnist: Path, tmp_path: Path) -> None:
+    base = _us_cfg(fmnist).to_dict()
+    base["train"].update(per_layer_widths=True, epochs=1)
+    result = _train(RunConfig.from_dict(base), tmp_path / "pl")
+    history = json.loads((tmp_path / "pl" / "history.json").read_text())
+    train_keys = {row["width"] for row in history[-1]["train"]}
+    assert train_keys == {0.5, "random", 0.25}  # the per-layer draws are pooled as "random"
+    assert {r["width"] for r in result.report} == set(STAT_WIDTHS)  # calibrated and evaluated as usual
