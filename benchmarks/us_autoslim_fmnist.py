@@ -15,8 +15,9 @@ in-place distillation):
    widest uniform width within the same budget.
 3. **Found vs uniform** (``supernet`` and ``scratch``): both networks of each budget are (a) taken out of the
    trained US-Net with BN statistics re-estimated (``calibrate_channels``) and (b) trained from scratch as
-   ordinary single-width networks with the same recipe (``model.channels``; lr 0.1, the US recipe's 0.025 times
-   the 4 widths it sums per step), for ``--seeds``.
+   ordinary single-width networks, ``recipes/fmnist_mobilenet_v1_channels.yaml`` with ``model.channels`` (the US
+   recipe's data, schedule and epochs; lr 0.1, the US recipe's 0.025 times the 4 widths it sums per step), for
+   ``--seeds``. The from-scratch runs use the training images the US run held out to pick their best epoch.
 
 Only the final numbers read the test split; the search and every choice use training images.
 
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import slimmable
 from slimmable.cli._trained import load_trained, training_splits
@@ -47,13 +47,14 @@ from slimmable.data import create_loader
 from slimmable.nn import USBatchNorm2d, slim_modules
 from slimmable.search import count_macs
 from slimmable.search.autoslim import load_channel_spec
-from slimmable.train import add_stat_widths, calibrate_bn, calibrate_channels, evaluate, fixed_channels_name
+from slimmable.train import add_stat_widths, calibrate_bn, calibrate_channels, evaluate
 
 GRID = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))  # 0.25 .. 1.0
 CALIB_BATCHES = 20
 SWEEP_WIDTHS = (0.3, 0.55, 0.8, 1.0)
 SWEEP_BATCHES = (1, 2, 5, 20, 50)
 STAGES = ("widths", "search", "supernet", "scratch")
+SCRATCH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fmnist_mobilenet_v1_channels.yaml"
 
 
 def _log(msg: str) -> None:
@@ -218,17 +219,14 @@ class Study:
     def _launch(self, name: str, spec_file: Path, seed: int, epochs: int) -> subprocess.Popen:
         run = self.out / "scratch" / name
         run.mkdir(parents=True, exist_ok=True)
-        cfg = self.cfg.to_dict()
-        cfg["model"].update(name=fixed_channels_name(self.ckpt["model_name"]), widths=[1.0],
-                            width_range=None, stat_widths=None, channels=str(spec_file))  # fmt: skip
-        cfg["optim"].update(lr=0.1, weight_decay=4e-5)  # one width per step: the US recipe's rule undone
-        cfg["train"].update(epochs=epochs, seed=seed, width_sampler="all", inplace_distill=False)
-        recipe = run / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmd = [sys.executable, "-m", "slimmable.cli.main", "train", "--recipe", str(recipe), "--out", str(run),
+        cmd = [sys.executable, "-m", "slimmable.cli.main", "train", "--recipe", str(SCRATCH_RECIPE), "--out", str(run),
+               "--set", f"model.channels={spec_file}", "--set", f"train.seed={seed}", "--set", f"train.epochs={epochs}",
                "--no-tensorboard", "--no-progress", "--latency-runs", "0"]  # fmt: skip
         if (run / "last.pt").exists():
-            cmd += ["--resume", str(run / "last.pt")]
+            cmd = [*cmd[:4], "--resume", str(run / "last.pt"), *cmd[4:]]
+        dc = self.cfg.data  # the US run's data and held-out split
+        for key in ("root", "image_size", "val_size", "split_seed", "batch_size", "download"):
+            cmd += ["--set", f"data.{key}={json.dumps(getattr(dc, key))}"]  # JSON is YAML: null, true, 5000
         env = dict(os.environ, OMP_NUM_THREADS="1")
         _log(f"scratch {name}: {' '.join(cmd[2:])}")
         return subprocess.Popen(cmd, stdout=open(run / "log.txt", "a"), stderr=subprocess.STDOUT, env=env)
