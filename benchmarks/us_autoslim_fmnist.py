@@ -20,11 +20,16 @@ in-place distillation):
    recipe's data, schedule and epochs; lr 0.1, the US recipe's 0.025 times the 4 widths it sums per step), for
    ``--seeds``. The from-scratch runs use the training images the US run held out to pick their best epoch.
 
+4. **Per-layer random widths** (``per_layer``, not run by default): a second US-Net trained with
+   ``--set train.per_layer_widths=true`` (non-uniform random widths in the sandwich), evaluated like the first: at
+   the 16 widths (calibrated) and at both networks of each budget, taken out with re-estimated statistics.
+
 Only the final numbers read the test split; the search and every choice use training images.
 
 Usage:
     python benchmarks/us_autoslim_fmnist.py                       # all stages, resumes benchmarks/results/us_autoslim
     python benchmarks/us_autoslim_fmnist.py --stages scratch --jobs 2   # two single-threaded trainings at a time
+    python benchmarks/us_autoslim_fmnist.py --stages per_layer   # after training runs/fmnist_us_mobilenet_v1_pl
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ GRID = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))  # 0.25 .. 1.0
 CALIB_BATCHES = 20
 SWEEP_WIDTHS = (0.3, 0.55, 0.8, 1.0)
 SWEEP_BATCHES = (1, 2, 5, 20, 50)
-STAGES = ("widths", "search", "supernet", "scratch")
+STAGES = ("widths", "search", "supernet", "scratch", "per_layer")
 SCRATCH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fmnist_mobilenet_v1_channels.yaml"
 
 
@@ -176,13 +181,28 @@ class Study:
     def supernet(self) -> None:
         if "supernet" in self.results:
             return
+        self.results["supernet"] = self._out_of(self.model, "supernet")
+        self.save()
+
+    def _out_of(self, model: torch.nn.Module, what: str) -> dict[str, dict[str, float]]:
         rows = {}
         for b, specs in self._specs().items():
             for kind, spec in specs.items():
-                fixed = calibrate_channels(self.model, spec, self.calib_loader(), num_batches=CALIB_BATCHES)
+                fixed = calibrate_channels(model, spec, self.calib_loader(), num_batches=CALIB_BATCHES)
                 rows[f"{b}/{kind}"] = {"macs": self.macs(fixed), "top1": self.top1(fixed, [1.0])[1.0]}
-                _log(f"supernet {b} {kind}: {rows[f'{b}/{kind}']}")
-        self.results["supernet"] = rows
+                _log(f"{what} {b} {kind}: {rows[f'{b}/{kind}']}")
+        return rows
+
+    # 4. the same, for a US-Net trained with per-layer random widths (train.per_layer_widths)
+    def per_layer(self, checkpoint: Path) -> None:
+        if "per_layer" in self.results:
+            return
+        _, model, _ = load_trained(checkpoint, torch.device("cpu"))
+        calibrate_bn(model, self.calib_loader(), GRID, num_batches=CALIB_BATCHES)
+        widths = {f"{w:g}": v for w, v in self.top1(model, list(GRID)).items()}
+        _log(f"per-layer US-Net, calibrated: {widths}")
+        self.results["per_layer"] = {"checkpoint": str(checkpoint), "widths": widths,
+                                     "specs": self._out_of(model, "per-layer US-Net")}  # fmt: skip
         self.save()
 
     # 3b. both networks trained from scratch
@@ -264,10 +284,13 @@ def report(results: dict[str, Any], out: Path) -> str:
     if "widths" in results:
         lines += ["## Any width: test top-1 (%) with and without BN calibration", "",
                   "| width | MACs (M) | calibrated (20 batches) | not calibrated (width 1.0's statistics) | trained at "
-                  "exactly this width |", "|---|---|---|---|---|"]  # fmt: skip
+                  "exactly this width | per-layer-trained US-Net, calibrated |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["widths"]["rows"]:
+            pl = results.get("per_layer", {}).get("widths", {}).get(f"{r['width']:g}")
             cells = [f"{r['width']:.2f}", f"{r['macs'] / 1e6:.1f}", f"{r['calibrated']:.2f}",
-                     f"{r['not_calibrated']:.2f}", "every step" if r["trained_exactly"] else "never"]  # fmt: skip
+                     f"{r['not_calibrated']:.2f}", "every step" if r["trained_exactly"] else "never",
+                     "-" if pl is None else f"{pl:.2f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         sweep = results["widths"]["calibration_batches"]
         ws = list(next(iter(sweep.values())))
@@ -279,15 +302,16 @@ def report(results: dict[str, Any], out: Path) -> str:
     if "search" in results:
         lines += ["", "## AutoSlim search vs uniform width (test top-1 %)", "",
                   "| budget | network | MACs (M) | held-out top-1 (search) | out of the US-Net, calibrated | "
-                  "from scratch |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "out of the per-layer-trained US-Net | from scratch |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for b, f in results["search"]["budgets"].items():
             for kind in ("searched", "uniform"):
                 macs = f["searched_macs"] if kind == "searched" else f["uniform_macs"]
                 held = f"{f['heldout_top1']:.2f}" if kind == "searched" else "-"
                 sup = results.get("supernet", {}).get(f"{b}/{kind}")
                 name = kind if kind == "searched" else f"uniform {f['uniform_width']:g}"
+                pl = results.get("per_layer", {}).get("specs", {}).get(f"{b}/{kind}")
                 cells = [b, name, f"{macs / 1e6:.2f}", held, f"{sup['top1']:.2f}" if sup else "-",
-                         _mean_spread(_scratch(results, b, kind))]  # fmt: skip
+                         f"{pl['top1']:.2f}" if pl else "-", _mean_spread(_scratch(results, b, kind))]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "us_autoslim.md").write_text(text)
@@ -306,6 +330,9 @@ def plot(results: dict[str, Any], out: Path) -> None:
         ax = axes[0]
         ax.plot([r["width"] for r in rows], [r["calibrated"] for r in rows], "o-", label="calibrated (20 batches)")
         ax.plot([r["width"] for r in rows], [r["not_calibrated"] for r in rows], "s--", label="not calibrated")
+        pl = results.get("per_layer", {}).get("widths")
+        if pl:
+            ax.plot([float(w) for w in pl], list(pl.values()), "^:", label="per-layer-trained, calibrated")
         ax.set(xlabel="width", ylabel="test top-1 (%)", title="US-MobileNet v1, Fashion-MNIST")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -333,8 +360,13 @@ def plot(results: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="runs/fmnist_us_mobilenet_v1/best.pt", type=Path)
+    ap.add_argument(
+        "--per-layer-checkpoint", default="runs/fmnist_us_mobilenet_v1_pl/best.pt", type=Path,
+        help="stage per_layer: the same recipe trained with --set train.per_layer_widths=true",
+    )  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/us_autoslim", type=Path)
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--stages", default="widths,search,supernet,scratch",
+                    help=f"comma-separated subset of {','.join(STAGES)} (default: all but per_layer)")  # fmt: skip
     ap.add_argument("--budgets", default="10M,20M", help="MACs budgets of the search")
     ap.add_argument("--heldout", type=int, default=1000, help="held-out images ranking the search's candidates")
     ap.add_argument("--steps", type=int, default=6, help="notches per layer in the search (width step (hi-lo)/steps)")
@@ -356,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         study.search(budgets, args.heldout, args.steps)
     if "supernet" in stages:
         study.supernet()
+    if "per_layer" in stages:
+        if not args.per_layer_checkpoint.exists():
+            ap.error(f"{args.per_layer_checkpoint} does not exist: train it with `slimmable train --recipe "
+                     "recipes/fmnist_us_mobilenet_v1.yaml --set train.per_layer_widths=true --out "
+                     "runs/fmnist_us_mobilenet_v1_pl`, or leave out the per_layer stage")  # fmt: skip
+        study.per_layer(args.per_layer_checkpoint)
     if "scratch" in stages:
         study.scratch([int(s) for s in args.seeds.split(",")], args.epochs, args.jobs)
     print(report(study.results, args.out))
