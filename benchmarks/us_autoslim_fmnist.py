@@ -94,13 +94,10 @@ class Study:
         return {m.width: m.top1 for m in evaluate(model, self.test, widths)}
 
     def macs(self, model: torch.nn.Module) -> float:
-        """MACs of one image. In training mode (two images) so that widths without BN statistics run too."""
-        was_training = model.training
-        model.train()
-        try:
-            return count_macs(model, torch.zeros(2, *self.input[1:]), eval_mode=False) / 2
-        finally:
-            model.train(was_training)
+        """MACs of one image. On a copy in training mode (two images), so that widths without BN statistics run
+        too and no running statistics of ``model`` move."""
+        probe = copy.deepcopy(model).train()
+        return count_macs(probe, torch.zeros(2, *self.input[1:]), eval_mode=False) / 2
 
     # 1. any width, with and without calibration
     def widths(self) -> None:
