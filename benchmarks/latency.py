@@ -1,14 +1,15 @@
 """CPU latency of each slimmable model per width, side by side with torchvision's dense models.
 
 For every width the slimmable model and its dense reference are timed in interleaved rounds (the machine is
-noisy; ratios are only meaningful when measured together), in eval mode under ``torch.inference_mode``:
+noisy; ratios are only meaningful when measured together: the ratio is the median over rounds of each round's
+back-to-back slim/dense pair), in eval mode under ``torch.inference_mode``:
 
 * ``slim_mobilenet_v2`` at width w  vs  ``torchvision.models.mobilenet_v2(width_mult=w)`` (same architecture),
 * ``slim_resnet50`` at 1.0  vs  ``torchvision.models.resnet50()``,
 * the other families are timed alone (torchvision has no matching dense model).
 
 Usage:
-    python benchmarks/latency.py [--models slim_mobilenet_v2,slim_resnet50] [--batch-sizes 1,8] [--rounds 5]
+    python benchmarks/latency.py [--models slim_mobilenet_v2,slim_resnet50] [--batch-sizes 1,8] [--rounds 9]
         [--json benchmarks/latency.json]
 """
 
@@ -66,7 +67,11 @@ def bench_pair(slim: nn.Module, dense: nn.Module | None, x: torch.Tensor, rounds
     out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in per.items()}
     out["runs"] = runs
     if dense is not None:
-        out["ratio"] = out["slim_ms"] / out["dense_ms"]
+        # The ratio of each round's back-to-back pair, then the median over rounds: a machine that slows down or
+        # speeds up between rounds (other tenants, frequency) moves both sides of a pair alike.
+        pairs = [a / b for a, b in zip(per["slim"], per["dense"])]
+        out["ratio"] = statistics.median(pairs)
+        out["ratio_spread"] = [min(pairs), max(pairs)]
     return out
 
 
@@ -74,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="slim_mobilenet_v2,slim_resnet50,slim_mobilenet_v1,slim_shufflenet_v1")
     ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--target-seconds", type=float, default=0.4, help="time per measurement (sets runs)")
     ap.add_argument("--json", default="benchmarks/latency.json")
     args = ap.parse_args()
@@ -101,6 +106,8 @@ def main() -> None:
                     results.append(r)
                     dense_ms = f"{r['dense_ms']:9.2f}" if "dense_ms" in r else f"{'-':>9}"
                     ratio = f"{r['ratio']:6.3f}" if "ratio" in r else f"{'-':>6}"
+                    if "ratio_spread" in r:
+                        ratio += f"  ({r['ratio_spread'][0]:.3f}-{r['ratio_spread'][1]:.3f})"
                     print(f"{name:<20} {w:5g} {bs:5d} {r['slim_ms']:9.2f} {dense_ms} {ratio}", flush=True)
     meta = {
         "torch": torch.__version__,

@@ -321,7 +321,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if "widths" in results:
         rows = results["widths"]["rows"]
         ax = axes[0]
@@ -336,18 +336,21 @@ def plot(results: dict[str, Any], out: Path) -> None:
     if "search" in results:
         ax = axes[1]
         for kind, marker in (("searched", "o"), ("uniform", "s")):
-            xs, sup, scr = [], [], []
+            xs, sup, scr, pls = [], [], [], []
             for b, f in results["search"]["budgets"].items():
                 xs.append((f["searched_macs"] if kind == "searched" else f["uniform_macs"]) / 1e6)
                 sup.append(results.get("supernet", {}).get(f"{b}/{kind}", {}).get("top1"))
+                pls.append(results.get("per_layer", {}).get("specs", {}).get(f"{b}/{kind}", {}).get("top1"))
                 vals = _scratch(results, b, kind)
                 scr.append(sum(vals) / len(vals) if vals else None)
             if all(v is not None for v in sup):
                 ax.plot(xs, sup, marker + "--", label=f"{kind}, out of the US-Net")
+            if all(v is not None for v in pls):
+                ax.plot(xs, pls, marker + ":", label=f"{kind}, out of the per-layer-trained US-Net")
             if all(v is not None for v in scr):
                 ax.plot(xs, scr, marker + "-", label=f"{kind}, trained from scratch")
         ax.set(xlabel="MACs (M)", ylabel="test top-1 (%)", title="AutoSlim search vs uniform width")
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "us_autoslim.png", dpi=120)
