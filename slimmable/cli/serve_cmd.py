@@ -91,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     )
     # SIGTERM stops the server like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"serving {loaded.name} at {server.url} (POST /predict, GET /info, GET /health); Ctrl-C stops", flush=True)
-    try:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: shells start background jobs that way
+        print(f"SIGINT is ignored in this process (started in the background?): stop it with kill {os.getpid()}")
+    try:  # a Ctrl-C right after the line below still stops cleanly
+        routes = "POST /predict, GET /info, GET /health"
+        print(f"serving {loaded.name} at {server.url} ({routes}); Ctrl-C stops", flush=True)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("stopping")

@@ -23,7 +23,12 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
         "--latency-cache", str(tmp_path / "lat.json"),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A shell runs background jobs (`bash .ci/run &`) with SIGINT ignored and children inherit that, so Python would
+    # install no Ctrl-C handler: give the server the default disposition of a foreground process.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         lines = []
         deadline = time.monotonic() + 120
@@ -52,7 +57,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
         proc.send_signal(signal.SIGINT)
         try:
             rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # seen once in a full CI-like run, never alone: keep what it was doing
+        except subprocess.TimeoutExpired:  # say where it hangs
             proc.send_signal(signal.SIGABRT)
             rest = proc.communicate(timeout=30)[0]
             pytest.fail(f"serve did not stop within 30 s of SIGINT; its output and threads:\n{rest[-8000:]}")
