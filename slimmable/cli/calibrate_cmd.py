@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,16 @@ def run(args: argparse.Namespace) -> int:
         splits.train, min(batch_size, len(splits.train)), train=True, num_workers=workers, seed=args.seed,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
+
+    def heldout_top1(m: Any, ws: list[float]) -> dict[float, float]:
+        """Top-1 on the images the recipe held out from training (none: empty)."""
+        if splits.val is None:
+            return {}
+        val_loader = create_loader(splits.val, batch_size, train=False, num_workers=workers)
+        return {r.width: r.top1 for r in evaluate(m, val_loader, ws, device=device)}
+
     if spec is not None:
-        return _calibrate_spec(args, ckpt, model, cfg, spec, loader, num_batches, splits, out, device)
+        return _calibrate_spec(args, ckpt, model, cfg, spec, loader, num_batches, splits, out, device, heldout_top1)
     used = calibrate_bn(model, loader, widths, num_batches=num_batches, device=device)
 
     new = dict(ckpt)
@@ -109,10 +118,7 @@ def run(args: argparse.Namespace) -> int:
     new["calibration"] = history
     save_checkpoint(out, new)
 
-    top1: dict[float, float] = {}
-    if splits.val is not None:
-        val_loader = create_loader(splits.val, batch_size, train=False, num_workers=workers)
-        top1 = {m.width: m.top1 for m in evaluate(model, val_loader, list(used), device=device)}
+    top1 = heldout_top1(model, list(used))
     rows = [(f"{w:g}", n, "-" if w not in top1 else f"{top1[w]:.2f}") for w, n in used.items()]
     print(f"{ckpt['model_name']}: calibrated BN statistics on training images of {splits.root} (no augmentation)")
     print(format_table(["width", "images", f"held-out top-1 % ({len(splits.val) if splits.val else 0} images)"], rows))
@@ -125,16 +131,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _calibrate_spec(
     args: argparse.Namespace, ckpt: dict, model: Any, cfg: Any, spec: dict[str, int], loader: Any,
-    num_batches: int, splits: Any, out: Path, device: Any,
+    num_batches: int, splits: Any, out: Path, device: Any, heldout_top1: Callable[[Any, list[float]], dict],
 ) -> int:  # fmt: skip
     """``--channels``: write a checkpoint of the fixed-channel network the spec picks out, statistics re-estimated."""
     import dataclasses
 
     import torch
 
-    from ..data import create_loader
     from ..search import count_active_params, count_macs
-    from ..train import calibrate_channels, evaluate, save_checkpoint
+    from ..train import calibrate_channels, save_checkpoint
 
     fixed = calibrate_channels(model, spec, loader, num_batches=num_batches, device=device)
     recipe = dataclasses.replace(
@@ -153,10 +158,8 @@ def _calibrate_spec(
     save_checkpoint(out, new)
     probe = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size, device=device)
     macs, params = count_macs(fixed, probe), count_active_params(fixed, probe)
-    top1 = "-"
-    if splits.val is not None:
-        val_loader = create_loader(splits.val, cfg.data.batch_size, train=False, num_workers=0)
-        top1 = f"{evaluate(fixed, val_loader, [1.0], device=device)[0].top1:.2f}"
+    held = heldout_top1(fixed, [1.0])
+    top1 = f"{held[1.0]:.2f}" if held else "-"
     print(f"{ckpt['model_name']} at the channels of {args.channels}: {fixed.model_name}, BN statistics re-estimated "
           f"on {fixed.calibration['images']} training images of {splits.root} (no augmentation)")  # fmt: skip
     n_val = len(splits.val) if splits.val is not None else 0

@@ -374,17 +374,13 @@ def _dense_layer(name: str, m: SlimModule, cin: int, reset_bn_stats: bool = Fals
         return bn.eval()
     if isinstance(m, USBatchNorm2d):
         idx = m.stat_index
-        if reset_bn_stats:
-            bn = nn.BatchNorm2d(cin, m.eps, m.momentum, affine=True, track_running_stats=True, device=m.weight.device)
-            bn.weight = _param(_take(m.weight, cin), m.weight)
-            bn.bias = _param(_take(m.bias, cin), m.bias)
-            return bn.eval()
-        if idx is None or m.bn[idx].num_features != cin:
+        if not reset_bn_stats and (idx is None or m.bn[idx].num_features != cin):
             raise ValueError(
                 f"{where} has no BN statistics for {cin} channels (stored for widths {m.stat_widths}); calibrate BN "
                 "statistics for these channels first"
             )
-        stats = m.bn[idx]
+        # fresh statistics (mean 0, variance 1) when they are to be re-estimated, else the width's stored ones
+        stats = nn.BatchNorm2d(cin, affine=False, device=m.weight.device) if reset_bn_stats else m.bn[idx]
         bn = nn.BatchNorm2d(cin, m.eps, m.momentum, affine=True, track_running_stats=True, device="meta")
         bn.weight = _param(_take(m.weight, cin), m.weight)
         bn.bias = _param(_take(m.bias, cin), m.bias)

@@ -179,13 +179,7 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
     settable = {n: m for n, m in by_name.items() if getattr(m, "out_rule", None) is not None}
     plan = []
     for name, c in spec.items():
-        if name not in settable:
-            import difflib
-
-            near = difflib.get_close_matches(name, list(settable), n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else f"; settable layers: {len(settable)}"
-            raise KeyError(f"{name!r} is not a layer with slimmable output channels in this model{hint}")
-        m = settable[name]
+        m = _settable_layer(settable, name)
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= m.max_out:
             raise ValueError(f"channels for {name} must be an int in 1..{m.max_out}, got {c!r}")
         plan.append((m, c))
@@ -208,16 +202,21 @@ def set_layer_widths(model: nn.Module, widths: Mapping[str, float]) -> dict[str,
         KeyError: a name is not a layer with slimmable output channels.
         ValueError: a width the layer cannot take.
     """
-    by_name = {_strip_wrappers(n): m for n, m in slim_modules(model)}
-    spec = {}
-    for name, w in widths.items():
-        m = by_name.get(name)
-        rule = getattr(m, "out_rule", None)
-        if rule is None:
-            raise KeyError(f"{name!r} is not a layer with slimmable output channels in this model")
-        spec[name] = int(rule(float(w)))
+    settable = {_strip_wrappers(n): m for n, m in slim_modules(model) if getattr(m, "out_rule", None) is not None}
+    spec = {name: int(_settable_layer(settable, name).out_rule(float(w))) for name, w in widths.items()}
     set_channels(model, spec)
     return spec
+
+
+def _settable_layer(settable: Mapping[str, SlimModule], name: str) -> SlimModule:
+    """``settable[name]``; a ``KeyError`` naming near matches when ``name`` is not a layer with slimmable outputs."""
+    if name not in settable:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(settable), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; settable layers: {len(settable)}"
+        raise KeyError(f"{name!r} is not a layer with slimmable output channels in this model{hint}")
+    return settable[name]
 
 
 def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:
