@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -120,10 +120,31 @@ class SlimResNet(SlimNet):
                 features.append(Block(rule, out_rule, stride, bottleneck, plan))
                 rule = out_rule
         features.append(nn.AdaptiveAvgPool2d(1))
-        self.features = nn.Sequential(*features)
+        self.features = nn.Sequential(*features)  # flat, as the official checkpoints' keys (features.N)
+        self.stage_depths = blocks
         self.num_features = rule.max_channels
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
         _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
+        layers = iter(self.features)
+        x = next(layers)(x)  # stem
+        for depth in self.stage_depths:
+            x = _run_stage(layers, depth, x)
+        x = next(layers)(x)  # global pooling
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _run_stage(layers: Iterator[nn.Module], depth: int, x: torch.Tensor) -> torch.Tensor:
+    # ``x`` (the stage's input) stays referenced until the whole stage has run, as in torchvision's ResNet, whose
+    # forward holds it while ``layerN`` runs. A flat nn.Sequential frees it after the stage's first block; with
+    # glibc's malloc that order of frees lets the heap top be trimmed and faulted back in on every forward:
+    # ~10k more page faults and 6% more time for ResNet-50 at batch 8 (benchmarks/RESULTS.md, "Latency").
+    out = x
+    for _ in range(depth):
+        out = next(layers)(out)
+    return out
 
 
 @register_model

@@ -78,6 +78,18 @@ def test_active_params_shrink_with_width() -> None:
     assert counts[-1] == 4_231_976  # MobileNet v1 1.0: 4.23 M
 
 
+@pytest.mark.parametrize("name", ["slim_resnet18", "slim_resnet50"])
+def test_resnet_stage_forward_equals_the_flat_feature_chain(name: str) -> None:
+    # SlimResNet.forward walks ``features`` stage by stage (to keep torchvision's activation lifetimes); it must
+    # visit every layer once, in order, at every width.
+    model = slimmable.create_model(name, num_classes=10, small_input=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in model.iter_widths():
+            flat = model.classifier(torch.flatten(model.features(x), 1))
+            torch.testing.assert_close(model(x), flat, rtol=0, atol=0)
+
+
 def test_custom_widths_build_and_run() -> None:
     model = slimmable.create_model("slim_mobilenet_v2", widths=(1.0, 0.3, 0.6), num_classes=5, small_input=True)
     assert model.widths == (0.3, 0.6, 1.0)  # sorted: BN switch i is the i-th smallest width

@@ -165,3 +165,56 @@ def test_weight_memo_dropped_on_mode_switch_for_writes_autograd_cannot_see() -> 
         slim.weight.data.mul_(2.0)
         slim.clear_weight_memo()
         torch.testing.assert_close(slim(x), 6 * y1)
+
+
+def test_parametrized_and_pruned_layers_use_their_computed_weights() -> None:
+    # The inference fast paths read tensors from the parameter dicts; a parametrization or a pruning mask computes
+    # ``weight`` instead, and must not be bypassed.
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    conv = SlimConv2d(8, 8, 1, bias=True, out_rule=WidthTable.build((0.5, 1.0), [4, 8])).eval()
+    bn = SwitchableBatchNorm2d(WidthTable.build((0.5, 1.0), [4, 8])).eval()
+    fc = SlimLinear(8, 3).eval()
+    with torch.no_grad():
+        for b in bn.bn:
+            b.running_mean.uniform_(-1, 1)
+            b.running_var.uniform_(0.5, 2)
+        fc.weight.copy_(torch.linspace(-1, 1, 24).view(3, 8))  # the 12 smallest magnitudes include row 1
+    parametrize.register_parametrization(conv, "weight", Double())
+    prune.l1_unstructured(bn.bn[0], "weight", amount=2)
+    prune.l1_unstructured(fc, "weight", amount=12)
+    set_width(conv, 0.5)
+    set_width(bn, 0.5)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.inference_mode():
+        y = conv(x)
+        torch.testing.assert_close(y, F.conv2d(x, 2 * conv.parametrizations.weight.original[:4, :4], conv.bias[:4]))
+        b0 = bn.bn[0]
+        assert (b0.weight == 0).sum() == 2
+        ref = F.batch_norm(y, b0.running_mean, b0.running_var, b0.weight, b0.bias, False, 0.0, b0.eps)
+        torch.testing.assert_close(bn(y), ref)
+        z = torch.randn(2, 4)
+        assert (fc.weight[1] == 0).all()
+        torch.testing.assert_close(fc(z), F.linear(z, fc.weight[:, :4], fc.bias))
+
+
+def test_narrow_inference_compiles_without_graph_breaks() -> None:
+    # The weight memo is skipped under torch.compile; its checks must not break the graph (fullgraph raises).
+    rule = WidthTable.build((0.5, 1.0), [4, 8])
+    net = nn.Sequential(
+        SlimConv2d(3, 8, 3, padding=1, bias=False, out_rule=rule),
+        SwitchableBatchNorm2d(rule),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        SlimLinear(8, 5),
+    ).eval()
+    set_width(net, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x))
