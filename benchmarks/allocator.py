@@ -5,8 +5,10 @@ alternate (default, retained, default, ...) over ``--rounds`` rounds so that a h
 alike. Each child times torchvision's dense model (the effect does not depend on the model being slimmable) and
 counts minor page faults per forward.
 
+``--in-thread`` runs the forwards in a worker thread, as the request threads of ``slimmable serve`` do.
+
 Usage:
-    python benchmarks/allocator.py [--models mobilenet_v2,resnet50] [--batch-sizes 1,8] [--rounds 3]
+    python benchmarks/allocator.py [--models mobilenet_v2,resnet50] [--batch-sizes 1,8] [--rounds 3] [--in-thread]
         [--json benchmarks/allocator.json]
 """
 
@@ -23,29 +25,38 @@ _CHILD = """
 import json, resource, statistics, sys, time
 import torch, torchvision
 from slimmable.runtime import retain_freed_memory
-name, bs, mode, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+import threading
+name, bs, mode, runs, in_thread = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 applied = retain_freed_memory() if mode == "retain" else False
 torch.manual_seed(0)
 model = getattr(torchvision.models, name)().eval()
 x = torch.randn(bs, 3, 224, 224)
-with torch.inference_mode():
-    for _ in range(5):
-        model(x)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x)
-        ts.append(time.perf_counter() - t0)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / runs
-print(json.dumps({"ms": 1e3 * statistics.median(ts), "faults": faults, "applied": applied}))
+out = {}
+def measure():
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+        out["faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / runs
+        out["ms"] = 1e3 * statistics.median(ts)
+if in_thread:  # as a server's request threads do: glibc gives each thread an arena of its own
+    t = threading.Thread(target=measure)
+    t.start()
+    t.join()
+else:
+    measure()
+print(json.dumps({"ms": out["ms"], "faults": out["faults"], "applied": applied}))
 """
 
 
-def child(name: str, bs: int, mode: str, runs: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, name, str(bs), mode, str(runs)], capture_output=True, text=True, check=True
-    )
+def child(name: str, bs: int, mode: str, runs: int, in_thread: bool) -> dict:
+    cmd = [sys.executable, "-c", _CHILD, name, str(bs), mode, str(runs), str(int(in_thread))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -55,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--rounds", type=int, default=3, help="alternating (default, retained) child pairs per cell")
     ap.add_argument("--runs", type=int, default=15, help="timed forwards per child")
+    ap.add_argument("--in-thread", action="store_true", help="run the forwards in a worker thread (as a server does)")
     ap.add_argument("--json", default="benchmarks/allocator.json")
     args = ap.parse_args()
 
@@ -68,10 +80,10 @@ def main() -> None:
             per: dict[str, list[dict]] = {"default": [], "retain": []}
             for r in range(args.rounds):
                 for mode in ("default", "retain") if r % 2 == 0 else ("retain", "default"):
-                    per[mode].append(child(name, bs, mode, args.runs))
+                    per[mode].append(child(name, bs, mode, args.runs, args.in_thread))
             if not all(c["applied"] for c in per["retain"]):
                 raise SystemExit("retain_freed_memory() did not apply: this C library is not glibc")
-            row = {"model": name, "batch": bs}
+            row = {"model": name, "batch": bs, "in_thread": args.in_thread}
             for mode, cells in per.items():
                 row[f"{mode}_ms"] = statistics.median(c["ms"] for c in cells)
                 row[f"{mode}_faults_per_forward"] = statistics.median(c["faults"] for c in cells)

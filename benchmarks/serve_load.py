@@ -12,7 +12,7 @@ width. Reported: throughput, p50/p99 client latency and server inference time pe
 
 Usage:
     python benchmarks/serve_load.py [--seconds 30] [--clients 4] [--model slim_mobilenet_v2] [--input-size 224]
-        [--json benchmarks/serve_load.json]
+        [--retain-freed-memory] [--json benchmarks/serve_load.json]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import slimmable
-from slimmable.runtime import SlimmableRunner
+from slimmable.runtime import SlimmableRunner, retain_freed_memory
 from slimmable.serve import PredictionServer
 
 
@@ -111,10 +111,13 @@ def main() -> None:
         "--max-concurrency", type=int, default=1, help="runner: at most N forward passes at once (0: no limit)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retain-freed-memory", action="store_true", help="as `slimmable serve --retain-freed-memory`")
     ap.add_argument("--json", default="benchmarks/serve_load.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not retain_freed_memory():
+        raise SystemExit("--retain-freed-memory: this C library is not glibc")
     torch.manual_seed(args.seed)
     model = slimmable.create_model(args.model).eval()
     t0 = time.perf_counter()
@@ -183,6 +186,7 @@ def main() -> None:
         "clients": args.clients,
         "seconds": args.seconds,
         "threads": torch.get_num_threads(),
+        "retain_freed_memory": args.retain_freed_memory,
         "max_concurrency": args.max_concurrency,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "runner_startup_s": startup_s,

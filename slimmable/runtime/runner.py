@@ -41,6 +41,7 @@ from torch import nn
 from ..export._io import model_label, tensor_bytes, write_json_atomic
 from ..export.dense import _input_shape, _unwrap, default_widths, export_width
 from ..nn.channels import _key
+from .allocator import freed_memory_retained
 
 __all__ = ["RunResult", "SlimmableRunner"]
 
@@ -291,6 +292,7 @@ class SlimmableRunner:
         return (
             f"{self.name}|arch={digest}|input={c}x{h}x{w}|batch={batch_size}|device={self._device_label()}"
             f"|threads={torch.get_num_threads()}|fold_bn={int(self.fold_bn)}|dtype={self.dtype}|torch={torch.__version__}"
+            f"|malloc={'retained' if freed_memory_retained() else 'default'}"
         )
 
     def _parse_cached(self, entry: Any) -> dict[float, float] | None:

@@ -20,7 +20,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     cmd = [
         sys.executable, "-m", "slimmable.cli.main", "serve", "--model", "slim_mobilenet_v1", "--num-classes", "10",
         "--small-input", "--port", "0", "--calibration-seconds", "0.3", "--threads", "1",
-        "--latency-cache", str(tmp_path / "lat.json"),
+        "--latency-cache", str(tmp_path / "lat.json"), "--retain-freed-memory",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     # A shell runs background jobs (`bash .ci/run &`) with SIGINT ignored and children inherit that, so Python would
@@ -45,6 +45,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
         assert url is not None, "".join(lines)
         text = "".join(lines)
         assert "RANDOM WEIGHTS" in text and "calibrated latency" in text
+        assert "allocator: freed memory is retained" in text or "allocator: not glibc" in text
         conn = http.client.HTTPConnection("127.0.0.1", url, timeout=30)
         conn.request("GET", "/info")
         info = json.loads(conn.getresponse().read())
@@ -63,6 +64,8 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
             pytest.fail(f"serve did not stop within 30 s of SIGINT; its output and threads:\n{rest[-8000:]}")
         assert rc == 0
         assert (tmp_path / "lat.json").is_file()
+        if "freed memory is retained" in text:  # latencies measured under each allocator are cached apart
+            assert "malloc=retained" in (tmp_path / "lat.json").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
