@@ -1,11 +1,12 @@
 """Opt-in tuning of the C allocator for CPU inference: :func:`retain_freed_memory`.
 
 PyTorch allocates CPU tensors with the C library's ``malloc``. With glibc's defaults, blocks above a threshold
-(at most 32 MB) are mapped fresh from the kernel on every allocation and unmapped on free, and the top of the heap
-is returned to the kernel whenever more than a few MB of it are free. An inference loop allocates and frees the
+(128 kB, rising with the largest block freed, to at most 32 MB) are mapped fresh from the kernel on every
+allocation and unmapped on free, and the top of the heap is returned to the kernel whenever more than twice that
+threshold of it is free. An inference loop allocates and frees the
 same activation sizes on every forward, so it pays for zero-filled fresh pages every time: tens of thousands of
 page faults per forward. Measured on this project's 2-core machine (``benchmarks/RESULTS.md``, "Allocator"),
-keeping freed memory makes torchvision's MobileNet v2 about 1.5x faster at batch 1 and 2x at batch 8.
+keeping freed memory makes torchvision's MobileNet v2 1.3-1.4x faster at batch 1 and 2.9x at batch 8.
 
 It also decides how two equal models compare: which frees let glibc trim the heap depends on the exact order of
 frees, so a model that frees one activation earlier can fault more and run 6% slower
