@@ -22,10 +22,9 @@ import subprocess
 import sys
 
 _CHILD = """
-import json, resource, statistics, sys, time
+import json, resource, statistics, sys, threading, time
 import torch, torchvision
 from slimmable.runtime import retain_freed_memory
-import threading
 name, bs, mode, runs, in_thread = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 applied = retain_freed_memory() if mode == "retain" else False
 torch.manual_seed(0)

@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 
 import slimmable
-from slimmable.runtime import retain_freed_memory
+from slimmable.runtime import freed_memory_retained, retain_freed_memory
 
 
 def dense_reference(name: str, width: float) -> nn.Module | None:
@@ -89,9 +89,9 @@ def main() -> None:
     ap.add_argument("--retain-freed-memory", action="store_true", help="glibc keeps freed memory (see above)")
     ap.add_argument("--json", default="benchmarks/latency.json")
     args = ap.parse_args()
-    retained = retain_freed_memory() if args.retain_freed_memory else False
-    if args.retain_freed_memory and not retained:
+    if args.retain_freed_memory and not retain_freed_memory():
         print("--retain-freed-memory: not glibc, the allocator is unchanged")
+    retained = freed_memory_retained()  # also true when the environment variables set it
 
     torch.manual_seed(0)
     results = []

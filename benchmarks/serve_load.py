@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import slimmable
-from slimmable.runtime import SlimmableRunner, retain_freed_memory
+from slimmable.runtime import SlimmableRunner, freed_memory_retained, retain_freed_memory
 from slimmable.serve import PredictionServer
 
 
@@ -186,7 +186,7 @@ def main() -> None:
         "clients": args.clients,
         "seconds": args.seconds,
         "threads": torch.get_num_threads(),
-        "retain_freed_memory": args.retain_freed_memory,
+        "retain_freed_memory": freed_memory_retained(),  # the flag, or the environment variables
         "max_concurrency": args.max_concurrency,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "runner_startup_s": startup_s,
