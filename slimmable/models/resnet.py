@@ -140,7 +140,7 @@ def _run_stage(layers: Iterator[nn.Module], depth: int, x: torch.Tensor) -> torc
     # ``x`` (the stage's input) stays referenced until the whole stage has run, as in torchvision's ResNet, whose
     # forward holds it while ``layerN`` runs. A flat nn.Sequential frees it after the stage's first block; with
     # glibc's malloc that order of frees lets the heap top be trimmed and faulted back in on every forward:
-    # ~10k more page faults and 6% more time for ResNet-50 at batch 8 (benchmarks/RESULTS.md, "Latency").
+    # ~10k more page faults and 4-6% more time for ResNet-50 at batch 8 (benchmarks/RESULTS.md, "Latency").
     out = x
     for _ in range(depth):
         out = next(layers)(out)

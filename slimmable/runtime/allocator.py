@@ -9,7 +9,7 @@ page faults per forward. Measured on this project's 2-core machine (``benchmarks
 keeping freed memory makes torchvision's MobileNet v2 1.3-1.4x faster at batch 1 and 2.9x at batch 8.
 
 It also decides how two equal models compare: which frees let glibc trim the heap depends on the exact order of
-frees, so a model that frees one activation earlier can fault more and run 6% slower
+frees, so a model that frees one activation earlier can fault more and run 4-6% slower
 (see :class:`~slimmable.models.resnet.SlimResNet`'s forward).
 """
 
