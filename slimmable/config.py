@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -236,6 +238,8 @@ class TrainConfig:
         sync_bn: synchronise BatchNorm statistics across processes, per switch.
         eval_every: validate every this many epochs (and after the last).
         log_interval: steps between progress lines (when no progress bar is shown).
+        nonfinite: a NaN or infinite training loss ``stop``s the run with an error naming the step and width (the
+            last good checkpoint is kept), or ``skip``s the step (no update) and counts it in ``history.json``.
     """
 
     epochs: int = 10
@@ -253,6 +257,7 @@ class TrainConfig:
     sync_bn: bool = False
     eval_every: int = 1
     log_interval: int = 50
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -404,12 +409,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan: a hyper-parameter that trains to NaN
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import set_layer_widths, set_width, use_width
+from .nonfinite import NonFiniteLoss, NonFiniteLossError, losses_are_finite, stop_message
 from .samplers import WidthSampler
 
 __all__ = [
@@ -109,6 +110,7 @@ def train_step(
     label_smoothing: float = 0.0,
     inplace_distill: bool = False,
     grad_clip: float | None = None,
+    check_finite: bool = True,
 ) -> StepResult:
     """One optimizer step of Algorithm 1: forward + backward at each width (gradients accumulate), one update.
 
@@ -128,9 +130,14 @@ def train_step(
         label_smoothing: label smoothing of the cross-entropy.
         inplace_distill: widths after the first learn the first (widest) width's detached soft predictions.
         grad_clip: clip the gradient norm (after unscaling) to this.
+        check_finite: before the update, check that every loss is finite (one host sync per step).
 
     Returns:
         The per-width losses and correct counts (detached).
+
+    Raises:
+        NonFiniteLoss: a loss is NaN or infinite (``check_finite``); the gradients are cleared, the parameters
+            and optimizer state are unchanged.
     """
     if forward is None:
         forward = ddp if ddp is not None else model
@@ -156,6 +163,9 @@ def train_step(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
         correct.append((logits.detach().argmax(dim=1) == targets).sum())
+    if check_finite and not losses_are_finite(torch.stack(losses)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(widths, torch.stack(losses))
     if grad_clip is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -291,6 +301,7 @@ class EpochStats:
     lr: float = 0.0
     interrupted: bool = False
     batches_done: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (train.nonfinite: skip)
 
     @property
     def images_per_second(self) -> float:
@@ -312,6 +323,8 @@ class Trainer:
         channels_last: NHWC inputs.
         seed: seeds the per-step width choice (identical on every process).
         log_interval: steps between progress log lines (without a progress bar).
+        nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
+            (no update, counted in :attr:`EpochStats.skipped_steps`).
     """
 
     def __init__(
@@ -332,6 +345,7 @@ class Trainer:
         channels_last: bool = False,
         seed: int = 0,
         log_interval: int = 50,
+        nonfinite: str = "stop",
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.device = device
@@ -342,6 +356,7 @@ class Trainer:
         self.channels_last = channels_last
         self.seed = seed
         self.log_interval = log_interval
+        self.nonfinite = nonfinite
         self.step = 0
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
@@ -393,20 +408,27 @@ class Trainer:
         for images, targets in bar:
             images, targets = _to_device(images, targets, self.device, self.channels_last)
             widths = self.widths_for_step()
-            res = train_step(
-                self.model,
-                self.optimizer,
-                images,
-                targets,
-                widths,
-                forward=self.forward,
-                ddp=self.ddp,
-                autocast_dtype=self.autocast_dtype,
-                scaler=self.scaler,
-                label_smoothing=self.label_smoothing,
-                inplace_distill=self.inplace_distill,
-                grad_clip=self.grad_clip,
-            )
+            try:
+                res = train_step(
+                    self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
+                    autocast_dtype=self.autocast_dtype, scaler=self.scaler, label_smoothing=self.label_smoothing,
+                    inplace_distill=self.inplace_distill, grad_clip=self.grad_clip,
+                )  # fmt: skip
+            except NonFiniteLoss as err:
+                if self.nonfinite != "skip":
+                    msg = stop_message(err, epoch, self.step, stats.batches_done + 1, steps_in_epoch)
+                    raise NonFiniteLossError(msg) from None
+                # skipped: no update; the schedule and the width sequence move on
+                _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, epoch + 1, err)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.step += 1
+                stats.batches_done += 1
+                stats.skipped_steps += 1
+                if should_stop is not None and should_stop():
+                    stats.interrupted = stats.batches_done < steps_in_epoch
+                    break
+                continue
             if self.scheduler is not None:
                 self.scheduler.step()
             self.step += 1

@@ -30,6 +30,7 @@ from .calibrate import add_stat_widths, calibrate_bn
 from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
 from .engine import EpochStats, Trainer, WidthMetrics, evaluate, resolve_amp, width_label
+from .nonfinite import NonFiniteLossError, with_checkpoint_note
 from .optim import create_optimizer, create_scheduler
 from .report import plot_report, width_report, write_json, write_report
 from .samplers import create_width_sampler
@@ -392,7 +393,7 @@ def _train(
         model, optimizer, scheduler, sampler, device=dev, forward=forward,
         ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
         inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=tc.channels_last, seed=tc.seed,
-        log_interval=tc.log_interval,
+        log_interval=tc.log_interval, nonfinite=tc.nonfinite,
     )  # fmt: skip
 
     start_epoch, start_batch = 0, 0
@@ -480,10 +481,14 @@ def _train(
             if rng_to_restore is not None:
                 set_rng_state(rng_to_restore)
                 rng_to_restore = None
-            stats = trainer.train_epoch(
-                train_loader, epoch, steps_in_epoch=steps_per_epoch, start_batch=start_batch,
-                should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
-            )  # fmt: skip
+            try:
+                stats = trainer.train_epoch(
+                    train_loader, epoch, steps_in_epoch=steps_per_epoch, start_batch=start_batch,
+                    should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
+                )  # fmt: skip
+            except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
+                _close(writer)
+                raise with_checkpoint_note(err, last_path) from None
             start_batch = 0
             if stats.interrupted:
                 ck = checkpoint(epoch, stats.batches_done)
@@ -587,6 +592,7 @@ def _epoch_record(stats: EpochStats) -> dict[str, Any]:
         "lr": stats.lr,
         "seconds": stats.seconds,
         "images_per_second": stats.images_per_second,
+        "skipped_steps": stats.skipped_steps,  # non-finite loss (train.nonfinite: skip)
     }
 
 
