@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import tiny_recipe, write_fashion_mnist, write_recipe
+from fake_data import tiny_recipe, write_fashion_mnist, write_malicious_cifar, write_recipe
 
 from slimmable.cli.main import main
 from slimmable.train import load_checkpoint
@@ -172,3 +172,22 @@ def test_unwritable_out_and_full_disk_are_one_line(
     assert (out / "last.pt").read_bytes() == before
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert math.isfinite(load_checkpoint(out / "last.pt")["best"]["top1_mean"])
+
+
+def test_checkpoint_pointing_at_a_malicious_cifar_folder_runs_no_code(
+    fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(fmnist, train={"epochs": 1}))
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--out", str(out), *_FAST]) == 0
+    marker = tmp_path / "pwned"
+    evil = write_malicious_cifar(tmp_path / "evil", marker)
+    # a checkpoint that passes weights_only, whose saved recipe points at the folder
+    ck = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    ck["config"]["data"].update(dataset="cifar10", root=str(evil), image_size=32, val_size=0)
+    torch.save(ck, tmp_path / "innocent.pt")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "innocent.pt"), "--latency-runs", "0"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "refers to posix.mkdir" in line and "could run code" in line
+    assert not marker.exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import write_cifar, write_fashion_mnist, write_image_folder
+from fake_data import write_cifar, write_fashion_mnist, write_image_folder, write_malicious_cifar
 
 from slimmable.data import TensorImageDataset, create_datasets, create_loader, load_fashion_mnist
 
@@ -181,29 +181,6 @@ def test_tensor_dataset_rejects_bad_input() -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(ValueError, match="dataset 'mnist' is not one of fashion_mnist, cifar10"):
         create_datasets("mnist")
-
-
-class _RunsCode:
-    """A pickle payload whose ``__reduce__`` calls ``os.mkdir(marker)`` when unpickled with plain ``pickle``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        import os
-
-        return (os.mkdir, (str(self.marker),))
-
-
-def write_malicious_cifar(root: Path, marker: Path) -> Path:
-    """A CIFAR-10 folder whose first training batch and test batch run ``os.mkdir(marker)`` under plain pickle."""
-    import pickle
-
-    write_cifar(root, 10, per_batch=2, n_test=2)
-    for name in ("data_batch_1", "test_batch"):
-        with open(root / "cifar-10-batches-py" / name, "wb") as f:
-            pickle.dump({"data": _RunsCode(marker), "labels": [0, 1]}, f)
-    return root
 
 
 def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
