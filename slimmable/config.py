@@ -239,7 +239,8 @@ class TrainConfig:
         eval_every: validate every this many epochs (and after the last).
         log_interval: steps between progress lines (when no progress bar is shown).
         nonfinite: a NaN or infinite training loss ``stop``s the run with an error naming the step and width (the
-            last good checkpoint is kept), or ``skip``s the step (no update) and counts it in ``history.json``.
+            last good checkpoint is kept), or ``skip``s the step (no update, BN statistics restored) and counts it in
+            ``history.json``.
     """
 
     epochs: int = 10

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import set_layer_widths, set_width, use_width
-from .nonfinite import NonFiniteLoss, NonFiniteLossError, losses_are_finite, stop_message
+from .nonfinite import (
+    NonFiniteLoss,
+    NonFiniteLossError,
+    losses_are_finite,
+    restore_buffers,
+    snapshot_buffers,
+    stop_message,
+)
 from .samplers import WidthSampler
 
 __all__ = [
@@ -130,14 +137,15 @@ def train_step(
         label_smoothing: label smoothing of the cross-entropy.
         inplace_distill: widths after the first learn the first (widest) width's detached soft predictions.
         grad_clip: clip the gradient norm (after unscaling) to this.
-        check_finite: before the update, check that every loss is finite (one host sync per step).
+        check_finite: before the update, check that every loss is finite (one host sync per step; with ``ddp``,
+            agreed by all processes with one scalar all-reduce).
 
     Returns:
         The per-width losses and correct counts (detached).
 
     Raises:
         NonFiniteLoss: a loss is NaN or infinite (``check_finite``); the gradients are cleared, the parameters
-            and optimizer state are unchanged.
+            and optimizer state are unchanged (the BN running statistics are not: the forward passes ran).
     """
     if forward is None:
         forward = ddp if ddp is not None else model
@@ -163,7 +171,7 @@ def train_step(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
         correct.append((logits.detach().argmax(dim=1) == targets).sum())
-    if check_finite and not losses_are_finite(torch.stack(losses)):
+    if check_finite and not losses_are_finite(torch.stack(losses), all_processes=ddp is not None):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(widths, torch.stack(losses))
     if grad_clip is not None:
@@ -324,7 +332,8 @@ class Trainer:
         seed: seeds the per-step width choice (identical on every process).
         log_interval: steps between progress log lines (without a progress bar).
         nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
-            (no update, counted in :attr:`EpochStats.skipped_steps`).
+            (no update, BN statistics restored, counted in :attr:`EpochStats.skipped_steps`; the buffers are copied
+            before every step).
     """
 
     def __init__(
@@ -408,6 +417,7 @@ class Trainer:
         for images, targets in bar:
             images, targets = _to_device(images, targets, self.device, self.channels_last)
             widths = self.widths_for_step()
+            saved = snapshot_buffers(self.model) if self.nonfinite == "skip" else None
             try:
                 res = train_step(
                     self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
@@ -418,7 +428,8 @@ class Trainer:
                 if self.nonfinite != "skip":
                     msg = stop_message(err, epoch, self.step, stats.batches_done + 1, steps_in_epoch)
                     raise NonFiniteLossError(msg) from None
-                # skipped: no update; the schedule and the width sequence move on
+                # skipped: no update, BN statistics restored; the schedule and the width sequence move on
+                restore_buffers(self.model, saved or [])
                 _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, epoch + 1, err)
                 if self.scheduler is not None:
                     self.scheduler.step()
