@@ -123,7 +123,8 @@ def tiny_recipe(fmnist_dir: Path, **overrides: dict) -> dict:
             "batch_size": 16,
         },
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
-        "train": {"epochs": 2, "seed": 3, "log_interval": 1},
+        # explicit numerics: runs compared with each other must not depend on a timing probe
+        "train": {"epochs": 2, "seed": 3, "log_interval": 1, "amp": "off", "channels_last": False},
     }
     for sec, vals in overrides.items():
         sections[sec] = {**sections.get(sec, {}), **vals}

@@ -38,6 +38,7 @@ __all__ = [
     "Trainer",
     "WidthMetrics",
     "evaluate",
+    "format_seconds",
     "resolve_amp",
     "soft_cross_entropy",
     "train_step",
@@ -201,6 +202,16 @@ class WidthMetrics:
         return asdict(self)
 
 
+def format_seconds(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def width_label(key: float | str) -> str:
     """A width as text (``0.25``), or a pooled key such as ``random`` as it is."""
     return key if isinstance(key, str) else f"{key:g}"
@@ -330,7 +341,10 @@ class Trainer:
         autocast_dtype, scaler, label_smoothing, inplace_distill, grad_clip: see :func:`train_step`.
         channels_last: NHWC inputs.
         seed: seeds the per-step width choice (identical on every process).
-        log_interval: steps between progress log lines (without a progress bar).
+        log_interval: steps between ``on_log`` calls (TensorBoard scalars).
+        log_seconds: seconds between progress lines without a progress bar (the first after the first step), each
+            with steps per second and, given ``total_steps``, the run's ETA.
+        total_steps: steps of the whole run (for the ETA).
         nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
             (no update, BN statistics restored, counted in :attr:`EpochStats.skipped_steps`; the buffers are copied
             before every step).
@@ -354,6 +368,8 @@ class Trainer:
         channels_last: bool = False,
         seed: int = 0,
         log_interval: int = 50,
+        log_seconds: float = 30.0,
+        total_steps: int | None = None,
         nonfinite: str = "stop",
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
@@ -365,6 +381,7 @@ class Trainer:
         self.channels_last = channels_last
         self.seed = seed
         self.log_interval = log_interval
+        self.log_seconds, self.total_steps = log_seconds, total_steps
         self.nonfinite = nonfinite
         self.step = 0
         fixed = getattr(sampler, "fixed_widths", None)
@@ -401,7 +418,7 @@ class Trainer:
             start_batch: batches of this epoch already done (the loader starts after them).
             should_stop: polled after every step; a true result ends the epoch early (``interrupted``).
             progress: show a progress bar instead of log lines.
-            on_log: called every ``log_interval`` steps with ``(global_step, scalars)``.
+            on_log: called every ``log_interval`` steps (and at the epoch's end) with ``(global_step, scalars)``.
             batches: an already created iterator over ``loader`` (to control when random states are drawn).
         """
         self.model.train()
@@ -412,6 +429,7 @@ class Trainer:
         n_images = torch.zeros((), dtype=torch.float64, device=self.device)
         stats = EpochStats(epoch, batches_done=start_batch)
         t0 = time.perf_counter()
+        next_line = t0  # the first line comes after the first step
         it = batches if batches is not None else iter(loader)
         bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
         for images, targets in bar:
@@ -457,29 +475,33 @@ class Trainer:
                 loss_sum[key] += res.losses[j].double() * bs
                 correct_sum[key] += res.correct[j].double()
                 count_sum[key] += bs
-            if stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch:
+            now = time.perf_counter()
+            due = now >= next_line  # time-based, not every N steps: a line at least every log_seconds
+            interval = stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch
+            if interval or due:
                 step_losses: dict[str, list[float]] = {}
                 for j, key in enumerate(keys):
                     step_losses.setdefault(width_label(key), []).append(float(res.losses[j]))
                 scalars = {f"loss/{k}": sum(v) / len(v) for k, v in step_losses.items()}
                 scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-                if on_log is not None:
+                if on_log is not None and interval:
                     on_log(self.step, scalars)
-                if not progress:
+                rate = stats.steps / (now - t0)
+                eta = ""
+                if self.total_steps is not None:
+                    eta = f", ETA {format_seconds((self.total_steps - self.step) / rate)}"
+                if not progress and due:
+                    next_line = now + self.log_seconds
                     losses = " ".join(
                         f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
                         for j, w in enumerate(res.widths)
                     )
                     _logger.info(
-                        "epoch %d step %d/%d  lr %.4g  loss %s",
-                        epoch + 1,
-                        stats.batches_done,
-                        steps_in_epoch,
-                        scalars["lr"],
-                        losses,
-                    )
+                        "epoch %d step %d/%d  %.2f steps/s%s  lr %.4g  loss %s",
+                        epoch + 1, stats.batches_done, steps_in_epoch, rate, eta, scalars["lr"], losses,
+                    )  # fmt: skip
                 elif hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}")
+                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
             if should_stop is not None and should_stop():
                 stats.interrupted = stats.batches_done < steps_in_epoch
                 break
