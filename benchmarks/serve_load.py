@@ -18,7 +18,7 @@ errors by type (resets must be 0), and the peak RSS of this process, which hosts
 
 Usage:
     python benchmarks/serve_load.py [--seconds 30] [--clients 4] [--model slim_mobilenet_v2] [--input-size 224]
-        [--retain-freed-memory] [--json benchmarks/serve_load.json]
+        [--retain-freed-memory] [--json benchmarks/results/serve_load.json]
     python benchmarks/serve_load.py --burst 200 [--burst-png-side 7000] [--backlog 256]
         [--json benchmarks/results/serve_burst.json]
 """
@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import machine_info
 from PIL import Image
 
 import slimmable
@@ -207,7 +208,7 @@ def main_burst(args: argparse.Namespace, runner: SlimmableRunner, startup_s: flo
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "max_concurrency": args.max_concurrency,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "machine": {**machine_info(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "runner_startup_s": startup_s,
         **result,
     }
@@ -238,7 +239,7 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retain-freed-memory", action="store_true", help="as `slimmable serve --retain-freed-memory`")
-    ap.add_argument("--json", default="benchmarks/serve_load.json")
+    ap.add_argument("--json", default="benchmarks/results/serve_load.json")
     ap.add_argument("--burst", type=int, metavar="N", help="burst mode: N connections at once, one request each")
     ap.add_argument("--burst-png-side", type=int, metavar="S", help="burst with an all-black SxS PNG (memory bound)")
     ap.add_argument("--backlog", type=int, default=256, help="server listen queue (default 256)")
@@ -324,7 +325,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "retain_freed_memory": freed_memory_retained(),  # the flag, or the environment variables
         "max_concurrency": args.max_concurrency,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "machine": {**machine_info(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "runner_startup_s": startup_s,
         "requests": len(records),
         "ok": len(ok),
