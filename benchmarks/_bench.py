@@ -18,7 +18,7 @@ from typing import Any
 
 from slimmable.hardware import describe_machine, machine_info
 
-__all__ = ["AVX2_ENV", "describe_machine", "emulating_avx2", "machine_info", "run_avx2_child"]
+__all__ = ["AVX2_ENV", "describe_machine", "emulating_avx2", "machine_info", "run_avx2_child", "write_json"]
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -37,3 +37,13 @@ def run_avx2_child(script: str, argv: Sequence[str]) -> dict[str, Any]:
         print(f"\n--- the AVX2 path: {env} {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, check=True)
         return json.loads(path.read_text())
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as JSON atomically (parents created) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")

@@ -38,11 +38,10 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import machine_info
+from _bench import machine_info, write_json
 from PIL import Image
 
 import slimmable
@@ -218,11 +217,7 @@ def main_burst(args: argparse.Namespace, runner: SlimmableRunner, startup_s: flo
         f"({result['resets']} resets), {result['wall_s']:.1f} s; RSS {result['rss_before_mb']:.0f} -> peak "
         f"{result['rss_peak_mb']:.0f} -> {result['rss_after_mb']:.0f} MB"
     )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
+    write_json(args.json, summary)
 
 
 def main() -> None:
@@ -360,11 +355,7 @@ def main() -> None:
             f"budget met: {100 * summary['budget_met_inference']:.1f}% by server inference time, "
             f"{100 * summary['budget_met_round_trip']:.1f}% by client round trip ({len(budgeted)} budgeted requests)"
         )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -414,7 +414,8 @@ class Trainer:
         Args:
             loader: yields ``(images, targets)`` batches of this process.
             epoch: 0-based epoch index (for messages).
-            steps_in_epoch: batches of a full epoch (for messages).
+            steps_in_epoch: batches of this epoch: the loader's length, or fewer to end it early (the last epoch of
+                a run sized to a time budget).
             start_batch: batches of this epoch already done (the loader starts after them).
             should_stop: polled after every step; a true result ends the epoch early (``interrupted``).
             progress: show a progress bar instead of log lines.
@@ -504,6 +505,8 @@ class Trainer:
                     bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
             if should_stop is not None and should_stop():
                 stats.interrupted = stats.batches_done < steps_in_epoch
+                break
+            if stats.batches_done >= steps_in_epoch:  # a partial last epoch (a run sized to a time budget)
                 break
         if hasattr(bar, "close"):
             bar.close()

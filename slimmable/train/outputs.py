@@ -17,7 +17,15 @@ __all__ = ["RUN_FILES", "check_output_dir", "ensure_writable", "remove_stale_tem
 _logger = logging.getLogger(__name__)
 
 #: the files a training run writes into its output folder (``tb/`` aside)
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "history.json", "final_metrics.json", "final_metrics.csv")
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "config.yaml",
+    "hardware.json",
+    "history.json",
+    "final_metrics.json",
+    "final_metrics.csv",
+)
 
 # save_checkpoint writes ".<name>.<pid>.tmp"; write_json / save_config write "<name>.tmp"
 _CHECKPOINT_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")

@@ -96,10 +96,15 @@ def measure_step_seconds(step: Callable[[], None], max_seconds: float = 3.0) -> 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """How many epochs a run with a time budget trains, and from what measurement.
+    """How long a run with a time budget trains, and from what measurement.
+
+    The run trains ``total_steps`` optimizer steps: ``epochs - 1`` whole epochs and the first
+    ``total_steps - (epochs - 1) * steps_per_epoch`` steps of the last one, so the learning-rate schedule ends
+    where the budget does (whole epochs would waste up to one epoch of it).
 
     Attributes:
-        epochs: the planned epochs (at most the recipe's ``train.epochs``, at least 1).
+        epochs: epochs started (the last may be partial); at most the recipe's ``train.epochs``, at least 1.
+        total_steps: optimizer steps of the run (at least one epoch's).
         max_epochs: the recipe's ``train.epochs``.
         budget_minutes: ``train.time_budget_min``.
         seconds_per_step: measured, at the training batch size with the chosen numerics.
@@ -109,6 +114,7 @@ class EpochPlan:
     """
 
     epochs: int
+    total_steps: int
     max_epochs: int
     budget_minutes: float
     seconds_per_step: float
@@ -119,12 +125,16 @@ class EpochPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def epochs_float(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
     def describe(self) -> str:
-        capped = " (the recipe's maximum)" if self.epochs == self.max_epochs else ""
+        capped = " (the recipe's maximum)" if self.epochs_float >= self.max_epochs else ""
         return (
-            f"{self.epochs} epochs{capped} fit the {self.budget_minutes:g}-minute budget: {self.seconds_per_step:.3f} "
-            f"s/step measured x {self.steps_per_epoch} steps + ~{self.eval_seconds:.0f} s validation per epoch = "
-            f"~{self.estimated_minutes:.1f} min"
+            f"{self.epochs_float:.2f} epochs ({self.total_steps} steps){capped} fit the {self.budget_minutes:g}-minute "
+            f"budget: {self.seconds_per_step:.3f} s/step measured, {self.steps_per_epoch} steps + ~"
+            f"{self.eval_seconds:.0f} s validation per epoch, ~{self.estimated_minutes:.1f} min"
         )
 
 
@@ -137,7 +147,7 @@ def plan_epochs(
     eval_widths: int,
     train_widths: int,
 ) -> EpochPlan:
-    """The most epochs (1 to ``max_epochs``) whose training and validation fit ``budget_minutes``.
+    """The most training steps (one epoch to ``max_epochs``) whose training and validation fit ``budget_minutes``.
 
     Args:
         budget_minutes: the time budget.
@@ -151,9 +161,12 @@ def plan_epochs(
     # a forward pass costs about a third of forward + backward; validation runs eval_widths of them per batch
     eval_seconds = eval_batches * seconds_per_step * eval_widths / max(1, train_widths) / 3
     epoch_seconds = steps_per_epoch * seconds_per_step + eval_seconds
-    fit = math.floor(budget_minutes * 60 / epoch_seconds)
-    epochs = max(1, min(max_epochs, fit))
+    fit = budget_minutes * 60 / epoch_seconds  # epochs, validation amortised over each
+    total = max(steps_per_epoch, min(max_epochs * steps_per_epoch, math.floor(fit * steps_per_epoch)))
+    epochs = math.ceil(total / steps_per_epoch)
+    seconds = total * seconds_per_step + epochs * eval_seconds
     return EpochPlan(
-        epochs=epochs, max_epochs=max_epochs, budget_minutes=budget_minutes, seconds_per_step=seconds_per_step,
-        steps_per_epoch=steps_per_epoch, eval_seconds=eval_seconds, estimated_minutes=epochs * epoch_seconds / 60,
+        epochs=epochs, total_steps=total, max_epochs=max_epochs, budget_minutes=budget_minutes,
+        seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, eval_seconds=eval_seconds,
+        estimated_minutes=seconds / 60,
     )  # fmt: skip

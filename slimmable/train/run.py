@@ -383,6 +383,7 @@ def _train(
         tc, ckpt, numerics, make_step, per_rank_batch, steps_per_epoch, len(select_loader), len(val_widths), info
     )
     epochs = plan.epochs if plan is not None else tc.epochs
+    total_steps = plan.total_steps if plan is not None else epochs * steps_per_epoch  # the last epoch may be partial
     calib_loader = None
     if width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
         calib_loader = create_loader(
@@ -408,6 +409,7 @@ def _train(
     scheduler = create_scheduler(
         optimizer, oc.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=oc.warmup_epochs,
         warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma, min_lr=oc.min_lr,
+        total_steps=total_steps,
     )  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if numerics.use_grad_scaler else None
     ddp = wrap_ddp(model, info) if info.distributed else None
@@ -418,7 +420,7 @@ def _train(
         model, optimizer, scheduler, sampler, device=dev, forward=forward,
         ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
         inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=numerics.channels_last,
-        seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=epochs * steps_per_epoch,
+        seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=total_steps,
         nonfinite=tc.nonfinite,
     )  # fmt: skip
 
@@ -516,7 +518,8 @@ def _train(
                 rng_to_restore = None
             try:
                 stats = trainer.train_epoch(
-                    train_loader, epoch, steps_in_epoch=steps_per_epoch, start_batch=start_batch,
+                    train_loader, epoch, steps_in_epoch=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
+                    start_batch=start_batch,
                     should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
                 )  # fmt: skip
             except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
@@ -664,7 +667,7 @@ def _plan_epochs(
     plan = plan_epochs(tc.time_budget_min, tc.epochs, steps_per_epoch, seconds, eval_batches, eval_widths, train_widths)
     if info.is_main:
         _logger.info("time budget: %s", plan.describe())
-        if plan.epochs * steps_per_epoch * seconds > tc.time_budget_min * 60:
+        if plan.estimated_minutes > tc.time_budget_min:
             _logger.warning(
                 "train.time_budget_min=%g: even one epoch (%.1f min) does not fit on this machine; training 1 epoch",
                 tc.time_budget_min, plan.estimated_minutes,

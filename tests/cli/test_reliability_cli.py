@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import tiny_recipe, write_fashion_mnist, write_malicious_cifar, write_recipe
+from fake_data import tiny_recipe, write_malicious_cifar, write_recipe
 
 from slimmable.cli.main import main
 from slimmable.train import load_checkpoint
 
 _FAST = ["--no-tensorboard", "--latency-runs", "0"]
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("data") / "fm", n_train=96, n_test=48)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLIMMABLE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CI", "true")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

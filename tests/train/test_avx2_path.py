@@ -40,4 +40,4 @@ def test_auto_numerics_on_the_emulated_avx2_path(tmp_path: Path) -> None:
     # the choice and its reason are printed when training starts, then timed progress with rate and ETA
     assert "numerics: amp off (auto: CPU capability " in log and "bf16 would be emulated" in log
     assert "machine: AVX2 CPU (native bf16: no" in log
-    assert "steps/s, ETA" in log and "time budget: 1 epochs" in log
+    assert "steps/s, ETA" in log and "time budget: 1.00 epochs (3 steps) (the recipe's maximum) fit the 5-minute" in log

@@ -167,3 +167,26 @@ def test_auto_numerics_are_decided_recorded_and_kept_on_resume(fmnist: Path, tmp
     )
     assert (again.numerics.amp, again.numerics.channels_last) == (n.amp, n.channels_last)
     assert again.numerics.reasons["amp"].startswith("kept from the checkpoint")
+
+
+def test_time_budget_ends_in_a_partial_epoch_with_the_schedule(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimmable.train.plan import plan_epochs
+
+    # 1 s per step, 5 steps + 1 validation batch (~0.33 s) per epoch: 1.6 epochs fit 0.1422 min = 8.53 s
+    monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1.0)
+    cfg = _cfg(fmnist, train={"epochs": 4, "time_budget_min": 1.6 * (5 + 1 / 3) / 60}, optim={"schedule": "cosine"})
+    out = tmp_path / "run"
+    result = _train(cfg, out)
+    plan = result.plan
+    assert plan is not None and (plan.total_steps, plan.epochs, plan.seconds_per_step) == (8, 2, 1.0)
+    assert plan == plan_epochs(cfg.train.time_budget_min, 4, 5, 1.0, 1, 2, 2)
+    last = load_checkpoint(out / "last.pt")
+    assert (last["epoch"], last["step"]) == (2, 8) and [h["epoch"] for h in result_history(out)] == [1, 2]
+    assert result_history(out)[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ended with the budget
+    assert not result.interrupted and result.epochs_done == 2
+
+
+def result_history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
