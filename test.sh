@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+# -n auto: one pytest worker per core (pytest-xdist); each test uses one torch thread (tests/conftest.py)
+exec .venv/bin/python -m pytest -q -n auto "$@"

@@ -21,10 +21,10 @@ RUN_FILES = (
     "last.pt",
     "best.pt",
     "config.yaml",
-    "hardware.json",
     "history.json",
     "final_metrics.json",
     "final_metrics.csv",
+    "hardware.json",
 )
 
 # save_checkpoint writes ".<name>.<pid>.tmp"; write_json / save_config write "<name>.tmp"

@@ -667,7 +667,7 @@ def _plan_epochs(
     plan = plan_epochs(tc.time_budget_min, tc.epochs, steps_per_epoch, seconds, eval_batches, eval_widths, train_widths)
     if info.is_main:
         _logger.info("time budget: %s", plan.describe())
-        if plan.estimated_minutes > tc.time_budget_min:
+        if plan.total_steps == steps_per_epoch and plan.estimated_minutes > tc.time_budget_min:
             _logger.warning(
                 "train.time_budget_min=%g: even one epoch (%.1f min) does not fit on this machine; training 1 epoch",
                 tc.time_budget_min, plan.estimated_minutes,

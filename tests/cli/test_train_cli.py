@@ -104,7 +104,8 @@ def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist: Path, tmp_path: Path) -> None:
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        tiny_recipe(fmnist, train={"epochs": 3, "log_interval": 1}, data={"batch_size": 8, "val_size": 16}),
+        # a progress line after every step (train.log_seconds), to kill the run at a known step
+        tiny_recipe(fmnist, train={"epochs": 3, "log_seconds": 1e-9}, data={"batch_size": 8, "val_size": 16}),
     )
     env = {**os.environ, "SLIMMABLE_CACHE_DIR": str(tmp_path / "cache"), "CI": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "slimmable.cli.main", "train", "--recipe", str(recipe), "--device", "cpu",
