@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import logging
@@ -116,7 +117,10 @@ class PredictionServer(ThreadingHTTPServer):
         OSError: the port is taken.
     """
 
-    daemon_threads = True
+    # Request threads are joined on close, after their connections are shut down: a daemon thread still inside torch
+    # or writing to stdout while the interpreter exits can abort the process (SIGABRT) instead of a clean exit.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
     request_queue_size = 256
 
@@ -157,7 +161,26 @@ class PredictionServer(ThreadingHTTPServer):
         self.max_batch = int(max_batch)
         self.mean, self.std, self.resize = mean, std, resize
         self._thread: threading.Thread | None = None
+        self._open: set[socket.socket] = set()  # connections being served (shut down on close)
+        self._open_lock = threading.Lock()
         super().__init__((addr, int(port)), _Handler)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+
+    def server_close(self) -> None:
+        """Close the listening socket, end idle keep-alive connections and wait for the request threads."""
+        with self._open_lock:
+            for conn in list(self._open):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # a thread waiting for the next request wakes up and ends
+        super().server_close()
 
     @property
     def port(self) -> int:
