@@ -28,7 +28,7 @@ from torch import nn
 
 from ..nn import get_width
 from ._io import atomic_path
-from .dense import _input_shape, example_input, export_channels, export_width, is_dense
+from .dense import example_input, export_channels, export_width, input_shape, is_dense
 
 __all__ = ["ExportResult", "export_onnx", "export_torchscript", "prepare_dense", "save_dense", "verify_onnx"]
 
@@ -179,7 +179,7 @@ def export_onnx(
     """
     which = _pick_exporter(exporter)
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = _input_shape(dense, input_size)
+    shape = input_shape(dense, input_size)
     opset = opset or _DEFAULT_OPSET[which]
     with _eval_mode(dense), atomic_path(path) as tmp:
         x = example_input(dense, shape, batch_size=2 if dynamic_batch else 1)
@@ -285,7 +285,7 @@ def export_torchscript(
         RuntimeError: the reloaded file differs from the module by more than ``atol`` at batch 1 or 3.
     """
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = _input_shape(dense, input_size)
+    shape = input_shape(dense, input_size)
     with _eval_mode(dense), atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import unwrap_model
 from ..export._io import model_label, tensor_bytes, write_json_atomic
-from ..export.dense import _input_shape, _unwrap, default_widths, export_width
+from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import _key
 from .allocator import freed_memory_retained
 
@@ -121,7 +122,7 @@ class SlimmableRunner:
         max_concurrency: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        src = _unwrap(model)
+        src = unwrap_model(model)
         if not 0 < drift_alpha <= 1:
             raise ValueError(f"drift_alpha {drift_alpha!r} must be in (0, 1], e.g. 0.2")
         sizes = sorted({int(b) for b in batch_sizes})
@@ -134,7 +135,7 @@ class SlimmableRunner:
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = p.dtype
         self.name = name or model_label(src)
-        self.input_shape = _input_shape(src, input_size)
+        self.input_shape = input_shape(src, input_size)
         self.fold_bn = fold_bn
         self.batch_sizes = tuple(sizes)
         self.drift_alpha = float(drift_alpha)
