@@ -1,6 +1,6 @@
 """Model families and the registry: ``create_model(name, widths=..., num_classes=..., **kw)``, ``list_models()``."""
 
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, FeatureInfo, SlimNet
 from ._registry import create_model, is_model, list_models, register_model
 from .mobilenet_v1 import SlimMobileNetV1
 from .mobilenet_v2 import SlimMobileNetV2
@@ -9,6 +9,7 @@ from .shufflenet import SlimShuffleNetV1
 
 __all__ = [
     "ChannelPlan",
+    "FeatureInfo",
     "SlimMobileNetV1",
     "SlimMobileNetV2",
     "SlimNet",
