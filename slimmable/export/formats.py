@@ -238,7 +238,7 @@ def verify_onnx(
         import onnxruntime as ort
     except ImportError as err:
         raise ImportError("verifying ONNX needs onnxruntime: pip install 'slimmable[export]'") from err
-    sess = _ort_session(path)
+    sess = ort_session(path)
     worst = 0.0
     with _eval_mode(reference), torch.no_grad():
         for x in inputs:
@@ -256,7 +256,8 @@ def verify_onnx(
     return worst
 
 
-def _ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default: torch's count)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .channels import ChannelRule, WidthRange, WidthTable, _fmt
+from .channels import ChannelRule, WidthRange, WidthTable, format_widths
 
 __all__ = [
     "SlimModule",
@@ -202,7 +202,7 @@ def set_width(model: nn.Module, width: float) -> None:
 def _describe_widths(widths: tuple[float, ...] | tuple[float, float, str]) -> str:
     if len(widths) == 3 and widths[2] == "range":
         return f"any width in [{widths[0]:g}, {widths[1]:g}]"
-    return _fmt(widths)  # type: ignore[arg-type]
+    return format_widths(widths)  # type: ignore[arg-type]
 
 
 def get_widths(model: nn.Module) -> tuple:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SlimModule
-from .channels import ChannelRule, WidthRange, WidthTable, _key
+from .channels import ChannelRule, WidthRange, WidthTable, width_key
 
 __all__ = [
     "SharedBatchNorm2d",
@@ -44,7 +44,7 @@ class _SlimOut(SlimModule):
         c = self.out_rule(width) if self.out_rule is not None else self.max_out
         if c > self.max_out:
             raise ValueError(f"width {width:g} needs {c} channels, more than the {self.max_out} built")
-        return (_key(width), c)
+        return (width_key(width), c)
 
     def _apply_state(self, state: object) -> None:
         self.width, self.active_out = state  # type: ignore[misc]
@@ -71,8 +71,8 @@ class _SlimOut(SlimModule):
     def _narrow_weight(self, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """``weight[:rows, :cols]``, contiguous when gradients are off.
 
-        A narrowed weight is a strided view; oneDNN then re-lays it out on every call, which costs up to ~10% of
-        a narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
+        A narrowed weight is a strided view; oneDNN then re-lays it out on every call, a measurable part of a
+        narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
         and validated against the weight's storage and version counter, so optimizer steps, ``load_state_dict``
         and ``.to()`` all invalidate it; ``train()``/``eval()`` drop it, and :meth:`clear_weight_memo` does so
         after writes autograd cannot see (``.data.copy_``, in-place collectives). The memo holds at most one copy
@@ -96,9 +96,9 @@ class _SlimOut(SlimModule):
 
 
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # A layer's own tensors straight from its parameter dict: ``module.weight`` goes through nn.Module.__getattr__
-    # (~0.4 us a read, ~40 us per forward of a MobileNet). Parametrized or pruned layers compute ``weight``: the
-    # attribute then gives the computed tensor.
+    # A layer's own tensors straight from its parameter dict: ``module.weight`` goes through nn.Module.__getattr__,
+    # a Python-level lookup per read that adds up over a MobileNet's forward. Parametrized or pruned layers compute
+    # ``weight``: the attribute then gives the computed tensor.
     params = module._parameters
     try:
         return params["weight"], params["bias"]
@@ -382,7 +382,7 @@ class SwitchableBatchNorm2d(SlimModule):
         return (self.rule,)
 
     def _resolve(self, width: float) -> tuple[float, int]:
-        return (_key(width), self.rule.index(width))
+        return (width_key(width), self.rule.index(width))
 
     def _apply_state(self, state: object) -> None:
         self.width, self.index = state  # type: ignore[misc]
@@ -425,8 +425,8 @@ class SwitchableBatchNorm2d(SlimModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.index
-        # The switches by plain dict lookups: ``self.bn[idx]`` (ModuleList indexing) costs ~2.5 us per call, ~5% of
-        # a narrow MobileNet v2's batch-1 CPU latency. ModuleList keys its children "0", "1", ...
+        # The switches by plain dict lookups: ``self.bn[idx]`` (ModuleList indexing) is slow enough in Python to show
+        # in a narrow MobileNet v2's batch-1 CPU latency. ModuleList keys its children "0", "1", ...
         switches = self._modules["bn"]._modules
         if self.width is None and (idx is None or switches[str(idx)].num_features != x.shape[1]):
             idx = self._index_for_channels(x.shape[1])
@@ -434,8 +434,8 @@ class SwitchableBatchNorm2d(SlimModule):
         if bn.training or not bn.track_running_stats:  # the switch's own mode (BN calibration trains it alone)
             return bn(x)
         # Inference: normalise with the switch's statistics directly, skipping a nested module call and reading
-        # its tensors from the module's dicts (each ``bn.weight``-style read costs ~0.4 us): ~3 us per layer,
-        # a few percent of a narrow MobileNet's batch-1 latency.
+        # its tensors from the module's dicts instead of ``bn.weight``-style attribute reads: together a few
+        # percent of a narrow MobileNet's batch-1 latency.
         buffers, params = bn._buffers, bn._parameters
         try:
             mean, var, weight, bias = buffers["running_mean"], buffers["running_var"], params["weight"], params["bias"]
@@ -482,12 +482,12 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
             rule.max_channels, eps, momentum, affine=True, track_running_stats=False, device=device, dtype=dtype
         )
         self.rule = rule
-        self.stat_widths = tuple(_key(w) for w in stat_widths)
+        self.stat_widths = tuple(width_key(w) for w in stat_widths)
         self.bn = nn.ModuleList(
             nn.BatchNorm2d(rule(w), eps=eps, momentum=momentum, affine=False, device=device, dtype=dtype)
             for w in self.stat_widths
         )
-        self.width = _key(rule.hi)
+        self.width = width_key(rule.hi)
         self.active_out = rule.max_channels
         self.stat_index: int | None = self.stat_widths.index(self.width) if self.width in self.stat_widths else None
 
@@ -497,7 +497,7 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _resolve(self, width: float) -> tuple[float, int, int | None]:
         c = self.rule(width)
-        k = _key(width)
+        k = width_key(width)
         return (k, c, self.stat_widths.index(k) if k in self.stat_widths else None)
 
     def _apply_state(self, state: object) -> None:
@@ -514,7 +514,7 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
         Raises:
             ValueError: ``width`` is outside the layer's range.
         """
-        k = _key(width)
+        k = width_key(width)
         if k in self.stat_widths:
             return self.stat_widths.index(k)
         # Slots stay sorted by width, so a model rebuilt with the same stat_widths has the same state-dict keys.
@@ -617,7 +617,7 @@ class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
     ) -> None:
         super().__init__(rule.max_channels, eps, momentum, device=device, dtype=dtype)
         self.rule = rule
-        self.width = _key(rule.widths[-1])
+        self.width = width_key(rule.widths[-1])
 
     @property
     def channel_rules(self) -> tuple[ChannelRule, ...]:
@@ -625,7 +625,7 @@ class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _resolve(self, width: float) -> float:
         self.rule(width)  # validates
-        return _key(width)
+        return width_key(width)
 
     def _apply_state(self, state: object) -> None:
         self.width = state  # type: ignore[assignment]

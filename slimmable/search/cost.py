@@ -19,26 +19,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._utils import example_input
 from ..nn import get_widths, slim_modules, use_width
 
 __all__ = ["WidthProfile", "count_active_params", "count_macs", "measure_latency", "profile_widths"]
-
-
-def _example_input(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> torch.Tensor:
-    p = next(model.parameters())
-    if isinstance(input_size, int):
-        in_chans = _in_chans(model)
-        shape = (batch_size, in_chans, input_size, input_size)
-    else:
-        shape = (batch_size, *input_size)
-    return torch.randn(shape, device=p.device, dtype=p.dtype)
-
-
-def _in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
 
 
 @contextlib.contextmanager
@@ -162,8 +146,8 @@ def profile_widths(
     if widths is None:
         ws = get_widths(model)
         widths = getattr(model, "widths", ws) if len(ws) == 3 and ws[2] == "range" else ws
-    x1 = _example_input(model, input_size, 1)
-    xb = _example_input(model, input_size, batch_size)
+    x1 = example_input(model, input_size, 1, seed=None)
+    xb = example_input(model, input_size, batch_size, seed=None)
     out = []
     for w in widths:
         with use_width(model, w):
