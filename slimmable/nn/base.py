@@ -117,6 +117,28 @@ class SlimModule(nn.Module):
         """
         return sum(p.numel() for p in self.to_dense(in_channels, fresh_stats=True).parameters())
 
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        """The parts of this layer's parameters one forward pass uses at the current setting, as
+        ``(parameter, index)`` pairs (``parameter[index]`` is the used block); incremental training freezes them.
+
+        The default reads :meth:`to_dense`'s parameters as leading blocks of this layer's parameters of the same
+        name (``weight`` → ``self.weight[:a, :b, ...]``), which holds for layers that slice their own tensors.
+
+        Raises:
+            TypeError: a dense parameter has no counterpart of that name and rank here (override this method).
+        """
+        own = dict(self.named_parameters())
+        out = []
+        for name, p in self.to_dense(in_channels, fresh_stats=True).named_parameters():
+            mine = own.get(name)
+            if mine is None or mine.dim() != p.dim() or any(a > b for a, b in zip(p.shape, mine.shape)):
+                raise TypeError(
+                    f"{type(self).__name__}.to_dense gives parameter {name!r} {tuple(p.shape)} with no leading-block "
+                    f"counterpart in the layer; implement {type(self).__name__}.active_slices"
+                )
+            out.append((mine, tuple(slice(0, n) for n in p.shape)))
+        return out
+
     def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
         """The batch-norm modules whose running statistics this layer normalises with at its current setting.
 

@@ -256,6 +256,12 @@ class SlimConv2d(nn.Conv2d, _SlimOut):
         kh, kw = self.kernel_size
         return cout * (int(in_channels) // groups) * kh * kw + (cout if self.bias is not None else 0)
 
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        cout, groups = self._dense_sizes(int(in_channels))
+        rows = slice(0, cout)
+        out = [(self.weight, (rows, slice(0, int(in_channels) // groups)))]
+        return out + ([(self.bias, (rows,))] if self.bias is not None else [])
+
     def _dense_sizes(self, cin: int) -> tuple[int, int]:
         """``(out_channels, groups)`` of the dense conv for ``cin`` input channels."""
         if self.depthwise:
@@ -337,6 +343,11 @@ class SlimLinear(nn.Linear, _SlimOut):
         fout = int(self.active_out)
         return fout * int(in_channels) + (fout if self.bias is not None else 0)
 
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        rows = slice(0, int(self.active_out))
+        out = [(self.weight, (rows, slice(0, int(in_channels))))]
+        return out + ([(self.bias, (rows,))] if self.bias is not None else [])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fin = x.shape[-1]
         fout = self.active_out
@@ -417,6 +428,10 @@ class SwitchableBatchNorm2d(SlimModule):
     def active_params(self, in_channels: int) -> int:
         # In eval mode the active switch is applied without calling it as a module: its affine counts here.
         return 2 * int(in_channels) if self.bn[0].affine else 0
+
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        bn = self.bn[self._switch_for(int(in_channels))]
+        return [(p, (slice(None),)) for p in bn.parameters()]
 
     def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
         if self.index is None or self.width is None:

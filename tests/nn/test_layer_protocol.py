@@ -30,6 +30,7 @@ from slimmable.nn import (
 )
 from slimmable.search import count_active_params, count_macs
 from slimmable.train import calibrate_bn
+from slimmable.train.incremental import FrozenSubnet
 
 WIDTHS = (0.5, 1.0)
 
@@ -190,6 +191,26 @@ def test_calibrate_bn_fills_the_statistics_a_new_layer_type_names() -> None:
     assert not net.training and not any(m.training for m in net.modules())
 
 
+def test_incremental_training_freezes_the_blocks_a_new_layer_type_uses() -> None:
+    net = _tiny()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    with torch.no_grad(), use_width(net, 0.5):
+        narrow = net(x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    frozen = FrozenSubnet(net, 0.5, x[:1], opt)
+    net.train()
+    set_width(net, 1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        assert net.norm2.weight.grad[:16].abs().sum() == 0 and net.norm2.weight.grad[16:].abs().sum() > 0
+        opt.step()
+    frozen.remove()
+    net.eval()
+    with torch.no_grad(), use_width(net, 0.5):
+        torch.testing.assert_close(net(x), narrow, rtol=0, atol=0)
+
+
 def test_record_input_channels_reads_each_layers_channel_dim() -> None:
     net = _tiny()
     set_width(net, 0.5)
@@ -237,6 +258,7 @@ def test_built_in_layers_to_dense_load_dense_and_active_params_agree() -> None:
         with torch.no_grad():
             torch.testing.assert_close(dense(x), m(x), atol=1e-6, rtol=0)
         assert m.active_params(cin) == sum(p.numel() for p in dense.parameters()), type(m).__name__
+        assert m.active_params(cin) == sum(p[idx].numel() for p, idx in m.active_slices(cin)), type(m).__name__
         # load_dense writes the active part only: into a zeroed copy it restores exactly what to_dense took
         blank = copy.deepcopy(m)
         with torch.no_grad():
