@@ -131,6 +131,52 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class DenseSqueezeExcite(nn.Module):
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d) -> None:
+        super().__init__()
+        self.reduce, self.expand = reduce, expand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class SlimSqueezeExcite(SlimModule):
+    """A composite layer: slimmable 1x1 convs inside; exported and counted as one unit (its children are not)."""
+
+    def __init__(self, rule: WidthTable, reduced: WidthTable) -> None:
+        super().__init__()
+        self.reduce = SlimConv2d(rule.max_channels, reduced.max_channels, 1, out_rule=reduced)
+        self.expand = SlimConv2d(reduced.max_channels, rule.max_channels, 1, out_rule=rule)
+        self.width = rule.widths[-1]
+
+    def _resolve(self, width: float) -> float:
+        return width  # the children resolve their own sizes
+
+    def _apply_state(self, state: object) -> None:
+        self.width = state  # type: ignore[assignment]
+
+    def _get_state(self) -> object:
+        return self.width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> DenseSqueezeExcite:
+        reduce = self.reduce.to_dense(in_channels)
+        return DenseSqueezeExcite(reduce, self.expand.to_dense(reduce.out_channels)).eval()
+
+
+class TinySENet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.se = SlimSqueezeExcite(WidthTable.build(WIDTHS, [16, 32]), WidthTable.build(WIDTHS, [4, 8]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = self.se(F.relu(self.norm2(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 def _tiny() -> TinyNet:
     torch.manual_seed(0)
     net = TinyNet()
@@ -173,6 +219,21 @@ def test_cost_of_new_layer_types_equals_their_dense_export(width: float) -> None
     c1, c2 = (8, 16) if width == 0.5 else (16, 32)
     assert params == c1 * 3 * 9 + 2 * c1 + (c2 * c1 * 9 + c2) + 2 * c2 + (5 * c2 + 5)
     assert macs == count_macs(dense, x) == c1 * 3 * 9 * 16 * 16 + c2 * c1 * 9 * 8 * 8 + 5 * c2
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_composite_layer_is_exported_and_counted_as_one_unit(width: float) -> None:
+    torch.manual_seed(0)
+    net = TinySENet().eval()
+    dense = export_width(net, width)
+    assert type(dense.se) is DenseSqueezeExcite and is_dense(dense)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), use_width(net, width):
+        torch.testing.assert_close(dense(x), net(x), atol=1e-5, rtol=0)
+        params = count_active_params(net, x)
+    assert params == sum(p.numel() for p in dense.parameters())  # the inner convs are not counted twice
+    c2, r = (16, 4) if width == 0.5 else (32, 8)
+    assert sum(p.numel() for p in dense.se.parameters()) == (r * c2 + r) + (c2 * r + c2)
 
 
 def test_calibrate_bn_fills_the_statistics_a_new_layer_type_names() -> None:
