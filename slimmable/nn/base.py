@@ -35,9 +35,11 @@ class SlimModule(nn.Module):
     that a bad width is rejected before any layer changes) and applies them in :meth:`_apply_state`. ``forward``
     only slices; it never assigns attributes.
 
-    Export, cost counting and BN calibration ask the layer rather than dispatching on its type (the methods
-    below), so a new slimmable layer type is written in one file: its class. Only :meth:`to_dense` has no
-    default. The protocol serves export, cost and calibration; ``forward`` never calls it.
+    Export, cost counting, BN calibration and incremental training ask the layer rather than dispatching on its
+    type (the methods below), so a new slimmable layer type is written in one file: its class. A new type must
+    implement :meth:`to_dense` (export, and the defaults of :meth:`active_params` and :meth:`active_slices`) and,
+    for :func:`slimmable.train.calibrate_channels` only, :meth:`load_dense`; a type holding running statistics
+    names them in :meth:`stat_layers`. ``forward`` never calls the protocol.
 
     The methods report what the layer holds *itself*: a slimmable layer nested inside another is handled by its
     outermost slimmable ancestor (export replaces the ancestor, the cost is the ancestor's
@@ -92,6 +94,7 @@ class SlimModule(nn.Module):
 
         Raises:
             ValueError: the layer cannot become a dense module at this setting (e.g. no statistics stored for it).
+            TypeError: the layer type does not implement it.
         """
         raise TypeError(
             f"{type(self).__name__} has no dense equivalent; implement {type(self).__name__}.to_dense(in_channels, "

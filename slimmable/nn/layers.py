@@ -135,7 +135,6 @@ def _dense_bn(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     stats: nn.modules.batchnorm._BatchNorm | None,
-    stat_slice: bool = False,
 ) -> nn.BatchNorm2d:
     """A plain ``BatchNorm2d`` of ``num_features`` with the leading part of ``weight``/``bias`` and of ``stats``'s
     running statistics (``None``: fresh statistics, mean 0 and variance 1)."""
