@@ -9,7 +9,7 @@ counts minor page faults per forward.
 
 Usage:
     python benchmarks/allocator.py [--models mobilenet_v2,resnet50] [--batch-sizes 1,8] [--rounds 3] [--in-thread]
-        [--json benchmarks/allocator.json]
+        [--json benchmarks/results/allocator.json]
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import statistics
 import subprocess
 import sys
+
+from _bench import machine_info
 
 _CHILD = """
 import json, resource, statistics, sys, threading, time
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating (default, retained) child pairs per cell")
     ap.add_argument("--runs", type=int, default=15, help="timed forwards per child")
     ap.add_argument("--in-thread", action="store_true", help="run the forwards in a worker thread (as a server does)")
-    ap.add_argument("--json", default="benchmarks/allocator.json")
+    ap.add_argument("--json", default="benchmarks/results/allocator.json")
     args = ap.parse_args()
 
     cols = f"{'default ms':>10} {'faults':>8} {'retained ms':>11} {'faults':>8} {'speed-up':>8}"
@@ -96,7 +98,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
-            {"meta": {"rounds": args.rounds, "runs": args.runs, "cpus": os.cpu_count()}, "results": results},
+            {"meta": {"rounds": args.rounds, "runs": args.runs, "machine": machine_info()}, "results": results},
             f,
             indent=2,
         )

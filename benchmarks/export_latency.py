@@ -16,7 +16,7 @@ the latency penalty of alternating widths) and the runner's start-up calibration
 
 Usage:
     python benchmarks/export_latency.py [--batch-sizes 1,8] [--rounds 30] [--threads N]
-        [--json benchmarks/export_latency.json] [--csv benchmarks/export_latency.csv]
+        [--json benchmarks/results/export_latency.json] [--csv benchmarks/results/export_latency.csv]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _bench import machine_info
 
 import slimmable
 from slimmable.export import export_width
@@ -145,8 +146,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds at batch 1 (fewer at larger batches)")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--json", default="benchmarks/export_latency.json")
-    ap.add_argument("--csv", default="benchmarks/export_latency.csv")
+    ap.add_argument("--json", default="benchmarks/results/export_latency.json")
+    ap.add_argument("--csv", default="benchmarks/results/export_latency.csv")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,7 +207,7 @@ def main() -> None:
         "model": "slim_mobilenet_v2",
         "input_size": size,
         "threads": torch.get_num_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "machine": {**machine_info(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "results": results,
         "worst_ratio": worst,

@@ -12,9 +12,13 @@ back-to-back slim/dense pair), in eval mode under ``torch.inference_mode``:
 instead of faulting fresh pages in on every forward): both sides get faster, and the ratio no longer depends on
 the order in which each model frees its activations.
 
+``--avx2`` then times the same models again in a child process under the AVX2 emulation
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) and prints both paths side by side: oneDNN's convolutions
+differ between the two, so the slimmable/dense ratio is checked on both.
+
 Usage:
     python benchmarks/latency.py [--models slim_mobilenet_v2,slim_resnet50] [--batch-sizes 1,8] [--rounds 9]
-        [--retain-freed-memory] [--json benchmarks/latency.json]
+        [--retain-freed-memory] [--avx2] [--json benchmarks/results/latency.json]
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torchvision
+from _bench import describe_machine, emulating_avx2, machine_info, run_avx2_child
 from torch import nn
 
 import slimmable
@@ -87,7 +91,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--target-seconds", type=float, default=0.4, help="time per measurement (sets runs)")
     ap.add_argument("--retain-freed-memory", action="store_true", help="glibc keeps freed memory (see above)")
-    ap.add_argument("--json", default="benchmarks/latency.json")
+    ap.add_argument("--avx2", action="store_true", help="also time the AVX2 path (emulated) and compare")
+    ap.add_argument("--json", default="benchmarks/results/latency.json")
     args = ap.parse_args()
     if args.retain_freed_memory and not retain_freed_memory():
         print("--retain-freed-memory: not glibc, the allocator is unchanged")
@@ -96,10 +101,8 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     header = f"{'model':<20} {'width':>5} {'batch':>5} {'slim ms':>9} {'dense ms':>9} {'ratio':>6}"
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"allocator {'retains freed memory' if retained else 'default'}"
-    )
+    machine = machine_info()
+    print(f"{describe_machine(machine)}, allocator {'retains freed memory' if retained else 'default'}")
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):
@@ -122,17 +125,33 @@ def main() -> None:
                         ratio += f"  ({r['ratio_spread'][0]:.3f}-{r['ratio_spread'][1]:.3f})"
                     print(f"{name:<20} {w:5g} {bs:5d} {r['slim_ms']:9.2f} {dense_ms} {ratio}", flush=True)
     meta = {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
+        "machine": machine,
+        "avx2_emulated": emulating_avx2(),
         "rounds": args.rounds,
         "retain_freed_memory": retained,
     }
+    out: dict = {"meta": meta, "results": results}
+    if args.avx2 and not emulating_avx2():
+        argv = ["--models", args.models, "--batch-sizes", args.batch_sizes, "--rounds", str(args.rounds),
+                "--target-seconds", str(args.target_seconds)]  # fmt: skip
+        if args.retain_freed_memory:
+            argv.append("--retain-freed-memory")
+        out["avx2"] = avx2 = run_avx2_child(__file__, argv)
+        slow = {(r["model"], r["width"], r["batch"]): r for r in avx2["results"]}
+        print(f"\nside by side: this CPU ({machine['cpu_capability']}) vs the AVX2 path (ms, slim/dense ratio)")
+        head = f"{'model':<20} {'width':>5} {'batch':>5} {'slim ms':>9} {'ratio':>6} {'AVX2 ms':>9} {'ratio':>6}"
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            o = slow.get((r["model"], r["width"], r["batch"]), {})
+            fast_ratio = f"{r['ratio']:6.3f}" if "ratio" in r else f"{'-':>6}"
+            slow_ratio = f"{o['ratio']:6.3f}" if "ratio" in o else f"{'-':>6}"
+            slow_ms = f"{o['slim_ms']:9.2f}" if o else f"{'-':>9}"
+            key = f"{r['model']:<20} {r['width']:5g} {r['batch']:5d}"
+            print(f"{key} {r['slim_ms']:9.2f} {fast_ratio} {slow_ms} {slow_ratio}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
+        json.dump(out, f, indent=2)
     print(f"wrote {args.json}")
 
 

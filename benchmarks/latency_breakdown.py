@@ -12,7 +12,7 @@ Two measurements behind the "Inference latency" section of ``benchmarks/RESULTS.
 
 Usage:
     python benchmarks/latency_breakdown.py [--parts faults,python] [--batch 8] [--rounds 9]
-        [--json benchmarks/latency_breakdown.json]
+        [--json benchmarks/results/latency_breakdown.json]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torchvision
+from _bench import machine_info
 
 import slimmable
 from slimmable.export import export_width
@@ -106,11 +107,11 @@ def main() -> None:
     ap.add_argument("--parts", default="faults,python")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the faults part")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--json", default="benchmarks/latency_breakdown.json")
+    ap.add_argument("--json", default="benchmarks/results/latency_breakdown.json")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
-    result: dict = {"meta": {"torch": torch.__version__, "cpus": os.cpu_count(), "rounds": args.rounds}}
+    result: dict = {"meta": {"machine": machine_info(), "rounds": args.rounds}}
     if "faults" in parts:  # first: the python part sets one thread for the rest of the process
         result["faults"] = faults_part(args.batch, args.rounds)
     if "python" in parts:

@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import torch
 
 import slimmable
 from slimmable.data import create_datasets, create_loader
+from slimmable.hardware import Numerics, choose_numerics, describe_machine, machine_info
 from slimmable.train import calibrate_bn, create_optimizer, create_scheduler, evaluate, train_step
 from slimmable.train.incremental import FrozenSubnet
 
@@ -56,7 +58,10 @@ class StudyConfig:
     batch_size: int = 256
     lr: float = 0.2  # for one width per step; divided by the number of widths trained per step
     weight_decay: float = 5e-4
-    bf16: bool = True  # bf16 autocast + channels_last, as the main recipe
+    # as train.amp / train.channels_last: "auto" asks slimmable.hardware (bf16 only where the CPU runs it natively,
+    # contiguous), or name the settings for a comparison
+    amp: str = "auto"
+    channels_last: bool | str = "auto"
     seeds: tuple[int, ...] = (0, 1)
     train_subset: int = 0  # 0: all 60,000 training images
     test_subset: int = 0  # 0: all 10,000 test images
@@ -102,7 +107,8 @@ def _train(
     sched = create_scheduler(opt, "cosine", epochs=cfg.epochs, steps_per_epoch=len(loader), warmup_epochs=0.3)
     hook = setup(opt) if setup is not None else None
     model.train()
-    fmt = torch.channels_last if cfg.bf16 else torch.contiguous_format
+    numerics = _numerics(cfg.amp, cfg.channels_last)
+    fmt = torch.channels_last if numerics.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     t0 = time.perf_counter()
     widths = sorted(widths_per_step, reverse=True)
@@ -110,11 +116,16 @@ def _train(
         loader.batch_sampler.sampler.set_epoch(epoch)
         for x, y in loader:
             x = x.contiguous(memory_format=fmt)
-            train_step(model, opt, x, y, widths, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+            train_step(model, opt, x, y, widths, autocast_dtype=numerics.autocast_dtype)
             sched.step()
     if hook is not None:
         hook.remove()  # type: ignore[attr-defined]
     return time.perf_counter() - t0
+
+
+@functools.cache
+def _numerics(amp: str, channels_last: bool | str) -> Numerics:
+    return choose_numerics(amp, channels_last, "cpu")
 
 
 def _test(model: torch.nn.Module, test: Any, widths: Sequence[float]) -> dict[float, float]:
@@ -173,6 +184,8 @@ class StudyResult:
     config: dict[str, Any]
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # f"{method}/{seed}" -> run_method output
     wall_seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)  # slimmable.hardware.machine_info() of the last run
+    numerics: dict[str, Any] = field(default_factory=dict)  # the precision / memory format used, and why
 
     def table(self) -> dict[str, dict[str, tuple[float, float, int]]]:
         """variant -> width -> (mean, spread (max - min) / 2, n seeds)."""
@@ -222,6 +235,8 @@ def run_study(cfg: StudyConfig, out: Path | None = None, resume: bool = True) ->
             result = StudyResult(**saved)
             logger.info("reusing %d finished runs from %s", len(result.runs), path)
     data = _data(cfg)
+    result.machine, result.numerics = machine_info(), _numerics(cfg.amp, cfg.channels_last).to_dict()
+    logger.info("%s; %s", describe_machine(result.machine), _numerics(cfg.amp, cfg.channels_last).describe())
     t0 = time.perf_counter()
     for seed in cfg.seeds:
         for method in cfg.methods:
@@ -276,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--model")
     ap.add_argument("--widths")
+    ap.add_argument("--amp", choices=("auto", "off", "bf16"), help="autocast (default auto: bf16 only if native)")
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), help="memory format (default auto)")
     ap.add_argument("--out", default="benchmarks/results/snets_study", help="results folder (finished runs are reused)")
     ap.add_argument("--fresh", action="store_true", help="ignore finished runs saved in --out")
     args = ap.parse_args(argv)
@@ -292,11 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["model"] = args.model
     if args.widths:
         over["widths"] = tuple(float(w) for w in args.widths.split(","))
+    if args.amp:
+        over["amp"] = args.amp
+    if args.channels_last:
+        over["channels_last"] = {"auto": "auto", "true": True, "false": False}[args.channels_last]
     cfg = replace(cfg, **over)
     out = Path(args.out)
     result = run_study(cfg, out, resume=not args.fresh)
     print(f"\n{cfg.model} widths {cfg.widths}, {cfg.epochs} epochs, seeds {cfg.seeds}, "
-          f"{torch.get_num_threads()} threads, {result.wall_seconds / 60:.1f} min")  # fmt: skip
+          f"{result.wall_seconds / 60:.1f} min on {describe_machine(result.machine)}")  # fmt: skip
     print(result.markdown())
     plot(result, out / "snets_study.png")
     (out / "snets_study.md").write_text(result.markdown() + "\n")

@@ -10,9 +10,17 @@ one per width: 1.3x its latency; loose: 3x the widest), or, for ``--width-fracti
 width. Reported: throughput, p50/p99 client latency and server inference time per width used, errors (must be
 0), how often the server's measured inference time met the budget, and how often the whole round trip did.
 
+Burst mode (``--burst N``): N clients connect at once (released by a barrier), each sends one request and reads
+the answer; reported: answered (200), refused by a server bound (503 + Retry-After), other statuses, connection
+errors by type (resets must be 0), and the peak RSS of this process, which hosts the server. ``--burst-png-side
+7000`` sends an all-black PNG of that side instead of a JPEG (143 KB that decode to 147 MB: the memory bound);
+``--backlog`` sets the listen queue (socketserver's old default was 5).
+
 Usage:
     python benchmarks/serve_load.py [--seconds 30] [--clients 4] [--model slim_mobilenet_v2] [--input-size 224]
-        [--retain-freed-memory] [--json benchmarks/serve_load.json]
+        [--retain-freed-memory] [--json benchmarks/results/serve_load.json]
+    python benchmarks/serve_load.py --burst 200 [--burst-png-side 7000] [--backlog 256]
+        [--json benchmarks/results/serve_burst.json]
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ import os
 import platform
 import random
 import socket
+import struct
 import threading
 import time
-from pathlib import Path
+import zlib
 
 import numpy as np
 import torch
+from _bench import machine_info, write_json
 from PIL import Image
 
 import slimmable
@@ -98,6 +108,118 @@ def client(
         conn.close()
 
 
+def png_zeros(side: int) -> bytes:
+    """An all-black RGB PNG of ``side`` x ``side``, compressed row by row (7000: ~143 KB, 147 MB decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * side)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def burst(server: PredictionServer, n: int, body: bytes, ctype: str, width: float) -> dict:
+    """``n`` clients at once, one request each; answers, statuses, connection errors and peak RSS (this process)."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+    peak = [_status_kb("VmRSS")]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status_kb("VmRSS"))
+            time.sleep(0.002)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+            conn.request("POST", f"/predict?width={width:g}", body, {"Content-Type": ctype})
+            resp = conn.getresponse()
+            resp.read()
+            results[i] = (resp.status, resp.getheader("Retry-After"), time.perf_counter() - t0)
+            conn.close()
+        except Exception as err:  # counted by type: resets, refusals, timeouts
+            results[i] = (type(err).__name__, None, time.perf_counter() - t0)
+
+    rss_before = _status_kb("VmRSS")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    time.sleep(0.5)
+    statuses = collections.Counter(r[0] for r in results)
+    errors = {k: v for k, v in statuses.items() if isinstance(k, str)}
+    return {
+        "connections": n,
+        "answered_200": statuses.get(200, 0),
+        "busy_503": statuses.get(503, 0),
+        "busy_503_with_retry_after": sum(1 for r in results if r[0] == 503 and r[1]),
+        "other_statuses": {str(k): v for k, v in statuses.items() if isinstance(k, int) and k not in (200, 503)},
+        "connection_errors": sum(errors.values()),
+        "errors_by_type": errors,
+        "resets": errors.get("ConnectionResetError", 0),
+        "wall_s": wall,
+        "client_p50_s": pct([r[2] for r in results], 50),
+        "client_max_s": max(r[2] for r in results),
+        "rss_before_mb": rss_before / 1024,
+        "rss_peak_mb": peak[0] / 1024,
+        "rss_after_mb": _status_kb("VmRSS") / 1024,
+        "process_hwm_mb": _status_kb("VmHWM") / 1024,
+        "pixel_budget_peak": server.pixel_budget.peak,
+    }
+
+
+def main_burst(args: argparse.Namespace, runner: SlimmableRunner, startup_s: float) -> None:
+    if args.burst_png_side:
+        body, ctype, what = png_zeros(args.burst_png_side), "image/png", f"{args.burst_png_side}px black PNG"
+    else:
+        body, ctype = make_jpegs(1, args.input_size + args.input_size // 7, args.seed)[0], "image/jpeg"
+        what = f"{args.input_size + args.input_size // 7}px JPEG"
+    with PredictionServer(runner, "127.0.0.1", 0, backlog=args.backlog) as server:
+        result = burst(server, args.burst, body, ctype, runner.widths[0])
+    summary = {
+        "benchmark": "serve_load --burst",
+        "model": args.model,
+        "input_size": args.input_size,
+        "request": f"{what} ({len(body)} bytes), width {runner.widths[0]:g}",
+        "backlog": args.backlog,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "max_concurrency": args.max_concurrency,
+        "machine": {**machine_info(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "runner_startup_s": startup_s,
+        **result,
+    }
+    print(
+        f"burst of {args.burst} connections ({what}, backlog {args.backlog}): {result['answered_200']} answered, "
+        f"{result['busy_503']} busy (503), {result['connection_errors']} connection errors "
+        f"({result['resets']} resets), {result['wall_s']:.1f} s; RSS {result['rss_before_mb']:.0f} -> peak "
+        f"{result['rss_peak_mb']:.0f} -> {result['rss_after_mb']:.0f} MB"
+    )
+    write_json(args.json, summary)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="slim_mobilenet_v2")
@@ -112,7 +234,11 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retain-freed-memory", action="store_true", help="as `slimmable serve --retain-freed-memory`")
-    ap.add_argument("--json", default="benchmarks/serve_load.json")
+    ap.add_argument("--json", default="benchmarks/results/serve_load.json")
+    ap.add_argument("--burst", type=int, metavar="N", help="burst mode: N connections at once, one request each")
+    ap.add_argument("--burst-png-side", type=int, metavar="S", help="burst with an all-black SxS PNG (memory bound)")
+    ap.add_argument("--backlog", type=int, default=256, help="server listen queue (default 256)")
+    ap.add_argument("--calibration-seconds", type=float, default=5.0, help="runner calibration budget")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,8 +247,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = slimmable.create_model(args.model).eval()
     t0 = time.perf_counter()
-    runner = SlimmableRunner(model, input_size=args.input_size, max_concurrency=args.max_concurrency or None)
+    runner = SlimmableRunner(
+        model, input_size=args.input_size, max_concurrency=args.max_concurrency or None,
+        calibration_s=args.calibration_seconds,
+    )  # fmt: skip
     startup_s = time.perf_counter() - t0
+    if args.burst:
+        main_burst(args, runner, startup_s)
+        return
     lat = {w: runner.base_latency(w, 1) for w in runner.widths}
     fastest = min(lat.values())
     budgets = [("tight", fastest * 1.05)] + [("fit", lat[w] * 1.3) for w in runner.widths]
@@ -188,7 +320,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "retain_freed_memory": freed_memory_retained(),  # the flag, or the environment variables
         "max_concurrency": args.max_concurrency,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "machine": {**machine_info(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "runner_startup_s": startup_s,
         "requests": len(records),
         "ok": len(ok),
@@ -223,11 +355,7 @@ def main() -> None:
             f"budget met: {100 * summary['budget_met_inference']:.1f}% by server inference time, "
             f"{100 * summary['budget_met_round_trip']:.1f}% by client round trip ({len(budgeted)} budgeted requests)"
         )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

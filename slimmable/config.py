@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -56,6 +58,8 @@ class ModelConfig:
         num_classes: classifier outputs; ``None`` takes the dataset's class count.
         in_chans: input channels; ``None`` takes the dataset's (1 for Fashion-MNIST, 3 otherwise).
         small_input: stride-1 stem for 28x28 / 32x32 images.
+        stem_stride: ResNets with ``small_input``: stride of the 3x3 stem (1 or 2); ``None`` keeps the model's
+            default (1). Stride 2 costs about a quarter of the MACs.
         drop_rate: dropout before the classifier.
         width_range: ``[lo, hi]`` of a universally slimmable model (``us_*``); ``None`` keeps the model's
             default (official: 0.25-1.0 for MobileNet v1, 0.35-1.0 for v2).
@@ -71,6 +75,7 @@ class ModelConfig:
     num_classes: int | None = None
     in_chans: int | None = None
     small_input: bool = False
+    stem_stride: int | None = None
     drop_rate: float = 0.0
     width_range: tuple[float, float] | None = None
     stat_widths: tuple[float, ...] | None = None
@@ -228,14 +233,26 @@ class TrainConfig:
             the BN statistics of each of the model's ``stat_widths`` after training, before the final evaluation
             and the final ``best.pt`` / ``last.pt``.
         label_smoothing: cross-entropy label smoothing (labels only, not the distillation target).
-        amp: autocast: ``off``, ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``auto`` (CUDA: bf16 if
-            supported else fp16; CPU: off).
-        channels_last: NHWC memory format for model and inputs.
+        amp: autocast: ``auto`` (decided on the machine at start-up: CUDA bf16 where supported, else fp16; CPU bf16
+            only with native bf16 instructions, AVX512-BF16 or AMX, and only if a measured probe finds it faster),
+            ``off``, ``bf16`` or ``fp16`` (CUDA only, with a gradient scaler). See :mod:`slimmable.hardware`.
+        channels_last: NHWC memory format for model and inputs: ``auto`` (CUDA: with autocast; CPU: never on AVX2,
+            elsewhere where the probe measures it faster), ``true`` or ``false``. The choice and its reason are
+            printed at start and written to ``hardware.json`` in the run folder; an explicit setting that the probe
+            measures much slower gets a warning.
         compile: ``torch.compile`` the model (recompiles once per width).
         deterministic: deterministic algorithms (slower on CUDA).
         sync_bn: synchronise BatchNorm statistics across processes, per switch.
         eval_every: validate every this many epochs (and after the last).
-        log_interval: steps between progress lines (when no progress bar is shown).
+        time_budget_min: size the run to this many minutes of training (validation included): a few steps are
+            timed at start-up and the epoch count becomes the most that fit, at most ``epochs`` (at least 1). The
+            plan is printed and recorded (``hardware.json``, checkpoints); a resumed run keeps it.
+        log_interval: steps between TensorBoard scalars.
+        log_seconds: seconds between progress lines when no progress bar is shown (the first comes after the
+            first step); each gives steps per second and the run's ETA.
+        nonfinite: a NaN or infinite training loss ``stop``s the run with an error naming the step and width (the
+            last good checkpoint is kept), or ``skip``s the step (no update, BN statistics restored) and counts it in
+            ``history.json``.
     """
 
     epochs: int = 10
@@ -246,13 +263,16 @@ class TrainConfig:
     inplace_distill: bool = False
     calib_batches: int = 20
     label_smoothing: float = 0.0
-    amp: AmpMode = "off"
-    channels_last: bool = False
+    amp: AmpMode = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     deterministic: bool = False
     sync_bn: bool = False
     eval_every: int = 1
+    time_budget_min: float | None = None
     log_interval: int = 50
+    log_seconds: float = 30.0
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -269,6 +289,11 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")
+        _check(self.log_seconds > 0, "train.log_seconds", f"must be > 0, got {self.log_seconds}")
+        _check(
+            self.time_budget_min is None or self.time_budget_min > 0, "train.time_budget_min",
+            f"must be > 0 minutes or null, got {self.time_budget_min}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -362,6 +387,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} {inner}"
     if tp is type(None):
         return "null"
+    if tp is bool:
+        return "true or false"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -404,12 +431,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan: a hyper-parameter that trains to NaN
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

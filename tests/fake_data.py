@@ -7,6 +7,7 @@ Importable from any test module because ``tests/`` (the root conftest's folder) 
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from collections.abc import Sequence
@@ -122,8 +123,28 @@ def tiny_recipe(fmnist_dir: Path, **overrides: dict) -> dict:
             "batch_size": 16,
         },
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
-        "train": {"epochs": 2, "seed": 3, "log_interval": 1},
+        # explicit numerics: runs compared with each other must not depend on a timing probe
+        "train": {"epochs": 2, "seed": 3, "log_interval": 1, "amp": "off", "channels_last": False},
     }
     for sec, vals in overrides.items():
         sections[sec] = {**sections.get(sec, {}), **vals}
     return sections
+
+
+class _RunsCode:
+    """A pickle payload whose ``__reduce__`` calls ``os.mkdir(marker)`` when unpickled with plain ``pickle``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def write_malicious_cifar(root: Path, marker: Path) -> Path:
+    """A CIFAR-10 folder whose first training batch and test batch run ``os.mkdir(marker)`` under plain pickle."""
+    write_cifar(root, 10, per_batch=2, n_test=2)
+    for name in ("data_batch_1", "test_batch"):
+        with open(root / "cifar-10-batches-py" / name, "wb") as f:
+            pickle.dump({"data": _RunsCode(marker), "labels": [0, 1]}, f)
+    return root

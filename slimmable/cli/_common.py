@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -17,6 +18,28 @@ def parse_widths(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError as err:
         raise ValueError(f"--widths {text!r}: give comma-separated numbers such as 0.25,0.5,1.0") from err
+
+
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space or write elsewhere (files saved before, such as last.pt, are intact)",
+    errno.EDQUOT: "free space in your quota or write elsewhere (files saved before, such as last.pt, are intact)",
+    errno.EACCES: "choose a folder you can write to (--out) or fix its permissions",
+    errno.EPERM: "choose a folder you can write to (--out) or fix its permissions",
+    errno.EROFS: "the file system is read-only; choose another folder (--out)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "the path is a folder; give a file path",
+    errno.EADDRINUSE: "another process uses this port; pick another with --port or stop it",
+    errno.EADDRNOTAVAIL: "the address is not on this machine; use 127.0.0.1",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    what = err.strerror or str(err) or type(err).__name__
+    if err.filename:
+        what = f"{err.filename}: {what}"
+    fix = _OS_ERROR_FIXES.get(err.errno or 0)
+    return what + (f"; {fix}" if fix else "")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

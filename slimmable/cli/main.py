@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ._common import describe_os_error
+
 # Sub-commands in the order ``--help`` lists them; each is the module ``slimmable.cli.<name>_cmd``.
 COMMANDS = ("train", "eval", "calibrate", "search", "report", "list", "profile", "export", "serve")
 
@@ -34,10 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, FloatingPointError) as err:
         if args.verbose:
             raise
         print(f"slimmable {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full disk, a path that is a file: one line, not a traceback
+        if args.verbose:
+            raise
+        print(f"slimmable {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 from pathlib import Path
 
 import torch
@@ -46,6 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "intra-op thread, and overlapping passes oversubscribe the cores and break the calibrated latencies; 0: "
         "no limit)",
     )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="close a connection idle or stalled mid-request for S seconds (default 30)",
+    )
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument(
@@ -57,8 +65,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_args(args: argparse.Namespace, host: str) -> None:
+    """Refuse bad numbers and a taken port now, before the model is loaded and calibrated."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port; give 1-65535, or 0 to pick a free one")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be >= 1 (or leave it out for torch's default)")
+    if args.max_concurrency < 0:
+        raise ValueError(f"--max-concurrency {args.max_concurrency} must be >= 1, or 0 for no limit")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout {args.request_timeout} must be a positive number of seconds")
+    if args.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, args.port))
+        except OSError as err:
+            raise ValueError(
+                f"cannot listen on {host}:{args.port}: {err.strerror}; pick another --port (0 picks a free one), or "
+                "stop the process using it"
+            ) from err
+
+
 def run(args: argparse.Namespace) -> int:
     host = check_loopback(args.host)
+    _check_args(args, host)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.retain_freed_memory:
@@ -96,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
         f"{mem['source_weight_set'] / 1e6:.1f} MB in the slimmable weight set"
     )
     server = PredictionServer(
-        runner, host, args.port, labels=labels, mean=pre.get("mean"), std=pre.get("std"), resize=pre.get("eval_resize")
-    )
+        runner, host, args.port, labels=labels, mean=pre.get("mean"), std=pre.get("std"), resize=pre.get("eval_resize"),
+        request_timeout=args.request_timeout, max_decodes=args.max_concurrency or None,
+    )  # fmt: skip
     # SIGTERM stops the server like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: shells start background jobs that way

@@ -98,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.resume).parent
     else:
         out = Path("runs") / Path(args.recipe).stem
-    if not args.resume and (out / "last.pt").exists():
-        raise ValueError(
-            f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'}, or pick another --out"
-        )
+    from ..train.outputs import check_output_dir, ensure_writable, remove_stale_temporaries
+
+    check_output_dir(out, args.resume)  # before anything is written: never overwrite another run's files
+    if rank == 0:
+        ensure_writable(out)  # fail now, not after loading data
+        remove_stale_temporaries(out)
     workers = args.workers
     if workers is None:
         workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)

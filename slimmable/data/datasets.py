@@ -1,9 +1,10 @@
 """Datasets: Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles), ImageNet-style folders.
 
 Small datasets are held in memory as ``uint8`` tensors in a :class:`TensorImageDataset`, which builds a whole batch
-with one indexing operation. Folders use torchvision's ``ImageFolder``. Files are read with torchvision's readers;
-bad data (a missing or empty folder, an unreadable image, a label out of range) raises an error naming the path and
-the problem, never skipped silently.
+with one indexing operation. Folders use torchvision's ``ImageFolder``. Files are read with torchvision's readers,
+CIFAR batches with a restricted unpickler that never runs code; bad data (a missing or empty folder, an unreadable
+image, a label out of range, a pickle that refers to code) raises an error naming the path and the problem, never
+skipped silently.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from ._safe_pickle import UnsafePickleError, safe_load_pickle
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -355,7 +357,7 @@ _CIFAR_CLASSES = {10: _presence_only(tv_datasets.CIFAR10), 100: _presence_only(t
 def load_cifar(
     root: str | os.PathLike[str], split: str = "train", num_classes: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read CIFAR-10/100 from the standard python-pickle folder with torchvision's reader.
+    """Read CIFAR-10/100 from the standard python-pickle folder, with a restricted unpickler (never runs code).
 
     Args:
         root: the folder holding ``cifar-10-batches-py`` (``cifar-100-python``), or that folder itself.
@@ -367,7 +369,8 @@ def load_cifar(
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing (named in the message).
-        ValueError: a file is unreadable, or a label is out of range.
+        ValueError: a file is unreadable or refers to anything but plain data (a pickle that would run code), or
+            a label is out of range.
     """
     if num_classes not in _CIFAR_CLASSES:
         raise ValueError(f"CIFAR has 10 or 100 classes, got {num_classes}")
@@ -387,27 +390,58 @@ def load_cifar(
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-{num_classes} folder {folder} lacks {', '.join(missing)}")
-    try:
-        ds = cls(str(path), train=split == "train", download=False)
-    except Exception as err:  # pickle/unpickling/shape errors of a damaged file
+    data, targets = _read_cifar_batches(folder, [n for n, _ in (cls.train_list if split == "train" else cls.test_list)])
+    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(
-            f"CIFAR-{num_classes} folder {folder} holds an unreadable batch file: {type(err).__name__}: {err}"
-        ) from err
-    data = torch.from_numpy(ds.data)
-    if data.dim() != 4 or data.shape[1:] != (32, 32, 3):
-        raise ValueError(
-            f"CIFAR-{num_classes} folder {folder}: images have shape {tuple(data.shape)}, expected (N, 32, 32, 3)"
+            f"CIFAR-{num_classes} folder {folder}: images have shape {tuple(data.shape)}, expected (N, 3072)"
         )
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    labels = torch.as_tensor(targets, dtype=torch.long)
     _check_labels(labels, num_classes, f"CIFAR-{num_classes} {split} batches in {folder}")
-    return data.permute(0, 3, 1, 2).contiguous(), labels
+    return data.reshape(-1, 3, 32, 32).contiguous(), labels
+
+
+def _read_cifar_batches(folder: Path, names: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+    """The ``data`` rows (uint8) and labels of CIFAR batch files, read with :func:`safe_load_pickle`."""
+    arrays, targets = [], []
+    for name in names:
+        path = folder / name
+        try:
+            entry = safe_load_pickle(path)
+            if not isinstance(entry, dict) or "data" not in entry:
+                raise ValueError("it is not a dict with a 'data' entry")
+            labels = entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
+                raise ValueError("it has no 'labels' / 'fine_labels' list of ints")
+            rows = torch.as_tensor(entry["data"])
+            if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[0] != len(labels):
+                raise ValueError(f"its 'data' is {rows.dtype} {tuple(rows.shape)}, not uint8 (N, 3072) for N labels")
+        except UnsafePickleError as err:
+            raise ValueError(
+                f"CIFAR batch {path} {err}. It is not a CIFAR batch and was not loaded: delete the folder and "
+                "extract the official cifar-*-python.tar.gz again"
+            ) from err
+        except Exception as err:  # unpickling/shape errors of a damaged file
+            raise ValueError(
+                f"CIFAR folder {folder} holds an unreadable batch file {name} ({type(err).__name__}: {str(err)[:200]})"
+            ) from err
+        arrays.append(rows)
+        targets.extend(labels)
+    return torch.cat(arrays), targets
 
 
 # ------------------------------------------------------------------------------------------------- folders
 
 
 class _UnreadableImageError(ValueError):
-    pass
+    """An image file that cannot be decoded; one line even when raised in a DataLoader worker process."""
+
+    def __init__(self, message: str) -> None:
+        # a DataLoader worker's exception comes back as ``type(err)("Caught ... Original Traceback ...")``: keep
+        # the original one-line message (the traceback's last line), not the worker's whole traceback
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 def _open_image(path: str) -> Image.Image:

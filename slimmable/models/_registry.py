@@ -37,8 +37,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             ``None`` values are dropped so that unset CLI/config fields keep the model's defaults.
 
     Raises:
-        ValueError: unknown name (the message suggests close matches).
+        TypeError: ``name`` is not a string.
+        ValueError: unknown name (the message suggests close matches), ``widths`` given as a string, or
+            ``num_classes`` / ``in_chans`` below 1.
     """
+    _check_arguments(name, kwargs)
     if name not in _MODEL_ENTRYPOINTS:
         near = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(near)}?" if near else ""
@@ -49,3 +52,21 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     model.model_name = name
     model.model_kwargs = dict(kwargs)
     return model
+
+
+def _check_arguments(name: Any, kwargs: dict[str, Any]) -> None:
+    """Catch the arguments that would otherwise fail deep inside a model, or build a broken one silently."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"create_model needs a model name such as 'slim_mobilenet_v2', got {name!r}; see slimmable.list_models()"
+        )
+    widths = kwargs.get("widths")
+    if isinstance(widths, (str, bytes)):
+        raise ValueError(
+            f"widths {widths!r} is a string; give a sequence of numbers such as (0.5, 1.0) "
+            "(the command line's --widths 0.5,1.0 is parsed for you)"
+        )
+    for key in ("num_classes", "in_chans"):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an int >= 1, got {value!r}; a model with {key}={value!r} cannot work")

@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,23 +52,40 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"checkpoint path {p} is a folder; give the checkpoint file inside it")
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes); the save was probably interrupted")
+    with open(p, "rb") as f:
+        data = f.read()
     try:
-        with open(p, "rb") as f:
-            data = f.read()
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = str(err)
-        if "Unsupported global" in msg or "GLOBAL" in msg:
-            raise CheckpointError(
-                f"checkpoint {p} holds Python objects beyond tensors and plain containers, which are not loaded "
-                "for safety (weights_only=True). Re-save it as a plain state_dict"
-            ) from err
-        raise CheckpointError(f"checkpoint {p} is corrupt ({msg}); re-download or re-save it") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {p} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); "
-            "it may be truncated or corrupt: re-download or re-save it"
-        ) from err
+    except MemoryError:
+        raise
+    except Exception as err:  # any unpickling failure of a file that is not a (complete) checkpoint: one line
+        raise _load_error(p, data, err) from err
+
+
+def _load_error(p: Path, data: bytes, err: Exception) -> CheckpointError:
+    """Why ``torch.load`` refused ``p``, in one line, without torch's advice to load with ``weights_only=False``."""
+    msg = str(err)
+    if isinstance(err, pickle.UnpicklingError) and ("Unsupported global" in msg or "GLOBAL" in msg):
+        return CheckpointError(
+            f"checkpoint {p} holds Python objects beyond tensors and plain containers, which are not loaded "
+            "for safety (weights_only=True). Re-save it as a plain state_dict"
+        )
+    head = data[:64]
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # neither torch's zip format nor a binary pickle
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        desc = f"a text file starting with {text.splitlines()[0][:40]!r}" if text else "neither zip nor pickle data"
+        return CheckpointError(f"{p} is not a PyTorch checkpoint ({desc}); give a .pt file written by torch.save")
+    if "WeightsUnpickler error:" in msg:  # keep the reason, drop the suggestion around it
+        msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    reason = " ".join(msg.split())[:200] or type(err).__name__
+    return CheckpointError(
+        f"checkpoint {p} could not be read as tensors and plain containers ({type(err).__name__}: {reason}); "
+        "it is truncated, damaged or not a PyTorch checkpoint: re-download it, or re-save it with "
+        "torch.save(model.state_dict(), path)"
+    )
 
 
 def official_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:

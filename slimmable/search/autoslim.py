@@ -135,7 +135,8 @@ def autoslim_search(
         channels=spec)`` or :func:`slimmable.nn.set_channels`.
 
     Raises:
-        ValueError: unknown metric, empty budgets, or a state file from another search.
+        ValueError: unknown metric, empty budgets, a state file from another search, or (``flops``/``params``) a
+            budget below the narrowest network's cost, which no search reaches (checked before step 1).
     """
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS}")
@@ -180,6 +181,8 @@ def autoslim_search(
         result.current = {leader: choices[leader][0] for leader in leaders}
 
     with use_width(model, max(getattr(model, "widths", (1.0,)))), _search_mode(model, batch_stats):
+        apply({leader: choices[leader][-1] for leader in leaders})  # every group at its fewest channels
+        _check_reachable(budgets, cost(), metric)
         apply(result.current)
         here_cost, here_acc = cost(), _accuracy(model, data)
         _record(result, full(result.current), here_cost, here_acc, len(result.history))
@@ -219,6 +222,23 @@ def autoslim_search(
     if path is not None:
         _atomic_write(path, result.to_dict())
     return result
+
+
+def _check_reachable(budgets: Sequence[float], narrowest: float, metric: str) -> None:
+    """Refuse budgets below the narrowest network's cost before searching (latency, being noisy, only warns)."""
+    out = [b for b in budgets if b < narrowest]
+    if not out:
+        return
+    unit = " ms" if metric == "latency" else ""
+    listed = ", ".join(f"{b:g}{unit}" for b in sorted(out))
+    msg = (
+        f"budgets {listed} are below the {metric} of the narrowest network ({narrowest:.6g}{unit}: every layer at its "
+        f"fewest channels), so no search can reach them; give budgets of at least {narrowest:.6g}{unit}"
+    )
+    if metric == "latency":
+        logger.warning("%s", msg)
+        return
+    raise ValueError(msg)
 
 
 def _record(result: SearchResult, spec: Mapping[str, int], cst: float, acc: float, step: int) -> None:

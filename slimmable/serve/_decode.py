@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,9 +19,87 @@ MAX_IMAGE_PIXELS = 50_000_000
 class BadRequest(ValueError):
     """A request the server refuses, with the HTTP status to answer (4xx) and a message for the client."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
+
+
+class Busy(BadRequest):
+    """The server is at a memory bound: answer 503 with ``Retry-After`` (the client should retry later)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, 503, {"Retry-After": str(int(retry_after_s))})
+
+
+class Budget:
+    """A shared, non-blocking budget of units in flight (decoded pixels, body bytes): reserve or be refused.
+
+    Args:
+        capacity: units that may be reserved at once; ``None`` for no bound.
+        what: the unit, for messages (``"decoded pixels"``).
+    """
+
+    def __init__(self, capacity: int | None, what: str) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"the budget of {what} in flight must be a positive int or None, got {capacity!r}")
+        self.capacity, self.what = capacity, what
+        self.in_use = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def try_reserve(self, n: int) -> bool:
+        """Reserve ``n`` units when they fit (a request larger than the whole capacity fits only alone)."""
+        with self._lock:
+            if self.capacity is not None and self.in_use > 0 and self.in_use + n > self.capacity:
+                return False
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.in_use -= n
+
+    def reserve(self, n: int) -> _Reservation:
+        """``with budget.reserve(n):`` holds ``n`` units, or raises :class:`Busy` (503) when they do not fit."""
+        if not self.try_reserve(n):
+            raise Busy(
+                f"the server is at its bound of {self.capacity} {self.what} in flight ({self.in_use} in use, this "
+                f"request needs {n}); retry shortly"
+            )
+        return _Reservation(self, n)
+
+
+class _Reservation:
+    def __init__(self, budget: Budget, n: int) -> None:
+        self.budget, self.n = budget, n
+
+    def __enter__(self) -> _Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.budget.release(self.n)
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height of an encoded image, read from its header only (nothing is decoded).
+
+    Raises:
+        BadRequest: empty, not an image, or more than :data:`MAX_IMAGE_PIXELS` pixels (413).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadRequest("the image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
+    if w * h > MAX_IMAGE_PIXELS:
+        raise BadRequest(f"the image has {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it", 413)
+    return w * h
 
 
 def decode_image(
@@ -62,7 +141,9 @@ def decode_image(
                 413,
             )
         img.load()
-        img = img.convert("RGB" if c == 3 else "L")
+        mode = "RGB" if c == 3 else "L"
+        if img.mode != mode:  # convert() copies even to the same mode: a second full-size image in memory
+            img = img.convert(mode)
     except BadRequest:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -89,7 +170,7 @@ def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch
         raise BadRequest(f"'tensor' must be a nested list of numbers of shape ({c}, {h}, {w}) or (N, {c}, {h}, {w})")
     try:
         x = torch.tensor(obj, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
         raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
     if x.dim() == 3:
         x = x.unsqueeze(0)

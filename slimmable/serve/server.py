@@ -26,6 +26,11 @@ Routes:
 
 Bad requests get a 4xx JSON ``{"error": message, "status": code}``; an unexpected failure a 500. Either way the
 server keeps serving.
+
+Bounds (see ``docs/reliability.md``): the listen backlog holds a burst of ``backlog`` (256) connections; an idle or
+stalled connection is closed after ``request_timeout`` seconds; at most ``max_decodes`` images decode at once, and
+the decoded pixels and request-body bytes in flight are capped (image sizes are read from the header before
+decoding), a request over a cap getting 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import binascii
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -48,7 +54,7 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 
 from ..runtime import SlimmableRunner
-from ._decode import BadRequest, decode_image, decode_tensor, number_param
+from ._decode import MAX_IMAGE_PIXELS, BadRequest, Budget, decode_image, decode_tensor, image_pixels, number_param
 
 __all__ = ["BadRequest", "PredictionServer", "check_loopback"]
 
@@ -96,14 +102,23 @@ class PredictionServer(ThreadingHTTPServer):
         max_batch: largest batch of a tensor request.
         mean, std: image normalisation (default: ImageNet's).
         resize: short side images are resized to before the center crop (default ``side / 0.875``).
+        backlog: listen queue length: connections the kernel holds before they are accepted (a burst beyond it
+            gets resets).
+        request_timeout: seconds a connection may stay idle or stall mid-request before it is closed; ``None``:
+            never (each open connection holds a thread).
+        max_decodes: images decoded at once (others wait); ``None``: the CPU count.
+        max_pixels_in_flight: decoded pixels held at once over all requests (an image is sized from its header
+            before decoding); a request that does not fit gets 503 with ``Retry-After``. ``None``: no bound.
+        max_body_bytes_in_flight: request-body bytes held at once; likewise 503 beyond it. ``None``: no bound.
 
     Raises:
-        ValueError: ``host`` is not a loopback address.
+        ValueError: ``host`` is not a loopback address, or a bound is not positive.
         OSError: the port is taken.
     """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256
 
     def __init__(
         self,
@@ -118,8 +133,22 @@ class PredictionServer(ThreadingHTTPServer):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         resize: int | None = None,
+        backlog: int = 256,
+        request_timeout: float | None = 30.0,
+        max_decodes: int | None = None,
+        max_pixels_in_flight: int | None = 2 * MAX_IMAGE_PIXELS,
+        max_body_bytes_in_flight: int | None = 256 << 20,
     ) -> None:
         addr = check_loopback(host)
+        if backlog < 1 or (max_decodes is not None and max_decodes < 1):
+            raise ValueError(f"backlog {backlog!r} and max_decodes {max_decodes!r} must be positive")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout {request_timeout!r} must be positive seconds or None")
+        self.request_queue_size = int(backlog)
+        self.request_timeout = request_timeout
+        self.decode_slots = threading.BoundedSemaphore(max_decodes or os.cpu_count() or 1)
+        self.pixel_budget = Budget(max_pixels_in_flight, "decoded pixels")
+        self.body_budget = Budget(max_body_bytes_in_flight, "request-body bytes")
         self.address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         self.runner = runner
         self.labels = list(labels) if labels is not None else None
@@ -199,6 +228,16 @@ class PredictionServer(ThreadingHTTPServer):
             "batch_size": int(x.shape[0]),
         }
 
+    def decode_image(self, data: bytes) -> torch.Tensor:
+        """Decode and preprocess an image within the bounds: its pixels (from the header) are reserved from
+        :attr:`pixel_budget` first (:class:`Busy`, 503, when full), then it waits for one of the decode slots.
+
+        Raises:
+            BadRequest: not an image, too large (413), or the server is at its pixel bound (503).
+        """
+        with self.pixel_budget.reserve(image_pixels(data)), self.decode_slots:
+            return decode_image(data, self.runner.input_shape, self.mean, self.std, self.resize)
+
     def _entry(self, d: dict[str, Any], index: int) -> dict[str, Any]:
         if self.labels is not None and 0 <= index < len(self.labels):
             d["label"] = self.labels[index]
@@ -212,6 +251,10 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "slimmable-serve/1"
     server: PredictionServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # socket timeout: idle or stalled connections are closed
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         _logger.debug("%s - %s", self.address_string(), format % args)
@@ -236,16 +279,22 @@ class _Handler(BaseHTTPRequestHandler):
             if split.path != "/predict":
                 self.close_connection = True  # the body is not read
                 raise BadRequest(f"no route POST {split.path}; use POST /predict", 404)
-            body = self._read_body()
-            x, params = self._parse(body, dict(parse_qsl(split.query)))
+            n = self._body_length()
+            try:
+                reservation = self.server.body_budget.reserve(n)
+            except BadRequest:
+                self.close_connection = True  # the body is not read
+                raise
+            with reservation:
+                x, params = self._parse(self._read_body(n), dict(parse_qsl(split.query)))
             self._send(200, self.server.predict(x, params, t0))
         except BadRequest as err:
-            self._send(err.status, {"error": str(err), "status": err.status})
+            self._send(err.status, {"error": str(err), "status": err.status}, err.headers)
         except Exception as err:  # keep serving whatever happens in one request
             _logger.exception("internal error answering %s", self.path)
             self._send(500, {"error": f"internal error: {type(err).__name__}: {err}", "status": 500})
 
-    def _read_body(self) -> bytes:
+    def _body_length(self) -> int:
         length = self.headers.get("Content-Length")
         if length is None:
             self.close_connection = True
@@ -261,7 +310,14 @@ class _Handler(BaseHTTPRequestHandler):
         if n > self.server.max_body_bytes:
             self.close_connection = True
             raise BadRequest(f"the body has {n} bytes, more than the {self.server.max_body_bytes} allowed", 413)
-        body = self.rfile.read(n)
+        return n
+
+    def _read_body(self, n: int) -> bytes:
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError as err:
+            self.close_connection = True
+            raise BadRequest(f"the body did not arrive within {self.server.request_timeout} s", 408) from err
         if len(body) != n:
             self.close_connection = True
             raise BadRequest(f"the body ended after {len(body)} of {n} bytes")
@@ -277,6 +333,8 @@ class _Handler(BaseHTTPRequestHandler):
                 obj = json.loads(body)
             except (ValueError, UnicodeDecodeError) as err:
                 raise BadRequest(f"the body is not valid JSON ({err})") from err
+            except RecursionError as err:
+                raise BadRequest("the JSON body is nested too deeply; send a tensor of at most 4 dimensions") from err
             if not isinstance(obj, dict):
                 raise BadRequest('the JSON body must be an object such as {"tensor": [...], "width": 0.5}')
             params.update({k: v for k, v in obj.items() if k not in ("tensor", "image_base64")})
@@ -287,25 +345,27 @@ class _Handler(BaseHTTPRequestHandler):
                     data = base64.b64decode(obj["image_base64"], validate=True)
                 except (binascii.Error, TypeError, ValueError) as err:
                     raise BadRequest(f"'image_base64' is not valid base64 ({err})") from err
-                return decode_image(data, shape, srv.mean, srv.std, srv.resize), params
+                return srv.decode_image(data), params
             raise BadRequest("the JSON body needs a 'tensor' (nested list) or an 'image_base64' field")
         if ctype == "multipart/form-data":
             image, fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
             params.update(fields)
             if image is None:
                 raise BadRequest("the multipart body needs an 'image' (or 'file') part")
-            return decode_image(image, shape, srv.mean, srv.std, srv.resize), params
+            return srv.decode_image(image), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return decode_image(body, shape, srv.mean, srv.std, srv.resize), params
+            return srv.decode_image(body), params
         raise BadRequest(
             f"unsupported Content-Type {ctype!r}; send application/json, multipart/form-data, or image bytes "
             "(image/png, image/jpeg)",
             415,
         )
 
-    def _send(self, status: int, payload: Mapping[str, Any]) -> None:
+    def _send(self, status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:

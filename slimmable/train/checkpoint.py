@@ -84,6 +84,8 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
 
     Raises:
         ValueError: ``checkpoint`` lacks a required key.
+        OSError: the write failed (full disk, read-only folder); the message names ``path``, whose previous
+            content is intact.
     """
     missing = [k for k in _REQUIRED if k not in checkpoint]
     if missing:
@@ -97,6 +99,8 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as err:  # full disk, read-only folder: name the checkpoint (the previous one is intact)
+        raise OSError(err.errno, f"{err.strerror or err} (the previous {p.name}, if any, is intact)", str(p)) from err
     finally:
         tmp.unlink(missing_ok=True)
     return p

@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import set_layer_widths, set_width, use_width
+from .nonfinite import (
+    NonFiniteLoss,
+    NonFiniteLossError,
+    losses_are_finite,
+    restore_buffers,
+    snapshot_buffers,
+    stop_message,
+)
 from .samplers import WidthSampler
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "Trainer",
     "WidthMetrics",
     "evaluate",
+    "format_seconds",
     "resolve_amp",
     "soft_cross_entropy",
     "train_step",
@@ -109,6 +118,7 @@ def train_step(
     label_smoothing: float = 0.0,
     inplace_distill: bool = False,
     grad_clip: float | None = None,
+    check_finite: bool = True,
 ) -> StepResult:
     """One optimizer step of Algorithm 1: forward + backward at each width (gradients accumulate), one update.
 
@@ -128,9 +138,15 @@ def train_step(
         label_smoothing: label smoothing of the cross-entropy.
         inplace_distill: widths after the first learn the first (widest) width's detached soft predictions.
         grad_clip: clip the gradient norm (after unscaling) to this.
+        check_finite: before the update, check that every loss is finite (one host sync per step; with ``ddp``,
+            agreed by all processes with one scalar all-reduce).
 
     Returns:
         The per-width losses and correct counts (detached).
+
+    Raises:
+        NonFiniteLoss: a loss is NaN or infinite (``check_finite``); the gradients are cleared, the parameters
+            and optimizer state are unchanged (the BN running statistics are not: the forward passes ran).
     """
     if forward is None:
         forward = ddp if ddp is not None else model
@@ -156,6 +172,9 @@ def train_step(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
         correct.append((logits.detach().argmax(dim=1) == targets).sum())
+    if check_finite and not losses_are_finite(torch.stack(losses), all_processes=ddp is not None):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(widths, torch.stack(losses))
     if grad_clip is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -181,6 +200,16 @@ class WidthMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def format_seconds(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def width_label(key: float | str) -> str:
@@ -291,6 +320,7 @@ class EpochStats:
     lr: float = 0.0
     interrupted: bool = False
     batches_done: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (train.nonfinite: skip)
 
     @property
     def images_per_second(self) -> float:
@@ -311,7 +341,13 @@ class Trainer:
         autocast_dtype, scaler, label_smoothing, inplace_distill, grad_clip: see :func:`train_step`.
         channels_last: NHWC inputs.
         seed: seeds the per-step width choice (identical on every process).
-        log_interval: steps between progress log lines (without a progress bar).
+        log_interval: steps between ``on_log`` calls (TensorBoard scalars).
+        log_seconds: seconds between progress lines without a progress bar (the first after the first step), each
+            with steps per second and, given ``total_steps``, the run's ETA.
+        total_steps: steps of the whole run (for the ETA).
+        nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
+            (no update, BN statistics restored, counted in :attr:`EpochStats.skipped_steps`; the buffers are copied
+            before every step).
     """
 
     def __init__(
@@ -332,6 +368,9 @@ class Trainer:
         channels_last: bool = False,
         seed: int = 0,
         log_interval: int = 50,
+        log_seconds: float = 30.0,
+        total_steps: int | None = None,
+        nonfinite: str = "stop",
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.device = device
@@ -342,6 +381,8 @@ class Trainer:
         self.channels_last = channels_last
         self.seed = seed
         self.log_interval = log_interval
+        self.log_seconds, self.total_steps = log_seconds, total_steps
+        self.nonfinite = nonfinite
         self.step = 0
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
@@ -373,11 +414,12 @@ class Trainer:
         Args:
             loader: yields ``(images, targets)`` batches of this process.
             epoch: 0-based epoch index (for messages).
-            steps_in_epoch: batches of a full epoch (for messages).
+            steps_in_epoch: batches of this epoch: the loader's length, or fewer to end it early (the last epoch of
+                a run sized to a time budget).
             start_batch: batches of this epoch already done (the loader starts after them).
             should_stop: polled after every step; a true result ends the epoch early (``interrupted``).
             progress: show a progress bar instead of log lines.
-            on_log: called every ``log_interval`` steps with ``(global_step, scalars)``.
+            on_log: called every ``log_interval`` steps (and at the epoch's end) with ``(global_step, scalars)``.
             batches: an already created iterator over ``loader`` (to control when random states are drawn).
         """
         self.model.train()
@@ -388,25 +430,35 @@ class Trainer:
         n_images = torch.zeros((), dtype=torch.float64, device=self.device)
         stats = EpochStats(epoch, batches_done=start_batch)
         t0 = time.perf_counter()
+        next_line = t0  # the first line comes after the first step
         it = batches if batches is not None else iter(loader)
         bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
         for images, targets in bar:
             images, targets = _to_device(images, targets, self.device, self.channels_last)
             widths = self.widths_for_step()
-            res = train_step(
-                self.model,
-                self.optimizer,
-                images,
-                targets,
-                widths,
-                forward=self.forward,
-                ddp=self.ddp,
-                autocast_dtype=self.autocast_dtype,
-                scaler=self.scaler,
-                label_smoothing=self.label_smoothing,
-                inplace_distill=self.inplace_distill,
-                grad_clip=self.grad_clip,
-            )
+            saved = snapshot_buffers(self.model) if self.nonfinite == "skip" else None
+            try:
+                res = train_step(
+                    self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
+                    autocast_dtype=self.autocast_dtype, scaler=self.scaler, label_smoothing=self.label_smoothing,
+                    inplace_distill=self.inplace_distill, grad_clip=self.grad_clip,
+                )  # fmt: skip
+            except NonFiniteLoss as err:
+                if self.nonfinite != "skip":
+                    msg = stop_message(err, epoch, self.step, stats.batches_done + 1, steps_in_epoch)
+                    raise NonFiniteLossError(msg) from None
+                # skipped: no update, BN statistics restored; the schedule and the width sequence move on
+                restore_buffers(self.model, saved or [])
+                _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, epoch + 1, err)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.step += 1
+                stats.batches_done += 1
+                stats.skipped_steps += 1
+                if should_stop is not None and should_stop():
+                    stats.interrupted = stats.batches_done < steps_in_epoch
+                    break
+                continue
             if self.scheduler is not None:
                 self.scheduler.step()
             self.step += 1
@@ -424,31 +476,37 @@ class Trainer:
                 loss_sum[key] += res.losses[j].double() * bs
                 correct_sum[key] += res.correct[j].double()
                 count_sum[key] += bs
-            if stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch:
+            now = time.perf_counter()
+            due = now >= next_line  # time-based, not every N steps: a line at least every log_seconds
+            interval = stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch
+            if interval or due:
                 step_losses: dict[str, list[float]] = {}
                 for j, key in enumerate(keys):
                     step_losses.setdefault(width_label(key), []).append(float(res.losses[j]))
                 scalars = {f"loss/{k}": sum(v) / len(v) for k, v in step_losses.items()}
                 scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-                if on_log is not None:
+                if on_log is not None and interval:
                     on_log(self.step, scalars)
-                if not progress:
+                rate = stats.steps / (now - t0)
+                eta = ""
+                if self.total_steps is not None:
+                    eta = f", ETA {format_seconds((self.total_steps - self.step) / rate)}"
+                if not progress and due:
+                    next_line = now + self.log_seconds
                     losses = " ".join(
                         f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
                         for j, w in enumerate(res.widths)
                     )
                     _logger.info(
-                        "epoch %d step %d/%d  lr %.4g  loss %s",
-                        epoch + 1,
-                        stats.batches_done,
-                        steps_in_epoch,
-                        scalars["lr"],
-                        losses,
-                    )
+                        "epoch %d step %d/%d  %.2f steps/s%s  lr %.4g  loss %s",
+                        epoch + 1, stats.batches_done, steps_in_epoch, rate, eta, scalars["lr"], losses,
+                    )  # fmt: skip
                 elif hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}")
+                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
             if should_stop is not None and should_stop():
                 stats.interrupted = stats.batches_done < steps_in_epoch
+                break
+            if stats.batches_done >= steps_in_epoch:  # a partial last epoch (a run sized to a time budget)
                 break
         if hasattr(bar, "close"):
             bar.close()

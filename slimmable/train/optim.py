@@ -125,8 +125,12 @@ def create_scheduler(
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
     min_lr: float = 0.0,
+    total_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` (call ``scheduler.step()`` after every optimizer step).
+
+    ``total_steps`` (default ``epochs * steps_per_epoch``) ends the schedule early, e.g. within a partial last
+    epoch of a run sized to a time budget.
 
     Raises:
         ValueError: unknown schedule, or ``min_lr`` above the learning rate.
@@ -140,7 +144,7 @@ def create_scheduler(
         lr_factor,
         schedule=schedule,
         steps_per_epoch=steps_per_epoch,
-        total_steps=epochs * steps_per_epoch,
+        total_steps=total_steps if total_steps is not None else epochs * steps_per_epoch,
         warmup_steps=round(warmup_epochs * steps_per_epoch),
         warmup_factor=warmup_factor,
         milestones=tuple(milestones),

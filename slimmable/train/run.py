@@ -25,12 +25,15 @@ import torch.distributed as dist
 
 from ..config import RunConfig, save_config
 from ..data import DatasetSplits, TensorImageDataset, create_datasets, create_loader, imagenet_eval_transform
+from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
 from .calibrate import add_stat_widths, calibrate_bn
 from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
-from .engine import EpochStats, Trainer, WidthMetrics, evaluate, resolve_amp, width_label
+from .engine import EpochStats, Trainer, WidthMetrics, evaluate, width_label
+from .nonfinite import NonFiniteLossError, with_checkpoint_note
 from .optim import create_optimizer, create_scheduler
+from .plan import PROBE_MAX_BATCH, EpochPlan, decide_numerics, measure_step_seconds, plan_epochs, probe_step_factory
 from .report import plot_report, width_report, write_json, write_report
 from .samplers import create_width_sampler
 
@@ -52,6 +55,9 @@ class TrainResult:
         interrupted: stopped by a signal before the last epoch (resume from ``last_checkpoint``).
         epochs_done: completed epochs.
         selection_split: the split the best checkpoint was selected on (``val`` or ``test``).
+        numerics: the precision and memory format the run used, and why.
+        plan: the epoch plan of a run with ``train.time_budget_min``.
+        epochs: the epochs the run trains (``train.epochs``, or the plan's).
     """
 
     out_dir: Path
@@ -63,6 +69,9 @@ class TrainResult:
     interrupted: bool = False
     epochs_done: int = 0
     selection_split: str = "val"
+    numerics: Numerics | None = None
+    plan: EpochPlan | None = None
+    epochs: int = 0
 
 
 class _StopSignal:
@@ -110,6 +119,8 @@ def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) ->
         "small_input": mc.small_input,
         "drop_rate": mc.drop_rate,
     }
+    if mc.stem_stride is not None:
+        kwargs["stem_stride"] = mc.stem_stride
     if mc.widths is not None:
         kwargs["widths"] = list(mc.widths)
     if mc.width_range is not None:
@@ -274,7 +285,8 @@ def _train(
 ) -> TrainResult:
     mc, dc, oc, tc = cfg.model, cfg.data, cfg.optim, cfg.train
     dev = info.device
-    amp_dtype, use_scaler = resolve_amp(tc.amp, dev)  # before loading data: fail fast
+    choose_numerics(tc.amp, tc.channels_last, dev)  # before loading data: fail fast on an impossible setting
+    ckpt = load_checkpoint(resume) if resume is not None else None
     _set_determinism(tc.deterministic, dev)
     _seed_all(tc.seed)
     data = create_datasets(
@@ -329,8 +341,19 @@ def _train(
     if tc.sync_bn and info.distributed:
         convert_sync_batchnorm(model, dist.new_group())
     model.to(dev)
-    if tc.channels_last:
+    shape = (data.in_chans, data.image_size, data.image_size)
+    per_rank_batch = dc.batch_size // info.world_size
+    make_step = probe_step_factory(
+        model, sampler, shape, kwargs["num_classes"], min(per_rank_batch, PROBE_MAX_BATCH), dev, seed=tc.seed
+    )
+    machine = machine_info(dev)
+    numerics = _kept_numerics(ckpt, tc, machine) or decide_numerics(tc.amp, tc.channels_last, dev, make_step)
+    amp_dtype = numerics.autocast_dtype
+    if numerics.channels_last:
         model.to(memory_format=torch.channels_last)
+    if info.is_main:
+        _logger.info("machine: %s", describe_machine(machine))
+        _logger.info("numerics: %s", numerics.describe())
 
     pin = dev.type == "cuda"
     assert data.train is not None
@@ -356,7 +379,11 @@ def _train(
             data.root,
         )
     steps_per_epoch = len(train_loader)
-    per_rank_batch = dc.batch_size // info.world_size
+    plan = _plan_epochs(
+        tc, ckpt, numerics, make_step, per_rank_batch, steps_per_epoch, len(select_loader), len(val_widths), info
+    )
+    epochs = plan.epochs if plan is not None else tc.epochs
+    total_steps = plan.total_steps if plan is not None else epochs * steps_per_epoch  # the last epoch may be partial
     calib_loader = None
     if width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
         calib_loader = create_loader(
@@ -380,10 +407,11 @@ def _train(
         weight_decay=oc.weight_decay, decay_norm_and_bias=oc.decay_norm_and_bias, decay_depthwise=oc.decay_depthwise,
     )  # fmt: skip
     scheduler = create_scheduler(
-        optimizer, oc.schedule, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=oc.warmup_epochs,
+        optimizer, oc.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=oc.warmup_epochs,
         warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma, min_lr=oc.min_lr,
+        total_steps=total_steps,
     )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = torch.amp.GradScaler("cuda") if numerics.use_grad_scaler else None
     ddp = wrap_ddp(model, info) if info.distributed else None
     forward: Any = ddp if ddp is not None else model
     if tc.compile:
@@ -391,16 +419,16 @@ def _train(
     trainer = Trainer(
         model, optimizer, scheduler, sampler, device=dev, forward=forward,
         ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
-        inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=tc.channels_last, seed=tc.seed,
-        log_interval=tc.log_interval,
+        inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=numerics.channels_last,
+        seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=total_steps,
+        nonfinite=tc.nonfinite,
     )  # fmt: skip
 
     start_epoch, start_batch = 0, 0
     best: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     rng_to_restore = None
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         _check_resume(ckpt, cfg, mc.name, _model_kwargs(model, kwargs), str(resume))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -435,12 +463,14 @@ def _train(
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        hardware = {"machine": machine, "numerics": numerics.to_dict(), "plan": plan and plan.to_dict()}
+        write_json(out_dir / "hardware.json", hardware)
         if tensorboard:
             writer = _tensorboard(out_dir / "tb")
         _logger.info(
             "training %s widths %s (%r) on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
             mc.name, ",".join(f"{w:g}" for w in widths), sampler, dev, len(data.train), steps_per_epoch,
-            per_rank_batch, info.world_size, tc.epochs, out_dir,
+            per_rank_batch, info.world_size, epochs, out_dir,
         )  # fmt: skip
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
@@ -462,6 +492,9 @@ def _train(
             "rng": _gather_rng(info),
             "best": best,
             "history": history,
+            "plan": plan and plan.to_dict(),
+            "numerics": numerics.to_dict(),
+            "machine": machine,
         }
 
     def on_log(step: int, scalars: dict[str, float]) -> None:
@@ -469,9 +502,12 @@ def _train(
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, step)
 
-    result = TrainResult(out_dir, last_checkpoint=last_path, selection_split=selection_split)
+    result = TrainResult(
+        out_dir, last_checkpoint=last_path, selection_split=selection_split, numerics=numerics,
+        plan=plan, epochs=epochs,
+    )  # fmt: skip
     with _StopSignal(info) as stop:
-        for epoch in range(start_epoch, tc.epochs):
+        for epoch in range(start_epoch, epochs):
             sampler = train_loader.batch_sampler.sampler
             sampler.set_epoch(epoch, start=start_batch * per_rank_batch)
             if start_batch == 0:
@@ -480,10 +516,15 @@ def _train(
             if rng_to_restore is not None:
                 set_rng_state(rng_to_restore)
                 rng_to_restore = None
-            stats = trainer.train_epoch(
-                train_loader, epoch, steps_in_epoch=steps_per_epoch, start_batch=start_batch,
-                should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
-            )  # fmt: skip
+            try:
+                stats = trainer.train_epoch(
+                    train_loader, epoch, steps_in_epoch=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
+                    start_batch=start_batch,
+                    should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
+                )  # fmt: skip
+            except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
+                _close(writer)
+                raise with_checkpoint_note(err, last_path) from None
             start_batch = 0
             if stats.interrupted:
                 ck = checkpoint(epoch, stats.batches_done)
@@ -499,10 +540,10 @@ def _train(
             if info.distributed:
                 average_bn_statistics(model, info.world_size)
             record = _epoch_record(stats)
-            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == epochs:
                 val = evaluate(
                     model, select_loader, val_widths, device=dev, autocast_dtype=amp_dtype,
-                    channels_last=tc.channels_last,
+                    channels_last=numerics.channels_last,
                 )  # fmt: skip
                 record["val"] = _metrics_dict(val)
                 record["val_top1_mean"] = _mean_top1(val)
@@ -516,8 +557,8 @@ def _train(
                 if record.get("best"):
                     save_checkpoint(best_path, ck)
                 write_json(out_dir / "history.json", history)
-                _log_epoch(record, tc.epochs, selection_split, writer)
-            if stop.poll(force=True) and epoch + 1 < tc.epochs:
+                _log_epoch(record, epochs, selection_split, writer)
+            if stop.poll(force=True) and epoch + 1 < epochs:
                 if info.is_main:
                     _logger.warning(
                         "stopped by a signal after epoch %d; continue with --resume %s", epoch + 1, last_path
@@ -526,15 +567,15 @@ def _train(
                 _close(writer)
                 return result
 
-    result.epochs_done = tc.epochs
+    result.epochs_done = epochs
     result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
     result.best_checkpoint = best_path if best else None
-    best_is_last = best.get("epoch") == tc.epochs
+    best_is_last = best.get("epoch") == epochs
     if width_range is not None:
         # US-Nets: only the widths trained at every step have statistics; calibrate every stat width so that the
         # final checkpoints evaluate at all of them without recalibration
         calibrate()
-        ck = checkpoint(tc.epochs, 0)
+        ck = checkpoint(epochs, 0)
         if info.is_main:
             save_checkpoint(last_path, ck)
             if best_is_last:
@@ -557,8 +598,9 @@ def _train(
             best_ck.update(model=model.state_dict(), model_kwargs=_model_kwargs(model, kwargs), widths=list(widths))
             save_checkpoint(best_path, best_ck)
     test = evaluate(
-        model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype, channels_last=tc.channels_last
-    )
+        model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype,
+        channels_last=numerics.channels_last,
+    )  # fmt: skip
     if info.is_main:
         shape = (data.in_chans, data.image_size, data.image_size)
         result.report = width_report(model, test, shape, latency_runs=latency_runs)
@@ -575,9 +617,62 @@ def _train(
         plot_report(result.report, out_dir / "accuracy_vs_macs.png", f"{mc.name} on {data.name} (test split)")
         if writer is not None:
             for r in result.report:
-                writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], tc.epochs)
+                writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], epochs)
     _close(writer)
     return result
+
+
+def _kept_numerics(ckpt: Mapping[str, Any] | None, tc: Any, machine: Mapping[str, Any]) -> Numerics | None:
+    """A resumed run keeps its numerics when the settings and the machine's kind are unchanged (exact resume)."""
+    if ckpt is None or not ckpt.get("numerics"):
+        return None
+    saved, before = ckpt["numerics"], ckpt.get("machine") or {}
+    same_settings = saved.get("requested") == {"amp": tc.amp, "channels_last": tc.channels_last}
+    keys = ("device", "cpu_capability", "native_bf16", "gpu")
+    if not same_settings or any(before.get(k) != machine.get(k) for k in keys):
+        return None
+    kept = Numerics(**saved)
+    reasons = {k: f"kept from the checkpoint ({v})" for k, v in kept.reasons.items()}
+    return Numerics(kept.amp, kept.channels_last, reasons, kept.probe, kept.requested)
+
+
+def _plan_epochs(
+    tc: Any,
+    ckpt: Mapping[str, Any] | None,
+    numerics: Numerics,
+    make_step: Any,
+    batch: int,
+    steps_per_epoch: int,
+    eval_batches: int,
+    eval_widths: int,
+    info: DistInfo,
+) -> EpochPlan | None:
+    """The epoch plan of a run with ``train.time_budget_min``: a resumed run keeps its checkpoint's plan."""
+    if tc.time_budget_min is None:
+        return None
+    if ckpt is not None and ckpt.get("plan"):
+        plan = EpochPlan(**ckpt["plan"])
+        if info.is_main:
+            _logger.info("time budget: keeping the plan of the checkpoint: %s", plan.describe())
+        return plan
+    if batch <= PROBE_MAX_BATCH and numerics.probe:
+        seconds = numerics.probe[numerics.label]  # the probe already ran at the training batch
+    else:
+        seconds = measure_step_seconds(make_step(numerics.autocast_dtype, numerics.channels_last, batch))
+    if info.distributed:  # every process plans the same epochs: the slowest process's time
+        t = torch.tensor([seconds], dtype=torch.float64, device=info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seconds = float(t)
+    train_widths = tc.num_sampled_widths if tc.width_sampler == "sandwich" else eval_widths
+    plan = plan_epochs(tc.time_budget_min, tc.epochs, steps_per_epoch, seconds, eval_batches, eval_widths, train_widths)
+    if info.is_main:
+        _logger.info("time budget: %s", plan.describe())
+        if plan.estimated_minutes > tc.time_budget_min:
+            _logger.warning(
+                "train.time_budget_min=%g: even one epoch (%.1f min) does not fit on this machine; training 1 epoch",
+                tc.time_budget_min, plan.estimated_minutes,
+            )  # fmt: skip
+    return plan
 
 
 def _epoch_record(stats: EpochStats) -> dict[str, Any]:
@@ -587,6 +682,7 @@ def _epoch_record(stats: EpochStats) -> dict[str, Any]:
         "lr": stats.lr,
         "seconds": stats.seconds,
         "images_per_second": stats.images_per_second,
+        "skipped_steps": stats.skipped_steps,  # non-finite loss (train.nonfinite: skip)
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import tiny_recipe, write_fashion_mnist
+from fake_data import tiny_recipe
 
 import slimmable
 from slimmable.cli import search_cmd
@@ -20,17 +20,6 @@ from slimmable.train import CHECKPOINT_FORMAT_VERSION, build_model_from_checkpoi
 
 US_KWARGS = {"num_classes": 10, "in_chans": 1, "small_input": True, "width_range": [0.35, 0.7],
              "stat_widths": [0.35, 0.7]}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("data") / "fm", n_train=96, n_test=48)
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLIMMABLE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CI", "true")
 
 
 def _checkpoint(path: Path, fmnist: Path, name: str, kwargs: dict) -> Path:

@@ -81,3 +81,25 @@ def test_serve_refuses_non_loopback_hosts(capsys):
 @pytest.mark.parametrize("host", ["10.0.0.1", "::"])
 def test_serve_refuses_other_addresses(capsys, host):
     assert main(["serve", "--model", "slim_mobilenet_v1", "--host", host]) == 2
+
+
+def test_serve_refuses_bad_numbers_and_a_taken_port_before_loading(capsys):
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cases = {
+            ("--port", str(port)): f"cannot listen on 127.0.0.1:{port}: Address already in use; pick another --port",
+            ("--port", "70000"): "--port 70000 is not a TCP port; give 1-65535, or 0",
+            ("--threads", "-3"): "--threads -3 must be >= 1",
+            ("--request-timeout", "0"): "--request-timeout 0.0 must be a positive number",
+        }
+        for extra, message in cases.items():
+            t0 = time.monotonic()
+            assert main(["serve", "--model", "slim_mobilenet_v1", *extra]) == 2
+            captured = capsys.readouterr()
+            assert message in captured.err and "Traceback" not in captured.err
+            assert "calibrated" not in captured.out and time.monotonic() - t0 < 5  # before loading and calibrating

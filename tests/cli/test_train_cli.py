@@ -12,21 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import tiny_recipe, write_fashion_mnist, write_image_folder, write_recipe
+from fake_data import tiny_recipe, write_image_folder, write_recipe
 
 from slimmable.cli.main import main
 from slimmable.train import load_checkpoint
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("data") / "fm", n_train=96, n_test=48)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLIMMABLE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CI", "true")
 
 
 def test_train_then_eval(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

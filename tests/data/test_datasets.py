@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import write_cifar, write_fashion_mnist, write_image_folder
+from fake_data import write_cifar, write_fashion_mnist, write_image_folder, write_malicious_cifar
 
 from slimmable.data import TensorImageDataset, create_datasets, create_loader, load_fashion_mnist
 
@@ -181,3 +181,29 @@ def test_tensor_dataset_rejects_bad_input() -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(ValueError, match="dataset 'mnist' is not one of fashion_mnist, cifar10"):
         create_datasets("mnist")
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+    root = write_malicious_cifar(tmp_path / "evil", marker)
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:  # the payload works with plain pickle
+        pickle.load(f)
+    assert marker.is_dir()
+    marker.rmdir()
+    for split_args in ({}, {"load_train": False}):
+        with pytest.raises(ValueError, match=r"refers to posix\.mkdir.*could run code.*not loaded"):
+            create_datasets("cifar10", root, **split_args)
+    assert not marker.exists()
+
+
+def test_unreadable_image_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "img", n_train=2, n_val=2)
+    broken = root / "val" / "ant" / "0.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    s = create_datasets("image_folder", root, image_size=16, load_train=False)
+    with pytest.raises(ValueError, match=rf"cannot read image {broken}") as info:
+        for _ in create_loader(s.test, 2, train=False, num_workers=1):
+            pass
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)

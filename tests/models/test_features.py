@@ -121,6 +121,14 @@ def test_resnet_stages_are_named_views_and_official_keys_stay() -> None:
     assert shuffle.stage_modules()["stem"] == [shuffle.head_0, shuffle.head_1, shuffle.head_2]
 
 
+def test_resnet_small_input_stem_stride_2_halves_every_stage() -> None:
+    model = slimmable.create_model("slim_resnet18", num_classes=7, small_input=True, stem_stride=2).eval()
+    assert [f.stride for f in model.feature_info] == [2, 2, 4, 8, 16]
+    with torch.no_grad():
+        stages = model.forward_stages(torch.randn(1, 3, 32, 32))
+    assert [y.shape[-1] for y in stages.values()] == [16, 16, 8, 4, 2]
+
+
 def test_exported_model_keeps_its_stages() -> None:
     torch.manual_seed(0)
     model = slimmable.create_model("slim_mobilenet_v2", num_classes=7, small_input=True).eval()

@@ -100,3 +100,11 @@ def test_channel_spec_files_round_trip_and_errors(tmp_path) -> None:
         load_channel_spec(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError):
         load_channel_spec(tmp_path / "none.json")
+
+
+def test_unreachable_budget_is_refused_before_searching() -> None:
+    model = slimmable.create_model("us_mobilenet_v1", num_classes=10, small_input=True)
+    steps: list[dict] = []
+    with pytest.raises(ValueError, match=r"budgets 1 are below the flops of the narrowest network \(.*give budgets"):
+        autoslim_search(model, _data(), [1, 1e12], input_size=(3, 16, 16), steps=4, progress=steps.append)
+    assert steps == []  # refused at step 0, not after the whole search

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -84,8 +85,18 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         load_checkpoint(partial)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((tmp_path / "newer.pt").read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated, damaged") as info:
         load_checkpoint(truncated)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\nworld\n")
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(a text file starting with 'hello'\)"):
+        load_checkpoint(text)
+    pickled = tmp_path / "plain.pkl"
+    pickled.write_bytes(pickle.dumps({"a": 1}, protocol=4))  # a pickle torch's weights-only reader cannot parse
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(pickled)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     wrong = _checkpoint(model) | {"model_kwargs": {**model.model_kwargs, "num_classes": 7}}

@@ -115,3 +115,78 @@ def test_recipe_file_of_the_fixture_is_valid(fmnist: Path, tmp_path: Path) -> No
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(fmnist)))
     assert load_recipe(path) == _cfg(fmnist)
+
+
+def test_time_budget_sizes_the_epochs_and_a_resume_keeps_the_plan(fmnist: Path, tmp_path: Path) -> None:
+    cfg = _cfg(fmnist, train={"epochs": 3, "time_budget_min": 1e-4})  # not even one epoch fits: 1 epoch
+    out = tmp_path / "run"
+    result = _train(cfg, out)
+    assert result.plan is not None and result.plan.epochs == 1 == result.epochs == result.epochs_done
+    assert result.plan.max_epochs == 3 and result.plan.seconds_per_step > 0 and result.plan.steps_per_epoch == 5
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
+    hw = json.loads((out / "hardware.json").read_text())
+    assert hw["plan"] == result.plan.to_dict() and hw["numerics"]["amp"] == "off"
+    assert hw["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert load_checkpoint(out / "last.pt")["plan"] == result.plan.to_dict()
+    # a resumed run keeps the plan it started with, whatever the budget says now
+    again = _train(_cfg(fmnist, train={"epochs": 3, "time_budget_min": 1e4}), out, resume=out / "last.pt")
+    assert again.epochs == 1 and again.plan == result.plan
+    # a generous budget is capped by train.epochs
+    roomy = _train(_cfg(fmnist, train={"epochs": 2, "time_budget_min": 1e4}), tmp_path / "roomy")
+    assert roomy.plan is not None and roomy.plan.epochs == 2 == roomy.epochs_done
+
+
+def test_progress_lines_are_timed_with_rate_and_eta(
+    fmnist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(fmnist, train={"epochs": 2, "log_seconds": 1e6, "log_interval": 1})
+    with caplog.at_level("INFO", logger="slimmable.train.engine"):
+        _train(cfg, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    # log_interval=1 no longer prints a line per step: one line after each epoch's first step, then every 1e6 s
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("epoch 1 step 1/5") and ", ETA " in lines[0]
+    assert lines[1].startswith("epoch 2 step 1/5")
+
+
+def test_auto_numerics_are_decided_recorded_and_kept_on_resume(fmnist: Path, tmp_path: Path) -> None:
+    from slimmable.hardware import cpu_native_bf16
+
+    cfg = _cfg(fmnist, train={"epochs": 1, "amp": "auto", "channels_last": "auto"})
+    out = tmp_path / "run"
+    result = _train(cfg, out)
+    n = result.numerics
+    assert n is not None and n.requested == {"amp": "auto", "channels_last": "auto"}
+    if cpu_native_bf16()[0]:  # both precisions and both formats were timed on the real step
+        assert sorted(n.probe) == ["bf16", "bf16+channels_last", "fp32", "fp32+channels_last"]
+    else:
+        assert (n.amp, n.channels_last, n.probe) == ("off", False, {})
+    assert json.loads((out / "hardware.json").read_text())["numerics"] == n.to_dict()
+    again = _train(
+        _cfg(fmnist, train={"epochs": 2, "amp": "auto", "channels_last": "auto"}), out, resume=out / "last.pt"
+    )
+    assert (again.numerics.amp, again.numerics.channels_last) == (n.amp, n.channels_last)
+    assert again.numerics.reasons["amp"].startswith("kept from the checkpoint")
+
+
+def test_time_budget_ends_in_a_partial_epoch_with_the_schedule(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimmable.train.plan import plan_epochs
+
+    # 1 s per step, 5 steps + 1 validation batch (~0.33 s) per epoch: 1.6 epochs fit 0.1422 min = 8.53 s
+    monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1.0)
+    cfg = _cfg(fmnist, train={"epochs": 4, "time_budget_min": 1.6 * (5 + 1 / 3) / 60}, optim={"schedule": "cosine"})
+    out = tmp_path / "run"
+    result = _train(cfg, out)
+    plan = result.plan
+    assert plan is not None and (plan.total_steps, plan.epochs, plan.seconds_per_step) == (8, 2, 1.0)
+    assert plan == plan_epochs(cfg.train.time_budget_min, 4, 5, 1.0, 1, 2, 2)
+    last = load_checkpoint(out / "last.pt")
+    assert (last["epoch"], last["step"]) == (2, 8) and [h["epoch"] for h in result_history(out)] == [1, 2]
+    assert result_history(out)[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ended with the budget
+    assert not result.interrupted and result.epochs_done == 2
+
+
+def result_history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())

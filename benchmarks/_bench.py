@@ -1,0 +1,49 @@
+"""Shared by the benchmark scripts: the machine facts every result records, and the emulated AVX2 path.
+
+CPUs differ: bf16 and channels-last are fast with AVX512-BF16/AMX and many times slower on AVX2-only CPUs. A
+benchmark run with ``--avx2`` also runs itself in a child process under ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's and oneDNN's kernels limited to AVX2 on a newer CPU) and reports both paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slimmable.hardware import describe_machine, machine_info
+
+__all__ = ["AVX2_ENV", "describe_machine", "emulating_avx2", "machine_info", "run_avx2_child", "write_json"]
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def emulating_avx2() -> bool:
+    """Whether this process runs under the AVX2 emulation."""
+    return all(os.environ.get(k, "").lower() == v.lower() for k, v in AVX2_ENV.items())
+
+
+def run_avx2_child(script: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Run ``script argv --json TMP`` under the AVX2 emulation (its output streams through); return its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "avx2.json"
+        cmd = [sys.executable, script, *argv, "--json", str(path)]
+        env = " ".join(f"{k}={v}" for k, v in AVX2_ENV.items())
+        print(f"\n--- the AVX2 path: {env} {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, check=True)
+        return json.loads(path.read_text())
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as JSON atomically (parents created) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")

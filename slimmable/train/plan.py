@@ -1,0 +1,172 @@
+"""What a run decides at start-up from the machine it runs on: numerics (a measured probe) and, for a time budget,
+how many epochs fit.
+
+The probe runs real Algorithm-1 steps of a *copy* of the model on random data under a forked random state, so it
+changes neither the weights nor the run's random sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hardware import Numerics, choose_numerics, time_step
+from .engine import train_step
+from .samplers import WidthSampler
+
+__all__ = ["EpochPlan", "decide_numerics", "measure_step_seconds", "plan_epochs", "probe_step_factory"]
+
+#: the numerics probe's batch is the training batch up to this many images (enough to rank the candidates)
+PROBE_MAX_BATCH = 128
+
+
+def probe_step_factory(
+    model: nn.Module,
+    sampler: WidthSampler,
+    input_shape: Sequence[int],
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    seed: int = 0,
+) -> Callable[[torch.dtype | None, bool], Callable[[], None]]:
+    """Builds one training step of a copy of ``model`` for given numerics, for :func:`~slimmable.hardware.time_step`.
+
+    Args:
+        model: the model to be trained (not modified).
+        sampler: its width sampler (the probe trains the widths of step 0).
+        input_shape: ``(C, H, W)`` of the training images.
+        num_classes: classifier outputs.
+        batch_size: images per step.
+        device: where to run.
+        seed: seeds the random batch.
+
+    Returns:
+        ``make_step(autocast_dtype, channels_last, batch=None)`` returning a zero-argument step (``batch``
+        overrides ``batch_size``).
+    """
+    widths = sampler.widths_for_step(0, random.Random(seed))
+
+    def make_step(dtype: torch.dtype | None, channels_last: bool, batch: int | None = None) -> Callable[[], None]:
+        n = batch or batch_size
+        gen = torch.Generator().manual_seed(seed)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(n, *input_shape, generator=gen).to(device).contiguous(memory_format=fmt)
+        y = torch.randint(0, num_classes, (n,), generator=gen).to(device)
+        copy_ = copy.deepcopy(model).to(device, memory_format=fmt).train()
+        opt = torch.optim.SGD(copy_.parameters(), lr=1e-3, momentum=0.9)
+
+        def step() -> None:
+            with torch.random.fork_rng(devices=[]):  # dropout must not move the run's random sequence
+                train_step(copy_, opt, x, y, widths, autocast_dtype=dtype, check_finite=False)
+
+        return step
+
+    return make_step
+
+
+def decide_numerics(
+    amp: str,
+    channels_last: bool | str,
+    device: torch.device,
+    make_step: Callable[[torch.dtype | None, bool], Callable[[], None]] | None,
+) -> Numerics:
+    """:func:`~slimmable.hardware.choose_numerics`, agreed by every process of a distributed run (rank 0's)."""
+    import torch.distributed as dist
+
+    numerics = choose_numerics(amp, channels_last, device, make_step)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box: list[Any] = [numerics]
+        dist.broadcast_object_list(box, src=0)
+        numerics = box[0]
+    return numerics
+
+
+def measure_step_seconds(step: Callable[[], None], max_seconds: float = 3.0) -> float:
+    """Seconds per training step (median after a warm-up), within about ``max_seconds``."""
+    return time_step(step, max_seconds=max_seconds, max_steps=8)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How long a run with a time budget trains, and from what measurement.
+
+    The run trains ``total_steps`` optimizer steps: ``epochs - 1`` whole epochs and the first
+    ``total_steps - (epochs - 1) * steps_per_epoch`` steps of the last one, so the learning-rate schedule ends
+    where the budget does (whole epochs would waste up to one epoch of it).
+
+    Attributes:
+        epochs: epochs started (the last may be partial); at most the recipe's ``train.epochs``, at least 1.
+        total_steps: optimizer steps of the run (at least one epoch's).
+        max_epochs: the recipe's ``train.epochs``.
+        budget_minutes: ``train.time_budget_min``.
+        seconds_per_step: measured, at the training batch size with the chosen numerics.
+        steps_per_epoch: training steps per epoch.
+        eval_seconds: estimated seconds of one validation pass (a forward costs about a third of a step).
+        estimated_minutes: the plan's estimated training time, validation included.
+    """
+
+    epochs: int
+    total_steps: int
+    max_epochs: int
+    budget_minutes: float
+    seconds_per_step: float
+    steps_per_epoch: int
+    eval_seconds: float
+    estimated_minutes: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def epochs_float(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def describe(self) -> str:
+        capped = " (the recipe's maximum)" if self.epochs_float >= self.max_epochs else ""
+        return (
+            f"{self.epochs_float:.2f} epochs ({self.total_steps} steps){capped} fit the {self.budget_minutes:g}-minute "
+            f"budget: {self.seconds_per_step:.3f} s/step measured, {self.steps_per_epoch} steps + ~"
+            f"{self.eval_seconds:.0f} s validation per epoch, ~{self.estimated_minutes:.1f} min"
+        )
+
+
+def plan_epochs(
+    budget_minutes: float,
+    max_epochs: int,
+    steps_per_epoch: int,
+    seconds_per_step: float,
+    eval_batches: int,
+    eval_widths: int,
+    train_widths: int,
+) -> EpochPlan:
+    """The most training steps (one epoch to ``max_epochs``) whose training and validation fit ``budget_minutes``.
+
+    Args:
+        budget_minutes: the time budget.
+        max_epochs: upper bound (the recipe's ``train.epochs``).
+        steps_per_epoch: training steps per epoch.
+        seconds_per_step: measured seconds per step (all its widths).
+        eval_batches: validation batches per epoch (0: no validation).
+        eval_widths: widths validated per batch.
+        train_widths: widths trained per step.
+    """
+    # a forward pass costs about a third of forward + backward; validation runs eval_widths of them per batch
+    eval_seconds = eval_batches * seconds_per_step * eval_widths / max(1, train_widths) / 3
+    epoch_seconds = steps_per_epoch * seconds_per_step + eval_seconds
+    fit = budget_minutes * 60 / epoch_seconds  # epochs, validation amortised over each
+    total = max(steps_per_epoch, min(max_epochs * steps_per_epoch, math.floor(fit * steps_per_epoch)))
+    epochs = math.ceil(total / steps_per_epoch)
+    seconds = total * seconds_per_step + epochs * eval_seconds
+    return EpochPlan(
+        epochs=epochs, total_steps=total, max_epochs=max_epochs, budget_minutes=budget_minutes,
+        seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, eval_seconds=eval_seconds,
+        estimated_minutes=seconds / 60,
+    )  # fmt: skip
