@@ -16,8 +16,8 @@ from torch import nn
 
 from ..search.cost import count_macs, measure_latency
 from ._io import model_label, sha256_file, width_tag, write_json_atomic
-from .dense import _input_shape, default_widths, example_input, export_width
-from .formats import INPUT_NAME, OUTPUT_NAME, _ort_session, export_onnx
+from .dense import default_widths, example_input, export_width, input_shape
+from .formats import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 
 __all__ = ["MANIFEST_NAME", "export_bundle"]
 
@@ -64,7 +64,7 @@ def export_bundle(
     out = Path(out_dir)
     name = name or model_label(model)
     widths = tuple(float(w) for w in (widths if widths is not None else default_widths(model)))
-    shape = _input_shape(model, input_size)
+    shape = input_shape(model, input_size)
     entries: list[dict[str, Any]] = []
     result = None
     for w in widths:
@@ -113,7 +113,7 @@ def export_bundle(
 
 
 def _ort_latency(path: Path, x: torch.Tensor, runs: int, warmup: int = 3) -> float:
-    sess = _ort_session(path)
+    sess = ort_session(path)
     feed = {sess.get_inputs()[0].name: x.float().cpu().numpy()}
     for _ in range(warmup):
         sess.run(None, feed)

@@ -2,14 +2,16 @@
 
 The export deep-copies the model, switches the copy to the requested width, runs one forward pass with
 forward-pre-hooks that record each slimmable layer's input channel count, and replaces every slimmable layer by
-the ordinary layer it computes at that width:
+the ordinary layer it computes at that width, which the layer itself builds
+(:meth:`slimmable.nn.SlimModule.to_dense`), e.g.:
 
 * :class:`~slimmable.nn.SlimConv2d` → ``nn.Conv2d`` holding ``weight[:active_out, :cin // groups]``
   (depthwise: ``weight[:cin]`` with ``groups = cin``);
 * :class:`~slimmable.nn.SlimLinear` → ``nn.Linear`` holding ``weight[:active_out, :cin]``;
 * :class:`~slimmable.nn.SwitchableBatchNorm2d` → a copy of the active switch's ``nn.BatchNorm2d``;
 * :class:`~slimmable.nn.USBatchNorm2d` → ``nn.BatchNorm2d`` with the shared affine sliced to ``c`` and the
-  statistics stored for that width.
+  statistics stored for that width;
+* :class:`~slimmable.nn.SharedBatchNorm2d` → ``nn.BatchNorm2d`` with affine and shared statistics sliced to ``c``.
 
 The family's own ``forward`` (residual additions, ShuffleNet's split by shape) keeps working with the plain
 layers, so the result is the same class as the source model with no slimmable layer left. Sliced tensors are
@@ -25,17 +27,14 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from .._utils import example_input, input_channels, input_shape, unwrap_model
 from ..nn import (
-    SlimConv2d,
-    SlimLinear,
     SlimModule,
-    SwitchableBatchNorm2d,
-    USBatchNorm2d,
     get_channels,
     record_input_channels,
     set_channels,
@@ -51,6 +50,7 @@ __all__ = [
     "export_width",
     "fold_batchnorm",
     "input_channels",
+    "input_shape",
     "is_dense",
 ]
 
@@ -86,12 +86,12 @@ def export_width(
         ValueError: ``width`` is not a width of the model, or (US models) the width has no BN statistics.
         TypeError: ``model`` has no slimmable layers.
     """
-    src = _unwrap(model)
+    src = unwrap_model(model)
     if not any(True for _ in slim_modules(src)):
         raise TypeError(f"{type(src).__name__} has no slimmable layers; export_width needs a slimmable model")
     dense = _copy_for_export(src)
     set_width(dense, width)
-    _check_us_stats(dense, f"width {float(width):g}")
+    _check_stats(dense, f"width {float(width):g}")
     return _densify(dense, src, example, fold_bn, width=float(width))
 
 
@@ -125,7 +125,7 @@ def export_channels(
         ValueError: a count is out of range, or the channels cannot run (a switchable BN has no switch of that
             size; a US model has no statistics for it).
     """
-    src = _unwrap(model)
+    src = unwrap_model(model)
     if not isinstance(spec, Mapping):
         raise TypeError(f"spec must be a mapping of layer name to channels, got {type(spec).__name__}")
     if reset_bn_stats and fold_bn:
@@ -138,48 +138,6 @@ def export_channels(
 def is_dense(module: nn.Module) -> bool:
     """``True`` when ``module`` holds no slimmable layer."""
     return not any(isinstance(m, SlimModule) for m in module.modules())
-
-
-def input_channels(model: nn.Module) -> int:
-    """Input channels of a model: those of its first convolution (or linear layer); 3 if it has neither."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-        if isinstance(m, nn.Linear):
-            return int(m.in_features)
-    return 3
-
-
-def example_input(
-    model: nn.Module, input_size: int | Sequence[int] = _PROBE_SIZE, batch_size: int = 1, seed: int | None = 0
-) -> torch.Tensor:
-    """A random input ``(batch_size, C, H, W)`` on the model's device and dtype.
-
-    Args:
-        model: the model (its first convolution gives ``C`` when ``input_size`` is an int).
-        input_size: a square side ``H = W``, or ``(C, H, W)``.
-        batch_size: ``N``.
-        seed: seed of a local generator (``None``: the global RNG).
-    """
-    shape = _input_shape(model, input_size)
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
-
-
-def _input_shape(model: nn.Module, input_size: int | Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(input_size, bool):
-        raise TypeError(f"input_size must be an int or (C, H, W), got {input_size!r}")
-    if isinstance(input_size, int):
-        if input_size < 1:
-            raise ValueError(f"input_size {input_size} must be a positive image side such as 224")
-        return (input_channels(model), input_size, input_size)
-    shape = tuple(int(s) for s in input_size)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_size {tuple(input_size)} must be a side such as 224 or a (C, H, W) triple")
-    return shape  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -238,30 +196,19 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return new
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile
-        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _copy_for_export(model: nn.Module) -> nn.Module:
     dense = copy.deepcopy(model)
     dense.eval()
     return dense
 
 
-def _check_us_stats(model: nn.Module, what: str) -> None:
+def _check_stats(model: nn.Module, what: str) -> None:
     for name, m in slim_modules(model):
-        if isinstance(m, USBatchNorm2d) and m.stat_index is None:
+        reason = m.missing_stats()
+        if reason is not None:
             raise ValueError(
-                f"{what} has no BN statistics in {name} (stored for widths {m.stat_widths}); export one of those "
-                "widths, or calibrate BN statistics for this width first (slimmable.train calibrate_bn)"
+                f"{what} has {reason} in {name}; export a width with statistics, or calibrate BN statistics for "
+                "this width first (slimmable.train.calibrate_bn)"
             )
 
 
@@ -275,7 +222,7 @@ def _densify(
 ) -> nn.Module:
     """Replace every slimmable layer of ``dense`` (a switched copy) by its plain equivalent."""
     what = f"width {width:g}" if width is not None else "these channels"
-    mods = list(slim_modules(dense))
+    mods = list(slim_modules(dense, outermost=True))
     channels = get_channels(dense)
     x = example if example is not None else example_input(src, _PROBE_SIZE)
     if reset_bn_stats:
@@ -315,15 +262,6 @@ def _densify(
     return dense
 
 
-def _take(t: torch.Tensor, *sizes: int) -> torch.Tensor:
-    """The leading ``sizes`` block of ``t`` as a new contiguous tensor (never a view of the source)."""
-    return t.detach()[tuple(slice(0, s) for s in sizes)].clone(memory_format=torch.contiguous_format)
-
-
-def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=like.requires_grad)
-
-
 def _new_conv(src: nn.Conv2d, cin: int, cout: int, groups: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(
         cin,
@@ -340,58 +278,11 @@ def _new_conv(src: nn.Conv2d, cin: int, cout: int, groups: int, bias: bool) -> n
 
 
 def _dense_layer(name: str, m: SlimModule, cin: int, reset_bn_stats: bool = False) -> nn.Module:
-    where = name or type(m).__name__
-    if isinstance(m, SlimConv2d):
-        if m.depthwise:
-            conv = _new_conv(m, cin, cin, cin, m.bias is not None)
-            conv.weight = _param(_take(m.weight, cin), m.weight)
-            if m.bias is not None:
-                conv.bias = _param(_take(m.bias, cin), m.bias)
-            return conv
-        if cin % m.groups:
-            raise ValueError(f"{where}: {cin} input channels are not divisible by its {m.groups} groups")
-        cout = int(m.active_out)
-        conv = _new_conv(m, cin, cout, m.groups, m.bias is not None)
-        conv.weight = _param(_take(m.weight, cout, cin // m.groups), m.weight)
-        if m.bias is not None:
-            conv.bias = _param(_take(m.bias, cout), m.bias)
-        return conv
-    if isinstance(m, SlimLinear):
-        fout = int(m.active_out)
-        lin = nn.Linear(cin, fout, m.bias is not None, device="meta")
-        lin.weight = _param(_take(m.weight, fout, cin), m.weight)
-        if m.bias is not None:
-            lin.bias = _param(_take(m.bias, fout), m.bias)
-        return lin
-    if isinstance(m, SwitchableBatchNorm2d):
-        # the switch SwitchableBatchNorm2d.forward uses: the active one, or after set_channels one of this size
-        idx = m.index
-        if m.width is None and (idx is None or m.bn[idx].num_features != cin):
-            idx = m._index_for_channels(cin)
-        bn = copy.deepcopy(m.bn[idx])
-        if bn.num_features != cin:
-            raise ValueError(f"{where}: switch {idx} normalises {bn.num_features} channels but receives {cin}")
-        return bn.eval()
-    if isinstance(m, USBatchNorm2d):
-        idx = m.stat_index
-        if not reset_bn_stats and (idx is None or m.bn[idx].num_features != cin):
-            raise ValueError(
-                f"{where} has no BN statistics for {cin} channels (stored for widths {m.stat_widths}); calibrate BN "
-                "statistics for these channels first"
-            )
-        # fresh statistics (mean 0, variance 1) when they are to be re-estimated, else the width's stored ones
-        stats = nn.BatchNorm2d(cin, affine=False, device=m.weight.device) if reset_bn_stats else m.bn[idx]
-        bn = nn.BatchNorm2d(cin, m.eps, m.momentum, affine=True, track_running_stats=True, device="meta")
-        bn.weight = _param(_take(m.weight, cin), m.weight)
-        bn.bias = _param(_take(m.bias, cin), m.bias)
-        bn.running_mean = stats.running_mean.detach().clone()
-        bn.running_var = stats.running_var.detach().clone()
-        bn.num_batches_tracked = stats.num_batches_tracked.detach().clone()
-        return bn.eval()
-    raise TypeError(
-        f"{where}: no dense equivalent for {type(m).__name__}; export supports SlimConv2d, SlimLinear, "
-        "SwitchableBatchNorm2d and USBatchNorm2d"
-    )
+    """``m.to_dense``, its errors naming the layer."""
+    try:
+        return m.to_dense(cin, fresh_stats=reset_bn_stats)
+    except ValueError as err:
+        raise ValueError(f"{name or type(m).__name__}: {err}") from err
 
 
 def default_widths(model: nn.Module, limit: int = 8) -> tuple[float, ...]:
@@ -402,7 +293,7 @@ def default_widths(model: nn.Module, limit: int = 8) -> tuple[float, ...]:
     Raises:
         TypeError: ``model`` has no ``widths`` attribute (not built by :func:`slimmable.create_model`).
     """
-    src = _unwrap(model)
+    src = unwrap_model(model)
     widths = tuple(float(w) for w in getattr(src, "widths", ()) or ())
     if not widths:
         raise TypeError(f"{type(src).__name__} has no widths; give the widths to export explicitly")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..nn import get_width
 from ._io import atomic_path
-from .dense import _input_shape, example_input, export_channels, export_width, is_dense
+from .dense import example_input, export_channels, export_width, input_shape, is_dense
 
 __all__ = ["ExportResult", "export_onnx", "export_torchscript", "prepare_dense", "save_dense", "verify_onnx"]
 
@@ -179,7 +179,7 @@ def export_onnx(
     """
     which = _pick_exporter(exporter)
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = _input_shape(dense, input_size)
+    shape = input_shape(dense, input_size)
     opset = opset or _DEFAULT_OPSET[which]
     with _eval_mode(dense), atomic_path(path) as tmp:
         x = example_input(dense, shape, batch_size=2 if dynamic_batch else 1)
@@ -238,7 +238,7 @@ def verify_onnx(
         import onnxruntime as ort
     except ImportError as err:
         raise ImportError("verifying ONNX needs onnxruntime: pip install 'slimmable[export]'") from err
-    sess = _ort_session(path)
+    sess = ort_session(path)
     worst = 0.0
     with _eval_mode(reference), torch.no_grad():
         for x in inputs:
@@ -256,7 +256,8 @@ def verify_onnx(
     return worst
 
 
-def _ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default: torch's count)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -285,7 +286,7 @@ def export_torchscript(
         RuntimeError: the reloaded file differs from the module by more than ``atol`` at batch 1 or 3.
     """
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = _input_shape(dense, input_size)
+    shape = input_shape(dense, input_size)
     with _eval_mode(dense), atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -1,9 +1,11 @@
-"""Base class of the model families and the per-model channel plan (S-Net widths or US-Net range)."""
+"""Base class of the model families, the per-model channel plan (S-Net widths or US-Net range), stage metadata
+(:class:`FeatureInfo`) for detection and segmentation heads, and the helpers the family files share."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from ..nn import (
 )
 from ..nn.channels import ChannelRule
 
-__all__ = ["NORM_KINDS", "ChannelPlan", "SlimNet"]
+__all__ = ["NORM_KINDS", "ChannelPlan", "FeatureInfo", "SlimNet", "init_weights", "width_grid"]
 
 NORM_KINDS = ("switchable", "shared")
 
@@ -149,19 +151,56 @@ class ChannelPlan:
         return WidthTable.build(rule.widths, [c // divisor for c in rule.channels])
 
 
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One stage of a model: the map :meth:`SlimNet.forward_stages` returns under :attr:`name`.
+
+    Attributes:
+        name: the stage's name (``"stem"``, ``"layer1"``, ``"stage3"``, ...), the key in ``forward_stages``.
+        stride: the stage output's reduction relative to the input (nominal: ShuffleNet's unpadded stem pooling
+            gives 55 instead of 56 at 224).
+        rule: the channel rule of the stage's output (``None``: the same channels at every width).
+        num_channels: the output channels at the model's widest width.
+    """
+
+    name: str
+    stride: int
+    rule: ChannelRule | None
+    num_channels: int
+
+    def channels(self, width: float) -> int:
+        """Output channels at ``width``: any switch of an S-Net, any width in a US-Net's range.
+
+        Raises:
+            ValueError: the model cannot run at ``width``.
+        """
+        return self.num_channels if self.rule is None else int(self.rule(width))
+
+
 class SlimNet(nn.Module):
     """Base of all slimmable model families: the width API as methods, and the constructor kwargs for checkpoints.
+
+    A family builds ``features`` (an ``nn.Sequential`` ending in global pooling) and ``classifier``, and declares
+    its stages with :meth:`_set_stages`: consecutive runs of ``features`` with a name, a stride and an output
+    channel rule. That gives every family :meth:`forward_features`, :meth:`forward_head`, :meth:`forward_stages`
+    and :attr:`feature_info` (timm's ``features_only`` / torchvision's ``IntermediateLayerGetter``, at any width).
+    Module names, and so state-dict keys and channel specs, do not change: stages are named views of
+    ``features``.
 
     Attributes:
         widths: the switch widths (S-Nets) or the widths with stored BN statistics (US-Nets).
         width_range: ``(lo, hi)`` for universally slimmable models, else ``None``.
         model_kwargs: the keyword arguments the model was built with (saved in checkpoints).
+        feature_info: one :class:`FeatureInfo` per stage, input to output.
     """
 
     widths: tuple[float, ...]
     width_range: tuple[float, float] | None = None
     model_name: str = ""
     model_kwargs: dict[str, Any]
+    feature_info: list[FeatureInfo]
+    #: ``(start, end)`` of each stage in ``features``, as :attr:`feature_info`
+    _stage_bounds: list[tuple[int, int]]
 
     def set_width(self, width: float) -> SlimNet:
         """Switch the whole model to ``width`` (see :func:`slimmable.nn.set_width`); returns ``self``."""
@@ -189,6 +228,99 @@ class SlimNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
         return self.classifier(torch.flatten(self.features(x), 1))
+
+    # -- stages and features ----------------------------------------------------------------------------------------
+
+    def _set_stages(self, stages: Sequence[tuple[str, int, int, ChannelRule | None, int]]) -> None:
+        """Declare the stages: ``(name, end, stride, rule, channels)`` each, where stage ``i`` runs
+        ``features[end_{i-1}:end_i]`` (the first starts at 0; an empty run is the output of
+        :meth:`_forward_stem_input`) and the last ends before the global pooling."""
+        bounds, start = [], 0
+        for _, end, *_rest in stages:
+            if end < start:
+                raise ValueError(f"stage ends {[s[1] for s in stages]} must not decrease")
+            bounds.append((start, end))
+            start = end
+        if start != len(self.features) - 1:  # type: ignore[arg-type]
+            raise ValueError(
+                f"stages end at features.{start}, not at the global pooling features.{len(self.features) - 1}"
+            )
+        self._stage_bounds = bounds
+        self.feature_info = [FeatureInfo(name, stride, rule, c) for name, _, stride, rule, c in stages]
+
+    def _forward_stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``features`` receives (ShuffleNet first concatenates its stem branches)."""
+        return x
+
+    def _run_features(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # ``x`` stays referenced until the run is done, as torchvision's stage-wise forward holds a stage's input
+        # (see resnet._run_stage: the free order a flat chain gives costs time with glibc's allocator).
+        out = x
+        for i in range(start, end):
+            out = self.features[i](out)  # type: ignore[index]
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_chans, H, W)`` → the last stage's map ``(N, C, H / s, W / s)`` before pooling, at the current
+        width (``C = feature_info[-1].channels(width)``, ``s = feature_info[-1].stride``)."""
+        x = self._forward_stem_input(x)
+        for start, end in self._stage_bounds:
+            x = self._run_features(x, start, end)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Global pooling and classifier: ``forward(x) == forward_head(forward_features(x))``."""
+        return self.classifier(torch.flatten(self.features[-1](x), 1))  # type: ignore[index]
+
+    def forward_stages(self, x: torch.Tensor, out_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The stages' output maps at the current width, for detection and segmentation heads.
+
+        Args:
+            x: input ``(N, in_chans, H, W)``.
+            out_indices: positions in :attr:`feature_info` to return (negative counts from the end); default all.
+                The forward pass stops after the last one asked for.
+
+        Returns:
+            ``{stage name: (N, C_i, H / s_i, W / s_i)}`` in stage order, with ``C_i`` and ``s_i`` as
+            ``feature_info[i]`` gives them at the current width.
+
+        Raises:
+            ValueError: an index outside the stages, or a repeated one.
+        """
+        n = len(self.feature_info)
+        wanted = list(range(n)) if out_indices is None else [int(i) for i in out_indices]
+        picked = sorted({i % n for i in wanted if -n <= i < n})
+        if len(picked) != len(wanted):
+            names = [f.name for f in self.feature_info]
+            raise ValueError(
+                f"out_indices {list(wanted)} must be distinct positions in the {n} stages {names} (negative from the "
+                "end)"
+            )
+        out: dict[str, torch.Tensor] = {}
+        x = self._forward_stem_input(x)
+        for i, (start, end) in enumerate(self._stage_bounds[: picked[-1] + 1] if picked else ()):
+            x = self._run_features(x, start, end)
+            if i in picked:
+                out[self.feature_info[i].name] = x
+        return out
+
+    def feature_channels(self, width: float | None = None) -> list[int]:
+        """Output channels of each stage at ``width`` (default: the current width).
+
+        Raises:
+            ValueError: ``width`` is not a width of the model, or it is ``None`` and the model runs per-layer
+                channels (then read the channels off :meth:`forward_stages`'s maps).
+        """
+        if width is None:
+            width = self.width
+            if width is None:
+                raise ValueError("the model runs per-layer channels, not one width; pass a width")
+        return [f.channels(width) for f in self.feature_info]
+
+    def stage_modules(self) -> dict[str, list[nn.Module]]:
+        """The modules of each stage, by name (for freezing or per-stage optimiser groups); stages that only
+        reshape their input (ShuffleNet's stem concatenation) list the modules the family runs there."""
+        return {f.name: list(self.features[a:b]) for f, (a, b) in zip(self.feature_info, self._stage_bounds)}  # type: ignore[index]
 
     @staticmethod
     def make_classifier(num_features: int, num_classes: int, drop_rate: float, slim: bool = True) -> nn.Sequential:
@@ -231,3 +363,25 @@ def residual_channel_groups(model: nn.Module, stem: str) -> list[list[str]]:
                 current.append(f"features.{k}.shortcut.0")
             groups.append(current)
     return groups
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal convs, unit BN, small-normal linear layers (the official ``reset_parameters``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def width_grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
+    """``lo, lo + step, ..., hi`` rounded to 6 decimals (US-Nets' statistics widths)."""
+    n = round((hi - lo) / step)
+    return tuple(round(lo + i * step, 6) for i in range(n + 1))

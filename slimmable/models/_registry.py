@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["create_model", "is_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "register_model"]
 
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -26,10 +26,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of registered models matching a shell-style ``pattern``."""
     return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern))
-
-
-def is_model(name: str) -> bool:
-    return name in _MODEL_ENTRYPOINTS
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -10,9 +10,8 @@ from torch import nn
 
 from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, init_weights, width_grid
 from ._registry import register_model
-from .mobilenet_v2 import _grid, _init_weights
 
 __all__ = ["SlimMobileNetV1", "slim_mobilenet_v1", "us_mobilenet_v1"]
 
@@ -56,6 +55,9 @@ class SlimMobileNetV1(SlimNet):
         width_range: ``(lo, hi)`` builds a universally slimmable network.
         stat_widths: US-Nets: widths whose BN statistics are stored (official: 0.25..1.0 step 0.025).
         channels: a ChannelSpec (layer name → channels, or one count per width) overriding the default sizes.
+
+    Stages (:attr:`feature_info`): ``stem`` (stride 2) and ``stage1``..``stage5``, one per row of
+    ``DEPTHWISE_SEPARABLE_SETTING`` (strides 2, 4, 8, 16, 32); ``small_input`` halves the strides.
     """
 
     def __init__(
@@ -80,19 +82,24 @@ class SlimMobileNetV1(SlimNet):
         self.num_classes = num_classes
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
-        stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
+        stride = 1 if small_input else 2
+        stem = SlimConv2d(in_chans, c, 3, stride, 1, bias=False, out_rule=rule)
         features: list[nn.Module] = [nn.Sequential(stem, plan.norm(rule, c), nn.ReLU6(inplace=True))]
-        for ch, n, s in DEPTHWISE_SEPARABLE_SETTING:
+        stages = [("stem", 1, stride, rule, c)]
+        for row, (ch, n, s) in enumerate(DEPTHWISE_SEPARABLE_SETTING, 1):
             for i in range(n):
                 out_rule = plan.rule(ch, f"features.{len(features)}.body.3")
                 features.append(DepthwiseSeparableConv(rule, out_rule, s if i == 0 else 1, plan))
                 rule = out_rule
+            stride *= s
+            stages.append((f"stage{row}", len(features), stride, rule, rule.max_channels))
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
+        self._set_stages(stages)
         self.num_features = rule.max_channels
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
         plan.check_spec()
-        _init_weights(self)
+        init_weights(self)
 
 
 @register_model
@@ -106,6 +113,6 @@ def us_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
     """Universally slimmable MobileNet v1, any width in [0.25, 1.0]; BN statistics every 0.025 (official)."""
     kwargs.setdefault("width_range", (0.25, 1.0))
     lo, hi = kwargs["width_range"]
-    kwargs.setdefault("stat_widths", _grid(lo, hi, 0.025))
+    kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
     kwargs.pop("widths", None)
     return SlimMobileNetV1(**kwargs)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, init_weights, width_grid
 from ._registry import register_model
 
 __all__ = ["SlimMobileNetV2", "slim_mobilenet_v2", "us_mobilenet_v2"]
@@ -78,6 +78,10 @@ class SlimMobileNetV2(SlimNet):
         norm: ``"switchable"`` BN per width (default) or ``"shared"`` BN (the naive baseline).
         channels: a ChannelSpec (layer name → channels, or one count per width) overriding the default sizes,
             e.g. a searched network; the last 1x1 conv (``features.18.0``) may be named too.
+
+    Stages (:attr:`feature_info`): ``stem`` (stride 2), ``stage1``..``stage7`` (one per row of
+    ``INVERTED_RESIDUAL_SETTING``: strides 2, 4, 8, 16, 16, 32, 32) and ``conv_head`` (the last 1x1 conv, 1280
+    channels at every width up to 1.0), which :meth:`forward_features` returns; ``small_input`` halves the strides.
     """
 
     def __init__(
@@ -100,14 +104,18 @@ class SlimMobileNetV2(SlimNet):
         self.num_classes = num_classes
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
-        stem = SlimConv2d(in_chans, c, 3, 1 if small_input else 2, 1, bias=False, out_rule=rule)
+        stride = 1 if small_input else 2
+        stem = SlimConv2d(in_chans, c, 3, stride, 1, bias=False, out_rule=rule)
         features: list[nn.Module] = [nn.Sequential(stem, plan.norm(rule, c), nn.ReLU6(inplace=True))]
-        for t, ch, n, s in INVERTED_RESIDUAL_SETTING:
+        stages = [("stem", 1, stride, rule, c)]
+        for row, (t, ch, n, s) in enumerate(INVERTED_RESIDUAL_SETTING, 1):
             for i in range(n):
                 k = len(features)
                 out_rule = plan.rule(ch, f"features.{k}.body.{3 if t == 1 else 6}")
                 features.append(InvertedResidual(rule, out_rule, s if i == 0 else 1, t, plan, f"features.{k}.body.0"))
                 rule = out_rule
+            stride *= s
+            stages.append((f"stage{row}", len(features), stride, rule, rule.max_channels))
         top = plan.max_width
         self.num_features = plan.fixed(f"features.{len(features)}.0", make_divisible(1280 * top) if top > 1.0 else 1280)
         # The last 1x1 conv has a fixed output (the official models do not slim it), so its BN is a plain one.
@@ -118,27 +126,13 @@ class SlimMobileNetV2(SlimNet):
                 nn.ReLU6(inplace=True),
             )
         )
+        stages.append(("conv_head", len(features), stride, None, self.num_features))
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
+        self._set_stages(stages)
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=False)
         plan.check_spec()
-        _init_weights(self)
-
-
-def _init_weights(model: nn.Module) -> None:
-    """He-normal convs, unit BN, small-normal linear layers (the official ``reset_parameters``)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
 
 @register_model
@@ -152,11 +146,6 @@ def us_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
     """Universally slimmable MobileNet v2, any width in [0.35, 1.0]; BN statistics every 0.025 (official)."""
     kwargs.setdefault("width_range", (0.35, 1.0))
     lo, hi = kwargs["width_range"]
-    kwargs.setdefault("stat_widths", _grid(lo, hi, 0.025))
+    kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
     kwargs.pop("widths", None)
     return SlimMobileNetV2(**kwargs)
-
-
-def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
-    n = round((hi - lo) / step)
-    return tuple(round(lo + i * step, 6) for i in range(n + 1))

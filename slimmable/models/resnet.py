@@ -9,9 +9,8 @@ from torch import nn
 
 from ..nn import SlimConv2d
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, init_weights
 from ._registry import register_model
-from .mobilenet_v2 import _init_weights
 
 __all__ = ["SlimResNet", "slim_resnet18", "slim_resnet34", "slim_resnet50", "slim_resnet101"]
 
@@ -85,6 +84,10 @@ class SlimResNet(SlimNet):
         small_input: 3x3 stem without max-pooling, for 28x28 / 32x32 images.
         stem_stride: stride of the small-input stem: 1 (default) keeps the input resolution in the first stage; 2
             halves it, for about a quarter of the MACs (the Fashion-MNIST main job uses it to fit 10 CPU minutes).
+
+    ``features`` stays flat (``features.N``, the official checkpoints' keys); its stages are named as
+    torchvision's (:attr:`feature_info`): ``stem`` (``features.0``, stride 4) and ``layer1``..``layer4`` (strides
+    4, 8, 16, 32; with ``small_input`` the stem's stride is ``stem_stride``: 1, 1, 2, 4, 8 by default).
     """
 
     def __init__(
@@ -120,6 +123,8 @@ class SlimResNet(SlimNet):
         if not small_input:
             stem.append(nn.MaxPool2d(3, 2, 1))
         features: list[nn.Module] = [nn.Sequential(*stem)]
+        total_stride = stem_stride if small_input else 4
+        stages = [("stem", 1, total_stride, rule, c)]
         expansion = 4 if bottleneck else 1
         for stage, n in enumerate(blocks):
             out_rule = plan.rule(STAGE_CHANNELS[stage] * expansion)
@@ -127,12 +132,15 @@ class SlimResNet(SlimNet):
                 stride = 2 if i == 0 and stage != 0 else 1
                 features.append(Block(rule, out_rule, stride, bottleneck, plan))
                 rule = out_rule
+            total_stride *= 2 if stage != 0 else 1
+            stages.append((f"layer{stage + 1}", len(features), total_stride, rule, rule.max_channels))
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)  # flat, as the official checkpoints' keys (features.N)
+        self._set_stages(stages)
         self.stage_depths = blocks
         self.num_features = rule.max_channels
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..nn import SlimConv2d, WidthTable
-from ._base import ChannelPlan, SlimNet
+from ._base import ChannelPlan, SlimNet, init_weights
 from ._registry import register_model
-from .mobilenet_v2 import _init_weights
 
 __all__ = ["SlimShuffleNetV1", "slim_shufflenet_v1"]
 
@@ -117,6 +116,10 @@ class SlimShuffleNetV1(SlimNet):
         in_chans: input image channels.
         small_input: stride-1 stem without max-pooling, for 28x28 / 32x32 images.
         groups: group count of the 1x1 convolutions (the official model and channel table use 3).
+
+    Stages (:attr:`feature_info`): ``stem`` (the concatenated ``head_i`` branches, stride 4, which the unpadded
+    max pooling of the official layout rounds down: 55x55 at 224) and ``stage1``..``stage3`` (strides 8, 16, 32;
+    with ``small_input`` 1, 2, 4, 8).
     """
 
     def __init__(
@@ -152,18 +155,23 @@ class SlimShuffleNetV1(SlimNet):
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
             setattr(self, f"head_{i}", nn.Sequential(*layers))
         features: list[nn.Module] = []
+        stride = 1 if small_input else 4
+        stages = [("stem", 0, stride, rule, rule.max_channels)]
         first = True
-        for ch, n in STAGE_SETTING:
+        for k, (ch, n) in enumerate(STAGE_SETTING, 1):
             out_rule = plan.rule(ch)
             for i in range(n):
                 features.append(ShuffleUnit(rule, out_rule, 2 if i == 0 else 1, groups, first, plan))  # type: ignore[arg-type]
                 first = False
                 rule = out_rule
+            stride *= 2
+            stages.append((f"stage{k}", len(features), stride, rule, rule.max_channels))
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)
+        self._set_stages(stages)
         self.num_features = rule.max_channels
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
-        _init_weights(self)
+        init_weights(self)
 
     def channel_groups(self) -> list[list[str]]:
         """Not defined: the split group convolutions tie channels across groups in ways the search does not model."""
@@ -173,6 +181,14 @@ class SlimShuffleNetV1(SlimNet):
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
         x = torch.cat([getattr(self, f"head_{i}")(x) for i in range(self.groups)], 1)
         return self.classifier(torch.flatten(self.features(x), 1))
+
+    def _forward_stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, f"head_{i}")(x) for i in range(self.groups)], 1)
+
+    def stage_modules(self) -> dict[str, list[nn.Module]]:
+        stages = super().stage_modules()
+        stages["stem"] = [getattr(self, f"head_{i}") for i in range(self.groups)]
+        return stages
 
 
 @register_model

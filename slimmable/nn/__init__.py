@@ -16,7 +16,6 @@ from .channels import ChannelRule, WidthRange, WidthTable, make_divisible, norma
 from .layers import (
     SharedBatchNorm2d,
     SlimConv2d,
-    SlimConvNormAct,
     SlimLinear,
     SwitchableBatchNorm2d,
     USBatchNorm2d,
@@ -27,7 +26,6 @@ __all__ = [
     "ChannelRule",
     "SharedBatchNorm2d",
     "SlimConv2d",
-    "SlimConvNormAct",
     "SlimLinear",
     "SlimModule",
     "SwitchableBatchNorm2d",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .channels import ChannelRule, WidthRange, WidthTable, _fmt, _key
+from .channels import ChannelRule, WidthRange, WidthTable, format_widths
 
 __all__ = [
     "SlimModule",
@@ -34,10 +34,31 @@ class SlimModule(nn.Module):
     A subclass resolves a width to its own active sizes in :meth:`_resolve` (which must not modify the module, so
     that a bad width is rejected before any layer changes) and applies them in :meth:`_apply_state`. ``forward``
     only slices; it never assigns attributes.
+
+    Export, cost counting, BN calibration and incremental training ask the layer rather than dispatching on its
+    type (the methods below), so a new slimmable layer type is written in one file: its class. A new type must
+    implement :meth:`to_dense` (export, and the defaults of :meth:`active_params` and :meth:`active_slices`) and,
+    for :func:`slimmable.train.calibrate_channels` only, :meth:`load_dense`; a type holding running statistics
+    names them in :meth:`stat_layers`. ``forward`` never calls the protocol.
+
+    The methods report what the layer holds *itself*: a slimmable layer nested inside another is handled by its
+    outermost slimmable ancestor (export replaces the ancestor, the cost is the ancestor's
+    :meth:`active_params`).
     """
 
     #: current width (``None`` after :func:`set_channels` gave this layer a custom size)
     width: float | None = None
+    #: rule of the output channels when :func:`set_channels` may set them, else ``None``
+    out_rule: ChannelRule | None = None
+    #: the channel rules that limit the widths this layer can take (see :func:`get_widths`)
+    channel_rules: tuple[ChannelRule | None, ...] = ()
+    #: input dimension that holds the channels: 1 for ``(N, C, ...)`` layers, -1 for ``(*, F)`` linear layers
+    channel_dim: int = 1
+    #: one set of running statistics serves every width (the naive shared BN): calibrate one width at a time
+    stats_shared_by_widths: bool = False
+    #: running statistics are kept per listed width and :meth:`add_stat_width` adds a slot (universally
+    #: slimmable BN); the layer then has a ``stat_widths`` tuple
+    adds_stat_widths: bool = False
 
     def _resolve(self, width: float) -> object:
         """Return the state this layer takes at ``width``; raise ``ValueError`` if it cannot run at ``width``."""
@@ -49,16 +70,118 @@ class SlimModule(nn.Module):
     def _get_state(self) -> object:
         raise NotImplementedError
 
+    def _set_custom(self) -> None:
+        """Called after :func:`set_channels` changed some layer: the model no longer runs at one width."""
+
     def set_width(self, width: float) -> None:
         """Switch this layer alone to ``width``. Prefer :func:`set_width` on the whole model."""
         self._apply_state(self._resolve(width))
 
+    # -- the layer protocol: export, cost, calibration ------------------------------------------------------------
 
-def slim_modules(model: nn.Module) -> Iterator[tuple[str, SlimModule]]:
-    """Yield ``(qualified_name, module)`` for every :class:`SlimModule` in ``model``."""
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.Module:
+        """The plain torch module computing what this layer computes now (width or channels as set).
+
+        Args:
+            in_channels: channels of the input this layer receives at the current setting (dimension
+                :attr:`channel_dim` of its input, as :func:`record_input_channels` records it).
+            fresh_stats: give a normalisation layer default running statistics (mean 0, variance 1) instead of the
+                stored ones, which then need not exist (they are to be re-estimated).
+
+        Returns:
+            A new module (eval mode) of plain torch layers holding copies of the active weights: it shares no
+            memory with this layer, and in eval mode its output equals this layer's.
+
+        Raises:
+            ValueError: the layer cannot become a dense module at this setting (e.g. no statistics stored for it).
+            TypeError: the layer type does not implement it.
+        """
+        raise TypeError(
+            f"{type(self).__name__} has no dense equivalent; implement {type(self).__name__}.to_dense(in_channels, "
+            "*, fresh_stats=False) returning the plain torch module at the current width"
+        )
+
+    def load_dense(self, dense: nn.Module) -> None:
+        """Copy the tensors of a dense module shaped as :meth:`to_dense` returns into this layer's active part.
+
+        The inverse of :meth:`to_dense`: ``m.load_dense(m.to_dense(c))`` leaves ``m`` unchanged; the rest of the
+        layer's tensors (other widths' channels and switches) are not touched. Used to move a trained subnet into a
+        model built with its channels (:func:`slimmable.train.calibrate_channels`). No default.
+
+        Raises:
+            ValueError: ``dense`` does not have the shape this layer takes at its current setting.
+        """
+        raise TypeError(f"{type(self).__name__} cannot load a dense module; implement {type(self).__name__}.load_dense")
+
+    def active_params(self, in_channels: int) -> int:
+        """Learnable parameters one forward pass uses at the current setting, with ``in_channels`` input channels.
+
+        The default counts the parameters of :meth:`to_dense`'s module; layers override it to avoid the copy.
+        """
+        return sum(p.numel() for p in self.to_dense(in_channels, fresh_stats=True).parameters())
+
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        """The parts of this layer's parameters one forward pass uses at the current setting, as
+        ``(parameter, index)`` pairs (``parameter[index]`` is the used block); incremental training freezes them.
+
+        The default reads :meth:`to_dense`'s parameters as leading blocks of this layer's parameters of the same
+        name (``weight`` → ``self.weight[:a, :b, ...]``), which holds for layers that slice their own tensors.
+
+        Raises:
+            TypeError: a dense parameter has no counterpart of that name and rank here (override this method).
+        """
+        own = dict(self.named_parameters())
+        out = []
+        for name, p in self.to_dense(in_channels, fresh_stats=True).named_parameters():
+            mine = own.get(name)
+            if mine is None or mine.dim() != p.dim() or any(a > b for a, b in zip(p.shape, mine.shape)):
+                raise TypeError(
+                    f"{type(self).__name__}.to_dense gives parameter {name!r} {tuple(p.shape)} with no leading-block "
+                    f"counterpart in the layer; implement {type(self).__name__}.active_slices"
+                )
+            out.append((mine, tuple(slice(0, n) for n in p.shape)))
+        return out
+
+    def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The batch-norm modules whose running statistics this layer normalises with at its current setting.
+
+        BN calibration resets these and re-estimates them as a cumulative average (``momentum=None``) in training
+        mode. Default: none.
+
+        Raises:
+            ValueError: the layer keeps no statistics for its current setting (e.g. per-layer channels).
+        """
+        return []
+
+    def calibration_modules(self) -> list[nn.Module]:
+        """Modules to put in training mode while :meth:`stat_layers` are re-estimated (the rest of the model stays
+        in eval mode). Default: the statistics layers; a layer whose own ``forward`` chooses between stored and
+        batch statistics by its mode adds itself."""
+        return list(self.stat_layers())
+
+    def missing_stats(self) -> str | None:
+        """Why this layer cannot run in eval mode at its current setting (no statistics stored for it), or ``None``.
+
+        Export checks this before copying, to name the layer and the fix.
+        """
+        return None
+
+
+def slim_modules(model: nn.Module, *, outermost: bool = False) -> Iterator[tuple[str, SlimModule]]:
+    """Yield ``(qualified_name, module)`` for every :class:`SlimModule` in ``model``.
+
+    Args:
+        model: any module.
+        outermost: skip slimmable layers nested inside another slimmable layer (the outer one speaks for them in
+            export and cost counting).
+    """
+    inside: set[int] = set()
     for name, m in model.named_modules():
-        if isinstance(m, SlimModule):
-            yield name, m
+        if not isinstance(m, SlimModule) or id(m) in inside:
+            continue
+        if outermost:
+            inside.update(id(c) for c in m.modules() if c is not m)
+        yield name, m
 
 
 def _strip_wrappers(name: str) -> str:
@@ -104,7 +227,7 @@ def set_width(model: nn.Module, width: float) -> None:
 def _describe_widths(widths: tuple[float, ...] | tuple[float, float, str]) -> str:
     if len(widths) == 3 and widths[2] == "range":
         return f"any width in [{widths[0]:g}, {widths[1]:g}]"
-    return _fmt(widths)  # type: ignore[arg-type]
+    return format_widths(widths)  # type: ignore[arg-type]
 
 
 def get_widths(model: nn.Module) -> tuple:
@@ -117,8 +240,7 @@ def get_widths(model: nn.Module) -> tuple:
     common: set[float] | None = None
     ranges: list[tuple[float, float]] = []
     for _, m in slim_modules(model):
-        rules = [r for r in getattr(m, "channel_rules", ()) if r is not None]
-        for r in rules:
+        for r in (r for r in m.channel_rules if r is not None):
             if isinstance(r, WidthRange):
                 ranges.append((r.lo, r.hi))
             elif isinstance(r, WidthTable):
@@ -160,7 +282,7 @@ def get_channels(model: nn.Module) -> dict[str, int]:
     out = {}
     for name, m in slim_modules(model):
         c = getattr(m, "active_out", None)
-        if c is not None and getattr(m, "out_rule", None) is not None:
+        if c is not None and m.out_rule is not None:
             out[_strip_wrappers(name)] = int(c)
     return out
 
@@ -176,7 +298,7 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
         ValueError: a count is outside ``1..max_channels`` of its layer.
     """
     by_name = {_strip_wrappers(n): m for n, m in slim_modules(model)}
-    settable = {n: m for n, m in by_name.items() if getattr(m, "out_rule", None) is not None}
+    settable = {n: m for n, m in by_name.items() if m.out_rule is not None}
     plan = []
     for name, c in spec.items():
         m = _settable_layer(settable, name)
@@ -187,8 +309,7 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
         m._set_out_channels(c)
     # The model no longer runs at one width: norm layers pick statistics by channel count from now on.
     for m in by_name.values():
-        if hasattr(m, "_set_custom"):
-            m._set_custom()
+        m._set_custom()
 
 
 def set_layer_widths(model: nn.Module, widths: Mapping[str, float]) -> dict[str, int]:
@@ -202,7 +323,7 @@ def set_layer_widths(model: nn.Module, widths: Mapping[str, float]) -> dict[str,
         KeyError: a name is not a layer with slimmable output channels.
         ValueError: a width the layer cannot take.
     """
-    settable = {_strip_wrappers(n): m for n, m in slim_modules(model) if getattr(m, "out_rule", None) is not None}
+    settable = {_strip_wrappers(n): m for n, m in slim_modules(model) if m.out_rule is not None}
     spec = {name: int(_settable_layer(settable, name).out_rule(float(w))) for name, w in widths.items()}
     set_channels(model, spec)
     return spec
@@ -219,21 +340,13 @@ def _settable_layer(settable: Mapping[str, SlimModule], name: str) -> SlimModule
     return settable[name]
 
 
-def _check_rule(rule: ChannelRule | None, max_channels: int, what: str) -> None:
-    if rule is not None and rule.max_channels > max_channels:
-        raise ValueError(f"{what}: channel rule reaches {rule.max_channels} channels but the layer has {max_channels}")
-
-
-def _width_key(width: float) -> float:
-    return _key(width)
-
-
 @torch.no_grad()
 def record_input_channels(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Input channel count of every slimmable layer in one forward pass of ``model`` on ``example``, as it is set.
 
-    Input channels follow the incoming tensor, so they are only known by running the model: convolutions and norms
-    read dimension 1, linear layers the last dimension. Layers that did not run are absent from the result.
+    Input channels follow the incoming tensor, so they are only known by running the model: each layer's
+    :attr:`SlimModule.channel_dim` names the dimension (1 for convolutions and norms, -1 for linear layers).
+    Layers that did not run are absent from the result.
 
     Raises:
         ValueError: a layer ran twice with different input channel counts (it cannot become one dense layer).
@@ -249,11 +362,7 @@ def record_input_channels(model: nn.Module, example: torch.Tensor) -> dict[str, 
 
         return hook
 
-    from .layers import SlimLinear  # layers import this module
-
-    handles = [
-        m.register_forward_pre_hook(recorder(n, -1 if isinstance(m, SlimLinear) else 1)) for n, m in slim_modules(model)
-    ]
+    handles = [m.register_forward_pre_hook(recorder(n, m.channel_dim)) for n, m in slim_modules(model)]
     try:
         model(example)
     finally:

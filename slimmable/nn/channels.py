@@ -15,7 +15,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ChannelRule", "WidthRange", "WidthTable", "make_divisible", "normalize_widths"]
+__all__ = [
+    "ChannelRule",
+    "WidthRange",
+    "WidthTable",
+    "format_widths",
+    "make_divisible",
+    "normalize_widths",
+    "width_key",
+]
 
 # Widths are compared after rounding to this many decimals so that 0.1 + 0.2 style noise never makes a listed
 # width "unknown".
@@ -43,7 +51,8 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = 1) ->
     return new_value
 
 
-def _key(width: float) -> float:
+def width_key(width: float) -> float:
+    """``width`` rounded to the 6 decimals widths are compared at (so 0.1 + 0.2 and 0.3 are one width)."""
     return round(float(width), _WIDTH_DECIMALS)
 
 
@@ -59,13 +68,14 @@ def normalize_widths(widths: Sequence[float]) -> tuple[float, ...]:
     for w in widths:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise ValueError(f"width {w!r} is not a positive number; widths are multipliers such as 0.25 or 1.0")
-        out.append(_key(w))
+        out.append(width_key(w))
     if not out:
         raise ValueError("widths is empty; give at least one width, e.g. widths=(0.25, 0.5, 0.75, 1.0)")
     return tuple(sorted(set(out)))
 
 
-def _fmt(widths: Sequence[float]) -> str:
+def format_widths(widths: Sequence[float]) -> str:
+    """``(0.25, 0.5, 1)``: widths for messages."""
     return "(" + ", ".join(f"{w:g}" for w in widths) + ")"
 
 
@@ -103,9 +113,9 @@ class WidthTable(ChannelRule):
         ws = normalize_widths(widths)
         counts = [int(channels(w)) for w in ws] if callable(channels) else [int(c) for c in channels]
         if len(counts) != len(ws):
-            raise ValueError(f"{len(counts)} channel counts given for {len(ws)} widths {_fmt(ws)}")
+            raise ValueError(f"{len(counts)} channel counts given for {len(ws)} widths {format_widths(ws)}")
         if any(c < 1 for c in counts):
-            raise ValueError(f"channel counts {counts} for widths {_fmt(ws)} must all be >= 1")
+            raise ValueError(f"channel counts {counts} for widths {format_widths(ws)} must all be >= 1")
         return cls(tuple(zip(ws, counts)))
 
     @property
@@ -121,7 +131,7 @@ class WidthTable(ChannelRule):
         return tuple(c for _, c in self.table)
 
     def __call__(self, width: float) -> int:
-        k = _key(width)
+        k = width_key(width)
         for w, c in self.table:
             if w == k:
                 return c
@@ -129,14 +139,14 @@ class WidthTable(ChannelRule):
 
     def index(self, width: float) -> int:
         """Position of ``width`` among the sorted widths (the switch index)."""
-        k = _key(width)
+        k = width_key(width)
         for i, (w, _) in enumerate(self.table):
             if w == k:
                 return i
         raise ValueError(f"width {width:g} not in widths {self.describe()}")
 
     def describe(self) -> str:
-        return _fmt(self.widths)
+        return format_widths(self.widths)
 
 
 @dataclass(frozen=True)
@@ -160,11 +170,11 @@ class WidthRange(ChannelRule):
 
     @property
     def widths(self) -> tuple[float, ...]:
-        return (_key(self.lo), _key(self.hi))
+        return (width_key(self.lo), width_key(self.hi))
 
     def __call__(self, width: float) -> int:
-        k = _key(width)
-        if not _key(self.lo) <= k <= _key(self.hi):
+        k = width_key(width)
+        if not width_key(self.lo) <= k <= width_key(self.hi):
             raise ValueError(f"width {width:g} outside the width range {self.describe()}")
         # Widths scale relative to ``hi`` (the size the layer was built at); for hi == 1.0 this is exactly the
         # official ``max_channels * width`` since ``width / 1.0 == width`` in floating point.

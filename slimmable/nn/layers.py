@@ -1,4 +1,4 @@
-"""Slimmable layers: convolution, linear, switchable and universally slimmable BatchNorm, conv-norm-act block.
+"""Slimmable layers: convolution, linear, switchable, universally slimmable and shared BatchNorm.
 
 Convolutions and linear layers share weights across widths by taking the first ``c`` channels. Input channels
 always follow the incoming tensor (``x.shape[1]``), so a layer needs only a rule for its *output* channels;
@@ -7,19 +7,18 @@ depthwise convolutions follow their input on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import SlimModule
-from .channels import ChannelRule, WidthRange, WidthTable, _key
+from .channels import ChannelRule, WidthRange, WidthTable, width_key
 
 __all__ = [
     "SharedBatchNorm2d",
     "SlimConv2d",
-    "SlimConvNormAct",
     "SlimLinear",
     "SwitchableBatchNorm2d",
     "USBatchNorm2d",
@@ -45,7 +44,7 @@ class _SlimOut(SlimModule):
         c = self.out_rule(width) if self.out_rule is not None else self.max_out
         if c > self.max_out:
             raise ValueError(f"width {width:g} needs {c} channels, more than the {self.max_out} built")
-        return (_key(width), c)
+        return (width_key(width), c)
 
     def _apply_state(self, state: object) -> None:
         self.width, self.active_out = state  # type: ignore[misc]
@@ -72,8 +71,8 @@ class _SlimOut(SlimModule):
     def _narrow_weight(self, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """``weight[:rows, :cols]``, contiguous when gradients are off.
 
-        A narrowed weight is a strided view; oneDNN then re-lays it out on every call, which costs up to ~10% of
-        a narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
+        A narrowed weight is a strided view; oneDNN then re-lays it out on every call, a measurable part of a
+        narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
         and validated against the weight's storage and version counter, so optimizer steps, ``load_state_dict``
         and ``.to()`` all invalidate it; ``train()``/``eval()`` drop it, and :meth:`clear_weight_memo` does so
         after writes autograd cannot see (``.data.copy_``, in-place collectives). The memo holds at most one copy
@@ -97,14 +96,70 @@ class _SlimOut(SlimModule):
 
 
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # A layer's own tensors straight from its parameter dict: ``module.weight`` goes through nn.Module.__getattr__
-    # (~0.4 us a read, ~40 us per forward of a MobileNet). Parametrized or pruned layers compute ``weight``: the
-    # attribute then gives the computed tensor.
+    # A layer's own tensors straight from its parameter dict: ``module.weight`` goes through nn.Module.__getattr__,
+    # a Python-level lookup per read that adds up over a MobileNet's forward. Parametrized or pruned layers compute
+    # ``weight``: the attribute then gives the computed tensor.
     params = module._parameters
     try:
         return params["weight"], params["bias"]
     except KeyError:
         return module.weight, module.bias
+
+
+def _take(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` block of ``t`` as a new contiguous tensor (never a view of the source)."""
+    return t.detach()[tuple(slice(0, s) for s in sizes)].clone(memory_format=torch.contiguous_format)
+
+
+def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def _put(dst: torch.Tensor, src: torch.Tensor, where: str) -> None:
+    """Copy ``src`` into the leading block of ``dst`` of its shape."""
+    if src.dim() != dst.dim() or any(a > b for a, b in zip(src.shape, dst.shape)):
+        raise ValueError(f"{where}: a tensor of shape {tuple(src.shape)} does not fit into {tuple(dst.shape)}")
+    dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
+
+def _check_size(what: str, got: int, want: int) -> None:
+    if got != want:
+        raise ValueError(f"{what} is {got} but this layer has {want} at its current setting; set the width first")
+
+
+def _dense_bn(
+    num_features: int,
+    eps: float,
+    momentum: float | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: nn.modules.batchnorm._BatchNorm | None,
+) -> nn.BatchNorm2d:
+    """A plain ``BatchNorm2d`` of ``num_features`` with the leading part of ``weight``/``bias`` and of ``stats``'s
+    running statistics (``None``: fresh statistics, mean 0 and variance 1)."""
+    c = num_features
+    bn = nn.BatchNorm2d(c, eps, momentum, affine=weight is not None, device="meta")
+    if weight is not None and bias is not None:
+        bn.weight = _param(_take(weight, c), weight)
+        bn.bias = _param(_take(bias, c), bias)
+    if stats is None:
+        like = weight if weight is not None else torch.empty(0)
+        bn.running_mean = torch.zeros(c, device=like.device, dtype=like.dtype)
+        bn.running_var = torch.ones(c, device=like.device, dtype=like.dtype)
+        bn.num_batches_tracked = torch.zeros((), dtype=torch.long, device=like.device)
+    else:
+        bn.running_mean = _take(stats.running_mean, c)
+        bn.running_var = _take(stats.running_var, c)
+        bn.num_batches_tracked = stats.num_batches_tracked.detach().clone()
+    return bn.eval()
+
+
+@torch.no_grad()
+def _load_bn_stats(dst: nn.modules.batchnorm._BatchNorm, src: nn.modules.batchnorm._BatchNorm, where: str) -> None:
+    _put(dst.running_mean, src.running_mean, where)
+    _put(dst.running_var, src.running_var, where)
+    dst.num_batches_tracked.copy_(src.num_batches_tracked)
 
 
 class SlimConv2d(nn.Conv2d, _SlimOut):
@@ -162,6 +217,58 @@ class SlimConv2d(nn.Conv2d, _SlimOut):
     def max_out(self) -> int:
         return self.out_channels
 
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.Conv2d:
+        """``nn.Conv2d`` holding ``weight[:active_out, :in_channels // groups]`` (depthwise: ``weight[:in_channels]``
+        with ``groups = in_channels``)."""
+        cin = int(in_channels)
+        cout, groups = self._dense_sizes(cin)
+        conv = nn.Conv2d(
+            cin,
+            cout,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+        )
+        conv.weight = _param(_take(self.weight, cout, cin // groups), self.weight)
+        if self.bias is not None:
+            conv.bias = _param(_take(self.bias, cout), self.bias)
+        return conv.eval()
+
+    def load_dense(self, dense: nn.Module) -> None:
+        if not isinstance(dense, nn.Conv2d):
+            raise ValueError(f"SlimConv2d loads an nn.Conv2d, got {type(dense).__name__}")
+        cout, groups = self._dense_sizes(dense.in_channels)
+        _check_size("the dense conv's output channels", dense.out_channels, cout)
+        _check_size("the dense conv's groups", dense.groups, groups)
+        _put(self.weight, dense.weight, "SlimConv2d.weight")
+        if self.bias is not None and dense.bias is not None:
+            _put(self.bias, dense.bias, "SlimConv2d.bias")
+        self.clear_weight_memo()
+
+    def active_params(self, in_channels: int) -> int:
+        cout, groups = self._dense_sizes(int(in_channels))
+        kh, kw = self.kernel_size
+        return cout * (int(in_channels) // groups) * kh * kw + (cout if self.bias is not None else 0)
+
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        cout, groups = self._dense_sizes(int(in_channels))
+        rows = slice(0, cout)
+        out = [(self.weight, (rows, slice(0, int(in_channels) // groups)))]
+        return out + ([(self.bias, (rows,))] if self.bias is not None else [])
+
+    def _dense_sizes(self, cin: int) -> tuple[int, int]:
+        """``(out_channels, groups)`` of the dense conv for ``cin`` input channels."""
+        if self.depthwise:
+            return cin, cin
+        if cin % self.groups:
+            raise ValueError(f"{cin} input channels are not divisible by the conv's {self.groups} groups")
+        return int(self.active_out), self.groups
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cin = x.shape[1]
         weight, bias = _weight_and_bias(self)
@@ -192,6 +299,8 @@ class SlimLinear(nn.Linear, _SlimOut):
         input ``(*, F_in_active)`` → output ``(*, F_out_active)``.
     """
 
+    channel_dim = -1  # features are the last dimension
+
     def __init__(
         self,
         in_features: int,
@@ -210,6 +319,33 @@ class SlimLinear(nn.Linear, _SlimOut):
     @property
     def max_out(self) -> int:
         return self.out_features
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.Linear:
+        """``nn.Linear`` holding ``weight[:active_out, :in_channels]``."""
+        fin, fout = int(in_channels), int(self.active_out)
+        lin = nn.Linear(fin, fout, self.bias is not None, device="meta")
+        lin.weight = _param(_take(self.weight, fout, fin), self.weight)
+        if self.bias is not None:
+            lin.bias = _param(_take(self.bias, fout), self.bias)
+        return lin.eval()
+
+    def load_dense(self, dense: nn.Module) -> None:
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"SlimLinear loads an nn.Linear, got {type(dense).__name__}")
+        _check_size("the dense linear layer's output features", dense.out_features, int(self.active_out))
+        _put(self.weight, dense.weight, "SlimLinear.weight")
+        if self.bias is not None and dense.bias is not None:
+            _put(self.bias, dense.bias, "SlimLinear.bias")
+        self.clear_weight_memo()
+
+    def active_params(self, in_channels: int) -> int:
+        fout = int(self.active_out)
+        return fout * int(in_channels) + (fout if self.bias is not None else 0)
+
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        rows = slice(0, int(self.active_out))
+        out = [(self.weight, (rows, slice(0, int(in_channels))))]
+        return out + ([(self.bias, (rows,))] if self.bias is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fin = x.shape[-1]
@@ -256,7 +392,7 @@ class SwitchableBatchNorm2d(SlimModule):
         return (self.rule,)
 
     def _resolve(self, width: float) -> tuple[float, int]:
-        return (_key(width), self.rule.index(width))
+        return (width_key(width), self.rule.index(width))
 
     def _apply_state(self, state: object) -> None:
         self.width, self.index = state  # type: ignore[misc]
@@ -267,10 +403,44 @@ class SwitchableBatchNorm2d(SlimModule):
     def _set_custom(self) -> None:
         self.width = None
 
+    def _switch_for(self, cin: int) -> int:
+        """The switch :meth:`forward` uses for ``cin`` input channels."""
+        idx = self.index
+        if self.width is None and (idx is None or self.bn[idx].num_features != cin):
+            idx = self._index_for_channels(cin)
+        assert idx is not None
+        if self.bn[idx].num_features != cin:
+            raise ValueError(f"switch {idx} normalises {self.bn[idx].num_features} channels but receives {cin}")
+        return idx
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.BatchNorm2d:
+        """A copy of the switch :meth:`forward` uses (the active one; after ``set_channels`` one of this size)."""
+        bn = self.bn[self._switch_for(int(in_channels))]
+        return _dense_bn(bn.num_features, bn.eps, bn.momentum, bn.weight, bn.bias, None if fresh_stats else bn)
+
+    def load_dense(self, dense: nn.Module) -> None:
+        if not isinstance(dense, nn.BatchNorm2d):
+            raise ValueError(f"SwitchableBatchNorm2d loads an nn.BatchNorm2d, got {type(dense).__name__}")
+        bn = self.bn[self._switch_for(dense.num_features)]
+        bn.load_state_dict(dense.state_dict())
+
+    def active_params(self, in_channels: int) -> int:
+        # In eval mode the active switch is applied without calling it as a module: its affine counts here.
+        return 2 * int(in_channels) if self.bn[0].affine else 0
+
+    def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        bn = self.bn[self._switch_for(int(in_channels))]
+        return [(p, (slice(None),)) for p in bn.parameters()]
+
+    def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        if self.index is None or self.width is None:
+            raise ValueError("calibrate_bn needs a uniform width; per-layer channel specs have no switch to fill")
+        return [self.bn[self.index]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.index
-        # The switches by plain dict lookups: ``self.bn[idx]`` (ModuleList indexing) costs ~2.5 us per call, ~5% of
-        # a narrow MobileNet v2's batch-1 CPU latency. ModuleList keys its children "0", "1", ...
+        # The switches by plain dict lookups: ``self.bn[idx]`` (ModuleList indexing) is slow enough in Python to show
+        # in a narrow MobileNet v2's batch-1 CPU latency. ModuleList keys its children "0", "1", ...
         switches = self._modules["bn"]._modules
         if self.width is None and (idx is None or switches[str(idx)].num_features != x.shape[1]):
             idx = self._index_for_channels(x.shape[1])
@@ -278,8 +448,8 @@ class SwitchableBatchNorm2d(SlimModule):
         if bn.training or not bn.track_running_stats:  # the switch's own mode (BN calibration trains it alone)
             return bn(x)
         # Inference: normalise with the switch's statistics directly, skipping a nested module call and reading
-        # its tensors from the module's dicts (each ``bn.weight``-style read costs ~0.4 us): ~3 us per layer,
-        # a few percent of a narrow MobileNet's batch-1 latency.
+        # its tensors from the module's dicts instead of ``bn.weight``-style attribute reads: together a few
+        # percent of a narrow MobileNet's batch-1 latency.
         buffers, params = bn._buffers, bn._parameters
         try:
             mean, var, weight, bias = buffers["running_mean"], buffers["running_var"], params["weight"], params["bias"]
@@ -326,12 +496,12 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
             rule.max_channels, eps, momentum, affine=True, track_running_stats=False, device=device, dtype=dtype
         )
         self.rule = rule
-        self.stat_widths = tuple(_key(w) for w in stat_widths)
+        self.stat_widths = tuple(width_key(w) for w in stat_widths)
         self.bn = nn.ModuleList(
             nn.BatchNorm2d(rule(w), eps=eps, momentum=momentum, affine=False, device=device, dtype=dtype)
             for w in self.stat_widths
         )
-        self.width = _key(rule.hi)
+        self.width = width_key(rule.hi)
         self.active_out = rule.max_channels
         self.stat_index: int | None = self.stat_widths.index(self.width) if self.width in self.stat_widths else None
 
@@ -341,7 +511,7 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _resolve(self, width: float) -> tuple[float, int, int | None]:
         c = self.rule(width)
-        k = _key(width)
+        k = width_key(width)
         return (k, c, self.stat_widths.index(k) if k in self.stat_widths else None)
 
     def _apply_state(self, state: object) -> None:
@@ -358,7 +528,7 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
         Raises:
             ValueError: ``width`` is outside the layer's range.
         """
-        k = _key(width)
+        k = width_key(width)
         if k in self.stat_widths:
             return self.stat_widths.index(k)
         # Slots stay sorted by width, so a model rebuilt with the same stat_widths has the same state-dict keys.
@@ -373,6 +543,47 @@ class USBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _get_state(self) -> object:
         return (self.width, self.active_out, self.stat_index)
+
+    adds_stat_widths = True
+
+    def missing_stats(self) -> str | None:
+        if self.stat_index is not None:
+            return None
+        return f"no BN statistics (stored for widths {self.stat_widths})"
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.BatchNorm2d:
+        """``nn.BatchNorm2d`` with the shared affine sliced to ``in_channels`` and the statistics of the width."""
+        c, idx = int(in_channels), self.stat_index
+        if not fresh_stats and (idx is None or self.bn[idx].num_features != c):
+            raise ValueError(
+                f"no BN statistics for {c} channels (stored for widths {self.stat_widths}); calibrate BN statistics "
+                "for these channels first"
+            )
+        return _dense_bn(c, self.eps, self.momentum, self.weight, self.bias, None if fresh_stats else self.bn[idx])
+
+    def load_dense(self, dense: nn.Module) -> None:
+        if not isinstance(dense, nn.BatchNorm2d) or not dense.affine:
+            raise ValueError(f"USBatchNorm2d loads an affine nn.BatchNorm2d, got {dense!r}")
+        _put(self.weight, dense.weight, "USBatchNorm2d.weight")
+        _put(self.bias, dense.bias, "USBatchNorm2d.bias")
+        idx = self.stat_index
+        if idx is not None and self.bn[idx].num_features == dense.num_features and dense.running_mean is not None:
+            _load_bn_stats(self.bn[idx], dense, "USBatchNorm2d statistics")
+
+    def active_params(self, in_channels: int) -> int:
+        return 2 * int(in_channels)
+
+    def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        if self.width is None or self.stat_index is None:
+            raise ValueError(
+                "calibrate_bn needs a uniform width with a statistics slot (add_stat_widths first); per-layer "
+                "channel specs are calibrated by calibrate_channels"
+            )
+        return [self.bn[self.stat_index]]
+
+    def calibration_modules(self) -> list[nn.Module]:
+        # forward picks stored or batch statistics by this module's own mode: it trains alongside its slot
+        return [*self.stat_layers(), self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -420,7 +631,7 @@ class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
     ) -> None:
         super().__init__(rule.max_channels, eps, momentum, device=device, dtype=dtype)
         self.rule = rule
-        self.width = _key(rule.widths[-1])
+        self.width = width_key(rule.widths[-1])
 
     @property
     def channel_rules(self) -> tuple[ChannelRule, ...]:
@@ -428,7 +639,7 @@ class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _resolve(self, width: float) -> float:
         self.rule(width)  # validates
-        return _key(width)
+        return width_key(width)
 
     def _apply_state(self, state: object) -> None:
         self.width = state  # type: ignore[assignment]
@@ -438,6 +649,27 @@ class SharedBatchNorm2d(nn.BatchNorm2d, SlimModule):
 
     def _set_custom(self) -> None:
         self.width = None
+
+    stats_shared_by_widths = True
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.BatchNorm2d:
+        """``nn.BatchNorm2d`` with the affine and the shared running statistics sliced to ``in_channels``."""
+        c = int(in_channels)
+        return _dense_bn(c, self.eps, self.momentum, self.weight, self.bias, None if fresh_stats else self)
+
+    def load_dense(self, dense: nn.Module) -> None:
+        if not isinstance(dense, nn.BatchNorm2d) or not dense.affine:
+            raise ValueError(f"SharedBatchNorm2d loads an affine nn.BatchNorm2d, got {dense!r}")
+        _put(self.weight, dense.weight, "SharedBatchNorm2d.weight")
+        _put(self.bias, dense.bias, "SharedBatchNorm2d.bias")
+        if dense.running_mean is not None:
+            _load_bn_stats(self, dense, "SharedBatchNorm2d statistics")
+
+    def active_params(self, in_channels: int) -> int:
+        return 2 * int(in_channels)
+
+    def stat_layers(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -467,46 +699,3 @@ def create_norm(rule: ChannelRule | None, channels: int, stat_widths: Sequence[f
     if isinstance(rule, WidthRange):
         return USBatchNorm2d(rule, stat_widths)
     raise TypeError(f"no norm layer for channel rule {type(rule).__name__}")
-
-
-class SlimConvNormAct(nn.Sequential):
-    """Conv → norm → activation, as ``nn.Sequential`` (keys ``0.weight``, ``1.bn.0.weight``, ...).
-
-    Args:
-        in_channels, out_channels: full-width sizes.
-        kernel_size, stride: of the convolution (padding is ``(kernel_size - 1) // 2``).
-        out_rule: output channels per width (``None``: not slimmed; a depthwise conv follows its input).
-        depthwise: depthwise convolution.
-        norm_rule: channel rule of the norm (defaults to ``out_rule``).
-        act_layer: activation class (``None``: no activation).
-        stat_widths: widths with BN statistics, for US BN.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        *,
-        out_rule: ChannelRule | None = None,
-        depthwise: bool = False,
-        norm_rule: ChannelRule | None = None,
-        act_layer: Callable[..., nn.Module] | None = nn.ReLU,
-        stat_widths: Sequence[float] = (),
-    ) -> None:
-        conv = SlimConv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            (kernel_size - 1) // 2,
-            bias=False,
-            out_rule=None if depthwise else out_rule,
-            depthwise=depthwise,
-        )
-        norm = create_norm(norm_rule if norm_rule is not None else out_rule, out_channels, stat_widths)
-        layers: list[nn.Module] = [conv, norm]
-        if act_layer is not None:
-            layers.append(act_layer(inplace=True))
-        super().__init__(*layers)

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import unwrap_model
 from ..export._io import model_label, tensor_bytes, write_json_atomic
-from ..export.dense import _input_shape, _unwrap, default_widths, export_width
-from ..nn.channels import _key
+from ..export.dense import default_widths, export_width, input_shape
+from ..nn.channels import width_key
 from .allocator import freed_memory_retained
 
 __all__ = ["RunResult", "SlimmableRunner"]
@@ -121,7 +122,7 @@ class SlimmableRunner:
         max_concurrency: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        src = _unwrap(model)
+        src = unwrap_model(model)
         if not 0 < drift_alpha <= 1:
             raise ValueError(f"drift_alpha {drift_alpha!r} must be in (0, 1], e.g. 0.2")
         sizes = sorted({int(b) for b in batch_sizes})
@@ -129,12 +130,12 @@ class SlimmableRunner:
             raise ValueError(f"batch_sizes {tuple(batch_sizes)} must hold positive ints, e.g. (1, 8)")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency {max_concurrency!r} must be a positive int or None")
-        ws = sorted({_key(w) for w in (widths if widths is not None else default_widths(src))})
+        ws = sorted({width_key(w) for w in (widths if widths is not None else default_widths(src))})
         p = next(iter(src.parameters()))
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = p.dtype
         self.name = name or model_label(src)
-        self.input_shape = _input_shape(src, input_size)
+        self.input_shape = input_shape(src, input_size)
         self.fold_bn = fold_bn
         self.batch_sizes = tuple(sizes)
         self.drift_alpha = float(drift_alpha)
@@ -237,7 +238,7 @@ class SlimmableRunner:
         for b, row in table.items():
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ValueError(f"batch size {b!r} in the latency table must be a positive int")
-            got = {_key(w): float(ms) for w, ms in row.items()}
+            got = {width_key(w): float(ms) for w, ms in row.items()}
             missing = [w for w in self._widths if w not in got]
             if missing:
                 raise ValueError(f"the latency table for batch {b} lacks widths {missing}; give every served width")
@@ -297,7 +298,7 @@ class SlimmableRunner:
 
     def _parse_cached(self, entry: Any) -> dict[float, float] | None:
         try:
-            table = {_key(float(w)): float(ms) for w, ms in entry["latency_ms"].items()}
+            table = {width_key(float(w)): float(ms) for w, ms in entry["latency_ms"].items()}
         except (TypeError, KeyError, ValueError, AttributeError):
             return None
         if not all(w in table and math.isfinite(table[w]) and table[w] > 0 for w in self._widths):
@@ -468,7 +469,7 @@ class SlimmableRunner:
     def _check_width(self, width: float) -> float:
         if isinstance(width, bool) or not isinstance(width, (int, float)):
             raise ValueError(f"width must be a number such as 0.5, got {width!r}")
-        k = _key(width)
+        k = width_key(width)
         if k not in self._dense:
             served = ", ".join(f"{w:g}" for w in self._widths)
             raise ValueError(

@@ -2,7 +2,9 @@
 
 MACs are FLOPs / 2 as counted by ``FlopCounterMode`` (convolutions, linear layers and matrix products); this
 is the convention of the official tables' ``flop_counter`` column. Active parameters count only the weights a
-forward pass at the current width actually uses (the official profiler reports the full count at every width).
+forward pass at the current width actually uses (the official profiler reports the full count at every width):
+each slimmable layer reports its own (:meth:`slimmable.nn.SlimModule.active_params`), other layers count their
+parameters.
 """
 
 from __future__ import annotations
@@ -17,26 +19,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..nn import SlimConv2d, SlimLinear, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, use_width
+from .._utils import example_input
+from ..nn import get_widths, slim_modules, use_width
 
 __all__ = ["WidthProfile", "count_active_params", "count_macs", "measure_latency", "profile_widths"]
-
-
-def _example_input(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> torch.Tensor:
-    p = next(model.parameters())
-    if isinstance(input_size, int):
-        in_chans = _in_chans(model)
-        shape = (batch_size, in_chans, input_size, input_size)
-    else:
-        shape = (batch_size, *input_size)
-    return torch.randn(shape, device=p.device, dtype=p.dtype)
-
-
-def _in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
 
 
 @contextlib.contextmanager
@@ -69,28 +55,6 @@ def count_macs(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int
     return counter.get_total_flops() // 2
 
 
-def _active_params(module: nn.Module, inputs: tuple) -> int:
-    x = inputs[0]
-    if isinstance(module, SlimConv2d):
-        cin = x.shape[1]
-        if module.depthwise:
-            cout, per_group_in = cin, 1
-        else:
-            cout, per_group_in = module.active_out, cin // module.groups
-        kh, kw = module.kernel_size
-        n = cout * per_group_in * kh * kw
-        return n + (cout if module.bias is not None else 0)
-    if isinstance(module, SlimLinear):
-        fin, fout = x.shape[-1], module.active_out
-        return fout * fin + (fout if module.bias is not None else 0)
-    if isinstance(module, USBatchNorm2d):
-        return 2 * x.shape[1]
-    if isinstance(module, SwitchableBatchNorm2d):
-        # In eval mode the active switch is applied without calling it as a module: count it here.
-        return 2 * x.shape[1] if module.bn[0].affine else 0
-    return sum(p.numel() for p in module.parameters(recurse=False))
-
-
 @torch.no_grad()
 def count_active_params(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int:
     """Learnable parameters used by a forward pass at the current width (other switches' BNs excluded).
@@ -100,19 +64,24 @@ def count_active_params(model: nn.Module, x: torch.Tensor, eval_mode: bool = Tru
     total = 0
     seen: set[int] = set()
 
-    def hook(module: nn.Module, inputs: tuple) -> None:
+    def slim_hook(module: nn.Module, inputs: tuple) -> None:
         nonlocal total
         if id(module) not in seen:  # a module called twice (shared) counts once
             seen.add(id(module))
-            total += _active_params(module, inputs)
+            total += module.active_params(int(inputs[0].shape[module.channel_dim]))
 
-    switch_bns = {id(b) for m in model.modules() if isinstance(m, SwitchableBatchNorm2d) for b in m.bn}
-    counted = [
-        m
-        for m in model.modules()
-        if id(m) not in switch_bns and (isinstance(m, SwitchableBatchNorm2d) or any(True for _ in m.parameters(False)))
-    ]
-    handles = [m.register_forward_pre_hook(hook) for m in counted]
+    def plain_hook(module: nn.Module, inputs: tuple) -> None:
+        nonlocal total
+        if id(module) not in seen:
+            seen.add(id(module))
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+
+    # A slimmable layer speaks for everything inside it (a switchable BN's switches run without a module call).
+    slim = [m for _, m in slim_modules(model, outermost=True)]
+    inside = {id(c) for m in slim for c in m.modules()}
+    plain = [m for m in model.modules() if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(slim_hook) for m in slim]
+    handles += [m.register_forward_pre_hook(plain_hook) for m in plain]
     try:
         with _maybe_eval(model, eval_mode):
             model(x[:2])
@@ -177,8 +146,8 @@ def profile_widths(
     if widths is None:
         ws = get_widths(model)
         widths = getattr(model, "widths", ws) if len(ws) == 3 and ws[2] == "range" else ws
-    x1 = _example_input(model, input_size, 1)
-    xb = _example_input(model, input_size, batch_size)
+    x1 = example_input(model, input_size, 1, seed=None)
+    xb = example_input(model, input_size, batch_size, seed=None)
     out = []
     for w in widths:
         with use_width(model, w):

@@ -1,4 +1,9 @@
-"""BN calibration: re-estimate each width's BatchNorm statistics after training (US-Nets, naive-BN baselines)."""
+"""BN calibration: re-estimate each width's BatchNorm statistics after training (US-Nets, naive-BN baselines).
+
+Each slimmable layer names the statistics it uses at the current width (:meth:`SlimModule.stat_layers`), the
+modules to train while they are re-estimated (:meth:`SlimModule.calibration_modules`), and whether it keeps one
+set for all widths or gains a slot per width (``stats_shared_by_widths``, ``adds_stat_widths``).
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nn import SharedBatchNorm2d, SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
+from .._utils import unwrap_model
+from ..nn import SlimModule, get_widths, slim_modules, use_width
 
 __all__ = ["add_stat_widths", "calibrate_bn", "calibrate_channels", "fixed_channels_name"]
 
 logger = logging.getLogger(__name__)
-
-
-def _stat_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The BatchNorm layers holding the statistics of the model's current width."""
-    out: list[nn.BatchNorm2d] = []
-    for _, m in slim_modules(model):
-        if isinstance(m, SwitchableBatchNorm2d):
-            if m.index is None:
-                raise ValueError("calibrate_bn needs a uniform width; per-layer channel specs have no switch to fill")
-            out.append(m.bn[m.index])
-        elif isinstance(m, SharedBatchNorm2d):
-            out.append(m)
-        elif isinstance(m, USBatchNorm2d):
-            assert m.width is not None and m.stat_index is not None
-            out.append(m.bn[m.stat_index])
-    return out
 
 
 @torch.no_grad()
@@ -71,13 +61,13 @@ def calibrate_bn(
     if device is None:
         device = next(model.parameters()).device
     widths = [float(w) for w in widths]
-    if len(widths) > 1 and any(isinstance(m, SharedBatchNorm2d) for _, m in slim_modules(model)):
+    if len(widths) > 1 and any(m.stats_shared_by_widths for _, m in slim_modules(model)):
         raise ValueError(
             "this model's BN is shared by all widths and holds one set of statistics: calibrate one width at a "
             "time, right before evaluating it (calibrate_bn(model, batches, widths=[w]))"
         )
     add_stat_widths(model, widths)
-    us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
+    slim = [m for _, m in slim_modules(model)]
 
     was_training = model.training
     used: dict[float, int] = {}
@@ -85,8 +75,9 @@ def calibrate_bn(
         model.eval()
         for w in widths:
             with use_width(model, w):
-                # the US wrappers decide between stored and batch statistics, so they run in training mode too
-                used[w] = _reestimate(model, _stat_layers(model), us_layers, batches, num_batches, device)
+                stats = [bn for m in slim for bn in m.stat_layers()]
+                also_train = [c for m in slim for c in m.calibration_modules()]
+                used[w] = _reestimate(model, stats, also_train, batches, num_batches, device)
                 logger.debug("calibrated BN at width %g on %d images", w, used[w])
     finally:
         model.train(was_training)
@@ -174,7 +165,7 @@ def calibrate_channels(
 
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    src = getattr(model, "module", getattr(model, "_orig_mod", model))
+    src = unwrap_model(model)
     name, kwargs = getattr(src, "model_name", None), getattr(src, "model_kwargs", None)
     if not name or kwargs is None:
         raise ValueError("calibrate_channels needs a model built by slimmable.create_model (it records its arguments)")
@@ -193,17 +184,7 @@ def calibrate_channels(
             f"{fixed_name} cannot be built with per-layer channels (create_model(..., channels=spec)); the MobileNet "
             "families can"
         ) from err
-    # Same family, same module names: the dense layers' tensors are the fixed model's, switch 0 of each BN.
-    dense_state = dense.state_dict()
-    bn_prefixes = {n + "." for n, m in slim_modules(fixed) if isinstance(m, SwitchableBatchNorm2d)}
-    state = {}
-    for key in fixed.state_dict():
-        src_key = key
-        for prefix in bn_prefixes:
-            if key.startswith(prefix + "bn.0."):
-                src_key = prefix + key[len(prefix) + 5 :]
-        state[key] = dense_state[src_key]
-    fixed.load_state_dict(state, strict=True)
+    _load_dense_copy(fixed, dense)
     fixed.eval()
     layers = [m for m in fixed.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
     images = _reestimate(fixed, layers, (), batches, num_batches, device)
@@ -229,7 +210,7 @@ def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, .
     Raises:
         ValueError: a width outside the model's range.
     """
-    us_layers = [m for _, m in slim_modules(model) if isinstance(m, USBatchNorm2d)]
+    us_layers = [m for _, m in slim_modules(model) if m.adds_stat_widths]
     for w in widths:
         for m in us_layers:
             m.add_stat_width(float(w))
@@ -237,13 +218,31 @@ def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, .
     return tuple(sorted(set(us_layers[0].stat_widths))) if us_layers else ()
 
 
-def _record_stat_widths(model: nn.Module, us_layers: list[USBatchNorm2d]) -> None:
+def _record_stat_widths(model: nn.Module, us_layers: list[SlimModule]) -> None:
     if not us_layers:
         return
     stat_widths = tuple(sorted(set(us_layers[0].stat_widths)))
-    target = getattr(model, "module", getattr(model, "_orig_mod", model))
+    target = unwrap_model(model)
     if hasattr(target, "widths"):
         target.widths = stat_widths
     kwargs = getattr(target, "model_kwargs", None)
     if isinstance(kwargs, dict):
         kwargs["stat_widths"] = stat_widths
+
+
+@torch.no_grad()
+def _load_dense_copy(fixed: nn.Module, dense: nn.Module) -> None:
+    """Copy ``dense`` (an export of the same family, same module names) into ``fixed`` (built with its channels).
+
+    Each slimmable layer of ``fixed`` loads its dense counterpart (:meth:`SlimModule.load_dense`); the tensors of
+    the other layers are copied by state-dict key.
+    """
+    dense_modules = dict(dense.named_modules())
+    prefixes = []
+    for name, m in slim_modules(fixed, outermost=True):
+        m.load_dense(dense_modules[name])
+        prefixes.append(name + ".")
+    dense_state = dense.state_dict()
+    for key, t in fixed.state_dict().items():
+        if not any(key.startswith(p) for p in prefixes):
+            t.copy_(dense_state[key])

@@ -2,8 +2,9 @@
 
 Stage ``k`` trains width ``w_k`` while the sub-network of width ``w_{k-1}`` (every weight slice it uses) stays
 exactly as stage ``k-1`` left it: its gradients are zeroed and, after each optimizer step, its values are
-restored (so weight decay and momentum cannot move it either). Each width keeps its own switchable BN, so the
-frozen network's accuracy is unchanged by later stages.
+restored (so weight decay and momentum cannot move it either). Which parameter blocks the narrow network uses is
+each slimmable layer's answer (:meth:`slimmable.nn.SlimModule.active_slices`). Each width keeps its own
+switchable BN, so the frozen network's accuracy is unchanged by later stages.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import SlimConv2d, SlimLinear, record_input_channels, slim_modules, use_width
+from ..nn import record_input_channels, slim_modules, use_width
 
 __all__ = ["FrozenSubnet"]
 
@@ -47,20 +48,11 @@ class FrozenSubnet:
         self.slices: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []
         self.handles = []
         with use_width(model, width):
-            for name, m in slim_modules(model):
-                if not isinstance(m, (SlimConv2d, SlimLinear)) or name not in cin:
-                    continue
-                c = cin[name]
-                if isinstance(m, SlimConv2d) and m.depthwise:
-                    out_idx: tuple[slice, ...] = (slice(0, c),)
-                    w_idx = out_idx
-                else:
-                    per_group = c // (m.groups if isinstance(m, SlimConv2d) else 1)
-                    out_idx = (slice(0, m.active_out),)
-                    w_idx = (slice(0, m.active_out), slice(0, per_group))
-                self._freeze(m.weight, w_idx)
-                if m.bias is not None:
-                    self._freeze(m.bias, out_idx)
+            # each slimmable layer names the parameter blocks the narrow network uses
+            for name, m in slim_modules(model, outermost=True):
+                if name in cin:
+                    for param, idx in m.active_slices(cin[name]):
+                        self._freeze(param, idx)
         # Layers that are not slimmable (MobileNet v2's last conv BN and classifier) are shared by every width:
         # the narrow network uses all of them, so they are frozen whole, running statistics included.
         inside_slim = {id(sub) for _, m in slim_modules(model) for sub in m.modules()}

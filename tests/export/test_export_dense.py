@@ -166,3 +166,12 @@ def test_wrapped_model_exports(build, x):
     dense = export_width(nn.DataParallel(model), 0.25)
     with torch.no_grad(), use_width(model, 0.25):
         torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_shared_bn_model_exports_at_each_width(build, x):
+    model = build("slim_mobilenet_v1", norm="shared")
+    for w in model.widths:
+        dense = export_width(model, w)
+        _assert_plain(dense)
+        with torch.no_grad(), use_width(model, w):
+            torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=0)

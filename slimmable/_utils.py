@@ -1,0 +1,74 @@
+"""Helpers shared across subpackages (no slimmable imports, so any module may use them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["example_input", "input_channels", "input_shape", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers (nested too).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def input_channels(model: nn.Module) -> int:
+    """Input channels of a model: those of its first convolution (or linear layer); 3 if it has neither."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+        if isinstance(m, nn.Linear):
+            return int(m.in_features)
+    return 3
+
+
+def example_input(
+    model: nn.Module, input_size: int | Sequence[int] = 16, batch_size: int = 1, seed: int | None = 0
+) -> torch.Tensor:
+    """A random input ``(batch_size, C, H, W)`` on the model's device and dtype.
+
+    Args:
+        model: the model (its first convolution gives ``C`` when ``input_size`` is an int).
+        input_size: a square side ``H = W``, or ``(C, H, W)``.
+        batch_size: ``N``.
+        seed: seed of a local generator (``None``: the global RNG).
+    """
+    shape = input_shape(model, input_size)
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+
+
+def input_shape(model: nn.Module, input_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an input: a square side with the model's input channels, or a given ``(C, H, W)``.
+
+    Raises:
+        TypeError, ValueError: ``input_size`` is neither a positive int nor a positive ``(C, H, W)`` triple.
+    """
+    if isinstance(input_size, bool):
+        raise TypeError(f"input_size must be an int or (C, H, W), got {input_size!r}")
+    if isinstance(input_size, int):
+        if input_size < 1:
+            raise ValueError(f"input_size {input_size} must be a positive image side such as 224")
+        return (input_channels(model), input_size, input_size)
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_size {tuple(input_size)} must be a side such as 224 or a (C, H, W) triple")
+    return shape  # type: ignore[return-value]

@@ -1,0 +1,141 @@
+"""Stages and features: every registered family at every width gives stage maps with the channels and strides
+``feature_info`` claims, and ``forward_head(forward_features(x)) == forward(x)``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import slimmable
+from slimmable.export import export_width
+from slimmable.models import FeatureInfo, SlimNet
+
+STAGE_NAMES = {
+    "mobilenet_v1": ["stem", *(f"stage{i}" for i in range(1, 6))],
+    "mobilenet_v2": ["stem", *(f"stage{i}" for i in range(1, 8)), "conv_head"],
+    "shufflenet_v1": ["stem", "stage1", "stage2", "stage3"],
+    "resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
+}
+
+
+def _family(name: str) -> str:
+    return next(f for f in STAGE_NAMES if f in name)
+
+
+def _eval_widths(model: SlimNet) -> tuple[float, ...]:
+    """All switches of an S-Net; first, middle and last statistics width of a US-Net (eval needs statistics)."""
+    ws = tuple(model.widths)
+    return ws if model.width_range is None else (ws[0], ws[len(ws) // 2], ws[-1])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("small_input", [True, False])
+@pytest.mark.parametrize("name", slimmable.list_models())
+def test_stage_maps_have_the_channels_and_strides_feature_info_claims(name: str, small_input: bool) -> None:
+    torch.manual_seed(0)
+    model = slimmable.create_model(name, num_classes=7, small_input=small_input).eval()
+    info = model.feature_info
+    assert [f.name for f in info] == STAGE_NAMES[_family(name)]
+    assert all(isinstance(f, FeatureInfo) for f in info)
+    strides = [f.stride for f in info]
+    # small_input drops the stem's reductions: stride 2 of the mobile nets, 4 of ResNet and ShuffleNet
+    small_last = 16 if "mobilenet" in name else 8
+    assert strides == sorted(strides) and strides[-1] == (small_last if small_input else 32)
+    side = 32 if small_input else 64
+    x = torch.randn(2, 3, side, side)
+    for w in _eval_widths(model):
+        with torch.no_grad(), model.use_width(w):
+            stages = model.forward_stages(x)
+            feats = model.forward_features(x)
+            logits = model(x)
+            head = model.forward_head(feats)
+        assert list(stages) == [f.name for f in info]
+        assert model.feature_channels(w) == [f.channels(w) for f in info]
+        for f, (key, y) in zip(info, stages.items()):
+            assert y.shape[:2] == (2, f.channels(w)), (key, w)
+            if "shufflenet" in name and not small_input:
+                # the official stem's unpadded max pooling: 64 -> 32 -> 15 instead of 16, then back on the grid
+                assert round(side / y.shape[-1]) == f.stride, (key, y.shape)
+            else:
+                assert y.shape[-2:] == (math.ceil(side / f.stride),) * 2, (key, w, y.shape)
+        torch.testing.assert_close(feats, stages[info[-1].name], rtol=0, atol=0)
+        torch.testing.assert_close(head, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["us_mobilenet_v1", "us_mobilenet_v2"])
+def test_us_channels_are_a_function_of_any_width_in_the_range(name: str) -> None:
+    model = slimmable.create_model(name, num_classes=7, small_input=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    for w in (model.width_range[0], 0.4123, 0.777, 1.0):  # off the statistics grid: batch statistics in training
+        model.set_width(w)
+        stages = model.forward_stages(x)
+        assert [y.shape[1] for y in stages.values()] == model.feature_channels(w) == model.feature_channels()
+    slimmed = [f for f in model.feature_info if f.rule is not None]  # all but MobileNet v2's fixed conv_head
+    assert len(slimmed) >= len(model.feature_info) - 1
+    assert all(f.channels(0.777) <= f.num_channels for f in slimmed)
+    assert slimmed[-1].channels(0.777) < slimmed[-1].num_channels  # (narrow stages round up to 8 channels)
+
+
+def test_forward_stages_out_indices_select_and_stop_early() -> None:
+    model = slimmable.create_model("slim_resnet50", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), model.use_width(0.5):
+        everything = model.forward_stages(x)
+        picked = model.forward_stages(x, out_indices=(1, -1, 3))
+    assert list(picked) == ["layer1", "layer3", "layer4"]  # stage order, whatever the order asked
+    assert [y.shape[1] for y in picked.values()] == [128, 512, 1024]  # 256/1024/2048 at width 0.5 (int rounding)
+    for k, y in picked.items():
+        torch.testing.assert_close(y, everything[k], rtol=0, atol=0)
+    calls = []
+    handle = model.features[-2].register_forward_hook(lambda *a: calls.append(1))  # the last block of layer4
+    with torch.no_grad():
+        model.forward_stages(x, out_indices=[0, 2])
+    handle.remove()
+    assert not calls  # stopped after layer2
+    with pytest.raises(ValueError, match=r"out_indices \[5\] must be distinct positions in the 5 stages"):
+        model.forward_stages(x, out_indices=[5])
+    with pytest.raises(ValueError, match="distinct"):
+        model.forward_stages(x, out_indices=[1, -4])
+
+
+def test_resnet_stages_are_named_views_and_official_keys_stay() -> None:
+    model = slimmable.create_model("slim_resnet50")
+    modules = model.stage_modules()
+    assert list(modules) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert [len(v) for v in modules.values()] == [1, 3, 4, 6, 3]
+    assert modules["layer2"][0] is model.features[4]
+    keys = model.state_dict().keys()
+    assert "features.4.shortcut.0.weight" in keys and not any(k.startswith(("layer", "stem")) for k in keys)
+    assert [f.channels(0.25) for f in model.feature_info] == [16, 64, 128, 256, 512]
+    assert [f.stride for f in model.feature_info] == [4, 4, 8, 16, 32]
+    shuffle = slimmable.create_model("slim_shufflenet_v1")
+    assert shuffle.stage_modules()["stem"] == [shuffle.head_0, shuffle.head_1, shuffle.head_2]
+
+
+def test_resnet_small_input_stem_stride_2_halves_every_stage() -> None:
+    model = slimmable.create_model("slim_resnet18", num_classes=7, small_input=True, stem_stride=2).eval()
+    assert [f.stride for f in model.feature_info] == [2, 2, 4, 8, 16]
+    with torch.no_grad():
+        stages = model.forward_stages(torch.randn(1, 3, 32, 32))
+    assert [y.shape[-1] for y in stages.values()] == [16, 16, 8, 4, 2]
+
+
+def test_exported_model_keeps_its_stages() -> None:
+    torch.manual_seed(0)
+    model = slimmable.create_model("slim_mobilenet_v2", num_classes=7, small_input=True).eval()
+    dense = export_width(model, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), model.use_width(0.5):
+        ref = model.forward_stages(x, out_indices=[2, 4])
+        out = dense.forward_stages(x, out_indices=[2, 4])
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=0)
