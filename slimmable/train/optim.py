@@ -114,6 +114,15 @@ def lr_factor(
     raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
+def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """End a :func:`create_scheduler` schedule at ``total_steps`` from the next step on (a run cut short to its
+    time budget: the cosine / linear decay then reaches its end with the run)."""
+    fn = scheduler.lr_lambdas[0]
+    if not isinstance(fn, partial) or "total_steps" not in fn.keywords:
+        raise TypeError("set_total_steps needs a scheduler made by create_scheduler")
+    scheduler.lr_lambdas[0] = partial(fn.func, *fn.args, **{**fn.keywords, "total_steps": int(total_steps)})
+
+
 def create_scheduler(
     optimizer: torch.optim.Optimizer,
     schedule: str = "cosine",

@@ -21,7 +21,7 @@ from ..hardware import Numerics, choose_numerics, time_step
 from .engine import train_step
 from .samplers import WidthSampler
 
-__all__ = ["EpochPlan", "decide_numerics", "measure_step_seconds", "plan_epochs", "probe_step_factory"]
+__all__ = ["EpochPlan", "decide_numerics", "measure_step_seconds", "plan_epochs", "probe_step_factory", "replan"]
 
 #: the numerics probe's batch is the training batch up to this many images (enough to rank the candidates)
 PROBE_MAX_BATCH = 128
@@ -111,6 +111,7 @@ class EpochPlan:
         steps_per_epoch: training steps per epoch.
         eval_seconds: estimated seconds of one validation pass (a forward costs about a third of a step).
         estimated_minutes: the plan's estimated training time, validation included.
+        first_total_steps: ``total_steps`` as planned at start-up, before :func:`replan` shortened the run.
     """
 
     epochs: int
@@ -121,6 +122,7 @@ class EpochPlan:
     steps_per_epoch: int
     eval_seconds: float
     estimated_minutes: float
+    first_total_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,4 +171,31 @@ def plan_epochs(
         epochs=epochs, total_steps=total, max_epochs=max_epochs, budget_minutes=budget_minutes,
         seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, eval_seconds=eval_seconds,
         estimated_minutes=seconds / 60,
+    )  # fmt: skip
+
+
+def replan(plan: EpochPlan, steps_done: int, elapsed_seconds: float) -> EpochPlan | None:
+    """A shorter plan when the run is behind its plan (a busy machine, a probe that was too hopeful), else ``None``.
+
+    Called between epochs: the remaining budget is divided by the seconds per step measured so far, validation
+    included. The plan only ever shrinks, never grows, and never below the steps already done.
+
+    Args:
+        plan: the current plan.
+        steps_done: optimizer steps so far in this run.
+        elapsed_seconds: wall time of the training so far (validation included).
+    """
+    if steps_done <= 0 or elapsed_seconds <= 0:
+        return None
+    per_step = elapsed_seconds / steps_done
+    afford = math.floor(max(0.0, plan.budget_minutes * 60 - elapsed_seconds) / per_step)
+    total = min(plan.total_steps, steps_done + afford)
+    if total >= plan.total_steps:
+        return None
+    epochs = max(1, math.ceil(total / plan.steps_per_epoch))
+    return EpochPlan(
+        epochs=epochs, total_steps=total, max_epochs=plan.max_epochs, budget_minutes=plan.budget_minutes,
+        seconds_per_step=plan.seconds_per_step, steps_per_epoch=plan.steps_per_epoch, eval_seconds=plan.eval_seconds,
+        estimated_minutes=(elapsed_seconds + (total - steps_done) * per_step) / 60,
+        first_total_steps=plan.first_total_steps or plan.total_steps,
     )  # fmt: skip

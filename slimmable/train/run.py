@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,16 @@ from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoin
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
 from .engine import EpochStats, Trainer, WidthMetrics, evaluate, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
-from .optim import create_optimizer, create_scheduler
-from .plan import PROBE_MAX_BATCH, EpochPlan, decide_numerics, measure_step_seconds, plan_epochs, probe_step_factory
+from .optim import create_optimizer, create_scheduler, set_total_steps
+from .plan import (
+    PROBE_MAX_BATCH,
+    EpochPlan,
+    decide_numerics,
+    measure_step_seconds,
+    plan_epochs,
+    probe_step_factory,
+    replan,
+)
 from .report import plot_report, width_report, write_json, write_report
 from .samplers import create_width_sampler
 
@@ -506,8 +515,11 @@ def _train(
         out_dir, last_checkpoint=last_path, selection_split=selection_split, numerics=numerics,
         plan=plan, epochs=epochs,
     )  # fmt: skip
+    t_train, steps_at_start = time.perf_counter(), trainer.step
     with _StopSignal(info) as stop:
         for epoch in range(start_epoch, epochs):
+            if epoch >= epochs:  # the plan was shortened to the time budget (below)
+                break
             sampler = train_loader.batch_sampler.sampler
             sampler.set_epoch(epoch, start=start_batch * per_rank_batch)
             if start_batch == 0:
@@ -551,6 +563,20 @@ def _train(
                     best = {"top1_mean": record["val_top1_mean"], "epoch": epoch + 1}
                     record["best"] = True
             history.append(record)
+            if plan is not None and ckpt is None:  # behind the plan? fit the rest to the budget (not on resume)
+                shorter = replan(plan, trainer.step - steps_at_start, time.perf_counter() - t_train)
+                if shorter is not None and info.distributed:  # every process follows rank 0's plan
+                    box: list[Any] = [shorter]
+                    dist.broadcast_object_list(box, src=0)
+                    shorter = box[0]
+                if shorter is not None:
+                    plan, epochs, total_steps = shorter, shorter.epochs, shorter.total_steps
+                    set_total_steps(scheduler, total_steps)
+                    trainer.total_steps = total_steps
+                    record["replanned_total_steps"] = total_steps
+                    result.plan, result.epochs = plan, epochs
+                    if info.is_main:
+                        _logger.warning("time budget: behind the plan, shortened to %s", plan.describe())
             ck = checkpoint(epoch + 1, 0)
             if info.is_main:
                 save_checkpoint(last_path, ck)

@@ -190,3 +190,25 @@ def test_time_budget_ends_in_a_partial_epoch_with_the_schedule(
 
 def result_history(out: Path) -> list[dict]:
     return json.loads((out / "history.json").read_text())
+
+
+def test_a_run_behind_its_plan_is_shortened_to_the_budget(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimmable.train.plan import EpochPlan, replan
+
+    plan = EpochPlan(epochs=10, total_steps=100, max_epochs=10, budget_minutes=1.0, seconds_per_step=0.1,
+                     steps_per_epoch=10, eval_seconds=0.0, estimated_minutes=0.17)  # fmt: skip
+    shorter = replan(plan, steps_done=10, elapsed_seconds=30.0)  # 3 s per step: 10 more steps fit in 30 s
+    assert shorter is not None and (shorter.total_steps, shorter.epochs, shorter.first_total_steps) == (20, 2, 100)
+    assert replan(plan, steps_done=10, elapsed_seconds=1.0) is None  # on time: the plan never grows
+    # a probe far too hopeful (1e-4 s per step): 4 epochs planned, but the budget is spent after the first
+    monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1e-4)
+    cfg = _cfg(fmnist, train={"epochs": 4, "time_budget_min": 1e-3})  # 0.06 s
+    result = _train(cfg, tmp_path / "run")
+    assert result.plan is not None and result.plan.first_total_steps == 20
+    assert (result.plan.total_steps, result.epochs, result.epochs_done) == (5, 1, 1)
+    history = result_history(tmp_path / "run")
+    assert len(history) == 1 and history[0]["replanned_total_steps"] == 5
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["plan"]["total_steps"] == 5
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["widths"]
