@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimmable.hardware import describe_machine, machine_info
+from slimmable.train.report import write_json as _write_json
 
 __all__ = ["AVX2_ENV", "describe_machine", "emulating_avx2", "machine_info", "run_avx2_child", "write_json"]
 
@@ -40,10 +41,5 @@ def run_avx2_child(script: str, argv: Sequence[str]) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON atomically (parents created) and say where."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    """Write ``data`` as JSON atomically (:func:`slimmable.train.report.write_json`) and say where."""
+    print(f"wrote {_write_json(path, data)}")
