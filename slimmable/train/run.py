@@ -565,7 +565,7 @@ def _train(
             history.append(record)
             if plan is not None and ckpt is None:  # behind the plan? fit the rest to the budget (not on resume)
                 shorter = replan(plan, trainer.step - steps_at_start, time.perf_counter() - t_train)
-                if shorter is not None and info.distributed:  # every process follows rank 0's plan
+                if info.distributed:  # every process follows rank 0's plan (a collective: every rank calls it)
                     box: list[Any] = [shorter]
                     dist.broadcast_object_list(box, src=0)
                     shorter = box[0]
