@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import unwrap_model
 from ..models import create_model
 from ..models.official import CheckpointError, read_checkpoint_file
 
@@ -44,17 +45,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "model", "model_name", "model_kwargs", "widths")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def get_rng_state() -> dict[str, Any]:
