@@ -147,7 +147,7 @@ class Numerics:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+        return _dtype(self.amp)
 
     @property
     def use_grad_scaler(self) -> bool:

@@ -469,11 +469,17 @@ def _train(
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     writer = None
+
+    def write_hardware() -> None:  # the machine, the numerics and the current plan
+        write_json(
+            out_dir / "hardware.json",
+            {"machine": machine, "numerics": numerics.to_dict(), "plan": plan and plan.to_dict()},
+        )
+
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-        hardware = {"machine": machine, "numerics": numerics.to_dict(), "plan": plan and plan.to_dict()}
-        write_json(out_dir / "hardware.json", hardware)
+        write_hardware()
         if tensorboard:
             writer = _tensorboard(out_dir / "tb")
         _logger.info(
@@ -577,6 +583,7 @@ def _train(
                     result.plan, result.epochs = plan, epochs
                     if info.is_main:
                         _logger.warning("time budget: behind the plan, shortened to %s", plan.describe())
+                        write_hardware()
             ck = checkpoint(epoch + 1, 0)
             if info.is_main:
                 save_checkpoint(last_path, ck)

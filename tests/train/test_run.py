@@ -211,4 +211,5 @@ def test_a_run_behind_its_plan_is_shortened_to_the_budget(
     history = result_history(tmp_path / "run")
     assert len(history) == 1 and history[0]["replanned_total_steps"] == 5
     assert load_checkpoint(tmp_path / "run" / "last.pt")["plan"]["total_steps"] == 5
+    assert json.loads((tmp_path / "run" / "hardware.json").read_text())["plan"]["total_steps"] == 5
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["widths"]
