@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..export import LoadedModel, load_model
+from ..checkpoint import LoadedModel, load_model
 from ._common import parse_widths
 
 
@@ -24,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> LoadedModel:
-    """Load what ``--checkpoint``/``--model`` name (see :func:`slimmable.export.load_model`)."""
+    """Load what ``--checkpoint``/``--model`` name (see :func:`slimmable.checkpoint.load_model`)."""
     return load_model(
         args.checkpoint,
         args.model,

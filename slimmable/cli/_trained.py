@@ -19,17 +19,22 @@ def load_trained(path: str | os.PathLike[str], device: torch.device) -> tuple[di
         CheckpointError: not a slimmable training checkpoint (an official one: the message names the loader).
         ValueError: the checkpoint holds no recipe.
     """
-    from ..train import build_model_from_checkpoint, load_checkpoint
+    from ..checkpoint import CheckpointError, load_model
 
-    ckpt = load_checkpoint(path)
+    loaded = load_model(path, device=device)
+    ckpt = loaded.checkpoint
+    if ckpt is None:
+        raise CheckpointError(
+            f"{path} is not a slimmable training checkpoint (no format_version); this command needs one written by "
+            "`slimmable train`"
+        )
     if not ckpt.get("config"):
         raise ValueError(
             f"{path} holds no recipe (config), so the training data cannot be rebuilt; use a checkpoint written by "
             "`slimmable train`"
         )
     cfg = RunConfig.from_dict(ckpt["config"], source=f"recipe saved in {path}")
-    model = build_model_from_checkpoint(ckpt, device)
-    return ckpt, model, cfg
+    return ckpt, loaded.model, cfg
 
 
 def training_splits(

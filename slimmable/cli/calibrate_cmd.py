@@ -67,7 +67,8 @@ def default_output(checkpoint: str | os.PathLike[str], spec: str | os.PathLike[s
 
 def run(args: argparse.Namespace) -> int:
     from ..data import create_loader
-    from ..train import calibrate_bn, evaluate, resolve_device, save_checkpoint
+    from ..checkpoint import model_checkpoint, save_checkpoint
+    from ..train import calibrate_bn, evaluate, resolve_device
     from ._trained import load_trained, training_splits
 
     if args.batches is not None and args.batches < 1:
@@ -108,10 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return _calibrate_spec(args, ckpt, model, cfg, spec, loader, num_batches, splits, out, device, heldout_top1)
     used = calibrate_bn(model, loader, widths, num_batches=num_batches, device=device)
 
-    new = dict(ckpt)
-    new["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    new["model_kwargs"] = dict(getattr(model, "model_kwargs", None) or ckpt["model_kwargs"])
-    new["widths"] = list(model.widths)
+    new = {**ckpt, **model_checkpoint(model)}
     history = list(ckpt.get("calibration") or [])
     history.append({"widths": list(used), "images_per_width": used, "batch_size": loader.batch_sampler.batch_size,
                     "seed": args.seed, "source": str(args.checkpoint)})  # fmt: skip
@@ -139,18 +137,16 @@ def _calibrate_spec(
     import torch
 
     from ..search import count_active_params, count_macs
-    from ..train import calibrate_channels, save_checkpoint
+    from ..checkpoint import model_checkpoint, save_checkpoint
+    from ..train import calibrate_channels
 
     fixed = calibrate_channels(model, spec, loader, num_batches=num_batches, device=device)
     recipe = dataclasses.replace(
         cfg.model, name=fixed.model_name, widths=(1.0,), width_range=None, stat_widths=None, channels=args.channels
     )
-    new = {k: ckpt[k] for k in ("format_version", "preprocess") if k in ckpt}
-    new.update(
-        model={k: v.detach().cpu() for k, v in fixed.state_dict().items()},
-        model_name=fixed.model_name,
-        model_kwargs=dict(fixed.model_kwargs),
-        widths=[1.0],
+    new = model_checkpoint(
+        fixed,
+        preprocess=ckpt.get("preprocess"),
         config=dataclasses.replace(cfg, model=recipe).to_dict(),
         calibration=[{"channels": str(args.channels), "images": fixed.calibration["images"], "seed": args.seed,
                       "batch_size": loader.batch_sampler.batch_size, "source": str(args.checkpoint)}],

@@ -70,37 +70,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, DataConfig, str]:
     """The model, the data settings and a description of the checkpoint."""
-    from ..models import create_model
-    from ..models.official import load_official_checkpoint, read_checkpoint_file
-    from ..train import build_model_from_checkpoint, load_checkpoint
+    from ..checkpoint import load_model
 
-    raw = read_checkpoint_file(args.checkpoint)
-    ours = isinstance(raw, dict) and "format_version" in raw
-    if ours:
-        if args.model:
-            raise ValueError(f"{args.checkpoint} was written by slimmable train and records its model; drop --model")
-        ckpt = load_checkpoint(args.checkpoint)
-        model = build_model_from_checkpoint(ckpt, device)
+    loaded = load_model(
+        args.checkpoint,
+        args.model,
+        widths=parse_widths(args.widths),
+        num_classes=args.num_classes,
+        small_input=args.small_input or None,
+        device=device,
+    )
+    ckpt = loaded.checkpoint
+    if ckpt is not None:
         cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=f"recipe saved in {args.checkpoint}")
-        data = cfg.data
-        desc = f"{ckpt['model_name']} (epoch {ckpt.get('epoch')})"
-    else:
-        if not args.model:
-            raise ValueError(
-                f"{args.checkpoint} is not a slimmable training checkpoint; if it is an official slimmable_networks "
-                "checkpoint, name the model and its widths: --model slim_mobilenet_v2 --widths 0.35,0.5,0.75,1.0"
-            )
-        model = create_model(
-            args.model,
-            widths=parse_widths(args.widths),
-            num_classes=args.num_classes,
-            small_input=args.small_input or None,
-        )
-        load_official_checkpoint(raw, model)
-        model.to(device).eval()
-        data = DataConfig(dataset="image_folder", augment="none")
-        desc = f"{args.model} (official checkpoint)"
-    return model, data, desc
+        return loaded.model, cfg.data, f"{loaded.name} (epoch {ckpt.get('epoch')})"
+    return loaded.model, DataConfig(dataset="image_folder", augment="none"), f"{loaded.name} (official checkpoint)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -78,7 +78,7 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         return load_recipe(args.recipe, args.overrides)
     if not args.resume:
         raise ValueError("give --recipe YAML (a file in recipes/), or --resume CHECKPOINT to continue a run")
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.resume).get("config")
     if not saved:

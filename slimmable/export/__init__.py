@@ -5,7 +5,7 @@ equal to the slimmable model at width 0.5; ``export_onnx`` writes it to ONNX (ch
 ``export_bundle`` writes every width plus a manifest with MACs and latency.
 """
 
-from ._load import LoadedModel, load_model
+from ..checkpoint import LoadedModel, load_model
 from .bundle import MANIFEST_NAME, export_bundle
 from .dense import default_widths, example_input, export_channels, export_width, fold_batchnorm, is_dense
 from .formats import ExportResult, export_onnx, export_torchscript, prepare_dense, save_dense, verify_onnx

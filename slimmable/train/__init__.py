@@ -1,15 +1,11 @@
-"""Training: Algorithm 1, width samplers, optimizer/schedule factories, checkpoints, evaluation, distributed runs."""
+"""Training: Algorithm 1, width samplers, optimizer/schedule factories, evaluation, distributed runs.
 
+The checkpoint functions re-exported here live in :mod:`slimmable.checkpoint`.
+"""
+
+from .._utils import unwrap_model
+from ..checkpoint import CHECKPOINT_FORMAT_VERSION, build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from .calibrate import add_stat_widths, calibrate_bn, calibrate_channels, fixed_channels_name
-from .checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
-    build_model_from_checkpoint,
-    get_rng_state,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-    unwrap_model,
-)
 from .distributed import (
     DistInfo,
     SyncBatchNorm2d,
@@ -31,6 +27,7 @@ from .engine import (
 )
 from .optim import create_optimizer, create_scheduler, lr_factor, param_groups
 from .report import REPORT_COLUMNS, plot_report, width_report, write_report
+from .rng import get_rng_state, set_rng_state
 from .run import TrainResult, model_kwargs_from_config, train_from_config
 from .samplers import AllWidths, Sandwich, WidthSampler, create_width_sampler
 

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from ..config import RunConfig, save_config
 from ..data import DatasetSplits, TensorImageDataset, create_datasets, create_loader, imagenet_eval_transform
 from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
 from .calibrate import add_stat_widths, calibrate_bn
-from .checkpoint import CHECKPOINT_FORMAT_VERSION, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
 from .engine import EpochStats, Trainer, WidthMetrics, evaluate, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
@@ -44,6 +44,7 @@ from .plan import (
     replan,
 )
 from .report import plot_report, width_report, write_json, write_report
+from .rng import get_rng_state, set_rng_state
 from .samplers import create_width_sampler
 
 __all__ = ["TrainResult", "model_kwargs_from_config", "train_from_config"]
@@ -489,28 +490,24 @@ def _train(
         )  # fmt: skip
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "model": model.state_dict(),
-            "model_name": mc.name,
-            "model_kwargs": _model_kwargs(model, kwargs),
-            "widths": list(widths),
-            "preprocess": data.preprocess(),
-            "config": cfg.to_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "step": trainer.step,
-            "rng": _gather_rng(info),
-            "best": best,
-            "history": history,
-            "plan": plan and plan.to_dict(),
-            "numerics": numerics.to_dict(),
-            "machine": machine,
-        }
+        return model_checkpoint(
+            model,
+            preprocess=data.preprocess(),
+            config=cfg.to_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            steps_per_epoch=steps_per_epoch,
+            step=trainer.step,
+            rng=_gather_rng(info),
+            best=best,
+            history=history,
+            plan=plan and plan.to_dict(),
+            numerics=numerics.to_dict(),
+            machine=machine,
+        )
 
     def on_log(step: int, scalars: dict[str, float]) -> None:
         if writer is not None:
@@ -628,7 +625,7 @@ def _train(
         calibrate()
         if info.is_main:
             best_ck = load_checkpoint(best_path)
-            best_ck.update(model=model.state_dict(), model_kwargs=_model_kwargs(model, kwargs), widths=list(widths))
+            best_ck.update(model_checkpoint(model))
             save_checkpoint(best_path, best_ck)
     test = evaluate(
         model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype,

@@ -7,7 +7,7 @@ import torch
 
 import slimmable
 from slimmable.export import load_model
-from slimmable.models.official import CheckpointError
+from slimmable.checkpoint import CheckpointError
 
 
 def _own_checkpoint(path, model, name):

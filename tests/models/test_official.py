@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slimmable
-from slimmable.models.official import OFFICIAL_MODELS, CheckpointError, load_official_checkpoint
+from slimmable.checkpoint import OFFICIAL_MODELS, CheckpointError, load_official_checkpoint
 
 
 @pytest.mark.parametrize("official_name", list(OFFICIAL_MODELS))

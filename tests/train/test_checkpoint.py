@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import slimmable
-from slimmable.models.official import CheckpointError
+from slimmable.checkpoint import CheckpointError
 from slimmable.train import (
     CHECKPOINT_FORMAT_VERSION,
     build_model_from_checkpoint,

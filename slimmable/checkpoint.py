@@ -1,0 +1,439 @@
+"""Checkpoints: the one module that reads and writes them, slimmable's own format and the official one.
+
+Every command and library function that takes a checkpoint goes through here: :func:`load_model` reads a file
+once (``torch.load(weights_only=True)`` on the CPU), recognises slimmable's own format (a mapping with
+``format_version``) or an official slimmable_networks checkpoint (``{'model': state_dict}``, which does not record
+its model, so the caller names it), and builds the model. :func:`save_checkpoint` writes atomically;
+:func:`model_checkpoint` starts the dict of a model so that no caller builds the required keys by hand.
+
+slimmable's checkpoint format, a dict of tensors and plain containers:
+
+=====================  ==========================================================================================
+``format_version``     :data:`CHECKPOINT_FORMAT_VERSION`
+``model``              state dict of the unwrapped model (no ``module.`` / ``_orig_mod.`` prefixes)
+``model_name``         registered name, e.g. ``slim_mobilenet_v2``
+``model_kwargs``       the ``create_model`` keyword arguments (widths, num_classes, in_chans, ...)
+``widths``             the switches, ascending
+``preprocess``         image size, normalisation, classes (for evaluation, export and serving)
+``config``             the resolved recipe (``RunConfig.to_dict()``)
+``optimizer``, ``scheduler``, ``scaler``   their state dicts (``scaler`` may be ``None``)
+``epoch``              completed epochs; ``batch_in_epoch`` batches done of the next one (interrupted runs)
+``step``               optimizer steps so far
+``rng``                random states (python, torch, cuda)
+``best``, ``history``  best mean validation top-1 so far and per-epoch metrics
+=====================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import unwrap_model
+from .models import create_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "OFFICIAL_MODELS",
+    "CheckpointError",
+    "LoadedModel",
+    "build_model_from_checkpoint",
+    "is_slimmable_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "load_official_checkpoint",
+    "model_checkpoint",
+    "read_checkpoint_file",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "model", "model_name", "model_kwargs", "widths")
+
+#: official model file -> (our registered name, kwargs)
+OFFICIAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "s_mobilenet_v1": ("slim_mobilenet_v1", {}),
+    "s_mobilenet_v2": ("slim_mobilenet_v2", {}),
+    "s_shufflenet": ("slim_shufflenet_v1", {}),
+    "s_resnet": ("slim_resnet50", {}),
+    "us_mobilenet_v1": ("us_mobilenet_v1", {}),
+    "us_mobilenet_v2": ("us_mobilenet_v2", {}),
+}
+
+_BN_SWITCH = re.compile(r"^(.*)\.bn\.(\d+)\.(weight|running_mean)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message says why and what to do."""
+
+
+def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the problem.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is a folder, empty, truncated, corrupt, or holds arbitrary pickled objects.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; check the path")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} is a folder; give the checkpoint file inside it")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes); the save was probably interrupted")
+    with open(p, "rb") as f:
+        data = f.read()
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # any unpickling failure of a file that is not a (complete) checkpoint: one line
+        raise _load_error(p, data, err) from err
+
+
+def _load_error(p: Path, data: bytes, err: Exception) -> CheckpointError:
+    """Why ``torch.load`` refused ``p``, in one line, without torch's advice to load with ``weights_only=False``."""
+    msg = str(err)
+    if isinstance(err, pickle.UnpicklingError) and ("Unsupported global" in msg or "GLOBAL" in msg):
+        return CheckpointError(
+            f"checkpoint {p} holds Python objects beyond tensors and plain containers, which are not loaded "
+            "for safety (weights_only=True). Re-save it as a plain state_dict"
+        )
+    head = data[:64]
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # neither torch's zip format nor a binary pickle
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        desc = f"a text file starting with {text.splitlines()[0][:40]!r}" if text else "neither zip nor pickle data"
+        return CheckpointError(f"{p} is not a PyTorch checkpoint ({desc}); give a .pt file written by torch.save")
+    if "WeightsUnpickler error:" in msg:  # keep the reason, drop the suggestion around it
+        msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    reason = " ".join(msg.split())[:200] or type(err).__name__
+    return CheckpointError(
+        f"checkpoint {p} could not be read as tensors and plain containers ({type(err).__name__}: {reason}); "
+        "it is truncated, damaged or not a PyTorch checkpoint: re-download it, or re-save it with "
+        "torch.save(model.state_dict(), path)"
+    )
+
+
+# -- slimmable's own format ---------------------------------------------------------------------------------------
+
+
+def is_slimmable_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` (what :func:`read_checkpoint_file` returned) is in slimmable's own format."""
+    return isinstance(obj, Mapping) and "format_version" in obj
+
+
+def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """The checkpoint entries that describe ``model`` (weights, name, kwargs, widths), plus ``extra``.
+
+    Args:
+        model: a model built by :func:`slimmable.create_model` (possibly wrapped by DDP or ``torch.compile``).
+        **extra: further entries (``preprocess``, ``config``, training state, ...).
+
+    Raises:
+        ValueError: the model does not record how it was built (not made by ``create_model``).
+    """
+    m = unwrap_model(model)
+    name, kwargs = getattr(m, "model_name", ""), getattr(m, "model_kwargs", None)
+    if not name or kwargs is None:
+        raise ValueError(
+            f"{type(m).__name__} does not record its registered name and kwargs; build it with "
+            "slimmable.create_model so that a checkpoint can rebuild it"
+        )
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": m.state_dict(),
+        "model_name": name,
+        "model_kwargs": dict(kwargs),
+        "widths": [float(w) for w in m.widths],
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any]) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash (even SIGKILL) during the write leaves the previous file intact.
+
+    Raises:
+        ValueError: ``checkpoint`` lacks a required key.
+        OSError: the write failed (full disk, read-only folder); the message names ``path``, whose previous
+            content is intact.
+    """
+    missing = [k for k in _REQUIRED if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint to save lacks {missing}; build it with the Trainer")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(checkpoint), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as err:  # full disk, read-only folder: name the checkpoint (the previous one is intact)
+        raise OSError(err.errno, f"{err.strerror or err} (the previous {p.name}, if any, is intact)", str(p)) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (on the CPU, ``weights_only=True``) and validate it.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: unreadable, not a slimmable training checkpoint (an official one names the loader to
+            use), or written by a newer format version.
+    """
+    return _validate(read_checkpoint_file(path), path)
+
+
+def _validate(obj: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    if not isinstance(obj, Mapping) or "format_version" not in obj:
+        hint = ""
+        if isinstance(obj, Mapping) and ("model" in obj or all(isinstance(v, torch.Tensor) for v in obj.values())):
+            hint = (
+                " It looks like an official slimmable_networks checkpoint or a bare state dict: evaluate it with "
+                "`slimmable eval --checkpoint PATH --model NAME --widths W1,W2,...` or load it with "
+                "slimmable.checkpoint.load_official_checkpoint"
+            )
+        raise CheckpointError(f"{path} is not a slimmable training checkpoint (no format_version).{hint}")
+    version = obj["format_version"]
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}; this slimmable reads up to {CHECKPOINT_FORMAT_VERSION}. "
+            "Upgrade slimmable"
+        )
+    missing = [k for k in _REQUIRED if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; it is truncated or not written by slimmable")
+    return dict(obj)
+
+
+def build_model_from_checkpoint(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any], device: torch.device | str | None = None
+) -> nn.Module:
+    """Rebuild the model a checkpoint was trained as and load its weights, in eval mode.
+
+    Args:
+        checkpoint: a path, or the dict :func:`load_checkpoint` returned.
+        device: where to put the model (default CPU).
+
+    Returns:
+        The model (a :class:`slimmable.models.SlimNet`), at its widest width.
+
+    Raises:
+        CheckpointError: the weights do not fit the recorded model.
+    """
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    kwargs = dict(ckpt["model_kwargs"])
+    if "widths" in kwargs and kwargs["widths"] is not None:
+        kwargs["widths"] = tuple(kwargs["widths"])
+    model = create_model(ckpt["model_name"], **kwargs)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint weights do not fit {ckpt['model_name']}({kwargs}): {str(err)[:500]}"
+        ) from err
+    return model.to(device if device is not None else "cpu").eval()
+
+
+# -- official checkpoints ---------------------------------------------------------------------------------------------
+
+
+def official_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Extract the state dict of an official checkpoint and strip the ``module.`` prefix."""
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        sd = obj["model"]
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        hint = ""
+        if isinstance(obj, Mapping) and "format_version" in obj:
+            hint = " It is a checkpoint written by slimmable itself: load it with slimmable.checkpoint.load_model."
+        raise CheckpointError(
+            f"{source} is not an official slimmable_networks checkpoint: expected {{'model': state_dict}} or a "
+            f"state_dict, found {keys}.{hint}"
+        )
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
+    return out
+
+
+def _switch_channels(sd: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per switchable-BN layer, the channel count of each stored switch (ordered by switch index)."""
+    found: dict[str, dict[int, int]] = {}
+    for k, v in sd.items():
+        m = _BN_SWITCH.match(k)
+        if m and v.dim() == 1:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = v.shape[0]
+    return {layer: [d[i] for i in sorted(d)] for layer, d in found.items()}
+
+
+def _describe_mismatch(
+    own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], model: nn.Module, source: str
+) -> str:
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    lines = [f"{source} does not fit {type(model).__name__}:"]
+    ck_sw, own_sw = _switch_channels(sd), _switch_channels(own)
+    common = [layer for layer in own_sw if layer in ck_sw]
+    if common:
+        layer = common[0]
+        if len(ck_sw[layer]) != len(own_sw[layer]) or ck_sw[layer] != own_sw[layer]:
+            widths = getattr(model, "widths", "?")
+            lines.append(
+                f"  widths differ: at {layer} the checkpoint's switches have channels {ck_sw[layer]} "
+                f"({len(ck_sw[layer])} switches), the model's widths {widths} give {own_sw[layer]}. "
+                "Build the model with the widths the checkpoint was trained with"
+            )
+    if missing:
+        lines.append(f"  {len(missing)} keys missing from the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys in the checkpoint, e.g. {unexpected[:5]}")
+    if shape:
+        ex = [f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(sd[k].shape)}" for k in shape[:5]]
+        lines.append(f"  {len(shape)} keys with other shapes, e.g. " + "; ".join(ex))
+    if (missing or unexpected) and not common:
+        lines.append("  the layouts share no layers: is this checkpoint for another model family?")
+    return "\n".join(lines)
+
+
+def load_official_checkpoint(checkpoint: str | os.PathLike[str] | Mapping[str, Any], model: nn.Module) -> nn.Module:
+    """Load an official slimmable_networks checkpoint into ``model``, all or nothing.
+
+    Args:
+        checkpoint: a path, or the object ``torch.load`` returned (``{'model': state_dict}`` or a state dict).
+        model: the matching model, e.g. ``create_model("slim_mobilenet_v2")`` for ``s_mobilenet_v2``, built with
+            the checkpoint's widths. Floating tensors are cast to the model's dtype (the official fp16 fixtures
+            are upcast).
+
+    Returns:
+        ``model``, with the weights loaded.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        CheckpointError: unreadable file, not an official checkpoint, or keys/shapes/widths that do not match; the
+            model is left unchanged.
+    """
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    sd = official_state_dict(obj, source)
+    own = model.state_dict()
+    if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
+        raise CheckpointError(_describe_mismatch(own, sd, model, source))
+    converted = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+# -- one entry point -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to deploy (eval mode) and where it came from.
+
+    Attributes:
+        model: the slimmable model.
+        name: registered model name (used for file names and latency-cache keys).
+        source: ``"slimmable checkpoint PATH"``, ``"official checkpoint PATH"`` or ``"random weights"``.
+        random_weights: ``True`` when no checkpoint was loaded.
+        preprocess: how images were preprocessed in training (``image_size``, ``eval_resize``, ``mean``, ``std``,
+            ...), from slimmable checkpoints; ``None`` otherwise.
+        checkpoint: the validated dict of a slimmable checkpoint (recipe, history, ...); ``None`` otherwise.
+    """
+
+    model: nn.Module
+    name: str
+    source: str
+    random_weights: bool
+    preprocess: dict | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str] | None = None,
+    model_name: str | None = None,
+    *,
+    widths: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    small_input: bool | None = None,
+    device: torch.device | str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint (slimmable's own or official), reading the file once, or build ``model_name`` with random
+    weights.
+
+    Args:
+        checkpoint: path of a checkpoint file, or ``None`` for random weights.
+        model_name: registered model name; required for official checkpoints and for random weights. With one of
+            slimmable's checkpoints it may only repeat the recorded name.
+        widths, num_classes, in_chans, small_input: model arguments for official checkpoints and random weights
+            (``None`` keeps the model's defaults; official ImageNet checkpoints need the defaults). Not used
+            with slimmable's own checkpoints, which record theirs (``slimmable eval --widths`` then picks the widths
+            to evaluate).
+        device: where to put the model (default CPU).
+
+    Returns:
+        A :class:`LoadedModel` in eval mode; ``checkpoint`` holds the validated dict of slimmable's own checkpoints
+        (its recipe, history, preprocessing), so callers never read the file again.
+
+    Raises:
+        ValueError: neither argument given, unknown model name, an official checkpoint without a model name, or
+            a model name that contradicts the one a slimmable checkpoint records.
+        FileNotFoundError: the checkpoint does not exist.
+        CheckpointError: unreadable checkpoint or one that does not fit the model.
+    """
+    kwargs = {"widths": widths, "num_classes": num_classes, "in_chans": in_chans, "small_input": small_input}
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if checkpoint is None:
+        if not model_name:
+            raise ValueError(
+                "nothing to load: give --checkpoint PATH (with --model NAME for an official checkpoint), or --model "
+                "NAME alone for random weights (demo)"
+            )
+        model = create_model(model_name, **kwargs)
+        return LoadedModel(model.to(target).eval(), model_name, "random weights", True)
+    obj = read_checkpoint_file(checkpoint)
+    if is_slimmable_checkpoint(obj):
+        ckpt = _validate(obj, checkpoint)
+        name = str(ckpt["model_name"])
+        if model_name and model_name != name:
+            raise ValueError(
+                f"{checkpoint} holds a {name} but --model {model_name} was given; drop --model (slimmable checkpoints "
+                "record their model)"
+            )
+        model = build_model_from_checkpoint(ckpt, target)
+        pre = ckpt.get("preprocess")
+        pre = dict(pre) if isinstance(pre, Mapping) else None
+        return LoadedModel(model, name, f"slimmable checkpoint {checkpoint}", False, pre, ckpt)
+    if not model_name:
+        known = ", ".join(f"{k} → {v[0]}" for k, v in OFFICIAL_MODELS.items())
+        raise ValueError(
+            f"{checkpoint} is not a slimmable training checkpoint; if it is an official slimmable_networks checkpoint "
+            "(which does not record its model), add --model NAME --widths W1,W2,... (e.g. --model slim_mobilenet_v2 "
+            f"--widths 0.35,0.5,0.75,1.0; official files map as {known})"
+        )
+    model = create_model(model_name, **kwargs)
+    load_official_checkpoint(obj, model)
+    return LoadedModel(model.to(target).eval(), model_name, f"official checkpoint {checkpoint}", False)
