@@ -66,8 +66,8 @@ def default_output(checkpoint: str | os.PathLike[str], spec: str | os.PathLike[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import create_loader
     from ..checkpoint import model_checkpoint, save_checkpoint
+    from ..data import create_loader
     from ..train import calibrate_bn, evaluate, resolve_device
     from ._trained import load_trained, training_splits
 
@@ -136,8 +136,8 @@ def _calibrate_spec(
 
     import torch
 
-    from ..search import count_active_params, count_macs
     from ..checkpoint import model_checkpoint, save_checkpoint
+    from ..search import count_active_params, count_macs
     from ..train import calibrate_channels
 
     fixed = calibrate_channels(model, spec, loader, num_batches=num_batches, device=device)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import slimmable
-from slimmable.export import load_model
 from slimmable.checkpoint import CheckpointError
+from slimmable.export import load_model
 
 
 def _own_checkpoint(path, model, name):
