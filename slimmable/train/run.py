@@ -293,13 +293,447 @@ def _train(
     cache_dir: str | os.PathLike[str] | None,
     latency_runs: int,
 ) -> TrainResult:
-    mc, dc, oc, tc = cfg.model, cfg.data, cfg.optim, cfg.train
-    dev = info.device
-    choose_numerics(tc.amp, tc.channels_last, dev)  # before loading data: fail fast on an impossible setting
+    """The run's four steps: build, resume, the epoch loop, finish (final checkpoints and the test report)."""
+    choose_numerics(cfg.train.amp, cfg.train.channels_last, info.device)  # before the data: fail fast
     ckpt = load_checkpoint(resume) if resume is not None else None
-    _set_determinism(tc.deterministic, dev)
-    _seed_all(tc.seed)
-    data = create_datasets(
+    run = _Run.build(cfg, out_dir, info, num_workers, cache_dir, ckpt)
+    if ckpt is not None:
+        run.restore(ckpt, str(resume))
+    run.start_outputs(tensorboard)
+    try:
+        if run.train_epochs(progress):
+            run.finish(latency_runs)
+    finally:
+        _close(run.writer)
+    return run.result
+
+
+@dataclass
+class _Loaders:
+    train: Any
+    select: Any  # the split the best checkpoint is selected on (val, else test)
+    selection_split: str
+    calib: Any  # US-Nets: a fixed order of training images without augmentation, for BN calibration
+    eval_batch_size: int
+    num_workers: int
+
+
+class _Run:
+    """What one training run builds, and its steps (see :func:`_train`). Only rank 0 writes files."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, info: DistInfo) -> None:
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.last_path, self.best_path = out_dir / "last.pt", out_dir / "best.pt"
+        self.writer: Any = None
+        self.start_epoch, self.start_batch = 0, 0
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.rng_to_restore: dict[str, Any] | None = None
+        self.resumed = False
+
+    # -- build ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        out_dir: Path,
+        info: DistInfo,
+        num_workers: int,
+        cache_dir: str | os.PathLike[str] | None,
+        ckpt: Mapping[str, Any] | None,
+    ) -> _Run:
+        """Data, model, width sampler, numerics, loaders, epoch plan, optimizer, schedule and trainer."""
+        run = cls(cfg, out_dir, info)
+        tc = cfg.train
+        _set_determinism(tc.deterministic, info.device)
+        _seed_all(tc.seed)
+        run.data = _load_data(cfg.data, cache_dir)
+        run._build_model()
+        run._decide_numerics(ckpt)
+        run.loaders = run._make_loaders(num_workers)
+        run.steps_per_epoch = len(run.loaders.train)
+        run.plan = _plan_epochs(
+            tc, ckpt, run.numerics, run.make_step, run.per_rank_batch, run.steps_per_epoch, len(run.loaders.select),
+            len(run.val_widths), info,
+        )  # fmt: skip
+        run.epochs = run.plan.epochs if run.plan is not None else tc.epochs
+        # the last epoch may be partial under a time budget
+        run.total_steps = run.plan.total_steps if run.plan is not None else run.epochs * run.steps_per_epoch
+        run._build_optimization()
+        run.result = TrainResult(
+            out_dir, last_checkpoint=run.last_path, selection_split=run.loaders.selection_split,
+            numerics=run.numerics, plan=run.plan, epochs=run.epochs,
+        )  # fmt: skip
+        return run
+
+    def _build_model(self) -> None:
+        mc, tc, data, info = self.cfg.model, self.cfg.train, self.data, self.info
+        self.kwargs = model_kwargs_from_config(self.cfg, data.num_classes, data.in_chans)
+        _check_model_fits_data(self.kwargs, data)
+        build_kwargs = dict(self.kwargs)
+        if "widths" in build_kwargs:
+            build_kwargs["widths"] = tuple(build_kwargs["widths"])
+        model = create_model(mc.name, **build_kwargs)
+        self.width_range = getattr(model, "width_range", None)
+        if self.width_range is not None and mc.widths is not None:
+            raise ValueError(
+                f"model.widths {list(mc.widths)} is for slimmable (S-Net) switches, but {mc.name} is universally "
+                "slimmable (any width in its range); set model.widths to null and give model.width_range [lo, hi] and "
+                "model.stat_widths (the widths calibrated and evaluated after training) instead"
+            )
+        self.sampler = create_width_sampler(
+            tc.width_sampler,
+            tuple(model.widths),
+            width_range=self.width_range,
+            n=tc.num_sampled_widths,
+            layer_groups=_layer_groups(model) if tc.per_layer_widths else None,
+        )
+        fixed = tuple(getattr(self.sampler, "fixed_widths", ()))
+        if self.width_range is not None:
+            # the widths trained at every step keep running statistics during training (validated each epoch)
+            add_stat_widths(model, fixed)
+        self.widths = tuple(model.widths)
+        self.val_widths = self.widths if self.width_range is None else tuple(sorted(fixed or self.widths))
+        if tc.sync_bn and info.distributed:
+            convert_sync_batchnorm(model, dist.new_group())
+        self.model = model.to(info.device)
+
+    def _decide_numerics(self, ckpt: Mapping[str, Any] | None) -> None:
+        tc, data, info = self.cfg.train, self.data, self.info
+        self.per_rank_batch = self.cfg.data.batch_size // info.world_size
+        shape = (data.in_chans, data.image_size, data.image_size)
+        self.make_step = probe_step_factory(
+            self.model, self.sampler, shape, self.kwargs["num_classes"], min(self.per_rank_batch, PROBE_MAX_BATCH),
+            info.device, seed=tc.seed,
+        )  # fmt: skip
+        self.machine = machine_info(info.device)
+        self.numerics = _kept_numerics(ckpt, tc, self.machine) or decide_numerics(
+            tc.amp, tc.channels_last, info.device, self.make_step
+        )
+        if self.numerics.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if info.is_main:
+            _logger.info("machine: %s", describe_machine(self.machine))
+            _logger.info("numerics: %s", self.numerics.describe())
+
+    def _make_loaders(self, num_workers: int) -> _Loaders:
+        dc, tc, data, info = self.cfg.data, self.cfg.train, self.data, self.info
+        pin = info.device.type == "cuda"
+        assert data.train is not None
+        split = {"rank": info.rank, "world_size": info.world_size, "pin_memory": pin, "num_workers": num_workers}
+        train = create_loader(data.train, dc.batch_size, train=True, seed=tc.seed, **split)
+        eval_bs = dc.eval_batch_size or dc.batch_size
+        eval_bs = max(info.world_size, eval_bs - eval_bs % info.world_size)
+        selection_split = "val" if data.val is not None else "test"
+        select = create_loader(data.val if data.val is not None else data.test, eval_bs, train=False, **split)
+        if selection_split == "test" and info.is_main:
+            _logger.warning(
+                "data.val_size is 0: the best checkpoint is selected on the test split (%s), so its test accuracy is "
+                "optimistic; hold out images with data.val_size",
+                data.root,
+            )
+        calib = None
+        if self.width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
+            calib = create_loader(_without_augmentation(data), dc.batch_size, train=True, seed=tc.seed, **split)
+        return _Loaders(train, select, selection_split, calib, eval_bs, num_workers)
+
+    def eval_loader(self, dataset: Any) -> Any:
+        info = self.info
+        return create_loader(
+            dataset, self.loaders.eval_batch_size, train=False, num_workers=self.loaders.num_workers, rank=info.rank,
+            world_size=info.world_size, pin_memory=info.device.type == "cuda",
+        )  # fmt: skip
+
+    def _build_optimization(self) -> None:
+        oc, tc, info = self.cfg.optim, self.cfg.train, self.info
+        self.optimizer = create_optimizer(
+            self.model, oc.name, oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, betas=oc.betas, eps=oc.eps,
+            weight_decay=oc.weight_decay, decay_norm_and_bias=oc.decay_norm_and_bias,
+            decay_depthwise=oc.decay_depthwise,
+        )  # fmt: skip
+        self.scheduler = create_scheduler(
+            self.optimizer, oc.schedule, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=oc.warmup_epochs, warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma,
+            min_lr=oc.min_lr, total_steps=self.total_steps,
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler("cuda") if self.numerics.use_grad_scaler else None
+        ddp = wrap_ddp(self.model, info) if info.distributed else None
+        forward: Any = ddp if ddp is not None else self.model
+        if tc.compile:
+            forward = torch.compile(forward)
+        self.trainer = Trainer(
+            self.model, self.optimizer, self.scheduler, self.sampler, device=info.device, forward=forward, ddp=ddp,
+            autocast_dtype=self.numerics.autocast_dtype, scaler=self.scaler, label_smoothing=tc.label_smoothing,
+            inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=self.numerics.channels_last,
+            seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=self.total_steps,
+            nonfinite=tc.nonfinite,
+        )  # fmt: skip
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+
+    def restore(self, ckpt: Mapping[str, Any], resume: str) -> None:
+        """Continue from ``ckpt``: weights, optimizer, schedule, step, progress and (mid-epoch) random states."""
+        info = self.info
+        _check_resume(ckpt, self.cfg, self.cfg.model.name, _model_kwargs(self.model, self.kwargs), resume)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.trainer.step = int(ckpt["step"])
+        self.start_epoch, self.start_batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
+        self.best, self.history = dict(ckpt.get("best") or {}), list(ckpt.get("history") or [])
+        self.resumed = True
+        if self.start_batch:
+            if int(ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
+                raise ValueError(
+                    f"--resume {resume}: the checkpoint stopped mid-epoch with {ckpt.get('steps_per_epoch')} steps "
+                    f"per epoch, this run has {self.steps_per_epoch} (batch size or process count changed); resume "
+                    "with the settings it was written with"
+                )
+            states = ckpt.get("rng") or []
+            if len(states) == info.world_size:
+                self.rng_to_restore = states[info.rank]
+            else:
+                _logger.warning(
+                    "the checkpoint holds random states of %d processes, not %d", len(states), info.world_size
+                )
+        if info.is_main:
+            _logger.info(
+                "resuming %s at epoch %d, batch %d (step %d)",
+                resume, self.start_epoch + 1, self.start_batch, self.trainer.step,
+            )  # fmt: skip
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+
+    def start_outputs(self, tensorboard: bool) -> None:
+        """Rank 0: the output folder, the resolved recipe, hardware.json, TensorBoard; log what is trained."""
+        if not self.info.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out_dir / "config.yaml")
+        self.write_hardware()
+        if tensorboard:
+            self.writer = _tensorboard(self.out_dir / "tb")
+        _logger.info(
+            "training %s widths %s (%r) on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
+            self.cfg.model.name, ",".join(f"{w:g}" for w in self.widths), self.sampler, self.info.device,
+            len(self.data.train), self.steps_per_epoch, self.per_rank_batch, self.info.world_size, self.epochs,
+            self.out_dir,
+        )  # fmt: skip
+
+    def write_hardware(self) -> None:
+        """The machine, the numerics and the current plan."""
+        plan = self.plan and self.plan.to_dict()
+        write_json(self.out_dir / "hardware.json", {"machine": self.machine, "numerics": self.numerics.to_dict(),
+                                                     "plan": plan})  # fmt: skip
+
+    def checkpoint(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        """Everything a resume needs (a collective in a distributed run: every rank calls it)."""
+        return model_checkpoint(
+            self.model,
+            preprocess=self.data.preprocess(),
+            config=self.cfg.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            step=self.trainer.step,
+            rng=_gather_rng(self.info),
+            best=self.best,
+            history=self.history,
+            plan=self.plan and self.plan.to_dict(),
+            numerics=self.numerics.to_dict(),
+            machine=self.machine,
+        )
+
+    def _on_log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    # -- the epoch loop -------------------------------------------------------------------------------------------
+
+    def train_epochs(self, progress: bool) -> bool:
+        """Train the planned epochs, evaluating and saving after each; ``False`` if stopped by a signal."""
+        info, tc = self.info, self.cfg.train
+        t_train, steps_at_start = time.perf_counter(), self.trainer.step
+        with _StopSignal(info) as stop:
+            epoch = self.start_epoch
+            while epoch < self.epochs:  # the plan may shorten ``epochs`` as the run goes
+                stats = self._train_one_epoch(epoch, progress, stop)
+                if stats.interrupted:
+                    ck = self.checkpoint(epoch, stats.batches_done)
+                    if info.is_main:
+                        save_checkpoint(self.last_path, ck)
+                        _logger.warning(
+                            "stopped by a signal at epoch %d, batch %d/%d; saved %s. Continue with --resume %s",
+                            epoch + 1, stats.batches_done, self.steps_per_epoch, self.last_path, self.last_path,
+                        )  # fmt: skip
+                    self.result.interrupted, self.result.epochs_done = True, epoch
+                    return False
+                if info.distributed:
+                    average_bn_statistics(self.model, info.world_size)
+                record = _epoch_record(stats)
+                if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == self.epochs:
+                    self._validate(record, epoch)
+                self.history.append(record)
+                if self.plan is not None and not self.resumed:  # behind the plan? fit the rest to the budget
+                    self._replan(record, self.trainer.step - steps_at_start, time.perf_counter() - t_train)
+                ck = self.checkpoint(epoch + 1, 0)
+                if info.is_main:
+                    save_checkpoint(self.last_path, ck)
+                    if record.get("best"):
+                        save_checkpoint(self.best_path, ck)
+                    write_json(self.out_dir / "history.json", self.history)
+                    _log_epoch(record, self.epochs, self.loaders.selection_split, self.writer)
+                epoch += 1
+                if stop.poll(force=True) and epoch < self.epochs:
+                    if info.is_main:
+                        _logger.warning(
+                            "stopped by a signal after epoch %d; continue with --resume %s", epoch, self.last_path
+                        )
+                    self.result.interrupted, self.result.epochs_done = True, epoch
+                    return False
+        return True
+
+    def _train_one_epoch(self, epoch: int, progress: bool, stop: _StopSignal) -> EpochStats:
+        info, seed = self.info, self.cfg.train.seed
+        loader = self.loaders.train
+        loader.batch_sampler.sampler.set_epoch(epoch, start=self.start_batch * self.per_rank_batch)
+        if self.start_batch == 0:
+            _seed_epoch(seed, epoch, info.rank)
+        batches = iter(loader)
+        if self.rng_to_restore is not None:
+            set_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # a plan's last: partial
+        try:
+            stats = self.trainer.train_epoch(
+                loader, epoch, steps_in_epoch=steps,
+                start_batch=self.start_batch, should_stop=stop.poll, progress=progress and info.is_main,
+                on_log=self._on_log, batches=batches,
+            )  # fmt: skip
+        except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
+            raise with_checkpoint_note(err, self.last_path) from None
+        self.start_batch = 0
+        return stats
+
+    def _validate(self, record: dict[str, Any], epoch: int) -> None:
+        val = evaluate(
+            self.model, self.loaders.select, self.val_widths, device=self.info.device,
+            autocast_dtype=self.numerics.autocast_dtype, channels_last=self.numerics.channels_last,
+        )  # fmt: skip
+        record["val"] = _metrics_dict(val)
+        record["val_top1_mean"] = _mean_top1(val)
+        if not self.best or record["val_top1_mean"] > self.best["top1_mean"]:
+            self.best = {"top1_mean": record["val_top1_mean"], "epoch": epoch + 1}
+            record["best"] = True
+
+    def _replan(self, record: dict[str, Any], steps_done: int, seconds: float) -> None:
+        assert self.plan is not None
+        shorter = replan(self.plan, steps_done, seconds)
+        if self.info.distributed:  # every process follows rank 0's plan (a collective: every rank calls it)
+            box: list[Any] = [shorter]
+            dist.broadcast_object_list(box, src=0)
+            shorter = box[0]
+        if shorter is None:
+            return
+        self.plan, self.epochs, self.total_steps = shorter, shorter.epochs, shorter.total_steps
+        set_total_steps(self.scheduler, self.total_steps)
+        self.trainer.total_steps = self.total_steps
+        record["replanned_total_steps"] = self.total_steps
+        self.result.plan, self.result.epochs = self.plan, self.epochs
+        if self.info.is_main:
+            _logger.warning("time budget: behind the plan, shortened to %s", self.plan.describe())
+            self.write_hardware()
+
+    # -- finish ---------------------------------------------------------------------------------------------------
+
+    def finish(self, latency_runs: int) -> None:
+        """US-Nets: calibrate every stat width; then the best checkpoint's test report (rank 0 writes it)."""
+        info, result, best = self.info, self.result, self.best
+        result.epochs_done = self.epochs
+        result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
+        result.best_checkpoint = self.best_path if best else None
+        best_is_last = best.get("epoch") == self.epochs
+        if self.width_range is not None:
+            # US-Nets: only the widths trained at every step have statistics; calibrate every stat width so that
+            # the final checkpoints evaluate at all of them without recalibration
+            self._calibrate()
+            ck = self.checkpoint(self.epochs, 0)
+            if info.is_main:
+                save_checkpoint(self.last_path, ck)
+                if best_is_last:
+                    save_checkpoint(self.best_path, ck)
+        self._load_best()
+        if self.width_range is not None and best and not best_is_last:
+            self._calibrate()
+            if info.is_main:
+                best_ck = load_checkpoint(self.best_path)
+                best_ck.update(model_checkpoint(self.model))
+                save_checkpoint(self.best_path, best_ck)
+        self._test_report(latency_runs)
+
+    def _calibrate(self) -> None:
+        info = self.info
+        assert self.loaders.calib is not None
+        used = calibrate_bn(
+            self.model, self.loaders.calib, self.widths, num_batches=self.cfg.train.calib_batches, device=info.device
+        )
+        if info.distributed:
+            average_bn_statistics(self.model, info.world_size)
+        if info.is_main:
+            _logger.info(
+                "calibrated BN statistics of %d widths (%s) on %d training images each, without augmentation",
+                len(used), ",".join(f"{w:g}" for w in used), next(iter(used.values())) * info.world_size,
+            )  # fmt: skip
+
+    def _load_best(self) -> None:
+        """Every process takes the weights of ``best.pt`` (which rank 0 wrote)."""
+        if self.info.is_main and self.best_path.exists():
+            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        if self.info.distributed:  # other machines may not see the output folder
+            with torch.no_grad():
+                for t in self.model.state_dict().values():
+                    # receive into a copy, then copy_: an in-place op bumps the version counter that the slim
+                    # layers' inference weight memo checks (a collective writing into t would not)
+                    buf = t.clone()
+                    dist.broadcast(buf, src=0)
+                    t.copy_(buf)
+
+    def _test_report(self, latency_runs: int) -> None:
+        data, name = self.data, self.cfg.model.name
+        test = evaluate(
+            self.model, self.eval_loader(data.test), self.widths, device=self.info.device,
+            autocast_dtype=self.numerics.autocast_dtype, channels_last=self.numerics.channels_last,
+        )  # fmt: skip
+        if not self.info.is_main:
+            return
+        shape = (data.in_chans, data.image_size, data.image_size)
+        self.result.report = width_report(self.model, test, shape, latency_runs=latency_runs)
+        meta = {
+            "model": name,
+            "checkpoint": str(self.best_path),
+            "epoch": self.best.get("epoch"),
+            "split": "test",
+            "dataset": data.name,
+            "root": data.root,
+            "device": str(self.info.device),
+        }
+        write_report(self.out_dir / "final_metrics", self.result.report, meta)
+        plot_report(self.result.report, self.out_dir / "accuracy_vs_macs.png", f"{name} on {data.name} (test split)")
+        if self.writer is not None:
+            for r in self.result.report:
+                self.writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], self.epochs)
+
+
+def _load_data(dc: Any, cache_dir: str | os.PathLike[str] | None) -> DatasetSplits:
+    """The recipe's data section as train / val / test splits."""
+    return create_datasets(
         dc.dataset,
         dc.root,
         image_size=dc.image_size,
@@ -313,7 +747,9 @@ def _train(
         download=dc.download,
         cache_dir=cache_dir,
     )
-    kwargs = model_kwargs_from_config(cfg, data.num_classes, data.in_chans)
+
+
+def _check_model_fits_data(kwargs: Mapping[str, Any], data: DatasetSplits) -> None:
     if kwargs["num_classes"] < data.num_classes:
         raise ValueError(
             f"the data in {data.root} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) but "
@@ -325,331 +761,6 @@ def _train(
             f"model.in_chans is {kwargs['in_chans']} but the images of {data.root} have {data.in_chans} channels; "
             "set model.in_chans to null"
         )
-    build_kwargs = dict(kwargs)
-    if "widths" in build_kwargs:
-        build_kwargs["widths"] = tuple(build_kwargs["widths"])
-    model = create_model(mc.name, **build_kwargs)
-    width_range = getattr(model, "width_range", None)
-    if width_range is not None and mc.widths is not None:
-        raise ValueError(
-            f"model.widths {list(mc.widths)} is for slimmable (S-Net) switches, but {mc.name} is universally "
-            "slimmable (any width in its range); set model.widths to null and give model.width_range [lo, hi] and "
-            "model.stat_widths (the widths calibrated and evaluated after training) instead"
-        )
-    sampler = create_width_sampler(
-        tc.width_sampler,
-        tuple(model.widths),
-        width_range=width_range,
-        n=tc.num_sampled_widths,
-        layer_groups=_layer_groups(model) if tc.per_layer_widths else None,
-    )
-    if width_range is not None:
-        # the widths trained at every step keep running statistics during training (validated each epoch)
-        add_stat_widths(model, getattr(sampler, "fixed_widths", ()))
-    widths = tuple(model.widths)
-    val_widths = widths if width_range is None else tuple(sorted(getattr(sampler, "fixed_widths", widths)))
-    if tc.sync_bn and info.distributed:
-        convert_sync_batchnorm(model, dist.new_group())
-    model.to(dev)
-    shape = (data.in_chans, data.image_size, data.image_size)
-    per_rank_batch = dc.batch_size // info.world_size
-    make_step = probe_step_factory(
-        model, sampler, shape, kwargs["num_classes"], min(per_rank_batch, PROBE_MAX_BATCH), dev, seed=tc.seed
-    )
-    machine = machine_info(dev)
-    numerics = _kept_numerics(ckpt, tc, machine) or decide_numerics(tc.amp, tc.channels_last, dev, make_step)
-    amp_dtype = numerics.autocast_dtype
-    if numerics.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if info.is_main:
-        _logger.info("machine: %s", describe_machine(machine))
-        _logger.info("numerics: %s", numerics.describe())
-
-    pin = dev.type == "cuda"
-    assert data.train is not None
-    train_loader = create_loader(
-        data.train, dc.batch_size, train=True, num_workers=num_workers, seed=tc.seed,
-        rank=info.rank, world_size=info.world_size, pin_memory=pin,
-    )  # fmt: skip
-    eval_bs = dc.eval_batch_size or dc.batch_size
-    eval_bs = max(info.world_size, eval_bs - eval_bs % info.world_size)
-
-    def eval_loader(ds: Any) -> Any:
-        return create_loader(
-            ds, eval_bs, train=False, num_workers=num_workers, rank=info.rank, world_size=info.world_size,
-            pin_memory=pin,
-        )  # fmt: skip
-
-    selection_split = "val" if data.val is not None else "test"
-    select_loader = eval_loader(data.val if data.val is not None else data.test)
-    if selection_split == "test" and info.is_main:
-        _logger.warning(
-            "data.val_size is 0: the best checkpoint is selected on the test split (%s), so its test accuracy is "
-            "optimistic; hold out images with data.val_size",
-            data.root,
-        )
-    steps_per_epoch = len(train_loader)
-    plan = _plan_epochs(
-        tc, ckpt, numerics, make_step, per_rank_batch, steps_per_epoch, len(select_loader), len(val_widths), info
-    )
-    epochs = plan.epochs if plan is not None else tc.epochs
-    total_steps = plan.total_steps if plan is not None else epochs * steps_per_epoch  # the last epoch may be partial
-    calib_loader = None
-    if width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
-        calib_loader = create_loader(
-            _without_augmentation(data), dc.batch_size, train=True, num_workers=num_workers, seed=tc.seed,
-            rank=info.rank, world_size=info.world_size, pin_memory=pin,
-        )  # fmt: skip
-
-    def calibrate() -> None:
-        assert calib_loader is not None
-        used = calibrate_bn(model, calib_loader, widths, num_batches=tc.calib_batches, device=dev)
-        if info.distributed:
-            average_bn_statistics(model, info.world_size)
-        if info.is_main:
-            _logger.info(
-                "calibrated BN statistics of %d widths (%s) on %d training images each, without augmentation",
-                len(used), ",".join(f"{w:g}" for w in used), next(iter(used.values())) * info.world_size,
-            )  # fmt: skip
-
-    optimizer = create_optimizer(
-        model, oc.name, oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, betas=oc.betas, eps=oc.eps,
-        weight_decay=oc.weight_decay, decay_norm_and_bias=oc.decay_norm_and_bias, decay_depthwise=oc.decay_depthwise,
-    )  # fmt: skip
-    scheduler = create_scheduler(
-        optimizer, oc.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=oc.warmup_epochs,
-        warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma, min_lr=oc.min_lr,
-        total_steps=total_steps,
-    )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda") if numerics.use_grad_scaler else None
-    ddp = wrap_ddp(model, info) if info.distributed else None
-    forward: Any = ddp if ddp is not None else model
-    if tc.compile:
-        forward = torch.compile(forward)
-    trainer = Trainer(
-        model, optimizer, scheduler, sampler, device=dev, forward=forward,
-        ddp=ddp, autocast_dtype=amp_dtype, scaler=scaler, label_smoothing=tc.label_smoothing,
-        inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=numerics.channels_last,
-        seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=total_steps,
-        nonfinite=tc.nonfinite,
-    )  # fmt: skip
-
-    start_epoch, start_batch = 0, 0
-    best: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
-    rng_to_restore = None
-    if ckpt is not None:
-        _check_resume(ckpt, cfg, mc.name, _model_kwargs(model, kwargs), str(resume))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        trainer.step = int(ckpt["step"])
-        start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
-        best, history = dict(ckpt.get("best") or {}), list(ckpt.get("history") or [])
-        if start_batch:
-            if int(ckpt.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
-                raise ValueError(
-                    f"--resume {resume}: the checkpoint stopped mid-epoch with {ckpt.get('steps_per_epoch')} steps "
-                    f"per epoch, this run has {steps_per_epoch} (batch size or process count changed); resume "
-                    "with the settings it was written with"
-                )
-            states = ckpt.get("rng") or []
-            if len(states) == info.world_size:
-                rng_to_restore = states[info.rank]
-            else:
-                _logger.warning(
-                    "the checkpoint holds random states of %d processes, not %d", len(states), info.world_size
-                )
-        if info.is_main:
-            _logger.info(
-                "resuming %s at epoch %d, batch %d (step %d)", resume, start_epoch + 1, start_batch, trainer.step
-            )
-
-    out_dir = Path(out_dir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    writer = None
-
-    def write_hardware() -> None:  # the machine, the numerics and the current plan
-        write_json(
-            out_dir / "hardware.json",
-            {"machine": machine, "numerics": numerics.to_dict(), "plan": plan and plan.to_dict()},
-        )
-
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        write_hardware()
-        if tensorboard:
-            writer = _tensorboard(out_dir / "tb")
-        _logger.info(
-            "training %s widths %s (%r) on %s: %d images, %d steps/epoch of %d (x%d processes), %d epochs -> %s",
-            mc.name, ",".join(f"{w:g}" for w in widths), sampler, dev, len(data.train), steps_per_epoch,
-            per_rank_batch, info.world_size, epochs, out_dir,
-        )  # fmt: skip
-
-    def checkpoint(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        return model_checkpoint(
-            model,
-            preprocess=data.preprocess(),
-            config=cfg.to_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            epoch=epoch,
-            batch_in_epoch=batch_in_epoch,
-            steps_per_epoch=steps_per_epoch,
-            step=trainer.step,
-            rng=_gather_rng(info),
-            best=best,
-            history=history,
-            plan=plan and plan.to_dict(),
-            numerics=numerics.to_dict(),
-            machine=machine,
-        )
-
-    def on_log(step: int, scalars: dict[str, float]) -> None:
-        if writer is not None:
-            for k, v in scalars.items():
-                writer.add_scalar(f"train/{k}", v, step)
-
-    result = TrainResult(
-        out_dir, last_checkpoint=last_path, selection_split=selection_split, numerics=numerics,
-        plan=plan, epochs=epochs,
-    )  # fmt: skip
-    t_train, steps_at_start = time.perf_counter(), trainer.step
-    with _StopSignal(info) as stop:
-        for epoch in range(start_epoch, epochs):
-            if epoch >= epochs:  # the plan was shortened to the time budget (below)
-                break
-            sampler = train_loader.batch_sampler.sampler
-            sampler.set_epoch(epoch, start=start_batch * per_rank_batch)
-            if start_batch == 0:
-                _seed_epoch(tc.seed, epoch, info.rank)
-            batches = iter(train_loader)
-            if rng_to_restore is not None:
-                set_rng_state(rng_to_restore)
-                rng_to_restore = None
-            try:
-                stats = trainer.train_epoch(
-                    train_loader, epoch, steps_in_epoch=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
-                    start_batch=start_batch,
-                    should_stop=stop.poll, progress=progress and info.is_main, on_log=on_log, batches=batches,
-                )  # fmt: skip
-            except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
-                _close(writer)
-                raise with_checkpoint_note(err, last_path) from None
-            start_batch = 0
-            if stats.interrupted:
-                ck = checkpoint(epoch, stats.batches_done)
-                if info.is_main:
-                    save_checkpoint(last_path, ck)
-                    _logger.warning(
-                        "stopped by a signal at epoch %d, batch %d/%d; saved %s. Continue with --resume %s",
-                        epoch + 1, stats.batches_done, steps_per_epoch, last_path, last_path,
-                    )  # fmt: skip
-                result.interrupted, result.epochs_done = True, epoch
-                _close(writer)
-                return result
-            if info.distributed:
-                average_bn_statistics(model, info.world_size)
-            record = _epoch_record(stats)
-            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == epochs:
-                val = evaluate(
-                    model, select_loader, val_widths, device=dev, autocast_dtype=amp_dtype,
-                    channels_last=numerics.channels_last,
-                )  # fmt: skip
-                record["val"] = _metrics_dict(val)
-                record["val_top1_mean"] = _mean_top1(val)
-                if not best or record["val_top1_mean"] > best["top1_mean"]:
-                    best = {"top1_mean": record["val_top1_mean"], "epoch": epoch + 1}
-                    record["best"] = True
-            history.append(record)
-            if plan is not None and ckpt is None:  # behind the plan? fit the rest to the budget (not on resume)
-                shorter = replan(plan, trainer.step - steps_at_start, time.perf_counter() - t_train)
-                if info.distributed:  # every process follows rank 0's plan (a collective: every rank calls it)
-                    box: list[Any] = [shorter]
-                    dist.broadcast_object_list(box, src=0)
-                    shorter = box[0]
-                if shorter is not None:
-                    plan, epochs, total_steps = shorter, shorter.epochs, shorter.total_steps
-                    set_total_steps(scheduler, total_steps)
-                    trainer.total_steps = total_steps
-                    record["replanned_total_steps"] = total_steps
-                    result.plan, result.epochs = plan, epochs
-                    if info.is_main:
-                        _logger.warning("time budget: behind the plan, shortened to %s", plan.describe())
-                        write_hardware()
-            ck = checkpoint(epoch + 1, 0)
-            if info.is_main:
-                save_checkpoint(last_path, ck)
-                if record.get("best"):
-                    save_checkpoint(best_path, ck)
-                write_json(out_dir / "history.json", history)
-                _log_epoch(record, epochs, selection_split, writer)
-            if stop.poll(force=True) and epoch + 1 < epochs:
-                if info.is_main:
-                    _logger.warning(
-                        "stopped by a signal after epoch %d; continue with --resume %s", epoch + 1, last_path
-                    )
-                result.interrupted, result.epochs_done = True, epoch + 1
-                _close(writer)
-                return result
-
-    result.epochs_done = epochs
-    result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
-    result.best_checkpoint = best_path if best else None
-    best_is_last = best.get("epoch") == epochs
-    if width_range is not None:
-        # US-Nets: only the widths trained at every step have statistics; calibrate every stat width so that the
-        # final checkpoints evaluate at all of them without recalibration
-        calibrate()
-        ck = checkpoint(epochs, 0)
-        if info.is_main:
-            save_checkpoint(last_path, ck)
-            if best_is_last:
-                save_checkpoint(best_path, ck)
-    # final: the best checkpoint on the test split
-    if info.is_main and best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-    if info.distributed:  # rank 0 wrote best.pt; other machines may not see the output folder
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                # receive into a copy, then copy_: an in-place op bumps the version counter that the slim
-                # layers' inference weight memo checks (a collective writing into t would not)
-                buf = t.clone()
-                dist.broadcast(buf, src=0)
-                t.copy_(buf)
-    if width_range is not None and best and not best_is_last:
-        calibrate()
-        if info.is_main:
-            best_ck = load_checkpoint(best_path)
-            best_ck.update(model_checkpoint(model))
-            save_checkpoint(best_path, best_ck)
-    test = evaluate(
-        model, eval_loader(data.test), widths, device=dev, autocast_dtype=amp_dtype,
-        channels_last=numerics.channels_last,
-    )  # fmt: skip
-    if info.is_main:
-        shape = (data.in_chans, data.image_size, data.image_size)
-        result.report = width_report(model, test, shape, latency_runs=latency_runs)
-        meta = {
-            "model": mc.name,
-            "checkpoint": str(best_path),
-            "epoch": best.get("epoch"),
-            "split": "test",
-            "dataset": data.name,
-            "root": data.root,
-            "device": str(dev),
-        }
-        write_report(out_dir / "final_metrics", result.report, meta)
-        plot_report(result.report, out_dir / "accuracy_vs_macs.png", f"{mc.name} on {data.name} (test split)")
-        if writer is not None:
-            for r in result.report:
-                writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], epochs)
-    _close(writer)
-    return result
 
 
 def _kept_numerics(ckpt: Mapping[str, Any] | None, tc: Any, machine: Mapping[str, Any]) -> Numerics | None:
