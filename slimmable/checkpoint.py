@@ -40,6 +40,7 @@ from torch import nn
 
 from ._utils import unwrap_model
 from .models import create_model
+from .nn import get_widths
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -47,10 +48,12 @@ __all__ = [
     "CheckpointError",
     "LoadedModel",
     "build_model_from_checkpoint",
+    "builds_same_model",
     "is_slimmable_checkpoint",
     "load_checkpoint",
     "load_model",
     "load_official_checkpoint",
+    "model_build_kwargs",
     "model_checkpoint",
     "read_checkpoint_file",
     "save_checkpoint",
@@ -58,6 +61,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "model", "model_name", "model_kwargs", "widths")
+_WIDTH_KWARGS = ("widths", "width_range", "stat_widths")
 
 #: official model file -> (our registered name, kwargs)
 OFFICIAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -134,6 +138,50 @@ def is_slimmable_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "format_version" in obj
 
 
+def model_build_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The ``create_model`` kwargs that rebuild ``model`` as it is now, so that its state dict loads.
+
+    They are the kwargs it was built with, except that a universally slimmable model's ``stat_widths`` are read
+    off its layers (BN calibration may have added widths).
+
+    Raises:
+        ValueError: the model does not record how it was built (not made by :func:`slimmable.create_model`).
+    """
+    m = unwrap_model(model)
+    name, kwargs = getattr(m, "model_name", ""), getattr(m, "model_kwargs", None)
+    if not name or kwargs is None:
+        raise ValueError(
+            f"{type(m).__name__} does not record its registered name and kwargs; build it with "
+            "slimmable.create_model so that a checkpoint can rebuild it"
+        )
+    kwargs = dict(kwargs)
+    widths = get_widths(m)
+    if widths.is_range:
+        kwargs["stat_widths"] = widths.switches
+    return kwargs
+
+
+def builds_same_model(checkpoint: Mapping[str, Any], model: nn.Module) -> bool:
+    """Whether ``checkpoint`` records the name and kwargs that build ``model`` (tuples and lists alike)."""
+    m = unwrap_model(model)
+    same_name = checkpoint.get("model_name") == getattr(m, "model_name", None)
+    return same_name and _plain(checkpoint.get("model_kwargs")) == _plain(model_build_kwargs(m))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, recursively: checkpoints hold plain containers (tuples come back at the load boundary)."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _as_tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The recorded kwargs with the width sequences as tuples again, as ``create_model`` takes them."""
+    return {k: tuple(v) if k in _WIDTH_KWARGS and isinstance(v, list) else v for k, v in kwargs.items()}
+
+
 def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """The checkpoint entries that describe ``model`` (weights, name, kwargs, widths), plus ``extra``.
 
@@ -144,19 +192,14 @@ def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     Raises:
         ValueError: the model does not record how it was built (not made by ``create_model``).
     """
+    kwargs = model_build_kwargs(model)
     m = unwrap_model(model)
-    name, kwargs = getattr(m, "model_name", ""), getattr(m, "model_kwargs", None)
-    if not name or kwargs is None:
-        raise ValueError(
-            f"{type(m).__name__} does not record its registered name and kwargs; build it with "
-            "slimmable.create_model so that a checkpoint can rebuild it"
-        )
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": m.state_dict(),
-        "model_name": name,
-        "model_kwargs": dict(kwargs),
-        "widths": [float(w) for w in m.widths],
+        "model_name": m.model_name,
+        "model_kwargs": _plain(kwargs),
+        "widths": list(get_widths(m).switches),
         **extra,
     }
 
@@ -239,9 +282,7 @@ def build_model_from_checkpoint(
         CheckpointError: the weights do not fit the recorded model.
     """
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    kwargs = dict(ckpt["model_kwargs"])
-    if "widths" in kwargs and kwargs["widths"] is not None:
-        kwargs["widths"] = tuple(kwargs["widths"])
+    kwargs = _as_tuples(ckpt["model_kwargs"])
     model = create_model(ckpt["model_name"], **kwargs)
     try:
         model.load_state_dict(ckpt["model"], strict=True)

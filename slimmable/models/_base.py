@@ -18,6 +18,7 @@ from ..nn import (
     WidthTable,
     create_norm,
     get_width,
+    get_widths,
     make_divisible,
     normalize_widths,
     set_width,
@@ -188,14 +189,10 @@ class SlimNet(nn.Module):
     ``features``.
 
     Attributes:
-        widths: the switch widths (S-Nets) or the widths with stored BN statistics (US-Nets).
-        width_range: ``(lo, hi)`` for universally slimmable models, else ``None``.
         model_kwargs: the keyword arguments the model was built with (saved in checkpoints).
         feature_info: one :class:`FeatureInfo` per stage, input to output.
     """
 
-    widths: tuple[float, ...]
-    width_range: tuple[float, float] | None = None
     model_name: str = ""
     model_kwargs: dict[str, Any]
     feature_info: list[FeatureInfo]
@@ -210,6 +207,17 @@ class SlimNet(nn.Module):
     def use_width(self, width: float) -> contextlib.AbstractContextManager[nn.Module]:
         """Context manager running the model at ``width`` and restoring the previous width on exit."""
         return use_width(self, width)
+
+    @property
+    def widths(self) -> tuple[float, ...]:
+        """The switch widths (S-Nets) or the widths with stored BN statistics (US-Nets), ascending; read off the
+        layers (:func:`slimmable.get_widths`), so BN calibration adding a US width shows here."""
+        return get_widths(self).switches
+
+    @property
+    def width_range(self) -> tuple[float, float] | None:
+        """``(lo, hi)`` for universally slimmable models, else ``None``."""
+        return get_widths(self).range
 
     @property
     def width(self) -> float | None:

@@ -78,7 +78,6 @@ class SlimMobileNetV1(SlimNet):
         # The official S-MobileNet v1 rounds with a minimum of 8 channels; its US version with a minimum of 1.
         rounding = functools.partial(make_divisible, min_value=8)
         plan = ChannelPlan(widths, rounding, width_range, stat_widths, channels, norm=norm)
-        self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
@@ -114,5 +113,10 @@ def us_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
     kwargs.setdefault("width_range", (0.25, 1.0))
     lo, hi = kwargs["width_range"]
     kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
-    kwargs.pop("widths", None)
+    if "widths" in kwargs:
+        raise ValueError(
+            f"us_mobilenet_v1 runs at any width in its width_range and takes no widths "
+            f"(got {kwargs['widths']}); give width_range=(lo, hi) and stat_widths=(...) (widths with stored BN "
+            "statistics), or build slim_mobilenet_v1 for fixed switches"
+        )
     return SlimMobileNetV1(**kwargs)

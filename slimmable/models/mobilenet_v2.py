@@ -100,7 +100,6 @@ class SlimMobileNetV2(SlimNet):
         if widths is None:  # a channel spec alone builds one network; else the paper's switches
             widths = (1.0,) if channels is not None else (0.35, 0.5, 0.75, 1.0)
         plan = ChannelPlan(widths, make_divisible, width_range, stat_widths, channels, norm=norm)
-        self.widths, self.width_range = plan.widths, plan.width_range
         self.num_classes = num_classes
         rule = plan.rule(32, "features.0.0")
         c = rule.max_channels
@@ -147,5 +146,10 @@ def us_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
     kwargs.setdefault("width_range", (0.35, 1.0))
     lo, hi = kwargs["width_range"]
     kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
-    kwargs.pop("widths", None)
+    if "widths" in kwargs:
+        raise ValueError(
+            f"us_mobilenet_v2 runs at any width in its width_range and takes no widths "
+            f"(got {kwargs['widths']}); give width_range=(lo, hi) and stat_widths=(...) (widths with stored BN "
+            "statistics), or build slim_mobilenet_v2 for fixed switches"
+        )
     return SlimMobileNetV2(**kwargs)

@@ -111,7 +111,6 @@ class SlimResNet(SlimNet):
             )
         bottleneck, blocks = RESNET_SETTINGS[depth]
         plan = ChannelPlan(widths, _int_round, norm=norm)
-        self.widths, self.width_range = plan.widths, None
         self.num_classes = num_classes
         rule = plan.rule(64)
         c = rule.max_channels

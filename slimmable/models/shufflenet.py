@@ -136,13 +136,12 @@ class SlimShuffleNetV1(SlimNet):
         if groups != 3:
             raise ValueError(f"groups={groups}: only the official groups=3 channel table is implemented")
         plan = ChannelPlan(widths, int, norm=norm)
-        self.widths, self.width_range = plan.widths, None
         self.num_classes = num_classes
         self.groups = groups
         rule = plan.rule(STEM_CHANNELS)
         bad = [c for c in rule.channels if c % groups]
         if bad:
-            raise ValueError(f"widths {self.widths} give stem channels {rule.channels}, not all divisible by {groups}")
+            raise ValueError(f"widths {plan.widths} give stem channels {rule.channels}, not all divisible by {groups}")
         head_rule = plan.divided(rule, groups)  # type: ignore[arg-type]
         hc = head_rule.max_channels
         for i in range(groups):

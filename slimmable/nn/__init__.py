@@ -12,7 +12,7 @@ from .base import (
     slim_modules,
     use_width,
 )
-from .channels import ChannelRule, WidthRange, WidthTable, make_divisible, normalize_widths
+from .channels import ChannelRule, WidthRange, Widths, WidthTable, make_divisible, normalize_widths
 from .layers import (
     SharedBatchNorm2d,
     SlimConv2d,
@@ -32,6 +32,7 @@ __all__ = [
     "USBatchNorm2d",
     "WidthRange",
     "WidthTable",
+    "Widths",
     "create_norm",
     "get_channels",
     "get_width",

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .channels import ChannelRule, WidthRange, WidthTable, format_widths
+from .._utils import unwrap_model
+from .channels import ChannelRule, WidthRange, Widths, WidthTable
 
 __all__ = [
     "SlimModule",
@@ -184,10 +185,10 @@ def slim_modules(model: nn.Module, *, outermost: bool = False) -> Iterator[tuple
         yield name, m
 
 
-def _strip_wrappers(name: str) -> str:
-    # DataParallel/DDP register the model as ``module``, torch.compile as ``_orig_mod``.
-    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
-    return ".".join(parts)
+def _named_layers(model: nn.Module) -> Iterator[tuple[str, SlimModule]]:
+    """:func:`slim_modules` under the names of the model inside DDP / DataParallel / ``torch.compile`` wrappers
+    (channel specs name layers of the bare model)."""
+    return slim_modules(unwrap_model(model))
 
 
 def set_width(model: nn.Module, width: float) -> None:
@@ -206,7 +207,7 @@ def set_width(model: nn.Module, width: float) -> None:
     """
     if isinstance(width, bool) or not isinstance(width, (int, float)):
         raise TypeError(f"width must be a number such as 0.5, got {type(width).__name__} {width!r}")
-    mods = list(slim_modules(model))
+    mods = list(_named_layers(model))
     if not mods:
         raise TypeError(f"{type(model).__name__} has no slimmable layers; build it with slimmable.create_model")
     states = []
@@ -214,30 +215,26 @@ def set_width(model: nn.Module, width: float) -> None:
         try:
             states.append(m._resolve(float(width)))
         except ValueError as err:
-            where = _strip_wrappers(name) or type(m).__name__
+            where = name or type(m).__name__
             allowed = get_widths(model)
             raise ValueError(
-                f"{err} of {where}; the model's widths are {_describe_widths(allowed)}. "
+                f"{err} of {where}; the model's widths are {allowed.describe()}. "
                 "Use one of them, or add the width when building the model (create_model(..., widths=...))"
             ) from err
     for (_, m), s in zip(mods, states):
         m._apply_state(s)
 
 
-def _describe_widths(widths: tuple[float, ...] | tuple[float, float, str]) -> str:
-    if len(widths) == 3 and widths[2] == "range":
-        return f"any width in [{widths[0]:g}, {widths[1]:g}]"
-    return format_widths(widths)  # type: ignore[arg-type]
-
-
-def get_widths(model: nn.Module) -> tuple:
-    """Widths every slimmable layer of ``model`` supports.
+def get_widths(model: nn.Module) -> Widths:
+    """The widths every slimmable layer of ``model`` supports, read off the layers (the one source of truth).
 
     Returns:
-        The sorted tuple of switch widths for slimmable networks; ``(lo, hi, "range")`` for universally slimmable
-        ones.
+        :class:`~slimmable.nn.channels.Widths`: the switches of a slimmable network; for a universally slimmable
+        one, its range and the widths every universally slimmable BN holds statistics for. A model without
+        slimmable layers gives empty switches.
     """
     common: set[float] | None = None
+    stats: set[float] | None = None
     ranges: list[tuple[float, float]] = []
     for _, m in slim_modules(model):
         for r in (r for r in m.channel_rules if r is not None):
@@ -245,11 +242,13 @@ def get_widths(model: nn.Module) -> tuple:
                 ranges.append((r.lo, r.hi))
             elif isinstance(r, WidthTable):
                 common = set(r.widths) if common is None else common & set(r.widths)
+        if m.adds_stat_widths:
+            held = set(m.stat_widths)  # type: ignore[attr-defined]
+            stats = held if stats is None else stats & held
     if ranges:
-        lo = max(r[0] for r in ranges)
-        hi = min(r[1] for r in ranges)
-        return (lo, hi, "range")
-    return tuple(sorted(common or ()))
+        lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+        return Widths(tuple(stats or ()), (lo, hi))
+    return Widths(tuple(common or ()))
 
 
 def get_width(model: nn.Module) -> float | None:
@@ -280,10 +279,10 @@ def use_width(model: nn.Module, width: float) -> Iterator[nn.Module]:
 def get_channels(model: nn.Module) -> dict[str, int]:
     """The active output channel count of every layer whose output is slimmable (a ChannelSpec), by name."""
     out = {}
-    for name, m in slim_modules(model):
+    for name, m in _named_layers(model):
         c = getattr(m, "active_out", None)
         if c is not None and m.out_rule is not None:
-            out[_strip_wrappers(name)] = int(c)
+            out[name] = int(c)
     return out
 
 
@@ -297,7 +296,7 @@ def set_channels(model: nn.Module, spec: Mapping[str, int]) -> None:
         KeyError: a name is not a slimmable layer of the model (the message lists near matches).
         ValueError: a count is outside ``1..max_channels`` of its layer.
     """
-    by_name = {_strip_wrappers(n): m for n, m in slim_modules(model)}
+    by_name = dict(_named_layers(model))
     settable = {n: m for n, m in by_name.items() if m.out_rule is not None}
     plan = []
     for name, c in spec.items():
@@ -323,7 +322,7 @@ def set_layer_widths(model: nn.Module, widths: Mapping[str, float]) -> dict[str,
         KeyError: a name is not a layer with slimmable output channels.
         ValueError: a width the layer cannot take.
     """
-    settable = {_strip_wrappers(n): m for n, m in slim_modules(model) if m.out_rule is not None}
+    settable = {n: m for n, m in _named_layers(model) if m.out_rule is not None}
     spec = {name: int(_settable_layer(settable, name).out_rule(float(w))) for name, w in widths.items()}
     set_channels(model, spec)
     return spec

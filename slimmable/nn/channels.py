@@ -12,13 +12,14 @@ family), so each layer holds a small immutable rule object:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "ChannelRule",
     "WidthRange",
     "WidthTable",
+    "Widths",
     "format_widths",
     "make_divisible",
     "normalize_widths",
@@ -182,3 +183,54 @@ class WidthRange(ChannelRule):
 
     def describe(self) -> str:
         return f"[{self.lo:g}, {self.hi:g}]"
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The widths a model runs at: what :func:`slimmable.get_widths` returns.
+
+    Attributes:
+        switches: the widths to iterate, ascending: an S-Net's switches (the only widths it runs at), or a
+            universally slimmable model's widths with stored BN statistics (it runs at any width in ``range``;
+            these run in eval mode without calibration).
+        range: ``(lo, hi)`` of a universally slimmable model, else ``None``.
+
+    Iterating, ``len`` and ``in`` go over :attr:`switches`; ``in`` on a range model asks whether a width is in its
+    range.
+    """
+
+    switches: tuple[float, ...] = ()
+    range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "switches", tuple(sorted({width_key(w) for w in self.switches})))
+        if self.range is not None:
+            lo, hi = (width_key(w) for w in self.range)
+            if not 0 < lo <= hi:
+                raise ValueError(f"width range {self.range} must satisfy 0 < lo <= hi")
+            object.__setattr__(self, "range", (lo, hi))
+
+    @property
+    def is_range(self) -> bool:
+        """Whether the model is universally slimmable (any width in :attr:`range`)."""
+        return self.range is not None
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.switches)
+
+    def __len__(self) -> int:
+        return len(self.switches)
+
+    def __contains__(self, width: object) -> bool:
+        if isinstance(width, bool) or not isinstance(width, (int, float)):
+            return False
+        k = width_key(width)
+        if self.range is not None:
+            return self.range[0] <= k <= self.range[1]
+        return k in self.switches
+
+    def describe(self) -> str:
+        """``(0.25, 0.5, 1)``, or ``any width in [0.35, 1]`` for a range."""
+        if self.range is not None:
+            return f"any width in [{self.range[0]:g}, {self.range[1]:g}]"
+        return format_widths(self.switches)

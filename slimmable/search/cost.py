@@ -144,8 +144,7 @@ def profile_widths(
         One :class:`WidthProfile` per width, in the order given.
     """
     if widths is None:
-        ws = get_widths(model)
-        widths = getattr(model, "widths", ws) if len(ws) == 3 and ws[2] == "range" else ws
+        widths = get_widths(model).switches
     x1 = example_input(model, input_size, 1, seed=None)
     xb = example_input(model, input_size, batch_size, seed=None)
     out = []

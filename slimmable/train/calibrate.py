@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._utils import unwrap_model
-from ..nn import SlimModule, get_widths, slim_modules, use_width
+from ..nn import get_widths, slim_modules, use_width
 
 __all__ = ["add_stat_widths", "calibrate_bn", "calibrate_channels", "fixed_channels_name"]
 
@@ -36,7 +36,7 @@ def calibrate_bn(
     and everything else stay in eval mode), without gradients. Only BN statistics change: weights, affine
     parameters and other widths' statistics are untouched. A universally slimmable model gains a statistics slot
     for each width it had none for, so the width then runs in eval mode and the slot is saved in checkpoints
-    (``model.widths`` and ``model.model_kwargs["stat_widths"]`` are updated to rebuild it).
+    (:func:`slimmable.get_widths` then lists it, and :func:`slimmable.checkpoint.model_checkpoint` records it).
 
     Fixed-size BatchNorm layers shared by all widths (MobileNet v2's last 1x1 conv) keep their statistics.
 
@@ -56,8 +56,7 @@ def calibrate_bn(
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     if widths is None:
-        ws = get_widths(model)
-        widths = getattr(model, "widths", ()) if len(ws) == 3 and ws[2] == "range" else ws
+        widths = get_widths(model).switches
     if device is None:
         device = next(model.parameters()).device
     widths = [float(w) for w in widths]
@@ -196,8 +195,9 @@ def calibrate_channels(
 def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, ...]:
     """Give every universally slimmable BN layer a (fresh) statistics slot for each width it lacks.
 
-    ``model.widths`` and ``model.model_kwargs["stat_widths"]`` are updated, so ``create_model(model.model_name,
-    **model.model_kwargs)`` rebuilds the same slots and a saved state dict loads into it. New slots hold default
+    The layers are the record: :func:`slimmable.get_widths` lists the new widths, and
+    :func:`slimmable.checkpoint.model_build_kwargs` gives the ``create_model`` kwargs that rebuild the same slots
+    (so a saved state dict loads); the model's own ``model_kwargs`` are not edited. New slots hold default
     statistics until trained or calibrated. A model without universally slimmable BN is left as it is.
 
     Args:
@@ -214,20 +214,7 @@ def add_stat_widths(model: nn.Module, widths: Sequence[float]) -> tuple[float, .
     for w in widths:
         for m in us_layers:
             m.add_stat_width(float(w))
-    _record_stat_widths(model, us_layers)
-    return tuple(sorted(set(us_layers[0].stat_widths))) if us_layers else ()
-
-
-def _record_stat_widths(model: nn.Module, us_layers: list[SlimModule]) -> None:
-    if not us_layers:
-        return
-    stat_widths = tuple(sorted(set(us_layers[0].stat_widths)))
-    target = unwrap_model(model)
-    if hasattr(target, "widths"):
-        target.widths = stat_widths
-    kwargs = getattr(target, "model_kwargs", None)
-    if isinstance(kwargs, dict):
-        kwargs["stat_widths"] = stat_widths
+    return get_widths(model).switches if us_layers else ()
 
 
 @torch.no_grad()

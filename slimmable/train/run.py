@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from ..checkpoint import builds_same_model, load_checkpoint, model_build_kwargs, model_checkpoint, save_checkpoint
 from ..config import RunConfig, save_config
 from ..data import DatasetSplits, TensorImageDataset, create_datasets, create_loader, imagenet_eval_transform
 from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
@@ -132,11 +132,11 @@ def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) ->
     if mc.stem_stride is not None:
         kwargs["stem_stride"] = mc.stem_stride
     if mc.widths is not None:
-        kwargs["widths"] = list(mc.widths)
+        kwargs["widths"] = tuple(mc.widths)
     if mc.width_range is not None:
-        kwargs["width_range"] = list(mc.width_range)
+        kwargs["width_range"] = tuple(mc.width_range)
     if mc.stat_widths is not None:
-        kwargs["stat_widths"] = list(mc.stat_widths)
+        kwargs["stat_widths"] = tuple(mc.stat_widths)
     if mc.channels is not None:
         from ..search.autoslim import load_channel_spec
 
@@ -170,11 +170,6 @@ def _without_augmentation(data: DatasetSplits) -> Any:
         return out
     _logger.warning("BN calibration uses the training transform of %s (no evaluation transform known)", data.root)
     return ds
-
-
-def _model_kwargs(model: Any, fallback: Mapping[str, Any]) -> dict[str, Any]:
-    # create_model records the kwargs (they change when BN calibration adds US widths); else the config's
-    return dict(getattr(model, "model_kwargs", None) or fallback)
 
 
 def _seed_all(seed: int) -> None:
@@ -212,16 +207,9 @@ def _mean_top1(metrics: list[WidthMetrics]) -> float:
     return sum(m.top1 for m in metrics) / len(metrics)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _check_resume(ckpt: Mapping[str, Any], cfg: RunConfig, name: str, kwargs: Mapping[str, Any], path: str) -> None:
-    if ckpt["model_name"] != name or _plain(ckpt["model_kwargs"]) != _plain(kwargs):
+def _check_resume(ckpt: Mapping[str, Any], cfg: RunConfig, model: Any, path: str) -> None:
+    if not builds_same_model(ckpt, model):
+        name, kwargs = model.model_name, model_build_kwargs(model)
         raise ValueError(
             f"--resume {path}: the checkpoint is {ckpt['model_name']}({dict(ckpt['model_kwargs'])}) but the recipe "
             f"builds {name}({dict(kwargs)}); resume with the recipe the run started with (its config.yaml)"
@@ -371,10 +359,7 @@ class _Run:
         mc, tc, data, info = self.cfg.model, self.cfg.train, self.data, self.info
         self.kwargs = model_kwargs_from_config(self.cfg, data.num_classes, data.in_chans)
         _check_model_fits_data(self.kwargs, data)
-        build_kwargs = dict(self.kwargs)
-        if "widths" in build_kwargs:
-            build_kwargs["widths"] = tuple(build_kwargs["widths"])
-        model = create_model(mc.name, **build_kwargs)
+        model = create_model(mc.name, **self.kwargs)
         self.width_range = getattr(model, "width_range", None)
         if self.width_range is not None and mc.widths is not None:
             raise ValueError(
@@ -475,7 +460,7 @@ class _Run:
     def restore(self, ckpt: Mapping[str, Any], resume: str) -> None:
         """Continue from ``ckpt``: weights, optimizer, schedule, step, progress and (mid-epoch) random states."""
         info = self.info
-        _check_resume(ckpt, self.cfg, self.cfg.model.name, _model_kwargs(self.model, self.kwargs), resume)
+        _check_resume(ckpt, self.cfg, self.model, resume)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -26,3 +26,9 @@ def test_bad_arguments_are_named(args: tuple, kwargs: dict, error: type, message
 def test_valid_small_arguments_still_build() -> None:
     model = slimmable.create_model("slim_mobilenet_v1", num_classes=1, in_chans=1, widths=(0.5, 1.0))
     assert model.model_kwargs == {"num_classes": 1, "in_chans": 1, "widths": (0.5, 1.0)}
+
+
+@pytest.mark.parametrize("name", ["us_mobilenet_v1", "us_mobilenet_v2"])
+def test_us_builders_reject_switch_widths_instead_of_dropping_them(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"{name} runs at any width in its width_range and takes no widths"):
+        slimmable.create_model(name, widths=(0.5, 1.0), num_classes=10)

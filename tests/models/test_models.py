@@ -106,7 +106,9 @@ def test_custom_widths_build_and_run() -> None:
 def test_us_model_runs_at_any_width_in_range_in_training_mode() -> None:
     model = slimmable.create_model("us_mobilenet_v2", num_classes=10, small_input=True)
     assert model.width_range == (0.35, 1.0)
-    assert slimmable.get_widths(model) == (0.35, 1.0, "range")
+    widths = slimmable.get_widths(model)
+    assert widths.range == (0.35, 1.0) and widths.is_range and widths.switches == model.widths
+    assert len(widths.switches) == 27 and 0.4123 in widths and 0.3 not in widths  # stat widths every 0.025
     model.train()
     for w in (0.35, 0.4123, 0.777, 1.0):
         model.set_width(w)

@@ -66,7 +66,7 @@ def test_width_api_reaches_through_wrappers(model: nn.Module) -> None:
     dp = nn.DataParallel(model)  # on CPU it just calls the module
     set_width(dp, 0.5)
     torch.testing.assert_close(dp(x), ref)
-    assert get_widths(dp) == model.widths
+    assert get_widths(dp).switches == model.widths and get_widths(dp).range is None
     set_width(model, 1.0)
     compiled = torch.compile(model, backend="eager")  # the wrapper keeps the model as _orig_mod
     set_width(compiled, 0.5)
@@ -107,3 +107,18 @@ def test_set_channels_per_layer_spec(model: nn.Module) -> None:
     set_channels(model, {"features.2.body.0": 50})
     with pytest.raises(ValueError, match="no switch .* has 50 channels"):
         model(torch.randn(2, 3, 32, 32))
+
+
+def test_widths_value_of_switches_and_of_a_range() -> None:
+    from slimmable.nn import Widths
+
+    s = Widths((1.0, 0.25, 0.5, 0.5))
+    assert s.switches == (0.25, 0.5, 1.0) and not s.is_range and list(s) == [0.25, 0.5, 1.0] and len(s) == 3
+    assert 0.5 in s and 0.75 not in s and (0.1 + 0.15) in s and "0.5" not in s
+    assert s.describe() == "(0.25, 0.5, 1)"
+    r = Widths((0.35, 1.0), (0.35, 1.0))
+    assert r.is_range and 0.6 in r and 1.01 not in r and list(r) == [0.35, 1.0]
+    assert r.describe() == "any width in [0.35, 1]"
+    assert hash(r) == hash(Widths((1.0, 0.35), (0.35, 1.0)))  # frozen, comparable
+    with pytest.raises(ValueError, match="0 < lo <= hi"):
+        Widths((), (1.0, 0.5))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slimmable
+from slimmable.checkpoint import model_build_kwargs
 from slimmable.export import export_channels
 from slimmable.train.calibrate import calibrate_bn, calibrate_channels
 
@@ -40,12 +41,13 @@ def test_us_calibration_adds_widths_and_reloads_identically(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="no statistics for width 0.6"):
         model(torch.randn(2, 3, 32, 32))
     calibrate_bn(model, _batches(2), widths=[0.6, 0.8], num_batches=2)
-    assert model.widths == (0.35, 0.6, 0.8, 1.0)
+    assert model.widths == (0.35, 0.6, 0.8, 1.0) == slimmable.get_widths(model).switches
+    assert model.model_kwargs["stat_widths"] == (0.35, 1.0)  # calibration does not edit the build record
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = model(x)  # at 0.6, now with its own statistics
     torch.save(model.state_dict(), tmp_path / "m.pt")
-    again = slimmable.create_model(model.model_name, **model.model_kwargs).eval()
+    again = slimmable.create_model(model.model_name, **model_build_kwargs(model)).eval()
     again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     with torch.no_grad(), again.use_width(0.6):
         torch.testing.assert_close(again(x), y, rtol=0, atol=0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from fake_data import tiny_recipe, write_fashion_mnist
 
+from slimmable.checkpoint import model_checkpoint
 from slimmable.config import RunConfig
 from slimmable.data import create_datasets, create_loader
 from slimmable.nn import USBatchNorm2d, slim_modules
@@ -117,8 +118,7 @@ def test_checkpoint_reloads_identically_at_stat_and_newly_calibrated_widths(us_r
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         before = {w: model.set_width(w)(x) for w in (0.375, 0.3)}
-    save_checkpoint(tmp_path / "c.pt", {**ckpt, "model": model.state_dict(), "model_kwargs": model.model_kwargs,
-                                        "widths": list(model.widths)})  # fmt: skip
+    save_checkpoint(tmp_path / "c.pt", {**ckpt, **model_checkpoint(model)})  # records the new statistics slot
     again = build_model_from_checkpoint(tmp_path / "c.pt")
     with torch.no_grad():
         for w, y in before.items():
@@ -152,7 +152,7 @@ def test_us_setting_errors(fmnist: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sandwich.*fixed switches.*us_mobilenet_v1.*width_sampler: all"):
         _train(snet, tmp_path / "a")
     widths_on_us = RunConfig.from_dict(tiny_recipe(fmnist, model={"name": "us_mobilenet_v1"}))
-    with pytest.raises(ValueError, match="model.widths .* is for slimmable .*model.width_range"):
+    with pytest.raises(ValueError, match="us_mobilenet_v1 runs at any width in its width_range and takes no widths"):
         _train(widths_on_us, tmp_path / "b")
 
 
