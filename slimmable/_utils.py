@@ -2,12 +2,83 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["example_input", "input_channels", "input_shape", "unwrap_model"]
+__all__ = [
+    "atomic_path",
+    "example_input",
+    "input_channels",
+    "input_shape",
+    "unwrap_model",
+    "write_json",
+    "write_text",
+]
+
+#: what :func:`atomic_path` names its temporary files: ``.<name>.<pid>.tmp`` (the run-folder cleanup matches it)
+TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success rename it onto ``path``, on error delete it.
+
+    Readers never see a half-written file, and a failed or killed write leaves the previous file intact. The
+    temporary is ``.<name>.<pid>.tmp`` (one per process; :func:`slimmable.train.outputs.remove_stale_temporaries`
+    removes those of dead processes).
+
+    Args:
+        path: the file to write.
+        fsync: flush the temporary file to disk before the rename (checkpoints: the data survive a power cut).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tid = "" if threading.current_thread() is threading.main_thread() else f"-{threading.get_ident()}"
+    tmp = final.with_name(f".{final.name}.{os.getpid()}{tid}{TEMP_SUFFIX}")
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN/infinite floats as ``None``: valid JSON (``json.dumps`` would write a bare ``NaN``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically; NaN and infinite numbers are written as ``null``."""
+    return write_text(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import unwrap_model
+from ._utils import atomic_path, unwrap_model
 from .models import create_model
 from .nn import get_widths
 
@@ -218,18 +218,11 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
     if missing:
         raise ValueError(f"checkpoint to save lacks {missing}; build it with the Trainer")
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        with atomic_path(p, fsync=True) as tmp:
+            torch.save(dict(checkpoint), tmp)
     except OSError as err:  # full disk, read-only folder: name the checkpoint (the previous one is intact)
         raise OSError(err.errno, f"{err.strerror or err} (the previous {p.name}, if any, is intact)", str(p)) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return p
 
 

@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ._utils import write_text
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -541,9 +543,4 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config as YAML (atomically: temporary file, then rename); ``load_recipe`` reads it back."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, p)
-    return p
+    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

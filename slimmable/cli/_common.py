@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,16 +53,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
     return "-" if v is None else str(v)
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON to ``path`` via a temporary file and rename, so readers never see a half-written file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, p)
-    return p
 
 
 REPORT_HEADERS = ["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"]

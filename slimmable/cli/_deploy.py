@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..checkpoint import LoadedModel, load_model
 from ._common import parse_widths
@@ -40,27 +38,3 @@ def describe_source(loaded: LoadedModel) -> str:
     if loaded.random_weights:
         return f"{loaded.name}: RANDOM WEIGHTS (no --checkpoint given; predictions are meaningless, demo only)"
     return f"{loaded.name}: {loaded.source}"
-
-
-def read_channel_spec(path: str) -> dict[str, int]:
-    """A ChannelSpec file: JSON or YAML ``{layer: channels}``, or ``{"channels": {layer: channels}, ...}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"channel spec {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise ValueError(f"channel spec {p} is not valid JSON ({err}); use .yaml for YAML") from err
-    if isinstance(data, dict) and isinstance(data.get("channels"), dict):
-        data = data["channels"]
-    if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
-        raise ValueError(
-            f'channel spec {p} must map layer names to integer channel counts, e.g. {{"features.0.0": 16}}'
-        )
-    return {str(k): int(v) for k, v in data.items()}

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
 from ..export._io import spec_tag, width_tag
+from ..search.autoslim import load_channel_spec
 from ._common import format_table, parse_widths
-from ._deploy import _load_model, add_model_args, describe_source, read_channel_spec
+from ._deploy import _load_model, add_model_args, describe_source
 
 _EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     ext = _EXTENSIONS[args.format]
     jobs: list[tuple[str, dict]] = []
     if args.channels:
-        spec = read_channel_spec(args.channels)
+        spec = load_channel_spec(args.channels)
         jobs.append((f"{loaded.name}_{spec_tag(spec)}{ext}", {"channels": spec}))
     else:
         for w in parse_widths(args.width) or default_widths(model):

@@ -6,9 +6,10 @@ import argparse
 
 import torch
 
+from .._utils import write_json
 from ..models import create_model
 from ..search.cost import profile_widths
-from ._common import format_table, parse_widths, write_json_atomic
+from ._common import format_table, parse_widths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} at {args.input_size}x{args.input_size}, {args.num_classes} classes, device {args.device}")
     print(format_table(["width", "MACs (M)", "params (M)", f"latency b{args.batch_size} (ms)"], rows))
     if args.json:
-        path = write_json_atomic(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})
+        path = write_json(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})
         print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ._common import format_table, write_json_atomic
+from .._utils import write_json
+from ._common import format_table
 
 _EPILOG = """\
 examples:
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     splits = training_splits(cfg, args.data, args.data_cache)
     batches, where = _heldout_batches(splits, args.split, args.heldout, args.batch_size, args.seed)
     input_size = (splits.in_chans, splits.image_size, splits.image_size)
-    write_json_atomic(args_path, settings)
+    write_json(args_path, settings)
     pending = ", ".join(budgets[b] for b in sorted(budgets, reverse=True))
     print(f"searching {ckpt['model_name']} for {args.metric} budgets {pending}; held-out: {where}; device {device}")
     if args.resume:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..search.cost import count_macs, measure_latency
-from ._io import model_label, sha256_file, width_tag, write_json_atomic
+from ._io import model_label, sha256_file, width_tag, write_json
 from .dense import default_widths, example_input, export_width, input_shape
 from .formats import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 
@@ -109,7 +109,7 @@ def export_bundle(
         "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
         "widths": entries,
     }
-    return write_json_atomic(out / MANIFEST_NAME, manifest)
+    return write_json(out / MANIFEST_NAME, manifest)
 
 
 def _ort_latency(path: Path, x: torch.Tensor, runs: int, warmup: int = 3) -> float:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .._utils import unwrap_model
-from ..export._io import model_label, tensor_bytes, write_json_atomic
+from ..export._io import model_label, tensor_bytes, write_json
 from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import width_key
 from .allocator import freed_memory_retained
@@ -326,7 +326,7 @@ class SlimmableRunner:
         for key, table in new.items():
             entries[key] = {"latency_ms": {f"{w:g}": round(ms, 5) for w, ms in table.items()}, "measured": stamp}
         try:
-            write_json_atomic(self.cache_path, {"format_version": _CACHE_VERSION, "entries": entries})
+            write_json(self.cache_path, {"format_version": _CACHE_VERSION, "entries": entries})
         except OSError as err:
             _logger.warning("could not write the latency cache %s: %s", self.cache_path, err)
 

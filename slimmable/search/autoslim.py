@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import write_json
 from ..nn import SlimConv2d, WidthRange, WidthTable, set_channels, set_width, slim_modules, use_width
 from .cost import count_active_params, count_macs, measure_latency
 
@@ -98,13 +99,6 @@ def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tens
         correct += int((pred == y).sum())
         total += y.numel()
     return correct / max(total, 1)
-
-
-def _atomic_write(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def autoslim_search(
@@ -215,12 +209,12 @@ def autoslim_search(
             result.history.append(step)
             _record(result, full(result.current), cst, acc, step["step"])
             if path is not None:  # saved before anything else can interrupt
-                _atomic_write(path, result.to_dict())
+                write_json(path, result.to_dict())
             if progress is not None:
                 progress(step)
         set_width(model, max(getattr(model, "widths", (1.0,))))
     if path is not None:
-        _atomic_write(path, result.to_dict())
+        write_json(path, result.to_dict())
     return result
 
 
@@ -252,24 +246,34 @@ def save_channel_spec(
 ) -> Path:
     """Write a ChannelSpec (layer name → channels) as JSON, with optional metadata (model, budget, cost)."""
     p = Path(path)
-    _atomic_write(p, {"channels": {k: int(v) for k, v in spec.items()}, **({"meta": dict(meta)} if meta else {})})
+    write_json(p, {"channels": {k: int(v) for k, v in spec.items()}, **({"meta": dict(meta)} if meta else {})})
     return p
 
 
 def load_channel_spec(path: str | os.PathLike[str]) -> dict[str, int]:
-    """Read a ChannelSpec written by :func:`save_channel_spec` (or a plain ``{name: channels}`` JSON object).
+    """Read a ChannelSpec: what :func:`save_channel_spec` writes (``{"channels": {...}, "meta": ...}``) or a plain
+    ``{name: channels}`` object, as JSON, or as YAML when the file ends in ``.yaml``/``.yml``.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON, or not a mapping of names to positive ints.
+        ValueError: not valid JSON/YAML, or not a mapping of names to positive ints.
     """
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise FileNotFoundError(f"channel spec {p} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"channel spec {p} is not valid JSON: {err}") from err
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"channel spec {p} is not valid YAML: {err}") from err
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"channel spec {p} is not valid JSON ({err}); name a YAML file .yaml") from err
     spec = data.get("channels", data) if isinstance(data, dict) else None
     if not isinstance(spec, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in spec.items()

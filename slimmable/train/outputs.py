@@ -27,8 +27,8 @@ RUN_FILES = (
     "hardware.json",
 )
 
-# save_checkpoint writes ".<name>.<pid>.tmp"; write_json / save_config write "<name>.tmp"
-_CHECKPOINT_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# every atomic write (slimmable._utils.atomic_path) goes through ".<name>.<pid>[-<thread>].tmp"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(-\d+)?\.tmp$")
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -109,8 +109,8 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files that an interrupted save left in ``out_dir`` (the process that wrote them is gone).
 
-    A checkpoint temporary ``.<name>.<pid>.tmp`` is removed when no process ``pid`` runs; the JSON/YAML
-    temporaries ``<name>.tmp`` of :data:`RUN_FILES` always (they are written and renamed at once).
+    A temporary ``.<name>.<pid>.tmp`` (checkpoints, JSON, YAML, CSV, plots) is removed when no process ``pid``
+    runs; older releases' ``<name>.tmp`` of :data:`RUN_FILES` always (they were written and renamed at once).
 
     Returns:
         The removed paths.
@@ -121,7 +121,7 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     removed = []
     names = {f"{n}.tmp" for n in RUN_FILES}
     for p in out.iterdir():
-        m = _CHECKPOINT_TMP.match(p.name)
+        m = _TEMPORARY.match(p.name)
         stale = (m is not None and not _pid_alive(int(m["pid"]))) or p.name in names
         if stale and p.is_file():
             try:

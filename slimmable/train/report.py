@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .._utils import atomic_path, write_json, write_text
 from ..search.cost import profile_widths
 from .engine import WidthMetrics
 
@@ -51,27 +50,6 @@ def width_report(
     return rows
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN/infinite floats as ``None``: valid JSON (``json.dumps`` would write a bare ``NaN``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON atomically (temporary file, then rename); NaN and infinite numbers are written as ``null``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, p)
-    return p
-
-
 def write_report(
     stem: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None
 ) -> tuple[Path, Path]:
@@ -87,10 +65,7 @@ def write_report(
     writer.writeheader()
     for r in rows:
         writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in REPORT_COLUMNS})
-    csv_path = stem.with_suffix(".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, csv_path)
+    csv_path = write_text(stem.with_suffix(".csv"), buf.getvalue())
     return json_path, csv_path
 
 
@@ -120,9 +95,9 @@ def plot_report(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
     ax.set_title(title or "accuracy vs MACs, one network at every width")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, p)
-    return p
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
