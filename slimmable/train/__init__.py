@@ -21,7 +21,6 @@ from .engine import (
     Trainer,
     WidthMetrics,
     evaluate,
-    resolve_amp,
     soft_cross_entropy,
     train_step,
 )
@@ -62,7 +61,6 @@ __all__ = [
     "model_kwargs_from_config",
     "param_groups",
     "plot_report",
-    "resolve_amp",
     "resolve_device",
     "save_checkpoint",
     "set_rng_state",

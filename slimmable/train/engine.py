@@ -39,44 +39,12 @@ __all__ = [
     "WidthMetrics",
     "evaluate",
     "format_seconds",
-    "resolve_amp",
     "soft_cross_entropy",
     "train_step",
     "width_label",
 ]
 
 _logger = logging.getLogger(__name__)
-
-
-def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype and whether a gradient scaler is needed, for ``mode`` on ``device``.
-
-    Args:
-        mode: ``off``, ``bf16``, ``fp16`` or ``auto`` (CUDA: bf16 where supported, else fp16; CPU: off).
-        device: the training device.
-
-    Returns:
-        ``(dtype or None, use_grad_scaler)``.
-
-    Raises:
-        ValueError: fp16 off CUDA, bf16 on a GPU without it, or an unknown mode.
-    """
-    cuda = device.type == "cuda"
-    if mode == "off":
-        return None, False
-    if mode == "auto":
-        if not cuda:
-            return None, False
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    if mode == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("train.amp=bf16: this GPU has no bfloat16 support; use fp16 or auto")
-        return torch.bfloat16, False
-    if mode == "fp16":
-        if not cuda:
-            raise ValueError(f"train.amp=fp16 needs a CUDA device, the device is {device}; use bf16 or off on CPU")
-        return torch.float16, True
-    raise ValueError(f"train.amp {mode!r} is not one of off, bf16, fp16, auto")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from slimmable.train import (
     evaluate,
     lr_factor,
     param_groups,
-    resolve_amp,
     soft_cross_entropy,
     train_step,
 )
@@ -143,15 +142,6 @@ def test_bf16_autocast_step_on_cpu() -> None:
     assert torch.isfinite(res.losses).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_resolve_amp() -> None:
-    cpu = torch.device("cpu")
-    assert resolve_amp("off", cpu) == (None, False)
-    assert resolve_amp("auto", cpu) == (None, False)
-    assert resolve_amp("bf16", cpu) == (torch.bfloat16, False)
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        resolve_amp("fp16", cpu)
 
 
 def test_all_widths_sampler() -> None:
