@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ from .nonfinite import (
     snapshot_buffers,
     stop_message,
 )
+from .objectives import ClassificationObjective, Objective, soft_cross_entropy
 from .samplers import WidthSampler
 
 __all__ = [
@@ -47,19 +49,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a probability distribution (in-place distillation), averaged over the batch.
-
-    Args:
-        logits: ``(N, K)`` student logits.
-        target_probs: ``(N, K)`` teacher probabilities (no gradient flows into them).
-    """
-    return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
 @dataclass
 class StepResult:
-    """Per-width loss (mean over the batch) and top-1 correct count of one training step, as device tensors."""
+    """Per-width loss (mean over the batch) and top-1 correct count of one training step, as device tensors (the
+    count is zero for objectives that count none, e.g. detection)."""
 
     widths: list[float]
     losses: torch.Tensor
@@ -75,11 +68,11 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+    images: Any,
+    targets: Any,
     widths: Sequence[float],
     *,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward: Callable[..., Any] | None = None,
     ddp: nn.parallel.DistributedDataParallel | None = None,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
@@ -87,14 +80,16 @@ def train_step(
     inplace_distill: bool = False,
     grad_clip: float | None = None,
     check_finite: bool = True,
+    objective: Objective | None = None,
 ) -> StepResult:
     """One optimizer step of Algorithm 1: forward + backward at each width (gradients accumulate), one update.
 
     Args:
         model: the unwrapped slimmable model (its width is switched).
         optimizer: updated once, after all widths.
-        images: ``(N, C, H, W)`` on the model's device.
-        targets: ``(N,)`` class indices.
+        images: ``(N, C, H, W)`` on the model's device (the objective's batch format: a detector takes a list of
+            images).
+        targets: ``(N,)`` class indices (a detector: a list of target dicts).
         widths: widths to train, widest first; an entry may be a ``{layer name: width}`` mapping (non-uniform
             widths, see :func:`slimmable.nn.set_layer_widths`).
         forward: what to call on ``images`` (a DDP or compiled wrapper of ``model``); default ``ddp``, else
@@ -103,11 +98,12 @@ def train_step(
             all-reduced once per step.
         autocast_dtype: autocast dtype, or ``None`` for full precision.
         scaler: gradient scaler (fp16).
-        label_smoothing: label smoothing of the cross-entropy.
-        inplace_distill: widths after the first learn the first (widest) width's detached soft predictions.
+        label_smoothing, inplace_distill: the default objective's settings (see
+            :class:`~slimmable.train.objectives.ClassificationObjective`); ignored when ``objective`` is given.
         grad_clip: clip the gradient norm (after unscaling) to this.
         check_finite: before the update, check that every loss is finite (one host sync per step; with ``ddp``,
             agreed by all processes with one scalar all-reduce).
+        objective: what each width computes (default: classification with cross-entropy).
 
     Returns:
         The per-width losses and correct counts (detached).
@@ -118,9 +114,12 @@ def train_step(
     """
     if forward is None:
         forward = ddp if ddp is not None else model
+    if objective is None:
+        objective = ClassificationObjective(label_smoothing, inplace_distill)
+    device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
+    objective.begin_step()
     losses, correct = [], []
-    teacher = None
     last = len(widths) - 1
     for i, w in enumerate(widths):
         if isinstance(w, Mapping):
@@ -129,17 +128,11 @@ def train_step(
             set_width(model, w)
         sync = contextlib.nullcontext() if ddp is None or i == last else ddp.no_sync()
         with sync:
-            with _autocast(images.device, autocast_dtype):
-                logits = forward(images)
-            if teacher is not None:
-                loss = soft_cross_entropy(logits, teacher)
-            else:
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-            if inplace_distill and i == 0:
-                teacher = F.softmax(logits.detach().float(), dim=1)
+            with _autocast(device, autocast_dtype):
+                loss, hits = objective.width_loss(forward, images, targets, i)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
-        correct.append((logits.detach().argmax(dim=1) == targets).sum())
+        correct.append(hits)
     if check_finite and not losses_are_finite(torch.stack(losses), all_processes=ddp is not None):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(widths, torch.stack(losses))
@@ -306,13 +299,16 @@ class Trainer:
         device: the training device.
         forward: the callable used for forward passes (DDP / compiled wrapper); default ``model``.
         ddp: the DDP wrapper, for ``no_sync()``.
-        autocast_dtype, scaler, label_smoothing, inplace_distill, grad_clip: see :func:`train_step`.
+        autocast_dtype, scaler, grad_clip: see :func:`train_step`.
+        label_smoothing, inplace_distill: the default objective's settings; ignored when ``objective`` is given.
         channels_last: NHWC inputs.
         seed: seeds the per-step width choice (identical on every process).
         log_interval: steps between ``on_log`` calls (TensorBoard scalars).
         log_seconds: seconds between progress lines without a progress bar (the first after the first step), each
             with steps per second and, given ``total_steps``, the run's ETA.
         total_steps: steps of the whole run (for the ETA).
+        objective: what each width computes (default: classification with cross-entropy); see
+            :mod:`slimmable.train.objectives`.
         nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
             (no update, BN statistics restored, counted in :attr:`EpochStats.skipped_steps`; the buffers are copied
             before every step).
@@ -339,13 +335,17 @@ class Trainer:
         log_seconds: float = 30.0,
         total_steps: int | None = None,
         nonfinite: str = "stop",
+        objective: Objective | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.device = device
         self.forward = forward if forward is not None else model
         self.ddp = ddp
         self.autocast_dtype, self.scaler = autocast_dtype, scaler
-        self.label_smoothing, self.inplace_distill, self.grad_clip = label_smoothing, inplace_distill, grad_clip
+        self.objective = (
+            objective if objective is not None else ClassificationObjective(label_smoothing, inplace_distill)
+        )
+        self.grad_clip = grad_clip
         self.channels_last = channels_last
         self.seed = seed
         self.log_interval = log_interval
@@ -402,14 +402,14 @@ class Trainer:
         it = batches if batches is not None else iter(loader)
         bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
         for images, targets in bar:
-            images, targets = _to_device(images, targets, self.device, self.channels_last)
+            images, targets = self.objective.to_device(images, targets, self.device, self.channels_last)
             widths = self.widths_for_step()
             saved = snapshot_buffers(self.model) if self.nonfinite == "skip" else None
             try:
                 res = train_step(
                     self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
-                    autocast_dtype=self.autocast_dtype, scaler=self.scaler, label_smoothing=self.label_smoothing,
-                    inplace_distill=self.inplace_distill, grad_clip=self.grad_clip,
+                    autocast_dtype=self.autocast_dtype, scaler=self.scaler, grad_clip=self.grad_clip,
+                    objective=self.objective,
                 )  # fmt: skip
             except NonFiniteLoss as err:
                 if self.nonfinite != "skip":
@@ -432,7 +432,7 @@ class Trainer:
             self.step += 1
             stats.batches_done += 1
             stats.steps += 1
-            bs = targets.shape[0]
+            bs = self.objective.batch_size(targets)
             n_images += bs
             keys = [self._stat_key(w) for w in res.widths]
             for j, key in enumerate(keys):
@@ -486,7 +486,7 @@ class Trainer:
         for j, key in enumerate(keys_seen):
             loss, correct, count = (float(v) for v in vec[1 + 3 * j : 4 + 3 * j])
             stats.loss[key] = loss / max(1.0, count)
-            stats.top1[key] = 100.0 * correct / max(1.0, count)
+            stats.top1[key] = 100.0 * correct / max(1.0, count) if self.objective.counts_correct else math.nan
         stats.images = int(vec[0])
         stats.seconds = time.perf_counter() - t0
         stats.lr = self.optimizer.param_groups[0]["lr"]
