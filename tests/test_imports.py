@@ -4,8 +4,8 @@ that breaks for some entry point (``ImportError: cannot import name ... from par
 One subprocess does it all. Any ``import slimmable.x.y`` runs ``slimmable/__init__.py`` to its end first, so the
 modules that ``import slimmable`` loads are the same for every entry point; after importing one module, the checker
 removes every module of the package loaded since (and the attributes binding them on their parents), so the next
-module is imported from exactly the state a fresh interpreter reaches after ``import slimmable``. That is the fresh-process
-test without paying torch's and the package's import once per module.
+module is imported from exactly the state a fresh interpreter reaches after ``import slimmable``. That is the
+fresh-process test without paying torch's and the package's import once per module.
 """
 
 from __future__ import annotations

@@ -73,4 +73,5 @@ def test_cli_lists_and_resolves_recipes(capsys: pytest.CaptureFixture[str]) -> N
     assert "imagenet_slim_resnet50" in out and "fmnist_slim_resnet18" not in out
     assert main(["train", "--recipe", "fmnist_slim_resnet", "--out", "unused"]) == 2
     err = capsys.readouterr().err
-    assert "slimmable train: error: no recipe file 'fmnist_slim_resnet'" in err and "did you mean fmnist_slim_resnet18" in err
+    assert "slimmable train: error: no recipe file 'fmnist_slim_resnet'" in err
+    assert "did you mean fmnist_slim_resnet18" in err
