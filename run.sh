@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
 bash scripts/get_fashion_mnist.sh || echo "[data] continuing: slimmable will report what is missing"
-RECIPE=recipes/fmnist_slim_resnet18.yaml
+RECIPE=fmnist_slim_resnet18  # packaged: slimmable/recipes/fmnist_slim_resnet18.yaml
 OUT=${SLIMMABLE_OUT:-runs/fmnist_slim_resnet18}
 if [ -f "$OUT/final_metrics.json" ]; then
     echo "[run] $OUT already holds a finished run: showing its results (delete $OUT to train again)"

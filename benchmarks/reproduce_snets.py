@@ -50,7 +50,7 @@ logger = logging.getLogger("reproduce_snets")
 class StudyConfig:
     """Everything that defines the study (saved with the results)."""
 
-    # The main job's model (recipes/fmnist_slim_resnet18.yaml): ResNet-18, stride-1 stem, 4 narrow widths.
+    # The main job's model (recipe fmnist_slim_resnet18): ResNet-18, stride-1 stem, 4 narrow widths.
     model: str = "slim_resnet18"
     widths: tuple[float, ...] = (0.0625, 0.125, 0.1875, 0.25)
     small_input: bool = True

@@ -1,7 +1,7 @@
 """US-Nets and AutoSlim on Fashion-MNIST, from one trained universally slimmable checkpoint.
 
 Three experiments on ``runs/fmnist_us_mobilenet_v1/best.pt`` (``slimmable train --recipe
-recipes/fmnist_us_mobilenet_v1.yaml``: US-MobileNet v1 over widths 0.25-1.0, sandwich rule with 4 widths,
+fmnist_us_mobilenet_v1``: US-MobileNet v1 over widths 0.25-1.0, sandwich rule with 4 widths,
 in-place distillation):
 
 1. **Any width** (``widths``): test top-1 at 16 widths 0.25, 0.30, ..., 1.0. Training draws the middle widths
@@ -16,7 +16,7 @@ in-place distillation):
    widest uniform width within the same budget.
 3. **Found vs uniform** (``supernet`` and ``scratch``): both networks of each budget are (a) taken out of the
    trained US-Net with BN statistics re-estimated (``calibrate_channels``) and (b) trained from scratch as
-   ordinary single-width networks, ``recipes/fmnist_mobilenet_v1_channels.yaml`` with ``model.channels`` (the US
+   ordinary single-width networks, ``fmnist_mobilenet_v1_channels`` with ``model.channels`` (the US
    recipe's data, schedule and epochs; lr 0.1, the US recipe's 0.025 times the 4 widths it sums per step), for
    ``--seeds``. The from-scratch runs use the training images the US run held out to pick their best epoch.
 
@@ -60,7 +60,7 @@ CALIB_BATCHES = 20
 SWEEP_WIDTHS = (0.3, 0.55, 0.8, 1.0)
 SWEEP_BATCHES = (1, 2, 5, 20, 50)
 STAGES = ("widths", "search", "supernet", "scratch", "per_layer")
-SCRATCH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fmnist_mobilenet_v1_channels.yaml"
+SCRATCH_RECIPE = "fmnist_mobilenet_v1_channels"  # packaged: slimmable/recipes/
 
 
 def _log(msg: str) -> None:
@@ -237,7 +237,7 @@ class Study:
     def _launch(self, name: str, spec_file: Path, seed: int, epochs: int) -> subprocess.Popen:
         run = self.out / "scratch" / name
         run.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "slimmable.cli.main", "train", "--recipe", str(SCRATCH_RECIPE), "--out", str(run),
+        cmd = [sys.executable, "-m", "slimmable.cli.main", "train", "--recipe", SCRATCH_RECIPE, "--out", str(run),
                "--set", f"model.channels={spec_file}", "--set", f"train.seed={seed}", "--set", f"train.epochs={epochs}",
                "--no-tensorboard", "--no-progress", "--latency-runs", "0"]  # fmt: skip
         if (run / "last.pt").exists():
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown stages {bad}; choose from {','.join(STAGES)}")
     if not args.checkpoint.exists():
         ap.error(f"{args.checkpoint} does not exist: train it with `slimmable train --recipe "
-                 "recipes/fmnist_us_mobilenet_v1.yaml`")  # fmt: skip
+                 "fmnist_us_mobilenet_v1`")  # fmt: skip
     study = Study(args.checkpoint, args.out)
     budgets = [b for b in args.budgets.split(",") if b]
     if "widths" in stages:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if "per_layer" in stages:
         if not args.per_layer_checkpoint.exists():
             ap.error(f"{args.per_layer_checkpoint} does not exist: train it with `slimmable train --recipe "
-                     "recipes/fmnist_us_mobilenet_v1.yaml --set train.per_layer_widths=true --out "
+                     "fmnist_us_mobilenet_v1 --set train.per_layer_widths=true --out "
                      "runs/fmnist_us_mobilenet_v1_pl`, or leave out the per_layer stage")  # fmt: skip
         study.per_layer(args.per_layer_checkpoint)
     if "scratch" in stages:

@@ -6,7 +6,7 @@ unknown or duplicate key, or a value of the wrong type, is an error naming the k
 way. Recipes hold no hardware settings: the device and the number of data workers come from command-line flags.
 
 Example:
-    >>> cfg = load_recipe("recipes/fmnist_slim_mobilenet_v2.yaml", overrides=["train.epochs=1"])
+    >>> cfg = load_recipe("fmnist_slim_mobilenet_v2", overrides=["train.epochs=1"])  # a packaged recipe, or a path
     >>> cfg.optim.lr
     0.2
 """
@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from ._utils import write_text
+from .recipes import resolve_recipe
 
 __all__ = [
     "DataConfig",
@@ -472,7 +473,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _read_yaml(path: Path) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"recipe {path} does not exist; see the recipes/ folder for examples")
+        raise FileNotFoundError(f"recipe {path} does not exist; `slimmable list` shows the packaged recipes")
     try:
         return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader subclass
     except _DuplicateKeyError as err:
@@ -520,18 +521,19 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """Load a YAML recipe strictly, applying ``section.key=value`` overrides first.
 
     Args:
-        path: the recipe file.
+        path: a recipe file, or the name of a packaged recipe (``fmnist_slim_resnet18``); an existing file wins
+            (see :func:`slimmable.recipes.resolve_recipe`).
         overrides: e.g. ``["train.epochs=5", "optim.lr=0.05", "model.widths=[0.5,1.0]"]``.
 
     Returns:
         The validated :class:`RunConfig`.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at ``path`` and no packaged recipe of that name (the message lists them).
         ValueError: invalid YAML, duplicate or unknown key, wrong type or value; the message names the key, the
             file and the valid keys.
     """
-    p = Path(path)
+    p = resolve_recipe(path)
     raw = _read_yaml(p)
     if raw is None:
         raw = {}

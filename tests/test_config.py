@@ -17,8 +17,9 @@ from slimmable.config import (
     load_recipe,
     save_config,
 )
+from slimmable.recipes import list_recipes, recipe_path
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = [recipe_path(name) for name in list_recipes()]
 
 
 def _write(tmp_path: Path, text: str) -> Path:

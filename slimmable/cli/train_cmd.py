@@ -13,10 +13,11 @@ from ._common import format_report_table, print_outputs
 
 _EPILOG = """\
 examples:
-  slimmable train --recipe recipes/fmnist_slim_mobilenet_v2.yaml
-  slimmable train --recipe recipes/fmnist_slim_mobilenet_v2.yaml --set train.epochs=1 --set optim.lr=0.1
+  slimmable train --recipe fmnist_slim_mobilenet_v2                       # a packaged recipe (slimmable list)
+  slimmable train --recipe fmnist_slim_mobilenet_v2 --set train.epochs=1 --set optim.lr=0.1
+  slimmable train --recipe my_recipe.yaml                                 # a recipe file (a file wins over a name)
   slimmable train --resume runs/fmnist_slim_mobilenet_v2/last.pt          # continue a stopped run
-  torchrun --nproc_per_node 4 -m slimmable.cli.main train --recipe recipes/imagenet_slim_mobilenet_v2.yaml \\
+  torchrun --nproc_per_node 4 -m slimmable.cli.main train --recipe imagenet_slim_mobilenet_v2 \\
       --set data.root=/data/imagenet                                      # 4 GPUs, same global batch
 
 outputs (in --out): config.yaml (resolved recipe), last.pt (every epoch and on Ctrl-C / SIGTERM), best.pt (best
@@ -37,7 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/fmnist_slim_mobilenet_v2.yaml")
+    p.add_argument(
+        "--recipe",
+        metavar="NAME|YAML",
+        help="a packaged recipe's name (`slimmable list` shows them), e.g. fmnist_slim_mobilenet_v2, or a recipe "
+        "file; an existing file wins over a packaged name",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -77,7 +83,10 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.recipe:
         return load_recipe(args.recipe, args.overrides)
     if not args.resume:
-        raise ValueError("give --recipe YAML (a file in recipes/), or --resume CHECKPOINT to continue a run")
+        raise ValueError(
+            "give --recipe YAML (a recipe file, or a packaged recipe's name such as fmnist_slim_resnet18: see "
+            "`slimmable list`), or --resume CHECKPOINT to continue a run"
+        )
     from ..checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.resume).get("config")
