@@ -38,7 +38,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..nn import SlimConv2d, SlimLinear, WidthTable, make_divisible
+from ..nn import SlimConv2d, SlimLinear, WidthTable, make_divisible, set_width
 from ._base import SlimNet
 from ._registry import register_model
 from .mobilenet_v2 import SlimMobileNetV2
@@ -88,7 +88,7 @@ _SMALL_DEFAULTS: dict[str, Any] = {
     "rpn_post_nms_top_n_train": 300,
     "rpn_post_nms_top_n_test": 100,
     "rpn_batch_size_per_image": 64,
-    "box_batch_size_per_image": 128,
+    "box_batch_size_per_image": 64,
     "box_detections_per_img": 20,
 }
 
@@ -335,6 +335,7 @@ def create_slim_detector(
         slim_detector_heads(model, body.widths)
     model.widths = body.widths
     model.width_range = None
+    set_width(model, body.widths[-1])  # layers added here start at the widest width, as the backbone
     model.num_classes = classes
     return model
 
