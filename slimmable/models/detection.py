@@ -117,10 +117,15 @@ class SlimBackboneWithFPN(nn.Module):
         extra_blocks: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        body.classifier = nn.Identity()  # unused here; keeping it would leave parameters without gradients
-        self.body = body
         n = len(body.feature_info)
         self.out_indices = tuple(int(i) % n for i in out_indices)
+        # What runs after the last stage used (the classifier, MobileNet v2's 1x1 conv head) is dropped, as
+        # torchvision's IntermediateLayerGetter does: it would hold parameters without gradients.
+        body.classifier = nn.Identity()
+        last_end = body._stage_bounds[max(self.out_indices)][1]
+        for i in range(last_end, len(body.features)):
+            body.features[i] = nn.Identity()
+        self.body = body
         infos = [body.feature_info[i] for i in self.out_indices]
         self.in_chans = _first_conv(body).in_channels
         self.fpn = FeaturePyramidNetwork(

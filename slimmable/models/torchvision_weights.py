@@ -87,6 +87,9 @@ def load_torchvision_weights(model: nn.Module, source: nn.Module | Mapping[str, 
 
     for src_mod, dst_mod, kind in _body_pairs(body, classify=body is target):
         s, d = src_prefix + src_mod, body_prefix + dst_mod
+        if not any(k.startswith(d + ".") for k in own):  # a layer a detector's backbone drops (after its last stage)
+            used.update(k for k in sd if k.startswith(s + "."))
+            continue
         if kind in ("conv", "linear"):
             for leaf in ("weight", "bias"):
                 if f"{d}.{leaf}" in own:

@@ -50,7 +50,7 @@ def test_targets_as_torchvision_detectors_take_them(tmp_path: Path) -> None:
     data = _coco(tmp_path)
     ds = CocoDetectionDataset(tmp_path, _write(tmp_path, data))
     image, target = ds[0]
-    assert image.shape == (1, H, W) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (1, H, W) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     torch.testing.assert_close(target["boxes"], torch.tensor([[3.0, 3, 13, 15], [20, 11, 36, 31]]))
     assert target["labels"].tolist() == [1, 2] and int(target["image_id"]) == 1
     assert target["masks"].shape == (2, H, W) and target["masks"].dtype == torch.uint8
@@ -77,7 +77,7 @@ def test_hflip_moves_boxes_masks_keypoints_and_swaps_left_right(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["images"][1].update(file_name="img/missing.png"), r"image id 2 file .*missing\.png does not exist"),
+        (lambda d: d["images"][1].update(file_name="img/missing.png"), r"image id 2 file .*missing\.png does not"),
         (lambda d: d["annotations"][3].update(bbox=[40, 10, 16, 20]), r"annotation id 4 \(image img/2\.png\).*outside"),
         (lambda d: d["annotations"][2]["keypoints"].pop(), r"annotation id 3 .*8 keypoint values.*declares 3"),
         (lambda d: d["annotations"][0].update(category_id=7), r"annotation id 1 .*category_id 7 is not in"),
