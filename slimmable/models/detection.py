@@ -363,13 +363,26 @@ def load_official_backbone(checkpoint: str | os.PathLike[str] | Mapping[str, Any
 
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    sd = {k: v for k, v in official_state_dict(obj, source).items() if not k.startswith("classifier.")}
     body = model.backbone.body
+    kept = set(body.state_dict())
+    # the classifier and the layers after the backbone's last stage (dropped by SlimBackboneWithFPN) are not loaded
+    sd = {
+        k: v
+        for k, v in official_state_dict(obj, source).items()
+        if k in kept or not (k.startswith("classifier.") or _after_last_stage(k, model.backbone))
+    }
     load_official_checkpoint(sd, body)
     for m in body.modules():  # memoised narrowed weights are stale
         if hasattr(m, "clear_weight_memo"):
             m.clear_weight_memo()
     return model
+
+
+def _after_last_stage(key: str, trunk: SlimBackboneWithFPN) -> bool:
+    parts = key.split(".")
+    if parts[0] != "features" or len(parts) < 2 or not parts[1].isdigit():
+        return False
+    return int(parts[1]) >= trunk.body._stage_bounds[max(trunk.out_indices)][1]
 
 
 def _register(kind: str, backbone: str, small: bool) -> Callable[..., FasterRCNN]:

@@ -137,6 +137,12 @@ def test_classification_weights_fill_a_small_detectors_backbone_only() -> None:
     slimmable.load_torchvision_weights(det, ref)
     torch.testing.assert_close(det.backbone.body.features[0][0].weight, ref.conv1.weight, rtol=0, atol=0)
     torch.testing.assert_close(det.backbone.fpn.inner_blocks[0][0].weight, fpn_before, rtol=0, atol=0)
+    # MobileNet v2: the 1x1 conv head after the last stage used is dropped from the backbone, and from the load
+    mnv2 = _randomize(torchvision.models.mobilenet_v2(), seed=6)
+    det = slimmable.create_model("slim_fasterrcnn_mobilenet_v2_fpn", in_chans=3)
+    slimmable.load_torchvision_weights(det, mnv2)
+    torch.testing.assert_close(det.backbone.body.features[17].body[6].weight, mnv2.features[17].conv[2].weight)
+    assert isinstance(det.backbone.body.features[18], nn.Identity)
 
 
 def test_load_torchvision_weights_errors_name_the_problem() -> None:
