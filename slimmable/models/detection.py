@@ -97,7 +97,8 @@ class SlimBackboneWithFPN(nn.Module):
     """A slimmable network's stages under torchvision's ``FeaturePyramidNetwork`` (as ``BackboneWithFPN``).
 
     Args:
-        body: the slimmable network; its classifier is replaced by ``nn.Identity`` (only the stages run).
+        body: the slimmable network; its classifier and the layers after the last stage used are replaced by
+            ``nn.Identity`` (only the stages run).
         out_indices: positions in ``body.feature_info`` fed to the FPN, shallow to deep.
         out_channels: FPN channels (torchvision: 256).
         frozen_bn: keep every BN of the body in eval mode with fixed affine (fine-tuning a pretrained S-Net).

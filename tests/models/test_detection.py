@@ -275,3 +275,18 @@ def test_official_s_resnet50_checkpoint_loads_as_the_backbone_at_every_width(off
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="widths differ"):
         load_official_backbone(ckpt, slimmable.create_model("slim_fasterrcnn_resnet50_fpn", widths=(0.5, 1.0)))
+
+
+@pytest.mark.parametrize("name", [n for n in slimmable.list_models(task="detection") if "resnet50" not in n])
+def test_every_small_detector_runs_at_every_width(name) -> None:
+    # the R-50-FPN detectors run at every width in the torchvision comparisons above
+    torch.manual_seed(0)
+    model = slimmable.create_model(name, **SMALL_EVAL).eval()
+    x = [torch.rand(1, 128, 128)]
+    scores = []
+    for w in model.widths:
+        with torch.no_grad(), slimmable.use_width(model, w):
+            out = model(x)[0]
+        assert out["boxes"].shape == (8, 4) and torch.isfinite(out["boxes"]).all()
+        scores.append(out["scores"])
+    assert not torch.equal(scores[0], scores[-1])
