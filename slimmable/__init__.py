@@ -1,6 +1,7 @@
 """slimmable: slimmable neural networks — one set of weights, several widths, switched at run time."""
 
 from .models import create_model, list_models
+from .models.torchvision_weights import load_torchvision_weights
 from .nn import get_channels, get_width, get_widths, set_channels, set_width, use_width
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "get_width",
     "get_widths",
     "list_models",
+    "load_torchvision_weights",
     "set_channels",
     "set_width",
     "use_width",

@@ -9,23 +9,53 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["TASKS", "create_model", "list_models", "model_task", "register_model"]
 
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+_MODEL_TASKS: dict[str, str] = {}
+#: what a registered model does: ``classification`` (logits) or ``detection`` (torchvision detectors)
+TASKS = ("classification", "detection")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its ``__name__``; a duplicate name is an error."""
-    name = fn.__name__
-    if name in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"model {name!r} is already registered")
-    _MODEL_ENTRYPOINTS[name] = fn
-    return fn
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, task: str = "classification"
+) -> Callable[..., nn.Module] | Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``fn`` under its ``__name__``; a duplicate name is an error.
+
+    Used bare (``@register_model``) for classification models, or as ``@register_model(task="detection")``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = f.__name__
+        if name in _MODEL_ENTRYPOINTS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODEL_ENTRYPOINTS[name] = f
+        _MODEL_TASKS[name] = task
+        return f
+
+    return add if fn is None else add(fn)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of registered models matching a shell-style ``pattern``."""
-    return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Sorted names of registered models matching a shell-style ``pattern`` (and ``task``, if given)."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    return sorted(
+        n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern) and (task is None or _MODEL_TASKS[n] == task)
+    )
+
+
+def model_task(name: str) -> str:
+    """The task of a registered model (``classification`` or ``detection``).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name not in _MODEL_TASKS:
+        raise ValueError(f"unknown model {name!r}; see slimmable.list_models()")
+    return _MODEL_TASKS[name]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -53,7 +53,7 @@ def test_onnx_dynamo_exporter_dynamic_batch(build, tmp_path):
     assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary files left
 
 
-@pytest.mark.parametrize("name", slimmable.list_models())
+@pytest.mark.parametrize("name", slimmable.list_models(task="classification"))
 def test_onnx_every_model_every_width_torchscript_exporter(name, build, widths_of, tmp_path):
     model = build(name)
     for w in widths_of(model):
@@ -64,7 +64,7 @@ def test_onnx_every_model_every_width_torchscript_exporter(name, build, widths_o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", slimmable.list_models())
+@pytest.mark.parametrize("name", slimmable.list_models(task="classification"))
 def test_onnx_every_model_narrowest_and_widest_dynamo(name, build, widths_of, tmp_path):
     # every width of every model goes through the TorchScript exporter above and export_width (test_export_dense);
     # the dynamo exporter traces the same dense module whatever its channel counts, so its two extremes suffice

@@ -1,0 +1,159 @@
+"""Algorithm 1 for detectors, and COCO evaluation at every width.
+
+:func:`detection_train_step` is the paper's training step for slimmable detectors (Yu et al., ICLR 2019, Alg. 1
+and Sec. 4.2): for each width, a forward pass of the whole detector on the batch and a backward pass of its summed
+losses (RPN objectness and box regression, RoI classification and box regression, plus mask or keypoint losses);
+the gradients of all widths accumulate; then optional gradient clipping by norm and one optimizer step.
+
+:func:`evaluate_detector` runs a detector at each width over a COCO-format dataset and scores it with
+``COCOeval`` (:func:`slimmable.data.coco.coco_evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .._utils import unwrap_model
+from ..data.coco import IOU_TYPES, CocoDetectionDataset, coco_evaluate, collate_detection, detections_to_coco
+from ..nn import get_widths, use_width
+
+__all__ = ["detection_iou_types", "detection_train_step", "evaluate_detector"]
+
+
+def _widths_of(model: nn.Module, widths: Sequence[float] | None) -> tuple[float, ...]:
+    if widths is not None:
+        return tuple(float(w) for w in widths)
+    ws = getattr(unwrap_model(model), "widths", None) or get_widths(model)
+    if len(ws) == 3 and ws[2] == "range":
+        raise ValueError("a universally slimmable model has no fixed widths; pass widths=...")
+    return tuple(float(w) for w in ws)
+
+
+def detection_train_step(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    targets: Sequence[Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    widths: Sequence[float] | None = None,
+    *,
+    max_grad_norm: float | None = None,
+) -> dict[float, dict[str, float]]:
+    """One step of Algorithm 1 on a slimmable detector: every width's summed losses backward, then one step.
+
+    Args:
+        model: a slimmable torchvision detector in training mode (e.g. ``create_model("slim_maskrcnn_resnet18_fpn")``).
+        images: the batch, ``(C, H, W)`` tensors in [0, 1] (sizes may differ).
+        targets: one target dict per image (``boxes`` ``xyxy``, ``labels``, and ``masks``/``keypoints`` as the
+            model needs), as :class:`~slimmable.data.coco.CocoDetectionDataset` yields them.
+        optimizer: the optimizer over the model's parameters.
+        widths: the widths to train, in order (default all of the model's).
+        max_grad_norm: clip the accumulated gradient to this total norm before the step (the paper: 35).
+
+    Returns:
+        ``{width: {loss name: value, ..., "loss": sum}}`` (values before the step).
+
+    Raises:
+        FloatingPointError: a width's loss is not finite; the optimizer has not stepped (its gradients are
+            discarded).
+        ValueError: the model is not in training mode (torchvision detectors then return detections, no losses).
+    """
+    if not model.training:
+        raise ValueError("detection_train_step needs the model in training mode (call model.train() first)")
+    optimizer.zero_grad(set_to_none=True)
+    out: dict[float, dict[str, float]] = {}
+    for w in _widths_of(model, widths):
+        with use_width(model, w):
+            losses = model(list(images), [dict(t) for t in targets])
+            if not isinstance(losses, Mapping):
+                raise ValueError(f"{type(model).__name__} returned {type(losses).__name__}, not a dict of losses")
+            total = sum(losses.values())
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(total.detach())
+            if not math.isfinite(values["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(
+                    f"non-finite detection loss at width {w:g}: {values}; lower the learning rate, add warm-up or "
+                    "clip gradients (max_grad_norm)"
+                )
+            total.backward()
+        out[w] = values
+    if max_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return out
+
+
+def detection_iou_types(model: nn.Module) -> tuple[str, ...]:
+    """The COCO IoU types a torchvision detector predicts: ``bbox``, plus ``segm`` (masks) or ``keypoints``."""
+    heads = unwrap_model(model).roi_heads
+    types = ["bbox"]
+    if getattr(heads, "mask_predictor", None) is not None:
+        types.append("segm")
+    if getattr(heads, "keypoint_predictor", None) is not None:
+        types.append("keypoints")
+    return tuple(types)
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: nn.Module,
+    dataset: CocoDetectionDataset,
+    widths: Sequence[float] | None = None,
+    *,
+    iou_types: Sequence[str] | None = None,
+    batch_size: int = 8,
+    kpt_oks_sigmas: Sequence[float] | None = None,
+    batches: Iterable[tuple[list[torch.Tensor], list[dict]]] | None = None,
+) -> dict[float, dict[str, dict[str, float]]]:
+    """COCO AP of a detector at each width on a COCO-format dataset (eval mode; the model's mode is restored).
+
+    Args:
+        model: a slimmable torchvision detector, or a dense one (an export: evaluated once, under the key
+            ``None``).
+        dataset: the COCO-format dataset (its ``coco`` index is the ground truth).
+        widths: the widths to evaluate (default all of the model's).
+        iou_types: any of ``bbox``, ``segm``, ``keypoints`` (default what the model predicts).
+        batch_size: images per forward pass.
+        kpt_oks_sigmas: per-keypoint OKS constants (see :func:`~slimmable.data.coco.coco_evaluate`).
+        batches: ``(images, targets)`` batches to use instead of iterating ``dataset`` in order (targets need
+            ``image_id``).
+
+    Returns:
+        ``{width: {iou_type: {"AP": ..., "AP50": ..., "AP75": ...}}}``.
+    """
+    types = tuple(iou_types) if iou_types is not None else detection_iou_types(model)
+    bad = [t for t in types if t not in IOU_TYPES]
+    if bad:
+        raise ValueError(f"iou_types {bad} are not among {IOU_TYPES}")
+    was_training = model.training
+    model.eval()
+    try:
+        ws: tuple[float | None, ...] = _widths_of(model, widths) if _is_slim(model) else (None,)
+        out: dict = {}
+        for w in ws:
+            results: list[dict] = []
+            with use_width(model, w) if w is not None else contextlib.nullcontext():
+                for images, targets in batches if batches is not None else _batches(dataset, batch_size):
+                    for t, det in zip(targets, model(images)):
+                        results += detections_to_coco(int(t["image_id"]), det)
+            out[w] = coco_evaluate(dataset.coco, results, types, kpt_oks_sigmas=kpt_oks_sigmas, image_ids=dataset.ids)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _is_slim(model: nn.Module) -> bool:
+    from ..nn import SlimModule
+
+    return any(isinstance(m, SlimModule) for m in model.modules())
+
+
+def _batches(dataset: CocoDetectionDataset, batch_size: int) -> Iterable[tuple[list[torch.Tensor], list[dict]]]:
+    for start in range(0, len(dataset), batch_size):
+        yield collate_detection([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])

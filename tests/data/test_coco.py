@@ -1,0 +1,142 @@
+"""COCO-format data: targets as torchvision detectors want them, validation naming file and annotation, COCOeval AP
+on results with known answers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimmable.data.coco import CocoDetectionDataset, coco_evaluate, collate_detection, detections_to_coco
+
+H, W = 40, 48
+
+
+def _coco(tmp: Path, mode: str = "L") -> dict:
+    """Three images; two objects each, a rectangle mask and keypoints at its corners' centre points."""
+    (tmp / "img").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    rng = np.random.default_rng(0)
+    aid = 1
+    for i in range(1, 4):
+        name = f"img/{i}.png"
+        arr = rng.integers(0, 255, (H, W, 3) if mode == "RGB" else (H, W), dtype=np.uint8)
+        Image.fromarray(arr, mode).save(tmp / name)
+        images.append({"id": i, "file_name": name, "width": W, "height": H})
+        for j, (x, y, w, h) in enumerate([(2 + i, 3, 10, 12), (20, 10 + i, 16, 20)]):
+            poly = [x, y, x + w, y, x + w, y + h, x, y + h]
+            kps = [x + 1.5, y + 1.5, 2, x + w - 1.5, y + 1.5, 2, x + w / 2, y + h / 2, 2]
+            anns.append({
+                "id": aid, "image_id": i, "category_id": 1 + j, "bbox": [x, y, w, h], "area": w * h,
+                "segmentation": [poly], "iscrowd": 0, "keypoints": kps, "num_keypoints": 3,
+            })  # fmt: skip
+            aid += 1
+    cats = [{"id": c, "name": f"c{c}", "keypoints": ["a", "b", "c"], "keypoint_flip_map": [[0, 1]]} for c in (1, 2)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def _write(tmp: Path, data: dict) -> Path:
+    path = tmp / "ann.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_targets_as_torchvision_detectors_take_them(tmp_path: Path) -> None:
+    data = _coco(tmp_path)
+    ds = CocoDetectionDataset(tmp_path, _write(tmp_path, data))
+    image, target = ds[0]
+    assert image.shape == (1, H, W) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(target["boxes"], torch.tensor([[3.0, 3, 13, 15], [20, 11, 36, 31]]))
+    assert target["labels"].tolist() == [1, 2] and int(target["image_id"]) == 1
+    assert target["masks"].shape == (2, H, W) and target["masks"].dtype == torch.uint8
+    assert target["masks"][0, 5:14, 4:12].all() and target["masks"][0].sum() <= 10 * 12 + 2 * (10 + 12) + 1
+    assert target["keypoints"].shape == (2, 3, 3)
+    torch.testing.assert_close(target["keypoints"][0, 0], torch.tensor([4.5, 4.5, 2.0]))
+    images, targets = collate_detection([ds[0], ds[1]])
+    assert len(images) == len(targets) == 2
+    assert CocoDetectionDataset(tmp_path, tmp_path / "ann.json", channels=3)[0][0].shape == (3, H, W)
+
+
+def test_hflip_moves_boxes_masks_keypoints_and_swaps_left_right(tmp_path: Path) -> None:
+    ann = _write(tmp_path, _coco(tmp_path))
+    plain = CocoDetectionDataset(tmp_path, ann)
+    flipped = CocoDetectionDataset(tmp_path, ann, hflip=1.0)
+    (im0, t0), (im1, t1) = plain[0], flipped[0]
+    assert torch.equal(im1, im0.flip(-1)) and torch.equal(t1["masks"], t0["masks"].flip(-1))
+    torch.testing.assert_close(t1["boxes"][0], torch.tensor([W - 13.0, 3, W - 3, 15]))
+    # keypoint "a" (left corner) becomes "b" of the flipped object: swapped, and mirrored
+    torch.testing.assert_close(t1["keypoints"][0, 1], torch.tensor([W - 4.5, 4.5, 2.0]))
+    torch.testing.assert_close(t1["keypoints"][0, 0], torch.tensor([W - t0["keypoints"][0, 1, 0], 4.5, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["images"][1].update(file_name="img/missing.png"), r"image id 2 file .*missing\.png does not"),
+        (lambda d: d["annotations"][3].update(bbox=[40, 10, 16, 20]), r"annotation id 4 \(image img/2\.png\).*outside"),
+        (lambda d: d["annotations"][2]["keypoints"].pop(), r"annotation id 3 .*8 keypoint values.*declares 3"),
+        (lambda d: d["annotations"][0].update(category_id=7), r"annotation id 1 .*category_id 7 is not in"),
+        (lambda d: d["annotations"][5].update(bbox=[1, 1, 0, 4]), r"annotation id 6 .*no area"),
+    ],
+)
+def test_bad_annotations_name_the_file_and_the_entry(tmp_path: Path, edit, message) -> None:
+    data = _coco(tmp_path)
+    edit(data)
+    ann = _write(tmp_path, data)
+    with pytest.raises(ValueError, match=message) as info:
+        CocoDetectionDataset(tmp_path, ann)
+    assert str(ann) in str(info.value)
+
+
+def _gt_results(data: dict, shift: float = 0.0) -> list[dict]:
+    out = []
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        kp = list(a["keypoints"])
+        out.append({
+            "image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x + shift, y, w, h],
+            "score": 0.9, "segmentation": a["segmentation"], "keypoints": kp,
+        })  # fmt: skip
+    return out
+
+
+def test_coco_evaluate_known_answers(tmp_path: Path) -> None:
+    data = _coco(tmp_path)
+    perfect = coco_evaluate(data, _gt_results(data), ("bbox", "segm", "keypoints"))
+    for iou_type in ("bbox", "segm", "keypoints"):
+        assert perfect[iou_type] == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}, iou_type
+    # boxes shifted by 30% of the small boxes' width: IoU 0.54 (small) and 0.68 (large): AP50 1, AP75 0
+    shifted = coco_evaluate(data, [dict(r, bbox=[r["bbox"][0] + 0.3 * r["bbox"][2], *r["bbox"][1:]])
+                                   for r in _gt_results(data)])  # fmt: skip
+    assert shifted["bbox"]["AP50"] == 1.0 and shifted["bbox"]["AP75"] == 0.0 and 0 < shifted["bbox"]["AP"] < 0.5
+    # a wrong class everywhere: nothing matches
+    wrong = [dict(r, category_id=3 - r["category_id"]) for r in _gt_results(data)]
+    assert coco_evaluate(data, wrong)["bbox"]["AP"] == 0.0
+    assert coco_evaluate(data, [])["bbox"] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with pytest.raises(ValueError, match="3 keypoints"):
+        coco_evaluate(data, _gt_results(data), ("keypoints",), kpt_oks_sigmas=[0.05] * 17)
+    with pytest.raises(ValueError, match="iou_types"):
+        coco_evaluate(data, _gt_results(data), ("boxes",))
+
+
+def test_detector_outputs_convert_to_results_with_perfect_ap(tmp_path: Path) -> None:
+    data = _coco(tmp_path)
+    ds = CocoDetectionDataset(tmp_path, _write(tmp_path, copy.deepcopy(data)))
+    results = []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        det = {
+            "boxes": t["boxes"],
+            "scores": torch.full((len(t["boxes"]),), 0.8),
+            "labels": t["labels"],
+            "masks": t["masks"][:, None].float() * 0.9,  # probabilities (N, 1, H, W)
+            "keypoints": t["keypoints"],
+        }
+        results += detections_to_coco(int(t["image_id"]), det)
+    ap = coco_evaluate(ds.coco, results, ("bbox", "segm", "keypoints"))
+    assert all(v["AP"] == 1.0 for v in ap.values()), ap
