@@ -360,7 +360,7 @@ def load_official_backbone(checkpoint: str | os.PathLike[str] | Mapping[str, Any
     Raises:
         CheckpointError: unreadable, or keys/shapes/widths that do not fit the backbone (model left unchanged).
     """
-    from .official import load_official_checkpoint, official_state_dict, read_checkpoint_file
+    from ..checkpoint import load_official_checkpoint, official_state_dict, read_checkpoint_file
 
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint

@@ -21,6 +21,9 @@ from torch import nn
 from .._utils import unwrap_model
 from ..data.coco import IOU_TYPES, CocoDetectionDataset, coco_evaluate, collate_detection, detections_to_coco
 from ..nn import get_widths, use_width
+from .engine import train_step
+from .nonfinite import NonFiniteLoss
+from .objectives import DetectionObjective
 
 __all__ = ["detection_iou_types", "detection_train_step", "evaluate_detector"]
 
@@ -28,10 +31,10 @@ __all__ = ["detection_iou_types", "detection_train_step", "evaluate_detector"]
 def _widths_of(model: nn.Module, widths: Sequence[float] | None) -> tuple[float, ...]:
     if widths is not None:
         return tuple(float(w) for w in widths)
-    ws = getattr(unwrap_model(model), "widths", None) or get_widths(model)
-    if len(ws) == 3 and ws[2] == "range":
+    ws = get_widths(model)
+    if ws.is_range:
         raise ValueError("a universally slimmable model has no fixed widths; pass widths=...")
-    return tuple(float(w) for w in ws)
+    return ws.switches
 
 
 def detection_train_step(
@@ -43,7 +46,9 @@ def detection_train_step(
     *,
     max_grad_norm: float | None = None,
 ) -> dict[float, dict[str, float]]:
-    """One step of Algorithm 1 on a slimmable detector: every width's summed losses backward, then one step.
+    """One step of Algorithm 1 on a slimmable detector, with each width's loss terms: :func:`train_step` with a
+    :class:`~slimmable.train.objectives.DetectionObjective` (every width's summed losses backward, then clipping
+    and one step); the model's width is restored.
 
     Args:
         model: a slimmable torchvision detector in training mode (e.g. ``create_model("slim_maskrcnn_resnet18_fpn")``).
@@ -64,29 +69,18 @@ def detection_train_step(
     """
     if not model.training:
         raise ValueError("detection_train_step needs the model in training mode (call model.train() first)")
-    optimizer.zero_grad(set_to_none=True)
-    out: dict[float, dict[str, float]] = {}
-    for w in _widths_of(model, widths):
-        with use_width(model, w):
-            losses = model(list(images), [dict(t) for t in targets])
-            if not isinstance(losses, Mapping):
-                raise ValueError(f"{type(model).__name__} returned {type(losses).__name__}, not a dict of losses")
-            total = sum(losses.values())
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(total.detach())
-            if not math.isfinite(values["loss"]):
-                optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(
-                    f"non-finite detection loss at width {w:g}: {values}; lower the learning rate, add warm-up or "
-                    "clip gradients (max_grad_norm)"
-                )
-            total.backward()
-        out[w] = values
-    if max_grad_norm is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    return out
+    ws = _widths_of(model, widths)
+    objective = DetectionObjective(record_components=True)
+    try:
+        with use_width(model, ws[0]):
+            res = train_step(model, optimizer, images, targets, ws, grad_clip=max_grad_norm, objective=objective)
+    except NonFiniteLoss as err:
+        bad = next(w for w, v in zip(err.widths, err.losses.tolist()) if not math.isfinite(v))
+        raise FloatingPointError(
+            f"non-finite detection loss at width {bad:g}: {err}; lower the learning rate, add warm-up or clip "
+            "gradients (max_grad_norm)"
+        ) from None
+    return {w: {**objective.components[i], "loss": float(res.losses[i])} for i, w in enumerate(ws)}
 
 
 def detection_iou_types(model: nn.Module) -> tuple[str, ...]:

@@ -103,6 +103,14 @@ class DetectionObjective(Objective):
 
     counts_correct = False
 
+    def __init__(self, record_components: bool = False) -> None:
+        self.record_components = record_components
+        #: with ``record_components``: each width's loss terms of the last step, in order (one host sync each)
+        self.components: list[dict[str, float]] = []
+
+    def begin_step(self) -> None:
+        self.components = []
+
     def width_loss(
         self,
         forward: Callable[..., Any],
@@ -116,6 +124,8 @@ class DetectionObjective(Objective):
                 f"the detector returned {type(losses).__name__}, not a dict of losses: it must be in training mode"
             )
         loss = torch.stack([v.float() for v in losses.values()]).sum()
+        if self.record_components:
+            self.components.append({k: float(v.detach()) for k, v in losses.items()})
         return loss, torch.zeros((), device=loss.device)
 
     def to_device(

@@ -21,8 +21,8 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 import slimmable
+from slimmable.checkpoint import CheckpointError
 from slimmable.models.detection import load_official_backbone
-from slimmable.models.official import CheckpointError
 from slimmable.nn import SlimConv2d, get_widths
 
 # small images, few proposals: the R-50-FPN comparisons stay cheap on a CPU
@@ -181,7 +181,7 @@ def small_det() -> nn.Module:
 
 
 def test_width_api_switches_the_whole_detector(small_det) -> None:
-    assert get_widths(small_det) == small_det.widths == (0.25, 0.5, 0.75, 1.0)
+    assert get_widths(small_det).switches == small_det.widths == (0.25, 0.5, 0.75, 1.0)
     x = [torch.rand(1, 128, 128)]
     outs = {}
     for w in small_det.widths:
