@@ -40,7 +40,9 @@ __all__ = [
     "save_config",
 ]
 
-DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder"]
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "fmnist_scenes", "coco"]
+#: datasets of detection models (COCO-format boxes, masks, keypoints)
+DETECTION_DATASETS = ("fmnist_scenes", "coco")
 AugmentName = Literal["crop_flip", "basic", "mobile", "none"]
 ScheduleName = Literal["constant", "multistep", "cosine", "linear", "exponential"]
 AmpMode = Literal["off", "bf16", "fp16", "auto"]
@@ -71,6 +73,9 @@ class ModelConfig:
         channels: path of a channel spec JSON (``slimmable search`` writes them): per-layer channels of a network
             trained from scratch, e.g. a searched one with ``widths: [1.0]``. The spec is read when the model is
             built and saved in the checkpoint's model arguments, so the checkpoint reloads without the file.
+        options: further keyword arguments of the model's builder, e.g. a detector's ``num_keypoints``,
+            ``slim_heads``, ``frozen_bn`` or torchvision's ``rpn_batch_size_per_image`` (scalars and lists; the
+            builder rejects names it does not take).
     """
 
     name: str = "slim_mobilenet_v2"
@@ -83,6 +88,7 @@ class ModelConfig:
     width_range: tuple[float, float] | None = None
     stat_widths: tuple[float, ...] | None = None
     channels: str | None = None
+    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
@@ -114,11 +120,16 @@ class DataConfig:
 
     Attributes:
         dataset: ``fashion_mnist`` (IDX files), ``cifar10`` / ``cifar100`` (python pickles) or ``image_folder``
-            (``root/train/<class>/*``, ``root/val/<class>/*``, e.g. ImageNet).
+            (``root/train/<class>/*``, ``root/val/<class>/*``, e.g. ImageNet); for detectors ``fmnist_scenes``
+            (synthetic COCO-format scenes of real Fashion-MNIST items, generated once into the data cache, see
+            :mod:`slimmable.data.scenes`) or ``coco`` (COCO-format data: ``root/annotations/instances_{train,val}2017
+            .json`` with ``root/{train,val}2017/``, or ``root/{train,test}/annotations.json`` with the images they
+            name).
         root: the dataset folder. ``None`` is allowed for Fashion-MNIST only (Debian's
             ``/usr/share/datasets/fashion-mnist``, else a torchvision download).
         download: Fashion-MNIST: download with torchvision when no local copy is found.
-        image_size: training crop and evaluation size; ``None``: 28 (Fashion-MNIST), 32 (CIFAR), 224 (folders).
+        image_size: training crop and evaluation size; ``None``: 28 (Fashion-MNIST), 32 (CIFAR), 224 (folders);
+            ``fmnist_scenes``: the scenes' side (default 128).
         eval_resize: folders: resize the shorter side to this before the center crop; ``None``: image_size / 0.875.
         augment: ``crop_flip`` (pad + random crop + flip, small images), ``basic`` / ``mobile`` (the official
             ImageNet recipes: random-resized crop from scale 0.08 / 0.25, colour jitter 0.4, PCA lighting 0.1,
@@ -131,6 +142,8 @@ class DataConfig:
         split_seed: seed of the held-out split (fixed, independent of ``train.seed``).
         batch_size: global batch size, split evenly across processes.
         eval_batch_size: global evaluation batch size; ``None``: ``batch_size``.
+        scenes_train, scenes_test: ``fmnist_scenes``: scenes generated from Fashion-MNIST's training / test
+            images (the held-out ``val_size`` come out of the training scenes).
     """
 
     dataset: DatasetName = "fashion_mnist"
@@ -146,6 +159,8 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 128
     eval_batch_size: int | None = None
+    scenes_train: int = 2000
+    scenes_test: int = 200
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -155,6 +170,12 @@ class DataConfig:
         _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
         if self.crop_scale_min is not None:
             _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
+        _check(self.scenes_train >= 1 and self.scenes_test >= 1, "data.scenes_train", "scene counts must be >= 1")
+        if self.dataset in DETECTION_DATASETS and self.augment != "none":
+            raise ValueError(
+                f"data.augment: {self.dataset} is detection data, whose only augmentation is data.hflip (boxes, masks "
+                f"and keypoints flip with the image); set data.augment to none (got {self.augment!r})"
+            )
         if self.dataset != "image_folder" and self.augment in ("basic", "mobile"):
             raise ValueError(
                 f"data.augment: {self.augment!r} is the ImageNet random-resized-crop recipe, for "
@@ -441,6 +462,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not math.isfinite(value):  # .inf / .nan: a hyper-parameter that trains to NaN
             raise ValueError(f"{where} must be a finite number, got {value!r}")
         return float(value)
+    if origin is dict:  # plain keyword arguments (model.options): string keys, YAML scalars and lists as values
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{where} must be a mapping of names to values, got {value!r}")
+        return {k: _plain(v) for k, v in value.items()}
     if tp is str:
         if not isinstance(value, str):
             raise TypeError(f"{where} must be a string, got {value!r}")

@@ -59,7 +59,10 @@ REPORT_HEADERS = ["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)
 
 
 def format_report_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-width table of a training or evaluation report (rows of ``final_metrics.json``)."""
+    """The per-width table of a training or evaluation report (rows of ``final_metrics.json``): top-1 for
+    classifiers, AP per IoU type for detectors."""
+    if rows and "top1" not in rows[0]:
+        return _detection_table(rows)
     cells = [
         (
             f"{r['width']:g}",
@@ -75,12 +78,28 @@ def format_report_table(rows: Sequence[dict[str, Any]]) -> str:
     return format_table(REPORT_HEADERS, cells)
 
 
+def _detection_table(rows: Sequence[dict[str, Any]]) -> str:
+    types = [k[: -len("_AP")] for k in rows[0] if k.endswith("_AP")]
+    headers = ["width"] + [f"{t} AP / AP50 / AP75" for t in types] + ["MACs (M)", "params (M)", "latency b1 (ms)"]
+    cells = [
+        (
+            f"{r['width']:g}",
+            *(f"{r[f'{t}_AP']:.1f} / {r[f'{t}_AP50']:.1f} / {r[f'{t}_AP75']:.1f}" for t in types),
+            "-" if r.get("macs") is None else f"{r['macs'] / 1e6:.2f}",
+            "-" if r.get("params") is None else f"{r['params'] / 1e6:.3f}",
+            "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+        )
+        for r in rows
+    ]
+    return format_table(headers, cells)
+
+
 def print_outputs(out_dir: Path, tensorboard: bool = True) -> None:
     """Where a training run's outputs are."""
     print(f"\noutputs in {out_dir}:")
     print(f"  best checkpoint  {out_dir / 'best.pt'}")
     print(f"  last checkpoint  {out_dir / 'last.pt'}")
     print(f"  metrics          {out_dir / 'final_metrics.json'} (.csv), {out_dir / 'history.json'}")
-    print(f"  plot             {out_dir / 'accuracy_vs_macs.png'} (top-1 vs MACs per width)")
+    print(f"  plot             {out_dir / 'accuracy_vs_macs.png'} (top-1 or box AP vs MACs per width)")
     if tensorboard and (out_dir / "tb").exists():
         print(f"  TensorBoard      tensorboard --logdir {out_dir / 'tb'}")

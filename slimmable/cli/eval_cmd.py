@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig, RunConfig, apply_overrides
+from ..config import DETECTION_DATASETS, DataConfig, RunConfig, apply_overrides
 from ._common import format_report_table, parse_widths
 
 _EPILOG = """\
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = RunConfig.from_dict(section, source="--set").data
     name = args.dataset or data_cfg.dataset
     root = args.data or data_cfg.root
+    if name in DETECTION_DATASETS:
+        return _evaluate_detector(args, model, data_cfg, name, root, desc, device)
     if name != "fashion_mnist" and root is None:
         raise ValueError(f"dataset {name} needs its folder: --data DIR")
     splits = create_datasets(
@@ -135,6 +137,38 @@ def run(args: argparse.Namespace) -> int:
             "split": args.split, "device": str(device)}  # fmt: skip
     json_path, csv_path = write_report(stem, rows, meta)
     print(f"{desc} on {name} {args.split} ({metrics[0].images} images, {splits.root}), device {device}")
+    print(format_report_table(rows))
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def _evaluate_detector(
+    args: argparse.Namespace, model: Any, dc: DataConfig, name: str, root: str | None, desc: str, device: Any
+) -> int:
+    """COCOeval AP per width and IoU type of a detector, with each width's cost: a table, JSON and CSV."""
+    from ..data import create_loader
+    from ..data.coco import collate_detection
+    from ..data.detection import create_detection_datasets
+    from ..train import write_report
+    from ..train.tasks import DetectionTask
+
+    splits = create_detection_datasets(
+        name, root, image_size=args.image_size or dc.image_size, hflip=False, val_size=dc.val_size,
+        split_seed=dc.split_seed, scenes_train=dc.scenes_train, scenes_test=dc.scenes_test, cache_dir=args.data_cache,
+        load_train=args.split == "val",
+    )  # fmt: skip
+    dataset = splits.val if args.split == "val" else splits.test
+    if dataset is None:
+        raise ValueError("--split val needs images held out from training: --set data.val_size=N (N > 0)")
+    widths = parse_widths(args.widths) or tuple(model.widths)
+    loader = create_loader(dataset, args.batch_size, train=False, collate_fn=collate_detection)
+    task = DetectionTask()
+    rows = task.report(model, task.validate(model, dataset, loader, widths), splits, args.latency_runs)
+    stem = Path(args.out) if args.out else _default_stem(args.checkpoint, args.split)
+    meta = {"checkpoint": str(args.checkpoint), "model": desc, "dataset": name, "root": splits.root,
+            "split": args.split, "device": str(device), "metrics": "COCOeval AP (%), per IoU type"}  # fmt: skip
+    json_path, csv_path = write_report(stem, rows, meta, columns=task.columns)
+    print(f"{desc} on {name} {args.split} ({len(dataset)} images, {splits.root}), device {device}")
     print(format_report_table(rows))
     print(f"wrote {json_path} and {csv_path}")
     return 0

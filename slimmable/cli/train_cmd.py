@@ -135,10 +135,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped after {result.epochs_done} epochs; continue with:")
         print(f"  slimmable train --resume {result.last_checkpoint}")
         return 130
-    best = "-" if result.best_top1_mean is None else f"{result.best_top1_mean:.2f}"
+    best = "-" if result.best_score is None else f"{result.best_score:.2f}"
+    metric = "top-1" if result.metric == "top1" else "box AP"
     print(
         f"\n{cfg.model.name}: test split, best checkpoint (epoch {result.best_epoch}, mean {result.selection_split} "
-        f"top-1 {best})"
+        f"{metric} {best})"
     )
     print(format_report_table(result.report))
     print_outputs(result.out_dir, tensorboard=not args.no_tensorboard)

@@ -81,6 +81,7 @@ def create_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    collate_fn: Any = None,
 ) -> DataLoader:
     """A ``DataLoader`` for training (shuffled, full batches) or evaluation (in order, every image once).
 
@@ -95,6 +96,8 @@ def create_loader(
         seed: base seed of the shuffling (the same on every process).
         rank, world_size: this process's shard.
         pin_memory: page-locked batches (for CUDA).
+        collate_fn: how items become a batch (default: stacked tensors; detection data:
+            :func:`slimmable.data.coco.collate_detection`, lists of images and targets).
 
     Raises:
         ValueError: ``batch_size`` not divisible by ``world_size``, or the dataset smaller than one batch.
@@ -117,6 +120,6 @@ def create_loader(
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        collate_fn=_keep_batch if batched else None,
+        collate_fn=_keep_batch if batched else collate_fn,
         persistent_workers=False,
     )

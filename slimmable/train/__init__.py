@@ -27,8 +27,9 @@ from .engine import (
 from .optim import create_optimizer, create_scheduler, lr_factor, param_groups
 from .report import REPORT_COLUMNS, plot_report, width_report, write_report
 from .rng import get_rng_state, set_rng_state
-from .run import TrainResult, model_kwargs_from_config, train_from_config
+from .run import TrainResult, train_from_config
 from .samplers import AllWidths, Sandwich, WidthSampler, create_width_sampler
+from .tasks import model_kwargs_from_config
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

@@ -126,6 +126,7 @@ def evaluate_detector(
     if bad:
         raise ValueError(f"iou_types {bad} are not among {IOU_TYPES}")
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         ws: tuple[float | None, ...] = _widths_of(model, widths) if _is_slim(model) else (None,)
@@ -134,7 +135,8 @@ def evaluate_detector(
             results: list[dict] = []
             with use_width(model, w) if w is not None else contextlib.nullcontext():
                 for images, targets in batches if batches is not None else _batches(dataset, batch_size):
-                    for t, det in zip(targets, model(images)):
+                    dets = model([img.to(device, non_blocking=True) for img in images])
+                    for t, det in zip(targets, dets):
                         results += detections_to_coco(int(t["image_id"]), det)
             out[w] = coco_evaluate(dataset.coco, results, types, kpt_oks_sigmas=kpt_oks_sigmas, image_ids=dataset.ids)
         return out

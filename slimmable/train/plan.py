@@ -19,22 +19,41 @@ from torch import nn
 
 from ..hardware import Numerics, choose_numerics, time_step
 from .engine import train_step
+from .objectives import ClassificationObjective, Objective
 from .samplers import WidthSampler
 
-__all__ = ["EpochPlan", "decide_numerics", "measure_step_seconds", "plan_epochs", "probe_step_factory", "replan"]
+__all__ = [
+    "EpochPlan",
+    "decide_numerics",
+    "measure_step_seconds",
+    "plan_epochs",
+    "probe_step_factory",
+    "random_batches",
+    "replan",
+]
 
 #: the numerics probe's batch is the training batch up to this many images (enough to rank the candidates)
 PROBE_MAX_BATCH = 128
 
 
+def random_batches(input_shape: Sequence[int], num_classes: int) -> Callable[[int, torch.Generator], tuple]:
+    """``make_batch(n, generator)`` of random images ``(n, *input_shape)`` and class indices below ``num_classes``
+    (a classifier's step costs the same on any data)."""
+
+    def make_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, *input_shape, generator=gen), torch.randint(0, num_classes, (n,), generator=gen)
+
+    return make_batch
+
+
 def probe_step_factory(
     model: nn.Module,
     sampler: WidthSampler,
-    input_shape: Sequence[int],
-    num_classes: int,
+    make_batch: Callable[[int, torch.Generator], tuple[Any, Any]],
     batch_size: int,
     device: torch.device,
     *,
+    objective: Objective | None = None,
     seed: int = 0,
 ) -> Callable[[torch.dtype | None, bool], Callable[[], None]]:
     """Builds one training step of a copy of ``model`` for given numerics, for :func:`~slimmable.hardware.time_step`.
@@ -42,30 +61,32 @@ def probe_step_factory(
     Args:
         model: the model to be trained (not modified).
         sampler: its width sampler (the probe trains the widths of step 0).
-        input_shape: ``(C, H, W)`` of the training images.
-        num_classes: classifier outputs.
+        make_batch: ``make_batch(n, generator) -> (images, targets)``, a batch of ``n`` in the objective's format
+            (classifiers: :func:`random_batches`; detectors: real training images, whose boxes set the cost).
         batch_size: images per step.
         device: where to run.
-        seed: seeds the random batch.
+        objective: the training objective (default: classification).
+        seed: seeds the batch.
 
     Returns:
         ``make_step(autocast_dtype, channels_last, batch=None)`` returning a zero-argument step (``batch``
         overrides ``batch_size``).
     """
     widths = sampler.widths_for_step(0, random.Random(seed))
+    objective = objective if objective is not None else ClassificationObjective()
 
     def make_step(dtype: torch.dtype | None, channels_last: bool, batch: int | None = None) -> Callable[[], None]:
         n = batch or batch_size
-        gen = torch.Generator().manual_seed(seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(n, *input_shape, generator=gen).to(device).contiguous(memory_format=fmt)
-        y = torch.randint(0, num_classes, (n,), generator=gen).to(device)
+        with torch.random.fork_rng(devices=[]):  # drawing the batch must not move the run's random sequence
+            x, y = make_batch(n, torch.Generator().manual_seed(seed))
+        x, y = objective.to_device(x, y, device, channels_last)
         copy_ = copy.deepcopy(model).to(device, memory_format=fmt).train()
         opt = torch.optim.SGD(copy_.parameters(), lr=1e-3, momentum=0.9)
 
         def step() -> None:
             with torch.random.fork_rng(devices=[]):  # dropout must not move the run's random sequence
-                train_step(copy_, opt, x, y, widths, autocast_dtype=dtype, check_finite=False)
+                train_step(copy_, opt, x, y, widths, autocast_dtype=dtype, check_finite=False, objective=objective)
 
         return step
 

@@ -51,7 +51,10 @@ def width_report(
 
 
 def write_report(
-    stem: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None
+    stem: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any] | None = None,
+    columns: Sequence[str] = REPORT_COLUMNS,
 ) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (``{"meta": ..., "widths": rows}``) and ``<stem>.csv`` (one line per width).
 
@@ -61,21 +64,28 @@ def write_report(
     stem = Path(stem)
     json_path = write_json(stem.with_suffix(".json"), {"meta": dict(meta or {}), "widths": list(rows)})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in REPORT_COLUMNS})
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
     csv_path = write_text(stem.with_suffix(".csv"), buf.getvalue())
     return json_path, csv_path
 
 
-def plot_report(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
-    """Plot top-1 accuracy against MACs per width (one point per width, annotated) to a PNG file.
+def plot_report(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    title: str = "",
+    metric: str = "top1",
+    label: str = "test top-1 (%)",
+) -> Path:
+    """Plot a metric (default top-1 accuracy) against MACs per width (one point per width, annotated) to a PNG.
 
     Args:
-        rows: report rows with ``width``, ``top1`` and ``macs`` (from :func:`width_report`).
+        rows: report rows with ``width``, ``metric`` and ``macs`` (from :func:`width_report`).
         path: the PNG to write (atomically).
         title: plot title.
+        metric, label: the row key plotted and its axis label.
 
     Returns:
         The PNG path.
@@ -85,14 +95,14 @@ def plot_report(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    pts = sorted((r["macs"] / 1e6, r["top1"], r["width"]) for r in rows)
+    pts = sorted((r["macs"] / 1e6, r[metric], r["width"]) for r in rows)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-    for macs, top1, width in pts:
-        ax.annotate(f"{width:g}x", (macs, top1), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for macs, value, width in pts:
+        ax.annotate(f"{width:g}x", (macs, value), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.set_xlabel("MACs per image (M)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title or "accuracy vs MACs, one network at every width")
+    ax.set_ylabel(label)
+    ax.set_title(title or f"{label} vs MACs, one network at every width")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:

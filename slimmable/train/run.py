@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from ..checkpoint import builds_same_model, load_checkpoint, model_build_kwargs, model_checkpoint, save_checkpoint
 from ..config import RunConfig, save_config
-from ..data import DatasetSplits, TensorImageDataset, create_datasets, create_loader, imagenet_eval_transform
+from ..data import DatasetSplits, TensorImageDataset, create_loader, imagenet_eval_transform
 from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
 from .calibrate import add_stat_widths, calibrate_bn
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
-from .engine import EpochStats, Trainer, WidthMetrics, evaluate, width_label
+from .engine import EpochStats, Trainer, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
 from .optim import create_optimizer, create_scheduler, set_total_steps
 from .plan import (
@@ -43,11 +43,12 @@ from .plan import (
     probe_step_factory,
     replan,
 )
-from .report import plot_report, width_report, write_json, write_report
+from .report import plot_report, write_json, write_report
 from .rng import get_rng_state, set_rng_state
 from .samplers import create_width_sampler
+from .tasks import Task, create_task, mean_metric
 
-__all__ = ["TrainResult", "model_kwargs_from_config", "train_from_config"]
+__all__ = ["TrainResult", "train_from_config"]
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class TrainResult:
         out_dir: the output folder.
         report: per-width rows of the final evaluation (test split, best checkpoint) with costs; empty when
             interrupted.
-        best_top1_mean: best mean validation top-1 over widths, and its ``best_epoch``.
+        best_top1_mean: best mean validation top-1 over widths (classification), and its ``best_epoch``.
+        metric, best_score: the validation metric (``top1``, or ``ap``: detectors' box AP %) and its best mean
+            over widths.
         last_checkpoint, best_checkpoint: paths.
         interrupted: stopped by a signal before the last epoch (resume from ``last_checkpoint``).
         epochs_done: completed epochs.
@@ -82,6 +85,8 @@ class TrainResult:
     numerics: Numerics | None = None
     plan: EpochPlan | None = None
     epochs: int = 0
+    metric: str = "top1"
+    best_score: float | None = None
 
 
 class _StopSignal:
@@ -118,30 +123,6 @@ class _StopSignal:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.requested = bool(flag.item())
         return self.requested
-
-
-def model_kwargs_from_config(cfg: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
-    """The ``create_model`` keyword arguments of a run (``None`` model fields take the dataset's values)."""
-    mc = cfg.model
-    kwargs: dict[str, Any] = {
-        "num_classes": mc.num_classes or num_classes,
-        "in_chans": mc.in_chans or in_chans,
-        "small_input": mc.small_input,
-        "drop_rate": mc.drop_rate,
-    }
-    if mc.stem_stride is not None:
-        kwargs["stem_stride"] = mc.stem_stride
-    if mc.widths is not None:
-        kwargs["widths"] = tuple(mc.widths)
-    if mc.width_range is not None:
-        kwargs["width_range"] = tuple(mc.width_range)
-    if mc.stat_widths is not None:
-        kwargs["stat_widths"] = tuple(mc.stat_widths)
-    if mc.channels is not None:
-        from ..search.autoslim import load_channel_spec
-
-        kwargs["channels"] = load_channel_spec(mc.channels)
-    return kwargs
 
 
 def _layer_groups(model: Any) -> list[list[str]]:
@@ -197,14 +178,6 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, state)
     return out
-
-
-def _metrics_dict(metrics: list[WidthMetrics]) -> list[dict[str, Any]]:
-    return [m.to_dict() for m in metrics]
-
-
-def _mean_top1(metrics: list[WidthMetrics]) -> float:
-    return sum(m.top1 for m in metrics) / len(metrics)
 
 
 def _check_resume(ckpt: Mapping[str, Any], cfg: RunConfig, model: Any, path: str) -> None:
@@ -300,6 +273,7 @@ def _train(
 class _Loaders:
     train: Any
     select: Any  # the split the best checkpoint is selected on (val, else test)
+    select_dataset: Any
     selection_split: str
     calib: Any  # US-Nets: a fixed order of training images without augmentation, for BN calibration
     eval_batch_size: int
@@ -336,7 +310,9 @@ class _Run:
         tc = cfg.train
         _set_determinism(tc.deterministic, info.device)
         _seed_all(tc.seed)
-        run.data = _load_data(cfg.data, cache_dir)
+        run.task = create_task(cfg)
+        run.objective = run.task.objective(cfg)
+        run.data = run.task.load_data(cfg, cache_dir)
         run._build_model()
         run._decide_numerics(ckpt)
         run.loaders = run._make_loaders(num_workers)
@@ -357,8 +333,7 @@ class _Run:
 
     def _build_model(self) -> None:
         mc, tc, data, info = self.cfg.model, self.cfg.train, self.data, self.info
-        self.kwargs = model_kwargs_from_config(self.cfg, data.num_classes, data.in_chans)
-        _check_model_fits_data(self.kwargs, data)
+        self.kwargs = self.task.model_kwargs(self.cfg, data)
         model = create_model(mc.name, **self.kwargs)
         self.width_range = getattr(model, "width_range", None)
         if self.width_range is not None and mc.widths is not None:
@@ -387,14 +362,13 @@ class _Run:
     def _decide_numerics(self, ckpt: Mapping[str, Any] | None) -> None:
         tc, data, info = self.cfg.train, self.data, self.info
         self.per_rank_batch = self.cfg.data.batch_size // info.world_size
-        shape = (data.in_chans, data.image_size, data.image_size)
         self.make_step = probe_step_factory(
-            self.model, self.sampler, shape, self.kwargs["num_classes"], min(self.per_rank_batch, PROBE_MAX_BATCH),
-            info.device, seed=tc.seed,
+            self.model, self.sampler, self.task.probe_batches(data, self.kwargs["num_classes"]),
+            min(self.per_rank_batch, PROBE_MAX_BATCH), info.device, objective=self.objective, seed=tc.seed,
         )  # fmt: skip
         self.machine = machine_info(info.device)
         self.numerics = _kept_numerics(ckpt, tc, self.machine) or decide_numerics(
-            tc.amp, tc.channels_last, info.device, self.make_step
+            tc.amp, self.task.auto_channels_last(tc.channels_last), info.device, self.make_step
         )
         if self.numerics.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -406,12 +380,14 @@ class _Run:
         dc, tc, data, info = self.cfg.data, self.cfg.train, self.data, self.info
         pin = info.device.type == "cuda"
         assert data.train is not None
-        split = {"rank": info.rank, "world_size": info.world_size, "pin_memory": pin, "num_workers": num_workers}
+        split = {"rank": info.rank, "world_size": info.world_size, "pin_memory": pin, "num_workers": num_workers,
+                 "collate_fn": self.task.collate_fn()}  # fmt: skip
         train = create_loader(data.train, dc.batch_size, train=True, seed=tc.seed, **split)
         eval_bs = dc.eval_batch_size or dc.batch_size
         eval_bs = max(info.world_size, eval_bs - eval_bs % info.world_size)
         selection_split = "val" if data.val is not None else "test"
-        select = create_loader(data.val if data.val is not None else data.test, eval_bs, train=False, **split)
+        select_dataset = data.val if data.val is not None else data.test
+        select = create_loader(select_dataset, eval_bs, train=False, **split)
         if selection_split == "test" and info.is_main:
             _logger.warning(
                 "data.val_size is 0: the best checkpoint is selected on the test split (%s), so its test accuracy is "
@@ -421,13 +397,13 @@ class _Run:
         calib = None
         if self.width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
             calib = create_loader(_without_augmentation(data), dc.batch_size, train=True, seed=tc.seed, **split)
-        return _Loaders(train, select, selection_split, calib, eval_bs, num_workers)
+        return _Loaders(train, select, select_dataset, selection_split, calib, eval_bs, num_workers)
 
     def eval_loader(self, dataset: Any) -> Any:
         info = self.info
         return create_loader(
             dataset, self.loaders.eval_batch_size, train=False, num_workers=self.loaders.num_workers, rank=info.rank,
-            world_size=info.world_size, pin_memory=info.device.type == "cuda",
+            world_size=info.world_size, pin_memory=info.device.type == "cuda", collate_fn=self.task.collate_fn(),
         )  # fmt: skip
 
     def _build_optimization(self) -> None:
@@ -449,8 +425,8 @@ class _Run:
             forward = torch.compile(forward)
         self.trainer = Trainer(
             self.model, self.optimizer, self.scheduler, self.sampler, device=info.device, forward=forward, ddp=ddp,
-            autocast_dtype=self.numerics.autocast_dtype, scaler=self.scaler, label_smoothing=tc.label_smoothing,
-            inplace_distill=tc.inplace_distill, grad_clip=oc.grad_clip, channels_last=self.numerics.channels_last,
+            autocast_dtype=self.numerics.autocast_dtype, scaler=self.scaler, objective=self.objective,
+            grad_clip=oc.grad_clip, channels_last=self.numerics.channels_last,
             seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=self.total_steps,
             nonfinite=tc.nonfinite,
         )  # fmt: skip
@@ -574,7 +550,7 @@ class _Run:
                     if record.get("best"):
                         save_checkpoint(self.best_path, ck)
                     write_json(self.out_dir / "history.json", self.history)
-                    _log_epoch(record, self.epochs, self.loaders.selection_split, self.writer)
+                    _log_epoch(record, self.epochs, self.loaders.selection_split, self.writer, self.task)
                 epoch += 1
                 if stop.poll(force=True) and epoch < self.epochs:
                     if info.is_main:
@@ -607,15 +583,19 @@ class _Run:
         self.start_batch = 0
         return stats
 
-    def _validate(self, record: dict[str, Any], epoch: int) -> None:
-        val = evaluate(
-            self.model, self.loaders.select, self.val_widths, device=self.info.device,
+    def _evaluate(self, dataset: Any, loader: Any, widths: Sequence[float]) -> list[dict[str, Any]]:
+        return self.task.validate(
+            self.model, dataset, loader, widths, device=self.info.device,
             autocast_dtype=self.numerics.autocast_dtype, channels_last=self.numerics.channels_last,
         )  # fmt: skip
-        record["val"] = _metrics_dict(val)
-        record["val_top1_mean"] = _mean_top1(val)
-        if not self.best or record["val_top1_mean"] > self.best["top1_mean"]:
-            self.best = {"top1_mean": record["val_top1_mean"], "epoch": epoch + 1}
+
+    def _validate(self, record: dict[str, Any], epoch: int) -> None:
+        metric = self.task.metric
+        rows = self._evaluate(self.loaders.select_dataset, self.loaders.select, self.val_widths)
+        record["val"] = rows
+        record[f"val_{metric}_mean"] = mean_metric(rows, metric)
+        if not self.best or record[f"val_{metric}_mean"] > self.best[f"{metric}_mean"]:
+            self.best = {f"{metric}_mean": record[f"val_{metric}_mean"], "epoch": epoch + 1}
             record["best"] = True
 
     def _replan(self, record: dict[str, Any], steps_done: int, seconds: float) -> None:
@@ -642,6 +622,7 @@ class _Run:
         """US-Nets: calibrate every stat width; then the best checkpoint's test report (rank 0 writes it)."""
         info, result, best = self.info, self.result, self.best
         result.epochs_done = self.epochs
+        result.metric, result.best_score = self.task.metric, best.get(f"{self.task.metric}_mean")
         result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
         result.best_checkpoint = self.best_path if best else None
         best_is_last = best.get("epoch") == self.epochs
@@ -691,15 +672,11 @@ class _Run:
                     t.copy_(buf)
 
     def _test_report(self, latency_runs: int) -> None:
-        data, name = self.data, self.cfg.model.name
-        test = evaluate(
-            self.model, self.eval_loader(data.test), self.widths, device=self.info.device,
-            autocast_dtype=self.numerics.autocast_dtype, channels_last=self.numerics.channels_last,
-        )  # fmt: skip
+        data, name, task = self.data, self.cfg.model.name, self.task
+        test = self._evaluate(data.test, self.eval_loader(data.test), self.widths)
         if not self.info.is_main:
             return
-        shape = (data.in_chans, data.image_size, data.image_size)
-        self.result.report = width_report(self.model, test, shape, latency_runs=latency_runs)
+        self.result.report = task.report(self.model, test, data, latency_runs)
         meta = {
             "model": name,
             "checkpoint": str(self.best_path),
@@ -709,43 +686,15 @@ class _Run:
             "root": data.root,
             "device": str(self.info.device),
         }
-        write_report(self.out_dir / "final_metrics", self.result.report, meta)
-        plot_report(self.result.report, self.out_dir / "accuracy_vs_macs.png", f"{name} on {data.name} (test split)")
+        write_report(self.out_dir / "final_metrics", self.result.report, meta, columns=task.columns)
+        label = "test top-1 (%)" if task.metric == "top1" else "test box AP (%)"
+        plot_report(self.result.report, self.out_dir / "accuracy_vs_macs.png", f"{name} on {data.name} (test split)",
+                    metric=task.metric if task.metric == "top1" else "bbox_AP", label=label)  # fmt: skip
         if self.writer is not None:
             for r in self.result.report:
-                self.writer.add_scalar(f"test/top1/{r['width']:g}", r["top1"], self.epochs)
-
-
-def _load_data(dc: Any, cache_dir: str | os.PathLike[str] | None) -> DatasetSplits:
-    """The recipe's data section as train / val / test splits."""
-    return create_datasets(
-        dc.dataset,
-        dc.root,
-        image_size=dc.image_size,
-        eval_resize=dc.eval_resize,
-        augment=dc.augment,
-        crop_scale_min=dc.crop_scale_min,
-        crop_padding=dc.crop_padding,
-        hflip=dc.hflip,
-        val_size=dc.val_size,
-        split_seed=dc.split_seed,
-        download=dc.download,
-        cache_dir=cache_dir,
-    )
-
-
-def _check_model_fits_data(kwargs: Mapping[str, Any], data: DatasetSplits) -> None:
-    if kwargs["num_classes"] < data.num_classes:
-        raise ValueError(
-            f"the data in {data.root} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) but "
-            f"model.num_classes is {kwargs['num_classes']}: labels would be out of range. Set model.num_classes to "
-            f"{data.num_classes} or null"
-        )
-    if kwargs["in_chans"] != data.in_chans:
-        raise ValueError(
-            f"model.in_chans is {kwargs['in_chans']} but the images of {data.root} have {data.in_chans} channels; "
-            "set model.in_chans to null"
-        )
+                for k, v in r.items():
+                    if k != "width" and isinstance(v, float):
+                        self.writer.add_scalar(f"test/{k}/{r['width']:g}", v, self.epochs)
 
 
 def _kept_numerics(ckpt: Mapping[str, Any] | None, tc: Any, machine: Mapping[str, Any]) -> Numerics | None:
@@ -812,12 +761,14 @@ def _epoch_record(stats: EpochStats) -> dict[str, Any]:
     }
 
 
-def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any) -> None:
+def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any, task: Task) -> None:
+    metric = task.metric
     train = " ".join(f"{width_label(t['width'])}:{t['loss']:.3f}" for t in record["train"])
     msg = f"epoch {record['epoch']}/{epochs}  train loss {train}"
     if "val" in record:
-        val = " ".join(f"{v['width']:g}:{v['top1']:.2f}" for v in record["val"])
-        msg += f"  | {split} top-1 {val} (mean {record['val_top1_mean']:.2f}{', best' if record.get('best') else ''})"
+        val = ("top-1 " if metric == "top1" else "") + task.describe(record["val"])
+        mean = record[f"val_{metric}_mean"]
+        msg += f"  | {split} {val} (mean {mean:.2f}{', best' if record.get('best') else ''})"
     msg += f"  | {record['seconds']:.1f}s, {record['images_per_second']:.0f} img/s"
     _logger.info(msg)
     if writer is None:
@@ -825,12 +776,14 @@ def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any) -> 
     e = record["epoch"]
     for t in record["train"]:
         writer.add_scalar(f"train_epoch/loss/{width_label(t['width'])}", t["loss"], e)
-        writer.add_scalar(f"train_epoch/top1/{width_label(t['width'])}", t["top1"], e)
+        if metric == "top1":
+            writer.add_scalar(f"train_epoch/top1/{width_label(t['width'])}", t["top1"], e)
     for v in record.get("val", []):
-        for k in ("top1", "top5", "loss"):
-            writer.add_scalar(f"{split}/{k}/{v['width']:g}", v[k], e)
+        for k, value in v.items():
+            if k not in ("width", "images") and isinstance(value, float):
+                writer.add_scalar(f"{split}/{k}/{v['width']:g}", value, e)
     if "val" in record:
-        writer.add_scalar(f"{split}/top1_mean", record["val_top1_mean"], e)
+        writer.add_scalar(f"{split}/{metric}_mean", record[f"val_{metric}_mean"], e)
     writer.add_scalar("train_epoch/images_per_second", record["images_per_second"], e)
     writer.flush()
 

@@ -1,0 +1,188 @@
+"""The splits of a detection dataset for a training run: Fashion-MNIST scenes (generated once, then cached) or
+COCO-format data from a folder.
+
+The held-out ``val`` split (best-checkpoint selection) comes out of the training images, so the test split stays
+unseen until the final report. Splits are views of one validated :class:`~slimmable.data.coco.CocoDetectionDataset`
+restricted to image ids, so COCOeval scores each split against exactly its images.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .coco import CocoDetectionDataset
+
+__all__ = ["DetectionSplits", "create_detection_datasets", "scenes_folder"]
+
+_logger = logging.getLogger(__name__)
+
+#: bump when :func:`slimmable.data.scenes.make_scenes` changes what it writes for the same arguments
+_SCENES_VERSION = 1
+
+
+@dataclass
+class DetectionSplits:
+    """Train / held-out / test splits of a COCO-format detection dataset.
+
+    Attributes:
+        train: training images (with ``hflip`` when asked), or ``None`` when not loaded.
+        val: held-out training images (no flips), or ``None`` with ``val_size`` 0.
+        test: the test images.
+        num_classes: the detector's classes: the largest category id plus the background (0).
+        num_keypoints: keypoints per object (0: none declared).
+        in_chans: image channels the dataset yields.
+        image_size: the scenes' side (the largest image side for other data).
+        categories: the COCO categories (names for reports and serving).
+        name, root: which dataset, from where.
+    """
+
+    train: CocoDetectionDataset | None
+    val: CocoDetectionDataset | None
+    test: CocoDetectionDataset
+    num_classes: int
+    num_keypoints: int
+    in_chans: int
+    image_size: int
+    categories: list[dict[str, Any]]
+    name: str
+    root: str
+
+    def preprocess(self) -> dict[str, Any]:
+        """What serving and evaluation need to know about the images (saved into checkpoints); a detector
+        normalises and resizes its inputs itself."""
+        return {
+            "dataset": self.name,
+            "task": "detection",
+            "image_size": self.image_size,
+            "in_chans": self.in_chans,
+            "num_classes": self.num_classes,
+            "num_keypoints": self.num_keypoints,
+            "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in self.categories],
+        }
+
+
+def scenes_folder(cache_dir: str | os.PathLike[str], split: str, num_images: int, seed: int, image_size: int) -> Path:
+    """Where :func:`create_detection_datasets` keeps the Fashion-MNIST scenes of these arguments."""
+    key = json.dumps([_SCENES_VERSION, split, num_images, seed, image_size]).encode()
+    tag = hashlib.sha256(key).hexdigest()[:10]
+    return Path(cache_dir) / "fmnist_scenes" / f"{split}-{num_images}-s{seed}-{image_size}px-{tag}"
+
+
+def _scenes(
+    cache_dir: Path, split: str, num_images: int, seed: int, image_size: int, root: str | None
+) -> tuple[Path, Path]:
+    from .scenes import make_scenes
+
+    folder = scenes_folder(cache_dir, split, num_images, seed, image_size)
+    ann = folder / "annotations.json"
+    if not ann.is_file():  # make_scenes writes the JSON last, atomically: its presence means complete
+        _logger.info("generating %d Fashion-MNIST scenes (%s) into %s", num_images, split, folder)
+        make_scenes(folder, split, num_images, seed, image_size=image_size, root=root)
+    return folder, ann
+
+
+def _coco_files(root: Path) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
+    """``(images folder, annotation file)`` of the train and test splits of a COCO-format folder."""
+    official = root / "annotations" / "instances_train2017.json"
+    if official.is_file():
+        return (root / "train2017", official), (root / "val2017", root / "annotations" / "instances_val2017.json")
+    mine = root / "train" / "annotations.json"
+    if mine.is_file():
+        return (root / "train", mine), (root / "test", root / "test" / "annotations.json")
+    raise FileNotFoundError(
+        f"{root} is not a COCO-format folder: expected annotations/instances_train2017.json (+ train2017/, val2017/) "
+        "or train/annotations.json and test/annotations.json beside the images they name"
+    )
+
+
+def _restricted(dataset: CocoDetectionDataset, ids: list[int], hflip: float) -> CocoDetectionDataset:
+    view = copy.copy(dataset)
+    view.ids = list(ids)
+    view.hflip = hflip
+    return view
+
+
+def create_detection_datasets(
+    dataset: str,
+    root: str | os.PathLike[str] | None,
+    *,
+    image_size: int | None = None,
+    hflip: bool = True,
+    val_size: int = 0,
+    split_seed: int = 0,
+    scenes_train: int = 2000,
+    scenes_test: int = 200,
+    cache_dir: str | os.PathLike[str] | None = None,
+    load_train: bool = True,
+) -> DetectionSplits:
+    """The splits of ``fmnist_scenes`` or ``coco`` data.
+
+    Args:
+        dataset: ``fmnist_scenes`` or ``coco``.
+        root: ``coco``: the data folder (see :class:`~slimmable.config.DataConfig`); ``fmnist_scenes``: the
+            Fashion-MNIST folder the scenes are made from (``None``: where Fashion-MNIST is installed).
+        image_size: ``fmnist_scenes``: the scenes' side (default 128).
+        hflip: flip training images horizontally with probability 0.5 (with their boxes, masks and keypoints).
+        val_size: training images held out for best-checkpoint selection (the last ones of a ``split_seed``
+            permutation).
+        split_seed: seed of the held-out choice, and of the scenes' generation.
+        scenes_train, scenes_test: ``fmnist_scenes``: how many scenes each split has.
+        cache_dir: where generated scenes are kept (default ``~/.cache/slimmable``).
+        load_train: also build the training (and held-out) split.
+
+    Raises:
+        FileNotFoundError: missing data (the message names what is expected).
+        ValueError: unknown dataset, a bad annotation (named), or ``val_size`` leaving no training images.
+    """
+    import torch
+
+    from .datasets import default_cache_dir
+
+    if dataset == "fmnist_scenes":
+        size = image_size or 128
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        src = None if root is None else str(root)
+        test_files = _scenes(cache, "test", scenes_test, split_seed, size, src)
+        train_files = _scenes(cache, "train", scenes_train, split_seed, size, src) if load_train else None
+        where = str(cache / "fmnist_scenes")
+    elif dataset == "coco":
+        if root is None:
+            raise ValueError("data.dataset coco needs data.root: the COCO-format folder")
+        train_files, test_files = _coco_files(Path(root))
+        train_files = train_files if load_train else None
+        where = str(root)
+    else:
+        raise ValueError(f"{dataset!r} is not a detection dataset; use fmnist_scenes or coco")
+    test = CocoDetectionDataset(*test_files)
+    train = val = None
+    if train_files is not None:
+        full = CocoDetectionDataset(*train_files)
+        if val_size >= len(full):
+            raise ValueError(f"data.val_size {val_size} leaves none of the {len(full)} training images to train on")
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed)).tolist()
+        held = sorted(full.ids[i] for i in order[len(order) - val_size :]) if val_size else []
+        kept = sorted(set(full.ids) - set(held))
+        train = _restricted(full, kept, 0.5 if hflip else 0.0)
+        val = _restricted(full, held, 0.0) if held else None
+    cats = sorted(test.coco.dataset["categories"], key=lambda c: c["id"])
+    sizes = [max(int(i["width"]), int(i["height"])) for i in test.coco.dataset["images"]]
+    image, _ = test[0]
+    return DetectionSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=max(int(c["id"]) for c in cats) + 1,
+        num_keypoints=test.num_keypoints,
+        in_chans=int(image.shape[0]),
+        image_size=image_size or max(sizes),
+        categories=[dict(c) for c in cats],
+        name=dataset,
+        root=where,
+    )
