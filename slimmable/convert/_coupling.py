@@ -254,7 +254,7 @@ class _Analyser:
 
     def _unknown_output(self, node: fx.Node) -> Any:
         tm = _tmeta(node)
-        if isinstance(tm, (tuple, list)):
+        if isinstance(tm, (tuple, list)) and not hasattr(tm, "shape"):
             return tuple(None for _ in tm)
         return None if tm is not None else "meta"
 
