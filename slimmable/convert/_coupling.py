@@ -247,8 +247,9 @@ class _Analyser:
             try:
                 self.env[node] = self.visit(node)
             except Exception as err:  # never crash deep inside: freeze what this node touches, say why
-                why = f"not analysed ({type(err).__name__}: {err})"
+                why = f"{_op_name(node)} not analysed ({type(err).__name__}: {err})"
                 self.freeze_inputs(node, why)
+                self.frozen_ops.append((_where(node), why))
                 self.env[node] = self._unknown_output(node)
         return Analysis(self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms)
 
@@ -281,7 +282,7 @@ class _Analyser:
         stateless = not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
         if n_calls > 1 and not stateless:
             self.freeze_inputs(node, f"module {path} is called more than once")
-            return self._new_output_if_producer(node, m, frozen=f"module {path} is called more than once")
+            return self._unknown_output(node)
         if path in self.leaves:
             self.freeze_inputs(node, f"cannot be traced: {self.leaves[path]}")
             return self._unknown_output(node)
@@ -314,11 +315,8 @@ class _Analyser:
             return self.reshape(node, lay, check_args=False)
         if isinstance(m, LEAF_TYPES):
             self.freeze_inputs(node, f"{type(m).__name__} (a subclass with its own forward) is not converted")
-            return self._new_output_if_producer(node, m, frozen=f"{type(m).__name__} is not converted")
+            return self._unknown_output(node)
         self.freeze_inputs(node, f"module {type(m).__name__} is not understood")
-        return self._unknown_output(node)
-
-    def _new_output_if_producer(self, node: fx.Node, m: nn.Module, frozen: str) -> Any:
         return self._unknown_output(node)
 
     def visit_conv(self, node: fx.Node, m: nn.Conv2d, lay: Layout | None) -> Layout:
@@ -364,15 +362,13 @@ class _Analyser:
         lay = self.env.get(x) if isinstance(x, fx.Node) else None
         if _tmeta(node) is None and not meth and t is not operator.getitem:
             return "meta"  # size arithmetic, asserts
-        if meth and t in _META_METHODS or (not meth and t is getattr):
+        if (meth and t in _META_METHODS) or (not meth and t is getattr):
             return "meta"
         if (meth and t in _UNARY_METHODS) or (not meth and t in _UNARY_FUNCTIONS):
             others = [a for a in node.all_input_nodes[1:] if self._has_slim(self.env.get(a))]
             if others:
                 self.freeze_inputs(node, f"{_op_name(node)} with several slimmed inputs")
                 return None
-            if (meth and t == "softmax") and lay is not None:
-                pass
             return lay
         if (meth and t in _BINARY_METHODS) or (not meth and t in _BINARY):
             return self.broadcast(node, [a for a in args[:2]])
@@ -417,7 +413,7 @@ class _Analyser:
         if not slim:
             return None
         d, segs = slim[0][1], slim[0][2].segs
-        for a, da, lay in slim[1:]:
+        for _, da, lay in slim[1:]:
             if da != d or not self.same_segs(segs, lay.segs):
                 self.freeze_inputs(node, f"{_op_name(node)} of tensors whose channels do not match")
                 return None

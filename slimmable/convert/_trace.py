@@ -73,6 +73,10 @@ def trace(model: nn.Module, max_retries: int = 50) -> tuple[fx.GraphModule, dict
 
 
 @torch.no_grad()
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run ``gm`` once on ``example``, storing every node's output shape in ``node.meta['tensor_meta']``."""
-    ShapeProp(gm).propagate(example)
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
+    """Run ``gm`` once on ``example``, storing every node's output shape in ``node.meta['tensor_meta']``.
+
+    Returns:
+        The output of ``gm`` (the original model's, as nothing is replaced yet).
+    """
+    return ShapeProp(gm).propagate(example)

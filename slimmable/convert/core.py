@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
@@ -108,7 +109,7 @@ def convert(
     p = next(iter(work.parameters()), None)
     if p is not None:
         example_input = example_input.to(p.device)
-    reference = propagate_shapes_out(gm, example_input)
+    reference = propagate_shapes(gm, example_input)
     an = analyse(gm, leaves)
     counts = _channel_counts(an, ws)
     built = _Builder(gm, an, ws, counts)
@@ -118,7 +119,8 @@ def convert(
     out.widths = ws
     report = built.report(type(src).__name__, out, leaves)
     out.conversion_report = report
-    set_width(out, 1.0) if converted else None
+    if converted:
+        set_width(out, 1.0)
     if check and isinstance(reference, torch.Tensor):
         out.eval()
         with torch.no_grad():
@@ -126,14 +128,6 @@ def convert(
         report.max_abs_diff = float((y - reference).abs().max())
     out.train(was_training)
     return out
-
-
-def propagate_shapes_out(gm: fx.GraphModule, example: torch.Tensor) -> object:
-    """:func:`propagate_shapes`, returning the output."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        return ShapeProp(gm).propagate(example)
 
 
 def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[int, ...]]:
@@ -149,7 +143,7 @@ def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[
         if info.frozen is not None:
             out[r] = tuple(c for _ in widths)
             continue
-        d8 = d * 8 // __import__("math").gcd(d, 8)
+        d8 = math.lcm(d, 8)  # multiples of 8 where the group is large enough (the MobileNets' rounding)
         if c % d8 == 0 and c // d8 >= 4:
             d = d8
         counts, prev = [], d
@@ -212,17 +206,14 @@ class _Builder:
             if node.op == "call_module" and calls[node.target] == 1:
                 new = self.replacement(node, modules[node.target])
                 if new is not None:
-                    self.gm.set_submodule(node.target, new) if hasattr(self.gm, "set_submodule") else _set(
-                        self.gm, node.target, new
-                    )
+                    _set(self.gm, node.target, new)
                     self.converted.add(node.target)
         for node, lay in self.an.params.items():
             if not self.slim(lay):
                 continue
-            path = f"{node.target}_select".replace(".", "_") if "." not in node.target else None
             parent, _, attr = node.target.rpartition(".")
             name = f"{parent}.{attr}_select" if parent else f"{attr}_select"
-            table = {w: (None if not self.slim(lay) else self.index(lay, i)) for i, w in enumerate(self.widths)}
+            table: dict[float, torch.Tensor | None] = {w: self.index(lay, i) for i, w in enumerate(self.widths)}
             table[self.widths[-1]] = None
             self.gm.add_submodule(name, ChannelSelect(lay.dim, table))
             with self.gm.graph.inserting_after(node):
@@ -231,7 +222,6 @@ class _Builder:
             sel.args = (node,)
             self.converted.add(name)
             self.selected_params.add(node.target)
-            del path
         self.gm.graph.lint()
         self.gm.recompile()
         return bool(self.converted)
@@ -289,9 +279,9 @@ class _Builder:
         for pname, p in out.named_parameters():
             n_params += p.numel()
             owner = pname.rpartition(".")[0]
-            if not isinstance(mods.get(owner), SlimModule) and pname not in self.selected_params:
-                if not _inside_slim(owner, mods):
-                    n_frozen += p.numel()
+            slim = isinstance(mods.get(owner), SlimModule) or _inside_slim(owner, mods)
+            if not slim and pname not in self.selected_params:
+                n_frozen += p.numel()
         return ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
 
 
@@ -323,8 +313,3 @@ def _missing_parent_chain(out: nn.Module, name: str) -> bool:
     except AttributeError:
         return True
     return False
-
-
-def iter_widths(model: nn.Module) -> Iterator[float]:
-    """The widths of a converted model, smallest first."""
-    yield from getattr(model, "widths", ())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,31 +56,21 @@ def create_torchvision_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if drop_rate:
-        params = _builder_params(arch)
-        if "dropout" not in params:
-            raise ValueError(f"{name} has no dropout argument; set model.drop_rate to 0")
         kwargs["dropout"] = drop_rate
-    if arch.startswith("googlenet") or arch.startswith("inception"):
+    if arch.startswith(("googlenet", "inception")):
         kwargs.setdefault("init_weights", True)
-    model = builder(weights=None, **kwargs)
+    try:
+        model = builder(weights=None, **kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"torchvision's {arch} does not take these arguments ({err}); model.drop_rate needs a builder with a "
+            "dropout argument, other keyword arguments go to the builder as they are"
+        ) from err
     if in_chans != 3 or small_input:
         _adapt_stem(model, in_chans, small_input)
     size = 224 if arch.startswith(("vit_", "swin_", "maxvit")) else 64
     model.eval()
     return convert(model, widths=widths, example_input=torch.randn(1, in_chans, size, size), width_range=width_range)
-
-
-def _builder_params(arch: str) -> set[str]:
-    import torchvision
-
-    fn = torchvision.models.get_model_builder(arch)
-    params = set(inspect.signature(fn).parameters)
-    cls_params: set[str] = set()
-    src = inspect.getsource(fn)
-    for cls in (c for c in vars(inspect.getmodule(fn)).values() if inspect.isclass(c) and c.__name__ in src):
-        if issubclass(cls, nn.Module):
-            cls_params |= set(inspect.signature(cls.__init__).parameters)
-    return params | cls_params
 
 
 def _adapt_stem(model: nn.Module, in_chans: int, small_input: bool) -> None:

@@ -118,3 +118,21 @@ def test_create_model_torchvision_in_chans_and_unknown_name() -> None:
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="mobilenet_v3_small"):
         slimmable.create_model("torchvision/mobilenet_v3_smal")
+
+
+def test_calibrate_bn_and_profile_work_on_a_converted_model() -> None:
+    from slimmable.search.cost import profile_widths
+    from slimmable.train import calibrate_bn
+
+    model = Concat().eval()
+    slim = slimmable.convert(model, widths=(0.5, 1.0), example_input=torch.randn(1, 3, 4, 4))
+    batches = [(torch.randn(8, 3, 4, 4) * 3 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    calibrate_bn(slim, batches, widths=[0.5])
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        feats = torch.cat([model.a(x)[:, :8], model.b(x)[:, :4]], 1)
+    # width 0.5's switch now holds the statistics of the calibration data; width 1.0's are untouched
+    torch.testing.assert_close(slim.bn.switches[0].running_mean, feats.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(slim.bn.running_mean, model.bn.running_mean)
+    macs = [p.macs for p in profile_widths(slim, input_size=(3, 4, 4), latency_runs=0)]
+    assert macs[0] < macs[1]
