@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=224, help="square input side (default 224)")
     parser.add_argument("--json", default="benchmarks/results/convert_zoo.json", help="where to write the results")
     args = parser.parse_args()
-    print(describe_machine())
+    info = machine_info()
+    print(describe_machine(info))
     rows = []
     header = "| model | groups slimmed | params frozen | MACs (M) at 0.25 / 0.5 / 0.75 / 1.0 | max abs diff at 1.0 |"
     lines = [header, "|---|---|---|---|---|"]
@@ -89,7 +90,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['groups_slimmed']} | {frozen} | {macs} | {r['max_abs_diff_at_1']:.1e} |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
-    write_json(args.json, {"machine": machine_info(), "input_size": args.input_size, "widths": WIDTHS, "rows": rows})
+    write_json(args.json, {"machine": info, "input_size": args.input_size, "widths": WIDTHS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -44,8 +44,15 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, max_retries: int = 50) -> tuple[fx.GraphModule, dict[str, str]]:
+def trace(
+    model: nn.Module, max_retries: int = 50, known_leaves: dict[str, str] | None = None
+) -> tuple[fx.GraphModule, dict[str, str]]:
     """Trace ``model`` with ``torch.fx``; each submodule whose forward fails to trace becomes a leaf.
+
+    Args:
+        model: the module to trace.
+        max_retries: most submodules to turn into leaves before giving up.
+        known_leaves: submodules already known to fail (``{path: error}``), traced as leaves from the start.
 
     Returns:
         The graph module and ``{module path: why it is a leaf}`` for the submodules that could not be traced.
@@ -53,7 +60,7 @@ def trace(model: nn.Module, max_retries: int = 50) -> tuple[fx.GraphModule, dict
     Raises:
         ValueError: the model's own ``forward`` cannot be traced (the message names the failure).
     """
-    leaves: dict[str, str] = {}
+    leaves: dict[str, str] = dict(known_leaves or {})
     for _ in range(max_retries):
         tracer = _Tracer(set(leaves))
         try:

@@ -104,6 +104,7 @@ def convert(
     was_training = src.training
     work = copy.deepcopy(src).eval()
     gm, leaves = trace(work)
+    notes = _training_branches(work, gm, leaves)
     if example_input is None:
         example_input = torch.randn(1, input_channels(src), 224, 224)
     p = next(iter(work.parameters()), None)
@@ -118,6 +119,7 @@ def convert(
     _restore_unused(out, work)
     out.widths = ws
     report = built.report(type(src).__name__, out, leaves)
+    report.notes.extend(notes)
     out.conversion_report = report
     if converted:
         set_width(out, 1.0)
@@ -128,6 +130,27 @@ def convert(
         report.max_abs_diff = float((y - reference).abs().max())
     out.train(was_training)
     return out
+
+
+def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str]) -> list[str]:
+    """A note when the forward branches on ``self.training``: the graph (traced in eval mode) then differs from
+    a trace in training mode, and the converted model follows the eval branch in training too."""
+    work.train()
+    try:
+        train_gm, _ = trace(work, known_leaves=leaves)
+    except ValueError:
+        return ["the model cannot be traced in training mode; the graph follows its eval-mode forward"]
+    finally:
+        work.eval()
+    if train_gm.code == gm.code:
+        return []
+    eval_ops = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    only_train = sorted({str(n.target) for n in train_gm.graph.nodes if n.op == "call_module"} - eval_ops)
+    extra = f" (training-only modules kept but unused: {', '.join(only_train[:5])})" if only_train else ""
+    return [
+        "the forward branches on self.training; the converted model follows the eval-mode graph in training "
+        f"mode too{extra}"
+    ]
 
 
 def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[int, ...]]:

@@ -30,6 +30,7 @@ class ConversionReport:
         params: parameters of the model.
         frozen_params: parameters never slimmed (in layers kept as they were).
         max_abs_diff: largest absolute difference to the original's output at width 1.0 on the example input.
+        notes: other things to know (e.g. a forward that branches on ``self.training``).
     """
 
     model: str
@@ -41,6 +42,7 @@ class ConversionReport:
     params: int = 0
     frozen_params: int = 0
     max_abs_diff: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def format(self, max_lines: int = 40) -> str:
         """Human-readable report (at most ``max_lines`` lines per section)."""
@@ -66,6 +68,7 @@ class ConversionReport:
                 lines.append(f"  ... {len(self.frozen_groups) - max_lines} more")
         for name, err in self.untraced.items():
             lines.append(f"not traced, kept whole: {name}: {err}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
