@@ -374,8 +374,20 @@ class _Analyser:
             return self.broadcast(node, [a for a in args[:2]])
         if not meth and t in (torch.cat, torch.concat):
             return self.cat(node)
-        if (meth and t == "flatten") or (not meth and t is torch.flatten):
+        if (meth and t in ("flatten", "squeeze", "unsqueeze")) or (
+            not meth and t in (torch.flatten, torch.squeeze, torch.unsqueeze)
+        ):
             return self.reshape(node, lay, check_args=False)
+        if meth and t == "expand_as":
+            return self.broadcast(node, list(args[:2]))
+        if meth and t == "expand":
+            if lay is None:
+                return None
+            d = lay.dim + len(_shape(node)) - len(_shape(x))
+            if _dynamic_arg(node, d):
+                return Layout(d, lay.segs)
+            self.freeze_inputs(node, "Tensor.expand with a fixed channel count")
+            return None
         if (meth and t in ("view", "reshape")) or (not meth and t is torch.reshape):
             return self.reshape(node, lay, check_args=True)
         if (meth and t == "permute") or (not meth and t is torch.permute):

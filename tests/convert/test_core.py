@@ -136,3 +136,35 @@ def test_calibrate_bn_and_profile_work_on_a_converted_model() -> None:
     torch.testing.assert_close(slim.bn.running_mean, model.bn.running_mean)
     macs = [p.macs for p in profile_widths(slim, input_size=(3, 4, 4), latency_runs=0)]
     assert macs[0] < macs[1]
+
+
+class UserSE(nn.Module):
+    """Squeeze-excitation as user code writes it: sizes read from the tensor, view, expand_as, squeeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32), nn.Sigmoid())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        b, c, _, _ = x.size()
+        y = self.fc(x.mean((2, 3)).view(b, c)).view(b, c, 1, 1)
+        x = x * y.expand_as(x)
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1))
+
+
+def test_user_written_squeeze_excitation_slims() -> None:
+    model = UserSE().eval()
+    x = torch.randn(2, 3, 8, 8)
+    slim = slimmable.convert(model, widths=(0.5, 1.0), example_input=x).eval()
+    report = slim.conversion_report
+    layers = sorted(sorted(g.layers) for g in report.groups)
+    # the excitation's output is tied to the convolution's channels by the multiply; its hidden layer slims alone
+    assert layers == [["conv", "fc.2"], ["fc.0"]], report.format()
+    assert not report.frozen_ops
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x))
+        slim.set_width(0.5)
+        torch.testing.assert_close(export_width(slim, 0.5, example=x)(x), slim(x))
