@@ -6,9 +6,9 @@ import argparse
 
 import torch
 
+from ..checkpoint import model_checkpoint, save_checkpoint
 from ..models import create_model
 from ..search.cost import count_macs
-from ..train.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint
 from ._common import format_table, parse_widths
 
 
@@ -52,15 +52,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"MACs at {args.input_size}x{args.input_size}:")
     print(format_table(["width", "MACs (M)"], rows))
     if args.out:
-        path = save_checkpoint(
-            args.out,
-            {
-                "format_version": CHECKPOINT_FORMAT_VERSION,
-                "model": model.state_dict(),
-                "model_name": model.model_name,
-                "model_kwargs": dict(model.model_kwargs, widths=list(model.widths)),
-                "widths": list(model.widths),
-            },
-        )
+        path = save_checkpoint(args.out, model_checkpoint(model))
         print(f"wrote {path}")
     return 0

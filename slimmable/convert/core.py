@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .._utils import input_channels, unwrap_model
-from ..nn import SlimModule, WidthTable, get_widths, make_divisible, normalize_widths, set_width, use_width
+from ..nn import SlimModule, Widths, WidthTable, get_widths, make_divisible, normalize_widths, set_width, use_width
 from ..nn.converted import (
     ChannelSelect,
     ConvertedBatchNorm2d,
@@ -51,7 +51,8 @@ class SlimGraphModule(fx.GraphModule):
         """Run at ``width`` inside a ``with`` block (see :func:`slimmable.use_width`)."""
         return use_width(self, width)
 
-    def get_widths(self) -> tuple:
+    def get_widths(self) -> Widths:
+        """The widths every slimmable layer supports (see :func:`slimmable.get_widths`)."""
         return get_widths(self)
 
     def __deepcopy__(self, memo: dict) -> SlimGraphModule:

@@ -94,8 +94,8 @@ def test_convert_rejects_widths_without_one() -> None:
 
 
 def test_torchvision_model_checkpoint_rebuilds(tmp_path: Path) -> None:
+    from slimmable.checkpoint import build_model_from_checkpoint
     from slimmable.cli.main import main
-    from slimmable.train.checkpoint import build_model_from_checkpoint
 
     out = tmp_path / "sq.pt"
     assert main(["convert", "torchvision/squeezenet1_1", "--widths", "0.5,1.0", "--num-classes", "7",
