@@ -1,5 +1,6 @@
 """slimmable: slimmable neural networks — one set of weights, several widths, switched at run time."""
 
+from .convert import convert
 from .models import create_model, list_models
 from .models.torchvision_weights import load_torchvision_weights
 from .nn import get_channels, get_width, get_widths, set_channels, set_width, use_width
@@ -8,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "convert",
     "create_model",
     "get_channels",
     "get_width",

@@ -69,13 +69,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(widths)} ONNX files and {manifest}")
         return 0
     ext = _EXTENSIONS[args.format]
+    stem = loaded.name.replace("/", "_")  # torchvision/<arch> names a file, not a folder
     jobs: list[tuple[str, dict]] = []
     if args.channels:
         spec = load_channel_spec(args.channels)
-        jobs.append((f"{loaded.name}_{spec_tag(spec)}{ext}", {"channels": spec}))
+        jobs.append((f"{stem}_{spec_tag(spec)}{ext}", {"channels": spec}))
     else:
         for w in parse_widths(args.width) or default_widths(model):
-            jobs.append((f"{loaded.name}_{width_tag(w)}{ext}", {"width": w}))
+            jobs.append((f"{stem}_{width_tag(w)}{ext}", {"width": w}))
     rows = []
     for filename, target in jobs:
         path = out / filename

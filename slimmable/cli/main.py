@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from ._common import describe_os_error
 
 # Sub-commands in the order ``--help`` lists them; each is the module ``slimmable.cli.<name>_cmd``.
-COMMANDS = ("train", "eval", "calibrate", "search", "report", "list", "profile", "export", "serve")
+COMMANDS = ("train", "eval", "calibrate", "search", "report", "list", "profile", "export", "serve", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

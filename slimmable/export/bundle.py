@@ -69,7 +69,7 @@ def export_bundle(
     result = None
     for w in widths:
         dense = export_width(model, w, fold_bn=fold_bn)
-        path = out / f"{name}_{width_tag(w)}.onnx"
+        path = out / f"{name.replace('/', '_')}_{width_tag(w)}.onnx"  # torchvision/<arch>: one file, no folder
         result = export_onnx(dense, path, input_size=shape, opset=opset, exporter=exporter)
         x1 = example_input(dense, shape, 1)
         entry: dict[str, Any] = {

@@ -62,7 +62,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``.
+        name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``, or ``"torchvision/<arch>"``: a
+            torchvision model with random weights, converted by :func:`slimmable.convert` (see
+            :func:`slimmable.convert.zoo.create_torchvision_model` for its arguments).
         **kwargs: passed to the model (``widths``, ``num_classes``, ``in_chans``, ``small_input``, ...);
             ``None`` values are dropped so that unset CLI/config fields keep the model's defaults.
 
@@ -72,6 +74,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             ``num_classes`` / ``in_chans`` below 1.
     """
     _check_arguments(name, kwargs)
+    if isinstance(name, str) and name.startswith("torchvision/"):  # a torchvision model, converted
+        from ..convert.zoo import create_torchvision_model
+
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        model = create_torchvision_model(name, **kwargs)
+        model.model_name = name
+        model.model_kwargs = dict(kwargs)
+        return model
     if name not in _MODEL_ENTRYPOINTS:
         near = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(near)}?" if near else ""

@@ -13,6 +13,14 @@ from .base import (
     use_width,
 )
 from .channels import ChannelRule, WidthRange, Widths, WidthTable, make_divisible, normalize_widths
+from .converted import (
+    ChannelSelect,
+    ConvertedBatchNorm2d,
+    IndexedSlimConv2d,
+    IndexedSlimLinear,
+    SlimGroupNorm,
+    SlimLayerNorm,
+)
 from .layers import (
     SharedBatchNorm2d,
     SlimConv2d,
@@ -24,8 +32,14 @@ from .layers import (
 
 __all__ = [
     "ChannelRule",
+    "ChannelSelect",
+    "ConvertedBatchNorm2d",
+    "IndexedSlimConv2d",
+    "IndexedSlimLinear",
     "SharedBatchNorm2d",
     "SlimConv2d",
+    "SlimGroupNorm",
+    "SlimLayerNorm",
     "SlimLinear",
     "SlimModule",
     "SwitchableBatchNorm2d",

@@ -1,0 +1,57 @@
+"""``slimmable convert torchvision/<arch>``: convert a torchvision model, print the report and MACs per width."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..checkpoint import model_checkpoint, save_checkpoint
+from ..models import create_model
+from ..search.cost import count_macs
+from ._common import format_table, parse_widths
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="make a torchvision model slimmable; print the conversion report and MACs per width",
+        description="Build a torchvision model (random weights; no download) and convert it with slimmable.convert: "
+        "coupled channels are found by tracing, layers become slimmable, what cannot be analysed stays at full "
+        "width. Prints the report (groups slimmed, layers frozen and why) and the MACs at each width; --out "
+        "saves a checkpoint that `slimmable eval/export --checkpoint` rebuild.",
+    )
+    p.add_argument("model", help="torchvision/<arch>, e.g. torchvision/resnet50")
+    p.add_argument("--widths", help="comma-separated widths, the largest 1.0 (default 0.25,0.5,0.75,1.0)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: torchvision's 1000)")
+    p.add_argument("--in-chans", type=int, help="input channels (default 3; others rebuild the first conv)")
+    p.add_argument("--small-input", action="store_true", help="first convolution with stride 1 (28-32 px images)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side for the MACs (default 224)")
+    p.add_argument("--out", metavar="PATH", help="save the converted model as a slimmable checkpoint")
+    p.add_argument("--verbose-report", action="store_true", help="list every slimmed group")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    widths = parse_widths(args.widths) or (0.25, 0.5, 0.75, 1.0)
+    model = create_model(
+        args.model,
+        widths=tuple(widths),
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        small_input=args.small_input or None,
+    )
+    report = model.conversion_report
+    print(report.format(max_lines=10_000 if args.verbose_report else 12))
+    model.eval()
+    x = torch.randn(1, args.in_chans or 3, args.input_size, args.input_size)
+    rows = []
+    for w in model.widths:
+        with model.use_width(w):
+            rows.append((f"{w:g}", f"{count_macs(model, x) / 1e6:.1f}"))
+    print(f"MACs at {args.input_size}x{args.input_size}:")
+    print(format_table(["width", "MACs (M)"], rows))
+    if args.out:
+        path = save_checkpoint(args.out, model_checkpoint(model))
+        print(f"wrote {path}")
+    return 0

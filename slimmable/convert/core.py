@@ -1,0 +1,339 @@
+"""``convert``: an existing model as a slimmable one (a ``torch.fx`` graph module of slimmable layers)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from .._utils import input_channels, unwrap_model
+from ..nn import SlimModule, Widths, WidthTable, get_widths, make_divisible, normalize_widths, set_width, use_width
+from ..nn.converted import (
+    ChannelSelect,
+    ConvertedBatchNorm2d,
+    IndexedSlimConv2d,
+    IndexedSlimLinear,
+    SlimGroupNorm,
+    SlimLayerNorm,
+)
+from ._coupling import Analysis, Layout, analyse
+from ._trace import propagate_shapes, trace
+from .report import ConversionReport, GroupReport
+
+__all__ = ["SlimGraphModule", "convert"]
+
+_logger = logging.getLogger(__name__)
+
+_EXTRA_ATTRS = ("widths", "width_range", "conversion_report", "model_name", "model_kwargs")
+
+
+class SlimGraphModule(fx.GraphModule):
+    """The model :func:`convert` returns: the original's graph with slimmable layers, same parameter names.
+
+    Attributes:
+        widths: the widths it runs at.
+        conversion_report: a :class:`~slimmable.convert.ConversionReport`.
+    """
+
+    widths: tuple[float, ...] = ()
+    width_range = None
+
+    def set_width(self, width: float) -> None:
+        """Switch every slimmable layer to ``width`` (see :func:`slimmable.set_width`)."""
+        set_width(self, width)
+
+    def use_width(self, width: float) -> contextlib.AbstractContextManager[nn.Module]:
+        """Run at ``width`` inside a ``with`` block (see :func:`slimmable.use_width`)."""
+        return use_width(self, width)
+
+    def get_widths(self) -> Widths:
+        """The widths every slimmable layer supports (see :func:`slimmable.get_widths`)."""
+        return get_widths(self)
+
+    def __deepcopy__(self, memo: dict) -> SlimGraphModule:
+        res = super().__deepcopy__(memo)
+        for name in _EXTRA_ATTRS:
+            if name in self.__dict__:
+                setattr(res, name, copy.deepcopy(self.__dict__[name], memo))
+        return res
+
+
+def convert(
+    model: nn.Module,
+    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    example_input: torch.Tensor | None = None,
+    width_range: tuple[float, float] | None = None,
+    *,
+    check: bool = True,
+) -> SlimGraphModule:
+    """A slimmable copy of ``model``; ``model`` itself is not modified.
+
+    The model is traced with ``torch.fx`` (in eval mode: Python branches on ``self.training`` take their eval
+    side, e.g. GoogLeNet's auxiliary heads are left out of the graph but kept as modules so the original state
+    dict still loads). Coupled channels are found on the graph (see :mod:`slimmable.convert._coupling`);
+    ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` (switchable, each width starting from the original
+    statistics), ``nn.GroupNorm`` and ``nn.LayerNorm`` become slimmable layers with the same parameter names;
+    squeeze-excitation blocks slim through their convolutions and multiply. What cannot be analysed keeps its
+    channels at every width, with everything tied to it, and the report says why.
+
+    Args:
+        model: any ``nn.Module`` taking one image tensor ``(N, C, H, W)``.
+        widths: the widths of the result; the largest must be 1.0 (the original model).
+        example_input: an input for tracing shapes, default ``randn(1, C, 224, 224)`` with the model's input
+            channels; give one when the model needs another size.
+        width_range: universally slimmable conversion (not supported yet; must be ``None``).
+        check: compare the result at width 1.0 with the original on ``example_input`` (recorded in the report).
+
+    Returns:
+        A :class:`SlimGraphModule` at width 1.0 in ``model``'s training mode, with ``widths`` and
+        ``conversion_report`` attributes.
+
+    Raises:
+        ValueError: bad widths, ``width_range`` given, or a model whose own forward cannot be traced.
+    """
+    if width_range is not None:
+        raise ValueError("convert(width_range=...) is not supported yet; give switch widths, e.g. widths=(0.5, 1.0)")
+    ws = normalize_widths(widths)
+    if ws[-1] != 1.0:
+        raise ValueError(f"the largest of widths {ws} must be 1.0 (the original model); add 1.0")
+    src = unwrap_model(model)
+    was_training = src.training
+    work = copy.deepcopy(src).eval()
+    gm, leaves = trace(work)
+    notes = _training_branches(work, gm, leaves)
+    if example_input is None:
+        example_input = torch.randn(1, input_channels(src), 224, 224)
+    p = next(iter(work.parameters()), None)
+    if p is not None:
+        example_input = example_input.to(p.device)
+    reference = propagate_shapes(gm, example_input)
+    an = analyse(gm, leaves)
+    counts = _channel_counts(an, ws)
+    built = _Builder(gm, an, ws, counts)
+    converted = built.apply()
+    out = SlimGraphModule(gm, gm.graph, class_name=type(src).__name__)
+    _restore_unused(out, work)
+    out.widths = ws
+    report = built.report(type(src).__name__, out, leaves)
+    report.notes.extend(notes)
+    out.conversion_report = report
+    if converted:
+        set_width(out, 1.0)
+    if check and isinstance(reference, torch.Tensor):
+        out.eval()
+        with torch.no_grad():
+            y = out(example_input)
+        report.max_abs_diff = float((y - reference).abs().max())
+    out.train(was_training)
+    return out
+
+
+def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str]) -> list[str]:
+    """A note when the forward branches on ``self.training``: the graph (traced in eval mode) then differs from
+    a trace in training mode, and the converted model follows the eval branch in training too."""
+    work.train()
+    try:
+        train_gm, _ = trace(work, known_leaves=leaves)
+    except ValueError:
+        return ["the model cannot be traced in training mode; the graph follows its eval-mode forward"]
+    finally:
+        work.eval()
+    if train_gm.code == gm.code:
+        return []
+    eval_ops = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    only_train = sorted({str(n.target) for n in train_gm.graph.nodes if n.op == "call_module"} - eval_ops)
+    extra = f" (training-only modules kept but unused: {', '.join(only_train[:5])})" if only_train else ""
+    return [
+        "the forward branches on self.training; the converted model follows the eval-mode graph in training "
+        f"mode too{extra}"
+    ]
+
+
+def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[int, ...]]:
+    """Channels per width of every group root (frozen: all at every width)."""
+    g = an.groups
+    out = {}
+    for r in g.roots():
+        info = g.info[r]
+        c = info.size
+        d = info.divisor
+        if info.frozen is None and (c % d or c < 2 or c // d < 2):
+            info.frozen = f"{c} channels cannot split into multiples of {d}"
+        if info.frozen is not None:
+            out[r] = tuple(c for _ in widths)
+            continue
+        d8 = math.lcm(d, 8)  # multiples of 8 where the group is large enough (the MobileNets' rounding)
+        if c % d8 == 0 and c // d8 >= 4:
+            d = d8
+        counts, prev = [], d
+        for w in widths:
+            n = min(c, max(d, make_divisible(c * w, d, min_value=d)))
+            n = max(n, prev)
+            counts.append(n)
+            prev = n
+        counts[-1] = c
+        out[r] = tuple(counts)
+    return out
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, an: Analysis, widths: tuple[float, ...], counts: dict) -> None:
+        self.gm, self.an, self.widths, self.counts = gm, an, widths, counts
+        self.g = an.groups
+        self.converted: set[str] = set()
+        self.selected_params: set[str] = set()
+
+    def seg_count(self, seg: tuple, i: int) -> int:
+        g, unit = seg
+        n = self.counts[self.g.find(g)][i] * unit
+        assert n.denominator == 1, "a count that is not whole survived the divisor constraints"
+        return int(n)
+
+    def slim(self, lay: object) -> bool:
+        return isinstance(lay, Layout) and any(self.g.get(g).frozen is None for g, _ in lay.segs)
+
+    def index(self, lay: Layout, i: int) -> torch.Tensor:
+        parts, off = [], 0
+        for s in lay.segs:
+            full = int(self.g.get(s[0]).size * s[1])
+            parts.append(torch.arange(off, off + self.seg_count(s, i)))
+            off += full
+        return torch.cat(parts)
+
+    def index_table(self, lay: object, prefix_as_none: bool = True) -> dict[float, torch.Tensor | None]:
+        if not self.slim(lay):
+            return {}
+        table = {}
+        for i, w in enumerate(self.widths):
+            idx = self.index(lay, i)
+            prefix = bool(torch.equal(idx, torch.arange(len(idx))))
+            table[w] = None if prefix and prefix_as_none else idx
+        return table
+
+    def out_rule(self, lay: object) -> WidthTable | None:
+        if not self.slim(lay) or len(lay.segs) != 1:
+            return None
+        return WidthTable.build(self.widths, [self.seg_count(lay.segs[0], i) for i in range(len(self.widths))])
+
+    def apply(self) -> bool:
+        modules = dict(self.gm.named_modules())
+        calls: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in list(self.gm.graph.nodes):
+            if node.op == "call_module" and calls[node.target] == 1:
+                new = self.replacement(node, modules[node.target])
+                if new is not None:
+                    _set(self.gm, node.target, new)
+                    self.converted.add(node.target)
+        for node, lay in self.an.params.items():
+            if not self.slim(lay):
+                continue
+            parent, _, attr = node.target.rpartition(".")
+            name = f"{parent}.{attr}_select" if parent else f"{attr}_select"
+            table: dict[float, torch.Tensor | None] = {w: self.index(lay, i) for i, w in enumerate(self.widths)}
+            table[self.widths[-1]] = None
+            self.gm.add_submodule(name, ChannelSelect(lay.dim, table))
+            with self.gm.graph.inserting_after(node):
+                sel = self.gm.graph.call_module(name, (node,))
+            node.replace_all_uses_with(sel)
+            sel.args = (node,)
+            self.converted.add(name)
+            self.selected_params.add(node.target)
+        self.gm.graph.lint()
+        self.gm.recompile()
+        return bool(self.converted)
+
+    def replacement(self, node: fx.Node, m: nn.Module) -> nn.Module | None:
+        env = self.an.layouts
+        x = node.args[0] if node.args else None
+        lin = env.get(x) if isinstance(x, fx.Node) else None
+        lout = env.get(node)
+        if type(m) is nn.Conv2d:
+            depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            rule = None if depthwise else self.out_rule(lout)
+            table = self.index_table(lin) if (m.groups == 1 or depthwise) else {}
+            if m.groups > 1 and not depthwise and self.slim(lin):
+                table = {w: None for w in self.widths}
+            if rule is None and not self.slim(lin):
+                return None
+            return IndexedSlimConv2d(m, rule, table or {w: None for w in self.widths})
+        if type(m) is nn.Linear:
+            rule = self.out_rule(lout)
+            if isinstance(lin, Layout) and lin.dim != len(node.meta["tensor_meta"].shape) - 1:
+                lin = None
+            if rule is None and not self.slim(lin):
+                return None
+            return IndexedSlimLinear(m, rule, self.index_table(lin) or {w: None for w in self.widths})
+        if type(m) is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
+            return ConvertedBatchNorm2d(m, self.index_table(lout, prefix_as_none=False))
+        if type(m) is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
+            return SlimGroupNorm(m, self.index_table(lout))
+        if isinstance(m, nn.LayerNorm) and self.slim(lout):
+            nd = len(node.meta["tensor_meta"].shape)
+            if type(m) is nn.LayerNorm and lout.dim == nd - 1:
+                return SlimLayerNorm(m, self.index_table(lout), channel_dim=-1)
+            if node.target in self.an.channel_first_norms and lout.dim == 1:
+                return SlimLayerNorm(m, self.index_table(lout), channel_dim=1)
+        return None
+
+    def report(self, name: str, out: nn.Module, leaves: dict[str, str]) -> ConversionReport:
+        groups, frozen = [], []
+        for r in self.g.roots():
+            info = self.g.info[r]
+            if not info.producers:
+                continue
+            if info.frozen is None:
+                groups.append(GroupReport(info.size, self.counts[r], tuple(info.producers)))
+            else:
+                frozen.append((tuple(info.producers), info.frozen))
+        seen, ops = set(), []
+        for where, why in self.an.frozen_ops:
+            if (where, why) not in seen:
+                seen.add((where, why))
+                ops.append((where, why))
+        n_params = n_frozen = 0
+        mods = dict(out.named_modules())
+        for pname, p in out.named_parameters():
+            n_params += p.numel()
+            owner = pname.rpartition(".")[0]
+            slim = isinstance(mods.get(owner), SlimModule) or _inside_slim(owner, mods)
+            if not slim and pname not in self.selected_params:
+                n_frozen += p.numel()
+        return ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
+
+
+def _inside_slim(path: str, mods: dict[str, nn.Module]) -> bool:
+    parts = path.split(".")
+    return any(isinstance(mods.get(".".join(parts[:i])), SlimModule) for i in range(1, len(parts)))
+
+
+def _set(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _restore_unused(out: nn.Module, work: nn.Module) -> None:
+    """Put back submodules the graph does not use (training-only heads), so that the original state dict loads."""
+    have = set(out.state_dict())
+    for name, mod in work.named_modules():
+        if not name:
+            continue
+        keys = {f"{name}.{k}" for k in mod.state_dict()}
+        if keys and not keys & have and _missing_parent_chain(out, name):
+            out.add_submodule(name, mod)
+            have |= keys
+
+
+def _missing_parent_chain(out: nn.Module, name: str) -> bool:
+    try:
+        out.get_submodule(name)
+    except AttributeError:
+        return True
+    return False

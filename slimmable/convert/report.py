@@ -1,0 +1,75 @@
+"""The conversion report: which channel groups slim, which layers stay frozen at full width and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ConversionReport", "GroupReport"]
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """A group of coupled channels that slims: its full size, its channels per width, the layers producing it."""
+
+    size: int
+    channels: tuple[int, ...]
+    layers: tuple[str, ...]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`slimmable.convert` did.
+
+    Attributes:
+        model: class name of the converted model.
+        widths: the widths of the result.
+        groups: channel groups that slim.
+        frozen_groups: ``(layers, reason)`` of channel groups kept at full width.
+        frozen_ops: ``(module, reason)`` of the modules and operations that froze channels.
+        untraced: ``{module: error}`` of submodules ``torch.fx`` could not trace (kept whole, frozen).
+        params: parameters of the model.
+        frozen_params: parameters never slimmed (in layers kept as they were).
+        max_abs_diff: largest absolute difference to the original's output at width 1.0 on the example input.
+        notes: other things to know (e.g. a forward that branches on ``self.training``).
+    """
+
+    model: str
+    widths: tuple[float, ...]
+    groups: list[GroupReport] = field(default_factory=list)
+    frozen_groups: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    frozen_ops: list[tuple[str, str]] = field(default_factory=list)
+    untraced: dict[str, str] = field(default_factory=dict)
+    params: int = 0
+    frozen_params: int = 0
+    max_abs_diff: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def format(self, max_lines: int = 40) -> str:
+        """Human-readable report (at most ``max_lines`` lines per section)."""
+        ws = ", ".join(f"{w:g}" for w in self.widths)
+        lines = [
+            f"{self.model}: {len(self.groups)} channel groups slimmed at widths ({ws}); "
+            f"{self.frozen_params:,} of {self.params:,} parameters frozen at full width",
+        ]
+        if self.max_abs_diff is not None:
+            lines.append(f"max |output - original| at width 1.0: {self.max_abs_diff:.3g}")
+        lines.append("slimmed groups (channels per width: layers):")
+        for g in self.groups[:max_lines]:
+            names = ", ".join(g.layers[:3]) + (f" (+{len(g.layers) - 3})" if len(g.layers) > 3 else "")
+            lines.append(f"  {'/'.join(map(str, g.channels))}: {names}")
+        if len(self.groups) > max_lines:
+            lines.append(f"  ... {len(self.groups) - max_lines} more")
+        if self.frozen_groups:
+            lines.append("frozen at full width (layers: why):")
+            for layers, why in self.frozen_groups[:max_lines]:
+                names = ", ".join(layers[:3]) + (f" (+{len(layers) - 3})" if len(layers) > 3 else "")
+                lines.append(f"  {names}: {why}")
+            if len(self.frozen_groups) > max_lines:
+                lines.append(f"  ... {len(self.frozen_groups) - max_lines} more")
+        for name, err in self.untraced.items():
+            lines.append(f"not traced, kept whole: {name}: {err}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
