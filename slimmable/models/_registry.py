@@ -53,6 +53,8 @@ def model_task(name: str) -> str:
     Raises:
         ValueError: unknown name.
     """
+    if name.startswith("torchvision/"):  # a torchvision classifier, converted (see create_model)
+        return "classification"
     if name not in _MODEL_TASKS:
         raise ValueError(f"unknown model {name!r}; see slimmable.list_models()")
     return _MODEL_TASKS[name]
