@@ -126,7 +126,8 @@ def evaluate_detector(
     if bad:
         raise ValueError(f"iou_types {bad} are not among {IOU_TYPES}")
     was_training = model.training
-    device = next(model.parameters()).device
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     model.eval()
     try:
         ws: tuple[float | None, ...] = _widths_of(model, widths) if _is_slim(model) else (None,)
