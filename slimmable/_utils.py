@@ -19,6 +19,7 @@ __all__ = [
     "example_input",
     "input_channels",
     "input_shape",
+    "plain",
     "unwrap_model",
     "write_json",
     "write_text",
@@ -56,6 +57,15 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def plain(obj: Any) -> Any:
+    """Mappings as dicts and tuples as lists, recursively: the plain containers of YAML, JSON and checkpoints."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path, unwrap_model
+from ._utils import atomic_path, plain, unwrap_model
 from .models import create_model
 from .nn import get_widths
 
@@ -165,16 +165,7 @@ def builds_same_model(checkpoint: Mapping[str, Any], model: nn.Module) -> bool:
     """Whether ``checkpoint`` records the name and kwargs that build ``model`` (tuples and lists alike)."""
     m = unwrap_model(model)
     same_name = checkpoint.get("model_name") == getattr(m, "model_name", None)
-    return same_name and _plain(checkpoint.get("model_kwargs")) == _plain(model_build_kwargs(m))
-
-
-def _plain(obj: Any) -> Any:
-    """Tuples as lists, recursively: checkpoints hold plain containers (tuples come back at the load boundary)."""
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    return same_name and plain(checkpoint.get("model_kwargs")) == plain(model_build_kwargs(m))
 
 
 def _as_tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,7 +189,7 @@ def model_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": m.state_dict(),
         "model_name": m.model_name,
-        "model_kwargs": _plain(kwargs),
+        "model_kwargs": plain(kwargs),
         "widths": list(get_widths(m).switches),
         **extra,
     }

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ._utils import write_text
+from ._utils import plain, write_text
 from .recipes import resolve_recipe
 
 __all__ = [
@@ -331,7 +331,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to ``config.yaml`` and into checkpoints."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -361,14 +361,6 @@ class RunConfig:
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 _SECTION_NAMES = ", ".join(_SECTIONS)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:
@@ -465,7 +457,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:  # plain keyword arguments (model.options): string keys, YAML scalars and lists as values
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise TypeError(f"{where} must be a mapping of names to values, got {value!r}")
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if tp is str:
         if not isinstance(value, str):
             raise TypeError(f"{where} must be a string, got {value!r}")
