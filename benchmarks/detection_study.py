@@ -80,7 +80,7 @@ class StudyConfig:
 
 
 QUICK = StudyConfig(
-    widths=(0.5, 1.0), steps=6, batch_size=2, train_images=4, test_images=4, warmup=1, hflip=0.0, lr=2e-3
+    widths=(0.5, 1.0), steps=6, batch_size=2, train_images=2, test_images=4, warmup=1, hflip=0.0, lr=2e-3
 )
 
 
