@@ -8,6 +8,7 @@ from pathlib import Path
 from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
 from ..export._io import spec_tag, width_tag
 from ..search.autoslim import load_channel_spec
+from ..search.cost import is_detector
 from ._common import format_table, parse_widths
 from ._deploy import _load_model, add_model_args, describe_source
 
@@ -44,6 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_detector_args(args: argparse.Namespace) -> None:
+    """Refuse what a detector export does not offer, naming the alternative."""
+    if args.bundle or args.channels or args.fold_bn:
+        flag = "--bundle" if args.bundle else "--channels" if args.channels else "--fold-bn"
+        raise ValueError(f"{flag} is not offered for detectors; export widths with --width (ONNX or --format pt)")
+    if args.format == "torchscript":
+        raise ValueError(
+            "detectors export to ONNX (--format onnx) or as a pickled module (--format pt), not TorchScript"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     loaded = _load_model(args)
     model = loaded.model
@@ -51,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     pre = loaded.preprocess or {}
     size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
     out = Path(args.out)
+    if is_detector(model):
+        _check_detector_args(args)
+        size = args.input_size  # None: the side the detector resizes images to
     if args.bundle:
         if args.channels:
             raise ValueError("--bundle exports widths; drop --channels (or export the spec without --bundle)")

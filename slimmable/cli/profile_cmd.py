@@ -8,7 +8,7 @@ import torch
 
 from .._utils import write_json
 from ..models import create_model
-from ..search.cost import profile_widths
+from ..search.cost import detector_image_size, is_detector, profile_widths
 from ._common import format_table, parse_widths
 
 
@@ -17,13 +17,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="MACs, active parameters and latency of a model at each width",
         description="Profile a slimmable model at each width: MACs (torch.utils.flop_counter, FLOPs/2), the "
-        "parameters a forward pass at that width uses, and median CPU/GPU latency.",
+        "parameters a forward pass at that width uses, and median CPU/GPU latency. Detectors (slim_*rcnn_*) are "
+        "profiled whole on one image at the side their transform resizes to (128 for the small variants, 800 for "
+        "R-50-FPN), with MACs per part (backbone, FPN, RPN, RoI heads).",
     )
     p.add_argument("model", help="registered model name, e.g. slim_mobilenet_v2 (see `slimmable list`)")
     p.add_argument("--widths", help="comma-separated widths to build and profile (default: the model's)")
-    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        help="square input side in pixels (default 224; detectors: their resize side, set with --min-size)",
+    )
+    p.add_argument("--min-size", type=int, help="detectors: the side images are resized to (min_size = max_size)")
+    p.add_argument("--in-chans", type=int, help="input channels (default 3; small detectors 1)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default 1000; detectors: their default)")
     p.add_argument("--small-input", action="store_true", help="build the stride-1 stem for 28-32 px images")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (default 1)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per width; 0 skips latency (default 20)")
@@ -34,15 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     widths = parse_widths(args.widths)
-    model = create_model(
-        args.model,
-        widths=widths,
-        num_classes=args.num_classes,
-        in_chans=args.in_chans,
-        small_input=args.small_input or None,
-    )
+    kwargs = {"widths": widths, "num_classes": args.num_classes, "in_chans": args.in_chans}
+    if args.min_size is not None:  # detectors only (a classification model refuses it, naming the argument)
+        kwargs.update(min_size=args.min_size, max_size=args.min_size)
+    model = create_model(args.model, **kwargs, small_input=args.small_input or None)
     model.to(torch.device(args.device)).eval()
-    profiles = profile_widths(model, args.input_size, batch_size=args.batch_size, latency_runs=args.runs)
+    if is_detector(model):
+        if args.input_size is not None and args.input_size != detector_image_size(model):
+            raise ValueError(
+                f"{args.model} resizes every image to {detector_image_size(model)} px, so --input-size "
+                f"{args.input_size} would not change what it computes; use --min-size {args.input_size} instead"
+            )
+        return _run_detector(args, model)
+    size = args.input_size or 224
+    profiles = profile_widths(model, size, batch_size=args.batch_size, latency_runs=args.runs)
     rows = [
         (
             p.width,
@@ -52,8 +64,36 @@ def run(args: argparse.Namespace) -> int:
         )
         for p in profiles
     ]
-    print(f"{args.model} at {args.input_size}x{args.input_size}, {args.num_classes} classes, device {args.device}")
+    classes = args.num_classes or 1000
+    print(f"{args.model} at {size}x{size}, {classes} classes, device {args.device}")
     print(format_table(["width", "MACs (M)", "params (M)", f"latency b{args.batch_size} (ms)"], rows))
+    if args.json:
+        path = write_json(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_detector(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    """The detector table: whole-detector MACs, params and latency, and MACs per part."""
+    profiles = profile_widths(model, batch_size=args.batch_size, latency_runs=args.runs)
+    rows = [
+        (
+            p.width,
+            f"{p.macs / 1e6:.1f}",
+            *(f"{p.parts[k] / 1e6:.1f}" for k in ("backbone.body", "backbone.fpn", "rpn", "roi_heads")),
+            f"{p.params / 1e6:.3f}",
+            _ms(p.latency_ms),
+        )
+        for p in profiles
+    ]
+    side = profiles[0].input_size
+    print(
+        f"{args.model} on one {side}x{side} image (the side its transform resizes to), {model.num_classes} classes, "
+        f"device {args.device}; RoI-head MACs depend on the number of proposals and detections"
+    )
+    lat = f"latency b{args.batch_size} (ms)"
+    head = ["width", "MACs (M)", "backbone", "FPN", "RPN", "RoI heads", "params (M)", lat]
+    print(format_table(head, rows))
     if args.json:
         path = write_json(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})
         print(f"wrote {path}")

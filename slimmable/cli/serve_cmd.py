@@ -12,6 +12,7 @@ import torch
 
 from ..export import default_widths
 from ..runtime import SlimmableRunner, retain_freed_memory
+from ..search.cost import is_detector
 from ..serve import PredictionServer, check_loopback
 from ._common import format_table, parse_widths
 from ._deploy import _load_model, add_model_args, describe_source
@@ -28,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="HTTP server on 127.0.0.1: predictions at a width or within a latency budget",
         description="Serve predictions over HTTP on a loopback address. POST /predict takes an image (raw bytes, "
         "multipart, or base64 in JSON) or a JSON tensor, plus width=W or budget_ms=B; the answer carries the top-k "
-        "classes, the width used and the time taken. GET /info shows the calibrated latency per width.",
+        "classes (a detector: boxes, labels, scores, masks as COCO RLE, keypoints), the width used and the time "
+        "taken. GET /info shows the calibrated latency per width.",
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1; no others)")
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = _load_model(args)
     pre = loaded.preprocess or {}
     size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
+    if is_detector(loaded.model):  # calibrated at the side it resizes images to, unless --input-size says otherwise
+        size = args.input_size
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
     except ValueError as err:

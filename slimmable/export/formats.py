@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..nn import get_width
+from ..search.cost import is_detector
 from ._io import atomic_path
 from .dense import example_input, export_channels, export_width, input_shape, is_dense
 
@@ -142,7 +143,7 @@ def export_onnx(
     *,
     width: float | None = None,
     channels: Mapping[str, int] | None = None,
-    input_size: int | Sequence[int] = 224,
+    input_size: int | Sequence[int] | None = None,
     opset: int | None = None,
     dynamic_batch: bool = True,
     fold_bn: bool = False,
@@ -153,14 +154,16 @@ def export_onnx(
     """Export ``model`` (at ``width``, with ``channels``, or already dense) to an ONNX file.
 
     The graph has one input ``input`` of shape ``(N, C, H, W)`` (``N`` dynamic when ``dynamic_batch``) and one
-    output ``logits`` ``(N, num_classes)``. The file is written atomically.
+    output ``logits`` ``(N, num_classes)``. The file is written atomically. A torchvision R-CNN detector is
+    exported by :func:`slimmable.export.detection.export_detector_onnx` (one image in; boxes, labels, scores,
+    masks or keypoints out; the TorchScript-based exporter).
 
     Args:
         model: a slimmable model or a dense module.
         path: the ``.onnx`` file to write.
         width: export this width of a slimmable model (default: its current width).
         channels: export this ChannelSpec instead.
-        input_size: image side, or ``(C, H, W)``.
+        input_size: image side, or ``(C, H, W)`` (default 224; a detector: the side it resizes images to).
         opset: ONNX opset (default 18 for the dynamo exporter, 17 for the TorchScript one).
         dynamic_batch: make the batch dimension dynamic.
         fold_bn: fold BN into convolutions first.
@@ -177,9 +180,11 @@ def export_onnx(
         ImportError: ``exporter="dynamo"`` without onnxscript, or ``verify`` without onnxruntime.
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
     """
+    if is_detector(model):
+        return _export_detector(model, path, width, channels, input_size, opset, fold_bn, exporter, verify, atol)
     which = _pick_exporter(exporter)
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = input_shape(dense, input_size)
+    shape = input_shape(dense, 224 if input_size is None else input_size)
     opset = opset or _DEFAULT_OPSET[which]
     with _eval_mode(dense), atomic_path(path) as tmp:
         x = example_input(dense, shape, batch_size=2 if dynamic_batch else 1)
@@ -220,6 +225,30 @@ def export_onnx(
     w = (getattr(dense, "export_info", None) or {}).get("width")
     _logger.debug("wrote %s (%s exporter, opset %d, max diff %s)", path, which, opset, diff)
     return ExportResult(Path(path), "onnx", w, diff, which, opset)
+
+
+def _export_detector(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    width: float | None,
+    channels: Mapping[str, int] | None,
+    input_size: int | Sequence[int] | None,
+    opset: int | None,
+    fold_bn: bool,
+    exporter: str,
+    verify: bool,
+    atol: float,
+) -> ExportResult:
+    from .detection import export_detector_onnx
+
+    if exporter == "dynamo":
+        raise ValueError(
+            "torchvision's detectors export with the TorchScript-based exporter only (the dynamo exporter does not "
+            "handle their data-dependent numbers of proposals and detections); use exporter='torchscript' or 'auto'"
+        )
+    if channels is not None or fold_bn:
+        raise ValueError("detectors export at a width; drop channels= and fold_bn= (BN folding is not offered)")
+    return export_detector_onnx(model, path, width=width, input_size=input_size, opset=opset, verify=verify, atol=atol)
 
 
 def verify_onnx(

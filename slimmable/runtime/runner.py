@@ -15,6 +15,14 @@ batch size, device, thread count and torch version. A budgeted call picks the wi
 Estimates adapt to drift (another process loading the CPU, thermal throttling): every call's measured latency
 updates an exponential moving average of ``measured / calibrated``, one factor shared by all widths, so a slowdown
 seen at one width also lowers the choice at the others, and the factor recovers when the load goes away.
+
+Detectors. A slimmable torchvision R-CNN detector (:mod:`slimmable.models.detection`) is served the same way:
+the dense copies are plain torchvision detectors (:func:`slimmable.export.export_width`), a call takes a list of
+``(C, H, W)`` images in [0, 1] of any size (or an ``(N, C, H, W)`` tensor), and the output is torchvision's list
+of dicts (``boxes``, ``labels``, ``scores``, plus ``masks`` or ``keypoints``). Latency is calibrated on square
+images at the side the detector resizes to (its transform resizes every image there, so the cost hardly depends
+on the size sent); with random or untrained weights the heads' work, and so the latency, varies with the number
+of detections.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from .._utils import unwrap_model
 from ..export._io import model_label, tensor_bytes, write_json
 from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import width_key
+from ..search.cost import detector_image_size, detector_images, is_detector
 from .allocator import freed_memory_retained
 
 __all__ = ["RunResult", "SlimmableRunner"]
@@ -58,14 +67,15 @@ class RunResult:
     """One call of the runner.
 
     Attributes:
-        output: the model's output, ``(N, num_classes)`` (an inference-mode tensor).
+        output: the model's output, ``(N, num_classes)`` (an inference-mode tensor); a detector's: one dict per
+            image (``boxes``, ``labels``, ``scores``, ``masks``/``keypoints``).
         width: the width that ran.
         latency_ms: measured wall time of the forward pass (excludes waiting for a concurrency slot).
         predicted_ms: the drift-adjusted estimate for this width and batch size (``None`` before calibration).
         budget_ms: the requested budget, if any.
     """
 
-    output: torch.Tensor
+    output: Any
     width: float
     latency_ms: float
     predicted_ms: float | None
@@ -88,7 +98,9 @@ class SlimmableRunner:
     Args:
         model: a slimmable model (not modified; the runner keeps dense copies).
         widths: widths to serve (default: the model's switches; at most 8 statistics widths of a US model).
-        input_size: image side or ``(C, H, W)``; inputs must have exactly this shape after the batch dimension.
+        input_size: image side or ``(C, H, W)``; inputs must have exactly this shape after the batch dimension
+            (default 224). A detector: the side of the calibration images (default the side it resizes to);
+            inputs may have any height and width.
         batch_sizes: batch sizes to calibrate; other batch sizes are estimated by linear inter/extrapolation.
         fold_bn: fold BN into convolutions in the dense copies (faster, same outputs up to float rounding).
         device: where the copies run (default: the model's device).
@@ -110,7 +122,7 @@ class SlimmableRunner:
         model: nn.Module,
         widths: Sequence[float] | None = None,
         *,
-        input_size: int | Sequence[int] = 224,
+        input_size: int | Sequence[int] | None = None,
         batch_sizes: Sequence[int] = (1,),
         fold_bn: bool = True,
         device: torch.device | str | None = None,
@@ -135,6 +147,9 @@ class SlimmableRunner:
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = p.dtype
         self.name = name or model_label(src)
+        self.is_detector = is_detector(src)
+        if input_size is None:
+            input_size = detector_image_size(src) if self.is_detector else 224
         self.input_shape = input_shape(src, input_size)
         self.fold_bn = fold_bn
         self.batch_sizes = tuple(sizes)
@@ -255,8 +270,11 @@ class SlimmableRunner:
 
     @torch.inference_mode()
     def _measure(self, batch_size: int, seconds: float) -> dict[float, float]:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn((batch_size, *self.input_shape), generator=gen).to(self.device, self.dtype)
+        if self.is_detector:
+            x: Any = detector_images(next(iter(self._dense.values())), self.input_shape, batch_size, seed=0)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn((batch_size, *self.input_shape), generator=gen).to(self.device, self.dtype)
         deadline = time.perf_counter() + seconds
         for w in self._widths:
             self._dense[w](x)  # warm-up: allocator, oneDNN primitive cache
@@ -271,7 +289,7 @@ class SlimmableRunner:
             rounds += 1
         return {w: 1e3 * statistics.median(s) for w, s in samples.items()}
 
-    def _timed(self, module: nn.Module, x: torch.Tensor) -> float:
+    def _timed(self, module: nn.Module, x: Any) -> float:
         t0 = time.perf_counter()
         module(x)
         self._sync()
@@ -417,17 +435,20 @@ class SlimmableRunner:
 
     # ------------------------------------------------------------------ inference
 
-    def __call__(self, x: torch.Tensor, *, width: float | None = None, budget_ms: float | None = None) -> torch.Tensor:
-        """Run ``x`` ``(N, C, H, W)`` at ``width`` or within ``budget_ms``; returns the output ``(N, classes)``."""
+    def __call__(self, x: Any, *, width: float | None = None, budget_ms: float | None = None) -> Any:
+        """Run ``x`` ``(N, C, H, W)`` at ``width`` or within ``budget_ms``; returns the output ``(N, classes)`` (a
+        detector: a list of images, and one detection dict per image)."""
         return self.run(x, width=width, budget_ms=budget_ms).output
 
-    def run(self, x: torch.Tensor, *, width: float | None = None, budget_ms: float | None = None) -> RunResult:
+    def run(self, x: Any, *, width: float | None = None, budget_ms: float | None = None) -> RunResult:
         """Run ``x`` at ``width``, at the widest width fitting ``budget_ms``, or (neither given) at the widest width.
 
         Thread-safe: concurrent calls at different widths run different read-only copies.
 
         Args:
             x: input ``(N, C, H, W)`` with ``(C, H, W)`` equal to :attr:`input_shape`; moved to the runner's device.
+                A detector: a list of ``(C, H, W)`` images in [0, 1] (any height and width), or a tensor
+                ``(N, C, H, W)`` / ``(C, H, W)``.
             width: one of :attr:`widths`.
             budget_ms: latency budget in milliseconds for this batch.
 
@@ -439,8 +460,8 @@ class SlimmableRunner:
             ValueError: wrong input shape, unknown width, both ``width`` and ``budget_ms``, or a budget below the
                 fastest width.
         """
-        x = self._check_input(x)
-        batch = int(x.shape[0])
+        x = self._check_images(x) if self.is_detector else self._check_input(x)
+        batch = len(x) if self.is_detector else int(x.shape[0])
         if width is not None and budget_ms is not None:
             raise ValueError("give either width or budget_ms, not both")
         if budget_ms is not None:
@@ -477,6 +498,24 @@ class SlimmableRunner:
                 "the runner with widths=[...] including it"
             )
         return k
+
+    def _check_images(self, x: Any) -> list[torch.Tensor]:
+        c = self.input_shape[0]
+        if isinstance(x, torch.Tensor):
+            x = [x] if x.dim() == 3 else list(x)
+        if not isinstance(x, (list, tuple)) or not x:
+            raise TypeError(f"a detector takes a non-empty list of ({c}, H, W) image tensors, got {type(x).__name__}")
+        out = []
+        for i, img in enumerate(x):
+            if not isinstance(img, torch.Tensor) or not img.is_floating_point():
+                raise TypeError(f"image {i} must be a floating-point tensor ({c}, H, W) in [0, 1]")
+            if img.dim() != 3 or img.shape[0] != c or min(img.shape[1:]) < 1:
+                raise ValueError(
+                    f"image {i} has shape {tuple(img.shape)}; this detector takes ({c}, H, W) images in [0, 1] "
+                    f"(any H and W; convert to {c} channel{'s' if c > 1 else ''})"
+                )
+            out.append(img.to(device=self.device, dtype=self.dtype))
+        return out
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -517,7 +556,7 @@ class SlimmableRunner:
         if self._base:
             for b in self.batch_sizes:
                 tables[str(b)] = {f"{w:g}": round(self.base_latency(w, b), 4) for w in self._widths}
-        return {
+        info = {
             "model": self.name,
             "widths": list(self._widths),
             "input_shape": list(self.input_shape),
@@ -534,6 +573,9 @@ class SlimmableRunner:
                 "per_width": {f"{w:g}": b for w, b in mem["per_width"].items()},
             },
         }
+        if self.is_detector:
+            info["task"] = "detection"
+        return info
 
 
 def _share_identical(modules: Sequence[nn.Module]) -> int:

@@ -5,6 +5,12 @@ is the convention of the official tables' ``flop_counter`` column. Active parame
 forward pass at the current width actually uses (the official profiler reports the full count at every width):
 each slimmable layer reports its own (:meth:`slimmable.nn.SlimModule.active_params`), other layers count their
 parameters.
+
+Detectors (torchvision's R-CNN models, :mod:`slimmable.models.detection`) take a list of ``(C, H, W)`` images;
+every function here accepts such a list where it takes an input batch. :func:`detector_images` builds one at the
+size the detector's transform resizes to (so the count is the detector's real cost), and
+:func:`count_macs_by_part` splits the MACs of one forward pass by submodule (backbone, FPN, RPN, RoI heads). The
+heads' MACs depend on the number of proposals and detections, and so on the weights and the image.
 """
 
 from __future__ import annotations
@@ -12,17 +18,79 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._utils import example_input
+from .._utils import example_input, input_channels, unwrap_model
 from ..nn import get_widths, slim_modules, use_width
 
-__all__ = ["WidthProfile", "count_active_params", "count_macs", "measure_latency", "profile_widths"]
+__all__ = [
+    "DETECTOR_PARTS",
+    "WidthProfile",
+    "count_active_params",
+    "count_macs",
+    "count_macs_by_part",
+    "detector_image_size",
+    "detector_images",
+    "is_detector",
+    "measure_latency",
+    "profile_widths",
+]
+
+#: an input batch: ``(N, C, H, W)``, or for a detector a list of ``(C, H, W)`` images
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+#: the parts of a torchvision R-CNN detector that :func:`profile_widths` reports MACs for
+DETECTOR_PARTS = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
+
+
+def is_detector(model: nn.Module) -> bool:
+    """``True`` for a torchvision R-CNN detector (``GeneralizedRCNN``: Faster, Mask, Keypoint R-CNN), slimmable or
+    exported; wrappers (DDP, ``torch.compile``) are looked through."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    return isinstance(unwrap_model(model), GeneralizedRCNN)
+
+
+def detector_image_size(model: nn.Module) -> int:
+    """The side a detector's transform resizes a square image to: ``min(min_size, max_size)`` (800 for
+    torchvision's R-50-FPN settings, 128 for the small variants). Profiling at this side measures what the
+    detector really computes, whatever the size of the image it is given."""
+    t = unwrap_model(model).transform
+    return int(min(max(t.min_size), t.max_size))
+
+
+def detector_images(
+    model: nn.Module, input_size: int | Sequence[int] | None = None, batch_size: int = 1, seed: int | None = 0
+) -> list[torch.Tensor]:
+    """A list of ``batch_size`` random images ``(C, H, W)`` in [0, 1] for a detector, on its device and dtype.
+
+    Args:
+        model: the detector.
+        input_size: a square side, or ``(C, H, W)``; default :func:`detector_image_size` with the model's input
+            channels.
+        batch_size: number of images.
+        seed: seed of a local generator (``None``: the global RNG).
+    """
+    if input_size is None:
+        input_size = detector_image_size(model)
+    if isinstance(input_size, int):
+        shape = (input_channels(model), input_size, input_size)
+    else:
+        shape = tuple(int(s) for s in input_size)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_size {tuple(input_size)} must be a side such as 128 or a (C, H, W) triple")
+    p = next(iter(model.parameters()))
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return [torch.rand(shape, generator=gen).to(p.device, p.dtype) for _ in range(batch_size)]
+
+
+def _is_cuda(x: Inputs) -> bool:
+    return (x if isinstance(x, torch.Tensor) else x[0]).is_cuda
 
 
 @contextlib.contextmanager
@@ -38,12 +106,12 @@ def _maybe_eval(model: nn.Module, eval_mode: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int:
+def count_macs(model: nn.Module, x: Inputs, eval_mode: bool = True) -> int:
     """Multiply-accumulates of one forward pass of ``model`` on ``x`` at its current width (FLOPs / 2).
 
     Args:
         model: the model, at the width to count.
-        x: an input batch.
+        x: an input batch (a detector: a list of images).
         eval_mode: run in eval mode (restored after); ``False`` keeps the modes as they are (channel search
             normalises universally slimmable layers with batch statistics).
 
@@ -56,10 +124,65 @@ def count_macs(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int
 
 
 @torch.no_grad()
-def count_active_params(model: nn.Module, x: torch.Tensor, eval_mode: bool = True) -> int:
+def count_macs_by_part(
+    model: nn.Module, x: Inputs, parts: Sequence[str] | None = None, eval_mode: bool = True
+) -> dict[str, int]:
+    """MACs of one forward pass of ``model`` on ``x``, split by submodule.
+
+    Args:
+        model: the model, at the width to count.
+        x: an input batch (a detector: a list of images).
+        parts: qualified submodule names (``model.get_submodule`` names); default :data:`DETECTOR_PARTS` for a
+            detector.
+        eval_mode: as in :func:`count_macs`.
+
+    Returns:
+        ``{part: MACs}`` for each part, plus ``"total"`` (everything, including what no part covers).
+
+    Raises:
+        ValueError: a part is not a submodule of ``model``, or no default parts exist for this model.
+    """
+    model = unwrap_model(model)
+    if parts is None:
+        if not is_detector(model):
+            raise ValueError(f"{type(model).__name__} has no default parts; pass parts=['features', ...]")
+        parts = DETECTOR_PARTS
+    for name in parts:
+        try:
+            model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{name!r} is not a submodule of {type(model).__name__}: {err}") from err
+    with _maybe_eval(model, eval_mode), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = {name: _subtree_flops(counts, f"{root}.{name}") // 2 for name in parts}
+    out["total"] = counter.get_total_flops() // 2
+    return out
+
+
+def _subtree_flops(counts: Mapping[str, Mapping[object, int]], key: str) -> int:
+    """FLOPs under the module ``key``: its own count when it was called, else the sum over its outermost called
+    descendants (a slimmable backbone runs its stages without calling itself; FlopCounterMode counts a FLOP at
+    every called module above it, so only the outermost ones are summed)."""
+    if key in counts:
+        return sum(counts[key].values())
+    total = 0
+    for k, per_op in counts.items():
+        if not k.startswith(key + "."):
+            continue
+        rest = k[len(key) + 1 :].split(".")
+        if not any(f"{key}.{'.'.join(rest[:i])}" in counts for i in range(1, len(rest))):
+            total += sum(per_op.values())
+    return total
+
+
+@torch.no_grad()
+def count_active_params(model: nn.Module, x: Inputs, eval_mode: bool = True) -> int:
     """Learnable parameters used by a forward pass at the current width (other switches' BNs excluded).
 
-    ``x`` is an input batch (only its first two images are used); ``eval_mode`` as in :func:`count_macs`.
+    ``x`` is an input batch or a detector's list of images (only the first two are used); ``eval_mode`` as in
+    :func:`count_macs`.
     """
     total = 0
     seen: set[int] = set()
@@ -92,11 +215,9 @@ def count_active_params(model: nn.Module, x: torch.Tensor, eval_mode: bool = Tru
 
 
 @torch.no_grad()
-def measure_latency(
-    model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5, eval_mode: bool = True
-) -> float:
+def measure_latency(model: nn.Module, x: Inputs, runs: int = 30, warmup: int = 5, eval_mode: bool = True) -> float:
     """Median wall time of one forward pass on ``x`` (eval mode unless ``eval_mode=False``), in milliseconds."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if _is_cuda(x) else (lambda: None)
     with _maybe_eval(model, eval_mode):
         for _ in range(warmup):
             model(x)
@@ -112,21 +233,30 @@ def measure_latency(
 
 @dataclass(frozen=True)
 class WidthProfile:
-    """Cost of one width: MACs and active parameters per image, latency at ``batch_size``."""
+    """Cost of one width: MACs and active parameters per image, latency at ``batch_size``.
+
+    ``parts`` (detectors only): MACs per image of each of :data:`DETECTOR_PARTS`, and the input side profiled.
+    """
 
     width: float
     macs: int
     params: int
     latency_ms: float | None
     batch_size: int
+    parts: Mapping[str, int] | None = field(default=None)
+    input_size: int | None = field(default=None)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("parts", "input_size"):  # classification profiles keep their keys
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def profile_widths(
     model: nn.Module,
-    input_size: int | Sequence[int] = 224,
+    input_size: int | Sequence[int] | None = None,
     widths: Sequence[float] | None = None,
     batch_size: int = 1,
     latency_runs: int = 30,
@@ -134,24 +264,35 @@ def profile_widths(
     """Profile ``model`` at each width: MACs, active parameters, and (if ``latency_runs`` > 0) latency.
 
     Args:
-        model: a slimmable model (its width is restored afterwards).
-        input_size: image side (square, the model's input channels) or a full ``(C, H, W)``.
+        model: a slimmable model (its width is restored afterwards), or a slimmable detector.
+        input_size: image side (square, the model's input channels) or a full ``(C, H, W)``; default 224, for a
+            detector the side its transform resizes to (:func:`detector_image_size`). A detector resizes every
+            square image to that side, so to profile it at another size build it with ``min_size=max_size=S``.
         widths: widths to profile; default the model's switches (for a US model: its stored-statistics widths).
         batch_size: batch size for the latency measurement (MACs and params are per image).
         latency_runs: timed runs per width; 0 skips latency.
 
     Returns:
-        One :class:`WidthProfile` per width, in the order given.
+        One :class:`WidthProfile` per width, in the order given; a detector's carries MACs per part.
     """
     if widths is None:
         widths = get_widths(model).switches
-    x1 = example_input(model, input_size, 1, seed=None)
-    xb = example_input(model, input_size, batch_size, seed=None)
+    detector = is_detector(model)
+    if detector:
+        side = input_size if input_size is not None else detector_image_size(model)
+        x1: Inputs = detector_images(model, side, 1, seed=0)
+        xb: Inputs = detector_images(model, side, batch_size, seed=0)
+    else:
+        input_size = 224 if input_size is None else input_size
+        x1 = example_input(model, input_size, 1, seed=None)
+        xb = example_input(model, input_size, batch_size, seed=None)
     out = []
     for w in widths:
         with use_width(model, w):
-            macs = count_macs(model, x1)
+            parts = count_macs_by_part(model, x1) if detector else None
+            macs = parts.pop("total") if parts is not None else count_macs(model, x1)
             params = count_active_params(model, x1)
             lat = measure_latency(model, xb, runs=latency_runs) if latency_runs > 0 else None
-        out.append(WidthProfile(float(w), int(macs), int(params), lat, batch_size))
+        size = detector_image_size(model) if detector else None  # a square image is resized to this side
+        out.append(WidthProfile(float(w), int(macs), int(params), lat, batch_size, parts, size))
     return out

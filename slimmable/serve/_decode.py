@@ -159,6 +159,66 @@ def decode_image(
     return x.unsqueeze(0)
 
 
+def decode_detection_image(data: bytes, channels: int) -> torch.Tensor:
+    """Decode image bytes for a detector: ``(C, H, W)`` in [0, 1] at the image's own size (the detector
+    normalises and resizes it itself).
+
+    Raises:
+        BadRequest: not an image, a corrupt or oversized one.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
+
+    if not data:
+        raise BadRequest("the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise BadRequest(
+                f"the image has {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; "
+                "downscale it",
+                413,
+            )
+        img.load()
+        mode = "RGB" if channels == 3 else "L"
+        if img.mode != mode:
+            img = img.convert(mode)
+    except BadRequest:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
+    return TF.to_tensor(img)
+
+
+def decode_detection_tensor(obj: Any, channels: int, max_batch: int, max_pixels: int) -> list[torch.Tensor]:
+    """A JSON nested list ``(C, H, W)`` or ``(N, C, H, W)`` (values in [0, 1], any H and W) as a list of images.
+
+    Raises:
+        BadRequest: not a rectangular list of finite numbers, the wrong channels, too many images or pixels.
+    """
+    if not isinstance(obj, list):
+        raise BadRequest(
+            f"'tensor' must be a nested list of numbers of shape ({channels}, H, W) or (N, {channels}, H, W)"
+        )
+    try:
+        x = torch.tensor(obj, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
+        raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != channels or min(x.shape) < 1:
+        raise BadRequest(
+            f"'tensor' has shape {tuple(x.shape)}; this detector takes ({channels}, H, W) or (N, {channels}, H, W)"
+        )
+    if x.shape[0] > max_batch:
+        raise BadRequest(f"'tensor' holds {x.shape[0]} images; at most {max_batch} per request", 413)
+    if x.shape[-1] * x.shape[-2] > max_pixels:
+        raise BadRequest(f"the images have {x.shape[-2]}x{x.shape[-1]} pixels, more than the {max_pixels} allowed", 413)
+    if not bool(torch.isfinite(x).all()):
+        raise BadRequest("'tensor' holds NaN or infinite values")
+    return list(x)
+
+
 def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch.Tensor:
     """A JSON nested list ``(C, H, W)`` or ``(N, C, H, W)`` as a float32 tensor ``(N, C, H, W)``.
 

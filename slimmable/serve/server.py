@@ -24,6 +24,13 @@ Routes:
   "budget_ms", "budget_met", "inference_ms", "predicted_ms", "total_ms", "batch_size"}``. Neither width nor
   budget runs the widest width.
 
+  A detector (the runner serves a slimmable R-CNN detector) takes images of any size, sent as they are (the
+  detector normalises and resizes them; a JSON tensor holds values in [0, 1]), and answers ``"detections"``
+  instead of ``"predictions"``: one list per image of ``{"box": [x1, y1, x2, y2], "label", "label_name"?,
+  "score"}``, plus ``"mask"`` as COCO RLE (``{"size": [H, W], "counts": str}``, the mask thresholded at 0.5;
+  ``pycocotools.mask.decode`` reads it) for Mask R-CNN, and ``"keypoints"`` ``[[x, y, visible], ...]`` with
+  ``"keypoint_scores"`` for Keypoint R-CNN. ``min_score`` (a request field) drops detections scoring below it.
+
 Bad requests get a 4xx JSON ``{"error": message, "status": code}``; an unexpected failure a 500. Either way the
 server keeps serving.
 
@@ -55,7 +62,17 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 
 from ..runtime import SlimmableRunner
-from ._decode import MAX_IMAGE_PIXELS, BadRequest, Budget, decode_image, decode_tensor, image_pixels, number_param
+from ._decode import (
+    MAX_IMAGE_PIXELS,
+    BadRequest,
+    Budget,
+    decode_detection_image,
+    decode_detection_tensor,
+    decode_image,
+    decode_tensor,
+    image_pixels,
+    number_param,
+)
 
 __all__ = ["BadRequest", "PredictionServer", "check_loopback"]
 
@@ -218,8 +235,9 @@ class PredictionServer(ThreadingHTTPServer):
 
     # ------------------------------------------------------------------ request handling (called by _Handler)
 
-    def predict(self, x: torch.Tensor, params: Mapping[str, Any], t0: float) -> dict[str, Any]:
-        """Run ``x`` ``(N, C, H, W)`` with the request's ``width``/``budget_ms``/``top_k`` and build the answer.
+    def predict(self, x: Any, params: Mapping[str, Any], t0: float) -> dict[str, Any]:
+        """Run ``x`` ``(N, C, H, W)`` (a detector: a list of images, or one ``(C, H, W)``) with the request's
+        ``width``/``budget_ms``/``top_k`` (a detector: ``min_score``) and build the answer.
 
         Raises:
             BadRequest: bad parameters, an unknown width, or a budget below the fastest width.
@@ -229,10 +247,22 @@ class PredictionServer(ThreadingHTTPServer):
         if width is not None and budget is not None:
             raise BadRequest("give either width or budget_ms, not both")
         top_k = number_param(params, "top_k")
+        min_score = number_param(params, "min_score") if self.runner.is_detector else None
         try:
             result = self.runner.run(x, width=width, budget_ms=budget)
         except (ValueError, TypeError) as err:
             raise BadRequest(str(err)) from err
+        timing = {
+            "width": result.width,
+            "budget_ms": result.budget_ms,
+            "budget_met": result.budget_met,
+            "inference_ms": round(result.latency_ms, 4),
+            "predicted_ms": None if result.predicted_ms is None else round(result.predicted_ms, 4),
+        }
+        if self.runner.is_detector:
+            dets = [self._detections(d, min_score or 0.0) for d in result.output]
+            total = {"total_ms": round(1e3 * (time.perf_counter() - t0), 4), "batch_size": len(dets)}
+            return {"detections": dets, **timing, **total}
         probs = torch.softmax(result.output.float(), dim=1)
         k = max(1, min(int(top_k) if top_k else self.top_k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
@@ -251,6 +281,36 @@ class PredictionServer(ThreadingHTTPServer):
             "batch_size": int(x.shape[0]),
         }
 
+    def _detections(self, det: Mapping[str, torch.Tensor], min_score: float) -> list[dict[str, Any]]:
+        """One image's detections as JSON objects (masks as COCO RLE with ``counts`` a str)."""
+        keep = det["scores"] >= min_score
+        boxes = det["boxes"][keep].float().tolist()
+        labels = det["labels"][keep].tolist()
+        scores = det["scores"][keep].float().tolist()
+        out = []
+        for b, c, sc in zip(boxes, labels, scores):
+            entry: dict[str, Any] = {"box": [round(v, 3) for v in b], "label": int(c)}
+            if self.labels is not None and 0 <= c < len(self.labels):
+                entry["label_name"] = self.labels[c]
+            entry["score"] = round(float(sc), 6)
+            out.append(entry)
+        if "masks" in det:
+            import numpy as np
+            from pycocotools import mask as mask_utils
+
+            masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            for entry, m in zip(out, masks):
+                rle = mask_utils.encode(np.asfortranarray(m))
+                entry["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        if "keypoints" in det:
+            kps = det["keypoints"][keep].float().tolist()
+            kp_scores = det["keypoints_scores"][keep].float().tolist() if "keypoints_scores" in det else None
+            for i, (entry, kp) in enumerate(zip(out, kps)):
+                entry["keypoints"] = [[round(x, 3), round(y, 3), int(v > 0)] for x, y, v in kp]
+                if kp_scores is not None:
+                    entry["keypoint_scores"] = [round(v, 4) for v in kp_scores[i]]
+        return out
+
     def decode_image(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess an image within the bounds: its pixels (from the header) are reserved from
         :attr:`pixel_budget` first (:class:`Busy`, 503, when full), then it waits for one of the decode slots.
@@ -259,6 +319,8 @@ class PredictionServer(ThreadingHTTPServer):
             BadRequest: not an image, too large (413), or the server is at its pixel bound (503).
         """
         with self.pixel_budget.reserve(image_pixels(data)), self.decode_slots:
+            if self.runner.is_detector:  # as it is: the detector normalises and resizes
+                return decode_detection_image(data, self.runner.input_shape[0])
             return decode_image(data, self.runner.input_shape, self.mean, self.std, self.resize)
 
     def _entry(self, d: dict[str, Any], index: int) -> dict[str, Any]:
@@ -346,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the body ended after {len(body)} of {n} bytes")
         return body
 
-    def _parse(self, body: bytes, query: dict[str, str]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _parse(self, body: bytes, query: dict[str, str]) -> tuple[Any, dict[str, Any]]:
         srv = self.server
         shape = srv.runner.input_shape
         ctype = self.headers.get_content_type()
@@ -362,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest('the JSON body must be an object such as {"tensor": [...], "width": 0.5}')
             params.update({k: v for k, v in obj.items() if k not in ("tensor", "image_base64")})
             if "tensor" in obj:
+                if srv.runner.is_detector:
+                    return decode_detection_tensor(obj["tensor"], shape[0], srv.max_batch, MAX_IMAGE_PIXELS), params
                 return decode_tensor(obj["tensor"], shape, srv.max_batch), params
             if "image_base64" in obj:
                 try:
