@@ -124,30 +124,12 @@ def decode_image(
     Raises:
         BadRequest: not an image, a corrupt or oversized one, or a model input that is not an image.
     """
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as TF
 
     c, h, w = (int(s) for s in input_shape)
     if c not in (1, 3):
         raise BadRequest(f"this model takes {c}-channel inputs, which are not images; send a tensor instead")
-    if not data:
-        raise BadRequest("the image is empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise BadRequest(
-                f"the image has {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; "
-                "downscale it",
-                413,
-            )
-        img.load()
-        mode = "RGB" if c == 3 else "L"
-        if img.mode != mode:  # convert() copies even to the same mode: a second full-size image in memory
-            img = img.convert(mode)
-    except BadRequest:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
+    img = _open_image(data, c)
     img = TF.resize(img, resize if resize else round(min(h, w) / 0.875), antialias=True)
     img = TF.center_crop(img, [h, w])
     x = TF.to_tensor(img)
@@ -166,8 +148,14 @@ def decode_detection_image(data: bytes, channels: int) -> torch.Tensor:
     Raises:
         BadRequest: not an image, a corrupt or oversized one.
     """
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as TF
+
+    return TF.to_tensor(_open_image(data, channels))
+
+
+def _open_image(data: bytes, channels: int) -> Any:
+    """The PIL image in ``data``, in grey (1 channel) or RGB (3), refusing empty, oversized and corrupt bodies."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadRequest("the image is empty (0 bytes)")
@@ -181,13 +169,13 @@ def decode_detection_image(data: bytes, channels: int) -> torch.Tensor:
             )
         img.load()
         mode = "RGB" if channels == 3 else "L"
-        if img.mode != mode:
+        if img.mode != mode:  # convert() copies even to the same mode: a second full-size image in memory
             img = img.convert(mode)
     except BadRequest:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
-    return TF.to_tensor(img)
+    return img
 
 
 def decode_detection_tensor(obj: Any, channels: int, max_batch: int, max_pixels: int) -> list[torch.Tensor]:
