@@ -69,8 +69,12 @@ def main() -> None:
     ]
     slim = _run("slimmable", common, args.out, args.latency_runs)
     single = {
-        w: _run(f"individual_{w:g}", [*common, "model.widths=[1.0]", f"model.options={{width_mult: {w}}}"], args.out,
-                args.latency_runs)
+        w: _run(
+            f"individual_{w:g}",
+            [*common, "model.widths=[1.0]", f"model.options={{width_mult: {w}}}"],
+            args.out,
+            args.latency_runs,
+        )
         for w in WIDTHS
     }
     rows = []
