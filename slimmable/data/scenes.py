@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .._utils import write_text
 from .datasets import load_fashion_mnist
 
 __all__ = [
@@ -145,9 +146,7 @@ def make_scenes(
     }
     data = {"info": info, "images": coco_images, "annotations": annotations, "categories": categories}
     path = out / "annotations.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_text(path, json.dumps(data))  # atomic: its presence means the scenes are complete
     _logger.info("wrote %d scenes with %d objects to %s", num_images, len(annotations), out)
     return path
 

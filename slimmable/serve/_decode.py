@@ -184,16 +184,7 @@ def decode_detection_tensor(obj: Any, channels: int, max_batch: int, max_pixels:
     Raises:
         BadRequest: not a rectangular list of finite numbers, the wrong channels, too many images or pixels.
     """
-    if not isinstance(obj, list):
-        raise BadRequest(
-            f"'tensor' must be a nested list of numbers of shape ({channels}, H, W) or (N, {channels}, H, W)"
-        )
-    try:
-        x = torch.tensor(obj, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
-        raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
+    x = _batch_from_json(obj, f"({channels}, H, W) or (N, {channels}, H, W)")
     if x.dim() != 4 or x.shape[1] != channels or min(x.shape) < 1:
         raise BadRequest(
             f"'tensor' has shape {tuple(x.shape)}; this detector takes ({channels}, H, W) or (N, {channels}, H, W)"
@@ -207,6 +198,18 @@ def decode_detection_tensor(obj: Any, channels: int, max_batch: int, max_pixels:
     return list(x)
 
 
+def _batch_from_json(obj: Any, shapes: str) -> torch.Tensor:
+    """A JSON nested list as a float32 tensor, a single ``(C, H, W)`` item given a batch dimension (``shapes`` names
+    the accepted shapes in the error)."""
+    if not isinstance(obj, list):
+        raise BadRequest(f"'tensor' must be a nested list of numbers of shape {shapes}")
+    try:
+        x = torch.tensor(obj, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
+        raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
 def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch.Tensor:
     """A JSON nested list ``(C, H, W)`` or ``(N, C, H, W)`` as a float32 tensor ``(N, C, H, W)``.
 
@@ -214,14 +217,7 @@ def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch
         BadRequest: not a rectangular list of finite numbers, the wrong shape, or more than ``max_batch`` items.
     """
     c, h, w = (int(s) for s in input_shape)
-    if not isinstance(obj, list):
-        raise BadRequest(f"'tensor' must be a nested list of numbers of shape ({c}, {h}, {w}) or (N, {c}, {h}, {w})")
-    try:
-        x = torch.tensor(obj, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
-        raise BadRequest(f"'tensor' is not a rectangular nested list of numbers ({str(err)[:120]})") from err
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
+    x = _batch_from_json(obj, f"({c}, {h}, {w}) or (N, {c}, {h}, {w})")
     if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] < 1:
         raise BadRequest(f"'tensor' has shape {tuple(x.shape)}; this model takes ({c}, {h}, {w}) or (N, {c}, {h}, {w})")
     if x.shape[0] > max_batch:
