@@ -26,7 +26,7 @@ from ..nn import (
 )
 from ..nn.channels import ChannelRule
 
-__all__ = ["NORM_KINDS", "ChannelPlan", "FeatureInfo", "SlimNet", "init_weights", "width_grid"]
+__all__ = ["NORM_KINDS", "ChannelPlan", "FeatureInfo", "SlimNet", "init_weights", "us_kwargs", "width_grid"]
 
 NORM_KINDS = ("switchable", "shared")
 
@@ -387,6 +387,21 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(m.weight, 0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def us_kwargs(family: str, kwargs: dict[str, Any], width_range: tuple[float, float]) -> dict[str, Any]:
+    """A ``us_<family>`` builder's kwargs: the official range and statistics every 0.025 by default; ``widths``
+    (fixed switches) refused, not dropped."""
+    if "widths" in kwargs:
+        raise ValueError(
+            f"us_{family} runs at any width in its width_range and takes no widths "
+            f"(got {kwargs['widths']}); give width_range=(lo, hi) and stat_widths=(...) (widths with stored BN "
+            f"statistics), or build slim_{family} for fixed switches"
+        )
+    out = {"width_range": width_range, **kwargs}
+    lo, hi = out["width_range"]
+    out.setdefault("stat_widths", width_grid(lo, hi, 0.025))
+    return out
 
 
 def width_grid(lo: float, hi: float, step: float) -> tuple[float, ...]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet, init_weights, width_grid
+from ._base import ChannelPlan, SlimNet, init_weights, us_kwargs
 from ._registry import register_model
 
 __all__ = ["SlimMobileNetV1", "slim_mobilenet_v1", "us_mobilenet_v1"]
@@ -110,13 +110,4 @@ def slim_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
 @register_model
 def us_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
     """Universally slimmable MobileNet v1, any width in [0.25, 1.0]; BN statistics every 0.025 (official)."""
-    kwargs.setdefault("width_range", (0.25, 1.0))
-    lo, hi = kwargs["width_range"]
-    kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
-    if "widths" in kwargs:
-        raise ValueError(
-            f"us_mobilenet_v1 runs at any width in its width_range and takes no widths "
-            f"(got {kwargs['widths']}); give width_range=(lo, hi) and stat_widths=(...) (widths with stored BN "
-            "statistics), or build slim_mobilenet_v1 for fixed switches"
-        )
-    return SlimMobileNetV1(**kwargs)
+    return SlimMobileNetV1(**us_kwargs("mobilenet_v1", kwargs, (0.25, 1.0)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import SlimConv2d, make_divisible
 from ..nn.channels import ChannelRule
-from ._base import ChannelPlan, SlimNet, init_weights, width_grid
+from ._base import ChannelPlan, SlimNet, init_weights, us_kwargs
 from ._registry import register_model
 
 __all__ = ["SlimMobileNetV2", "slim_mobilenet_v2", "us_mobilenet_v2"]
@@ -143,13 +143,4 @@ def slim_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
 @register_model
 def us_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
     """Universally slimmable MobileNet v2, any width in [0.35, 1.0]; BN statistics every 0.025 (official)."""
-    kwargs.setdefault("width_range", (0.35, 1.0))
-    lo, hi = kwargs["width_range"]
-    kwargs.setdefault("stat_widths", width_grid(lo, hi, 0.025))
-    if "widths" in kwargs:
-        raise ValueError(
-            f"us_mobilenet_v2 runs at any width in its width_range and takes no widths "
-            f"(got {kwargs['widths']}); give width_range=(lo, hi) and stat_widths=(...) (widths with stored BN "
-            "statistics), or build slim_mobilenet_v2 for fixed switches"
-        )
-    return SlimMobileNetV2(**kwargs)
+    return SlimMobileNetV2(**us_kwargs("mobilenet_v2", kwargs, (0.35, 1.0)))
