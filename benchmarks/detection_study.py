@@ -22,7 +22,7 @@ estimated wall time; at the end it prints the table: mean over seeds per width, 
 whether slimmable >= individual at every width.
 
 Usage:
-    python benchmarks/detection_study.py [--steps 160] [--seeds 0,1] [--workers 2]
+    python benchmarks/detection_study.py [--steps 320] [--seeds 0,1] [--workers 2]
         [--out benchmarks/results/detection_study]
     python benchmarks/detection_study.py --quick  # tiny: 2 widths, 1 seed, a few steps (checks the machinery)
 """
@@ -63,7 +63,7 @@ class StudyConfig:
 
     widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     backbone: str = "resnet18"
-    steps: int = 160
+    steps: int = 320
     batch_size: int = 4
     train_images: int = 640
     test_images: int = 100
@@ -162,6 +162,21 @@ def run_path(out: Path, task: str, run: str, seed: int) -> Path:
     return out / task / f"{run}_s{seed}.json"
 
 
+def check_resumable(out: Path, cfg: StudyConfig, done: list[tuple[str, str, int]]) -> None:
+    """Refuse to resume over runs made with another config: their APs would be mixed into this study's table."""
+    want = json.loads(json.dumps(asdict(cfg)))
+    for job in done:
+        path = run_path(out, *job)
+        have = json.loads(path.read_text()).get("config")
+        if have != want:
+            have = have or {}
+            diff = ", ".join(f"{k} {have.get(k)} there, {want[k]} now" for k in want if have.get(k) != want[k])
+            raise SystemExit(
+                f"{path} was trained with another study config ({diff}); give another --out, or delete {out} to "
+                "start over"
+            )
+
+
 def time_steps(cfg: StudyConfig, data_dir: Path, steps: int = 1) -> dict[str, float]:
     """Seconds per training step of each task's slimmable run (one thread, after one warm-up step).
 
@@ -241,7 +256,7 @@ def print_table(table: dict[str, Any], cfg: StudyConfig, seeds: list[int]) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny study (2 widths, 1 seed, 6 steps): checks the code")
-    ap.add_argument("--steps", type=int, help="training steps per run (default 160)")
+    ap.add_argument("--steps", type=int, help="training steps per run (default 320: 2 epochs of the 640 scenes)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0)")
     ap.add_argument("--workers", type=int, default=None, help="runs trained at once (default: 2, --quick: 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -266,6 +281,7 @@ def main() -> None:
     datasets(data_dir, cfg)
     jobs = [(t, r, s) for s in seeds for t in cfg.tasks for r in cfg.run_names()]
     todo = [j for j in jobs if not run_path(out, *j).is_file()]
+    check_resumable(out, cfg, [j for j in jobs if j not in todo])
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done (skipped), {len(todo)} to train")
     if todo and not args.no_estimate:
         per_step = time_steps(cfg, data_dir)

@@ -167,7 +167,7 @@ def _evaluate_detector(
     stem = Path(args.out) if args.out else _default_stem(args.checkpoint, args.split)
     meta = {"checkpoint": str(args.checkpoint), "model": desc, "dataset": name, "root": splits.root,
             "split": args.split, "device": str(device), "metrics": "COCOeval AP (%), per IoU type"}  # fmt: skip
-    json_path, csv_path = write_report(stem, rows, meta, columns=task.columns)
+    json_path, csv_path = write_report(stem, rows, meta, columns=task.columns(rows))
     print(f"{desc} on {name} {args.split} ({len(dataset)} images, {splits.root}), device {device}")
     print(format_report_table(rows))
     print(f"wrote {json_path} and {csv_path}")

@@ -6,7 +6,8 @@ losses (RPN objectness and box regression, RoI classification and box regression
 the gradients of all widths accumulate; then optional gradient clipping by norm and one optimizer step.
 
 :func:`evaluate_detector` runs a detector at each width over a COCO-format dataset and scores it with
-``COCOeval`` (:func:`slimmable.data.coco.coco_evaluate`).
+``COCOeval`` (:func:`slimmable.data.coco.coco_evaluate`). Under ``torch.distributed`` each process runs every
+``world_size``-th image and the detections are gathered, so every process scores the whole dataset once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .._utils import unwrap_model
@@ -116,10 +119,11 @@ def evaluate_detector(
         batch_size: images per forward pass.
         kpt_oks_sigmas: per-keypoint OKS constants (see :func:`~slimmable.data.coco.coco_evaluate`).
         batches: ``(images, targets)`` batches to use instead of iterating ``dataset`` in order (targets need
-            ``image_id``).
+            ``image_id``). They are run as given: not sharded over a distributed run's processes.
 
     Returns:
-        ``{width: {iou_type: {"AP": ..., "AP50": ..., "AP75": ...}}}``.
+        ``{width: {iou_type: {"AP": ..., "AP50": ..., "AP75": ...}}}``, the same in every process of a
+        distributed run (a collective: every process must call it).
     """
     types = tuple(iou_types) if iou_types is not None else detection_iou_types(model)
     bad = [t for t in types if t not in IOU_TYPES]
@@ -131,14 +135,19 @@ def evaluate_detector(
     model.eval()
     try:
         ws: tuple[float | None, ...] = _widths_of(model, widths) if _is_slim(model) else (None,)
+        rank, world = _shard() if batches is None else (0, 1)
         out: dict = {}
         for w in ws:
             results: list[dict] = []
             with use_width(model, w) if w is not None else contextlib.nullcontext():
-                for images, targets in batches if batches is not None else _batches(dataset, batch_size):
+                for images, targets in batches if batches is not None else _batches(dataset, batch_size, rank, world):
                     dets = model([img.to(device, non_blocking=True) for img in images])
                     for t, det in zip(targets, dets):
                         results += detections_to_coco(int(t["image_id"]), det)
+            if world > 1:  # every process scores all of them: COCOeval is cheap next to the forward passes
+                parts: list[Any] = [None] * world
+                dist.all_gather_object(parts, results)
+                results = [r for part in parts for r in part]
             out[w] = coco_evaluate(dataset.coco, results, types, kpt_oks_sigmas=kpt_oks_sigmas, image_ids=dataset.ids)
         return out
     finally:
@@ -151,6 +160,17 @@ def _is_slim(model: nn.Module) -> bool:
     return any(isinstance(m, SlimModule) for m in model.modules())
 
 
-def _batches(dataset: CocoDetectionDataset, batch_size: int) -> Iterable[tuple[list[torch.Tensor], list[dict]]]:
-    for start in range(0, len(dataset), batch_size):
-        yield collate_detection([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+def _shard() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 outside a distributed run)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batches(
+    dataset: CocoDetectionDataset, batch_size: int, rank: int = 0, world: int = 1
+) -> Iterable[tuple[list[torch.Tensor], list[dict]]]:
+    """The images ``rank, rank + world, ...`` of ``dataset`` in batches."""
+    indices = range(rank, len(dataset), world)
+    for start in range(0, len(indices), batch_size):
+        yield collate_detection([dataset[i] for i in indices[start : start + batch_size]])

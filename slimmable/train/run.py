@@ -686,7 +686,7 @@ class _Run:
             "root": data.root,
             "device": str(self.info.device),
         }
-        write_report(self.out_dir / "final_metrics", self.result.report, meta, columns=task.columns)
+        write_report(self.out_dir / "final_metrics", self.result.report, meta, columns=task.columns(self.result.report))
         label = "test top-1 (%)" if task.metric == "top1" else "test box AP (%)"
         plot_report(self.result.report, self.out_dir / "accuracy_vs_macs.png", f"{name} on {data.name} (test split)",
                     metric=task.metric if task.metric == "top1" else "bbox_AP", label=label)  # fmt: skip

@@ -71,8 +71,6 @@ class Task:
 
     #: the validation metric: rows carry it per width; a run selects its best checkpoint by its mean over widths
     metric: str = ""
-    #: the final report's columns
-    columns: tuple[str, ...] = ()
 
     def load_data(self, cfg: RunConfig, cache_dir: str | os.PathLike[str] | None) -> Any:
         """The recipe's data: an object with ``train``, ``val``, ``test``, ``num_classes``, ``in_chans``,
@@ -109,7 +107,11 @@ class Task:
         return " ".join(f"{r['width']:g}:{r[self.metric]:.2f}" for r in rows)
 
     def report(self, model: nn.Module, rows: list[dict[str, Any]], data: Any, latency_runs: int) -> list[dict]:
-        """The test rows with each width's cost (MACs, parameters, latency), with :attr:`columns`."""
+        """The test rows with each width's cost (MACs, parameters, latency), with :meth:`columns`."""
+        raise NotImplementedError
+
+    def columns(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+        """The columns of a report made of ``rows``."""
         raise NotImplementedError
 
 
@@ -118,8 +120,7 @@ class ClassificationTask(Task):
 
     metric = "top1"
 
-    @property
-    def columns(self) -> tuple[str, ...]:  # type: ignore[override]
+    def columns(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
         from .report import REPORT_COLUMNS
 
         return tuple(REPORT_COLUMNS)
@@ -161,12 +162,15 @@ class DetectionTask(Task):
 
     metric = "ap"
 
-    def __init__(self) -> None:
-        self._iou_types: tuple[str, ...] = ("bbox",)
+    @staticmethod
+    def _iou_types(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+        """The IoU types the rows were scored for (what the model predicts: the rows carry ``{type}_AP``)."""
+        from ..data.coco import IOU_TYPES
 
-    @property
-    def columns(self) -> tuple[str, ...]:  # type: ignore[override]
-        per_type = tuple(f"{t}_{k}" for t in self._iou_types for k in ("AP", "AP50", "AP75"))
+        return tuple(t for t in IOU_TYPES if rows and f"{t}_AP" in rows[0])
+
+    def columns(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+        per_type = tuple(f"{t}_{k}" for t in self._iou_types(rows) for k in ("AP", "AP50", "AP75"))
         return ("width", *per_type, "images", "macs", "params", "latency_ms")
 
     def load_data(self, cfg: RunConfig, cache_dir: str | os.PathLike[str] | None) -> Any:
@@ -227,12 +231,12 @@ class DetectionTask(Task):
     ) -> list[dict[str, Any]]:
         from .detection import detection_iou_types, evaluate_detector
 
-        self._iou_types = detection_iou_types(model)
+        iou_types = detection_iou_types(model)
         scores = evaluate_detector(model, dataset, widths, batch_size=loader.batch_sampler.batch_size)
         rows = []
         for w in widths:
             row: dict[str, Any] = {"width": float(w)}
-            for t in self._iou_types:
+            for t in iou_types:
                 row.update({f"{t}_{k}": 100.0 * float(v) for k, v in scores[w][t].items()})
             row["ap"] = row["bbox_AP"]  # selection: box AP, what every detector predicts
             row["images"] = len(dataset)
@@ -240,21 +244,23 @@ class DetectionTask(Task):
         return rows
 
     def describe(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        types = self._iou_types(rows)
         parts = []
         for r in rows:
-            aps = "/".join(f"{r[f'{t}_AP']:.1f}" for t in self._iou_types)
+            aps = "/".join(f"{r[f'{t}_AP']:.1f}" for t in types)
             parts.append(f"{r['width']:g}:{aps}")
-        return f"AP ({'/'.join(self._iou_types)}) " + " ".join(parts)
+        return f"AP ({'/'.join(types)}) " + " ".join(parts)
 
     def report(self, model: nn.Module, rows: list[dict[str, Any]], data: Any, latency_runs: int) -> list:
         from ..search.cost import profile_widths
 
         costs = profile_widths(model, (data.in_chans, data.image_size, data.image_size),
                                [r["width"] for r in rows], latency_runs=latency_runs)  # fmt: skip
+        columns = self.columns(rows)
         out = []
         for r, c in zip(rows, costs):
             row = {**r, "macs": c.macs, "params": c.params, "latency_ms": c.latency_ms}
-            out.append({k: row.get(k) for k in self.columns})
+            out.append({k: row.get(k) for k in columns})
         return out
 
 

@@ -1,7 +1,8 @@
-"""``slimmable serve`` smoke test: start the command as a process, query it over 127.0.0.1, stop it with SIGINT."""
+"""``slimmable serve`` smoke tests (a classifier and a detector): start the command as a process, query it over 127.0.0.1, stop it with SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,18 +11,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
+import torch
+from pycocotools import mask as mask_utils
 
+import slimmable
+from slimmable.checkpoint import model_checkpoint, save_checkpoint
 from slimmable.cli.main import main
 
 
-def test_serve_command_starts_answers_and_stops(tmp_path):
-    cmd = [
-        sys.executable, "-m", "slimmable.cli.main", "serve", "--model", "slim_mobilenet_v1", "--num-classes", "10",
-        "--small-input", "--port", "0", "--calibration-seconds", "0.3", "--threads", "1",
-        "--latency-cache", str(tmp_path / "lat.json"), "--retain-freed-memory",
-    ]  # fmt: skip
+@contextlib.contextmanager
+def _serving(args: list[str]) -> Iterator[tuple[int, str]]:
+    """Run ``slimmable serve ARGS`` as a process; yield its port and start-up output; stop it with SIGINT (rc 0)."""
+    cmd = [sys.executable, "-m", "slimmable.cli.main", "serve", "--port", "0", "--threads", "1", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     # A shell runs background jobs (`bash .ci/run &`) with SIGINT ignored and children inherit that, so Python would
     # install no Ctrl-C handler: give the server the default disposition of a foreground process.
@@ -32,7 +36,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     try:
         lines = []
         deadline = time.monotonic() + 120
-        url = None
+        port = None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -40,21 +44,10 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
             lines.append(line)
             m = re.search(r"at http://127\.0\.0\.1:(\d+)", line)
             if m:
-                url = int(m.group(1))
+                port = int(m.group(1))
                 break
-        assert url is not None, "".join(lines)
-        text = "".join(lines)
-        assert "RANDOM WEIGHTS" in text and "calibrated latency" in text
-        assert "allocator: freed memory is retained" in text or "allocator: not glibc" in text
-        conn = http.client.HTTPConnection("127.0.0.1", url, timeout=30)
-        conn.request("GET", "/info")
-        info = json.loads(conn.getresponse().read())
-        assert info["model"] == "slim_mobilenet_v1" and info["widths"] == [0.25, 0.5, 0.75, 1.0]
-        body = json.dumps({"tensor": [[[0.0] * 32] * 32] * 3, "budget_ms": 1e4})
-        conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read())["width"] == 1.0
-        conn.close()
+        assert port is not None, "".join(lines)
+        yield port, "".join(lines)
         proc.send_signal(signal.SIGINT)
         try:
             rc = proc.wait(timeout=30)
@@ -63,14 +56,82 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
             rest = proc.communicate(timeout=30)[0]
             pytest.fail(f"serve did not stop within 30 s of SIGINT; its output and threads:\n{rest[-8000:]}")
         assert rc == 0
-        assert (tmp_path / "lat.json").is_file()
-        if "freed memory is retained" in text:  # latencies measured under each allocator are cached apart
-            assert "malloc=retained" in (tmp_path / "lat.json").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _get(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def _post_json(port: int, payload: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/predict", json.dumps(payload), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_serve_command_starts_answers_and_stops(tmp_path):
+    args = [
+        "--model", "slim_mobilenet_v1", "--num-classes", "10", "--small-input", "--calibration-seconds", "0.3",
+        "--latency-cache", str(tmp_path / "lat.json"), "--retain-freed-memory",
+    ]  # fmt: skip
+    with _serving(args) as (port, text):
+        assert "RANDOM WEIGHTS" in text and "calibrated latency" in text
+        assert "allocator: freed memory is retained" in text or "allocator: not glibc" in text
+        info = _get(port, "/info")
+        assert info["model"] == "slim_mobilenet_v1" and info["widths"] == [0.25, 0.5, 0.75, 1.0]
+        status, answer = _post_json(port, {"tensor": [[[0.0] * 32] * 32] * 3, "budget_ms": 1e4})
+        assert status == 200 and answer["width"] == 1.0
+    assert (tmp_path / "lat.json").is_file()
+    if "freed memory is retained" in text:  # latencies measured under each allocator are cached apart
+        assert "malloc=retained" in (tmp_path / "lat.json").read_text()
+
+
+def test_serve_command_serves_a_detector_checkpoint(tmp_path):
+    """A Mask R-CNN checkpoint served by the command answers boxes, labels, scores and RLE masks at each width,
+    the same detections the checkpoint's model gives in this process."""
+    torch.manual_seed(0)
+    model = slimmable.create_model(
+        "slim_maskrcnn_resnet18_fpn", widths=(0.5, 1.0), num_classes=3, box_score_thresh=0.0,
+        box_detections_per_img=5, rpn_post_nms_top_n_test=20,
+    ).eval()  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "det.pt", model_checkpoint(model))
+    image = torch.rand(1, 64, 80, generator=torch.Generator().manual_seed(1))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("background\nshirt\nshoe\n")
+    args = ["--checkpoint", str(ckpt), "--calibration-seconds", "0.3", "--latency-cache", "none"]
+    with _serving([*args, "--labels", str(labels)]) as (port, text):
+        assert "calibrated latency" in text and "RANDOM WEIGHTS" not in text
+        info = _get(port, "/info")
+        assert info["task"] == "detection" and info["widths"] == [0.5, 1.0]
+        for w in (0.5, 1.0):
+            status, answer = _post_json(port, {"tensor": image.tolist(), "width": w})
+            assert status == 200 and answer["width"] == w, answer
+            (dets,) = answer["detections"]
+            slimmable.set_width(model, w)
+            with torch.no_grad():
+                (ref,) = model([image])
+            assert len(dets) == len(ref["boxes"]) == 5
+            got = torch.tensor([d["box"] for d in dets])
+            torch.testing.assert_close(got, ref["boxes"], atol=2e-3, rtol=0)  # rounded to 3 decimals; BN folded
+            assert [d["label"] for d in dets] == ref["labels"].tolist()
+            assert all(d["label_name"] == ["background", "shirt", "shoe"][d["label"]] for d in dets)
+            for d, m in zip(dets, ref["masks"]):
+                decoded = mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+                assert decoded.shape == (64, 80)
+                assert (decoded != (m[0] > 0.5).numpy()).mean() < 0.01
 
 
 def test_serve_refuses_non_loopback_hosts(capsys):

@@ -117,3 +117,72 @@ def test_ddp_step_equals_one_process_and_all_reduces_once(tmp_path: Path) -> Non
         # gradients are all-reduced once per step, during the last width's backward; the first ran under no_sync
         assert calls and set(calls) == {0.125}, calls
         assert len(calls) == len(result["per_step"][-1])
+
+
+DETECTION_HARNESS = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    import slimmable
+    from slimmable.data.coco import CocoDetectionDataset
+    from slimmable.train import init_distributed
+    from slimmable.train.detection import evaluate_detector
+
+    info = init_distributed("cpu")  # under torchrun a process group; alone one process
+    data = CocoDetectionDataset(sys.argv[1], sys.argv[2])
+
+
+    class NoisyOracle(nn.Module):
+        # the ground truth of the image it is shown (found by content), boxes shifted by the image id: 0 < AP < 1
+        def __init__(self):
+            super().__init__()
+            self.truth = {data[i][0].sum().item(): data[i][1] for i in range(len(data))}
+            self.seen = 0
+
+        def forward(self, images):
+            self.seen += len(images)
+            out = []
+            for img in images:
+                t = self.truth[img.sum().item()]
+                boxes = t["boxes"] + 3.0 * (int(t["image_id"]) % 4)
+                out.append({"boxes": boxes, "labels": t["labels"], "scores": torch.linspace(1, 0.5, len(boxes))})
+            return out
+
+
+    oracle = NoisyOracle()
+    oracle_ap = evaluate_detector(oracle, data, iou_types=["bbox"], batch_size=2)
+    torch.manual_seed(0)
+    model = slimmable.create_model("slim_fasterrcnn_resnet18_fpn", widths=(0.5, 1.0), box_score_thresh=0.0)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    model_ap = evaluate_detector(model, data, batch_size=2)
+    mine = {"oracle": oracle_ap[None], "model": {str(w): v for w, v in model_ap.items()},
+            "oracle_images": oracle.seen, "model_images": sum(seen)}
+    everyone = [mine]
+    if info.world_size > 1:
+        everyone = [None] * info.world_size
+        dist.all_gather_object(everyone, mine)
+        dist.destroy_process_group()
+    if info.rank == 0:
+        print(json.dumps(everyone))
+    """
+)
+
+
+def test_detection_evaluation_shards_images_and_scores_all_of_them(tmp_path: Path) -> None:
+    from slimmable.data.scenes import make_scenes
+
+    fm = write_fashion_mnist(tmp_path / "fm", n_train=16, n_test=16)
+    ann = make_scenes(tmp_path / "scenes", "test", 7, seed=0, root=fm)  # odd: the shards differ in size
+    script = tmp_path / "harness.py"
+    script.write_text(DETECTION_HARNESS)
+    args = [str(script), str(tmp_path / "scenes"), str(ann)]
+    (one,) = json.loads(_run([PYTHON, *args], tmp_path).stdout.splitlines()[-1])
+    two = json.loads(_run([*TORCHRUN, *args], tmp_path).stdout.splitlines()[-1])
+    assert (one["oracle_images"], one["model_images"]) == (7, 14)  # 7 images at each of 2 widths
+    assert [r["oracle_images"] for r in two] == [4, 3]  # each process ran its own shard, once per width
+    assert [r["model_images"] for r in two] == [8, 6]
+    assert 0.05 < one["oracle"]["bbox"]["AP"] < 0.95, one["oracle"]  # AP would change if an image went missing
+    for r in two:  # every process scored all 7 images: the AP of one process over the whole set
+        assert r["oracle"] == one["oracle"] and r["model"] == one["model"]
