@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="runs trained at once (default: 2, --quick: 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--tasks", help="comma-separated subset of maskrcnn,keypointrcnn")
+    ap.add_argument("--runs", help="comma-separated subset of the runs (slimmable, slim_heads, individual_w<w>)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/detection_study[_quick])")
     ap.add_argument("--data", default=None, help="scenes folder (default <out>/data)")
     ap.add_argument("--no-estimate", action="store_true", help="skip timing steps for the estimate")
@@ -270,6 +271,11 @@ def main() -> None:
         cfg = StudyConfig(**{**asdict(cfg), "steps": args.steps})
     if args.tasks:
         cfg = StudyConfig(**{**asdict(cfg), "tasks": tuple(args.tasks.split(","))})
+    if args.runs:
+        runs, known = tuple(args.runs.split(",")), cfg.run_names()
+        if unknown := [r for r in runs if r not in known]:
+            raise SystemExit(f"--runs {','.join(unknown)}: not among {','.join(known)}")
+        cfg = StudyConfig(**{**asdict(cfg), "variants": runs})
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     workers = args.workers or (1 if args.quick else 2)
     out = Path(args.out or HERE / "results" / ("detection_study_quick" if args.quick else "detection_study"))
