@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from .._utils import write_json
+from .._utils import unwrap_model, write_json
 from ..models import create_model
 from ..search.cost import detector_image_size, is_detector, profile_widths
 from ._common import format_table, parse_widths
@@ -89,7 +89,8 @@ def _run_detector(args: argparse.Namespace, model: torch.nn.Module) -> int:
     side = profiles[0].input_size
     print(
         f"{args.model} on one {side}x{side} image (the side its transform resizes to), {model.num_classes} classes, "
-        f"device {args.device}; RoI-head MACs depend on the number of proposals and detections"
+        f"device {args.device}; RoI heads at capacity (score threshold 0 while profiling: "
+        f"{unwrap_model(model).roi_heads.detections_per_img} detections per image at every width)"
     )
     lat = f"latency b{args.batch_size} (ms)"
     head = ["width", "MACs (M)", "backbone", "FPN", "RPN", "RoI heads", "params (M)", lat]

@@ -35,6 +35,7 @@ __all__ = [
     "count_macs",
     "count_macs_by_part",
     "detector_image_size",
+    "heads_at_capacity",
     "detector_images",
     "is_detector",
     "measure_latency",
@@ -87,6 +88,19 @@ def detector_images(
     p = next(iter(model.parameters()))
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return [torch.rand(shape, generator=gen).to(p.device, p.dtype) for _ in range(batch_size)]
+
+
+@contextlib.contextmanager
+def heads_at_capacity(detector: nn.Module) -> Iterator[None]:
+    """Within the block the detector keeps every detection up to ``box_detections_per_img`` (score threshold 0):
+    the RoI heads' largest cost per image, the same at every width. The threshold is restored afterwards."""
+    heads = unwrap_model(detector).roi_heads
+    before = heads.score_thresh
+    heads.score_thresh = 0.0
+    try:
+        yield
+    finally:
+        heads.score_thresh = before
 
 
 def _is_cuda(x: Inputs) -> bool:
@@ -274,6 +288,11 @@ def profile_widths(
 
     Returns:
         One :class:`WidthProfile` per width, in the order given; a detector's carries MACs per part.
+
+    A detector is profiled with its RoI heads at capacity: its score threshold is set to 0 for the duration, so
+    every width keeps ``box_detections_per_img`` detections and runs its mask or keypoint head on all of them.
+    Otherwise the heads' cost would follow what the random image happens to make the weights detect (a trained
+    detector finds little in noise, and each width finds a different amount).
     """
     if widths is None:
         widths = get_widths(model).switches
@@ -288,7 +307,7 @@ def profile_widths(
         xb = example_input(model, input_size, batch_size, seed=None)
     out = []
     for w in widths:
-        with use_width(model, w):
+        with use_width(model, w), heads_at_capacity(model) if detector else contextlib.nullcontext():
             parts = count_macs_by_part(model, x1) if detector else None
             macs = parts.pop("total") if parts is not None else count_macs(model, x1)
             params = count_active_params(model, x1)

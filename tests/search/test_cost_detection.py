@@ -42,6 +42,24 @@ def test_detector_macs_fall_with_width_and_parts_add_up(det) -> None:
     assert profs[-1].to_dict()["parts"]["rpn"] == profs[-1].parts["rpn"]
 
 
+def test_profile_runs_the_heads_at_capacity_whatever_the_threshold() -> None:
+    """A detector that keeps nothing (score threshold 0.999, random weights) is profiled as if it kept every
+    detection: its RoI-head MACs equal those of the same weights with threshold 0, and the threshold comes back."""
+    kwargs = {k: v for k, v in FIXED_HEADS.items() if k != "box_score_thresh"}
+    torch.manual_seed(0)
+    strict = slimmable.create_model("slim_maskrcnn_resnet18_fpn", widths=(0.5, 1.0), box_score_thresh=0.999, **kwargs)
+    torch.manual_seed(0)
+    open_ = slimmable.create_model("slim_maskrcnn_resnet18_fpn", widths=(0.5, 1.0), box_score_thresh=0.0, **kwargs)
+    x = detector_images(strict)
+    with torch.no_grad():
+        assert len(strict.eval()(x)[0]["boxes"]) == 0 and len(open_.eval()(x)[0]["boxes"]) == 8
+    got, want = profile_widths(strict, latency_runs=0), profile_widths(open_, latency_runs=0)
+    assert [p.parts for p in got] == [p.parts for p in want] and [p.macs for p in got] == [p.macs for p in want]
+    assert strict.roi_heads.score_thresh == 0.999
+    # what it avoids: counted as the model runs, the kept-nothing detector's heads skip the mask head entirely
+    assert count_macs_by_part(strict, x)["roi_heads"] < got[-1].parts["roi_heads"]
+
+
 @pytest.mark.parametrize("width", [0.25, 1.0])
 def test_backbone_macs_equal_the_classification_network(det, width) -> None:
     # The detector's backbone at width w computes what slim_resnet18 (one grey channel) computes at width w on the
