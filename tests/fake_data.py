@@ -131,6 +131,28 @@ def tiny_recipe(fmnist_dir: Path, **overrides: dict) -> dict:
     return sections
 
 
+def tiny_detection_recipe(fmnist_dir: Path, **train: object) -> dict:
+    """A recipe that trains slim_maskrcnn_resnet18_fpn at widths 0.5/1.0 on 20 scenes of fake Fashion-MNIST."""
+    return {
+        "model": {
+            "name": "slim_maskrcnn_resnet18_fpn",
+            "widths": [0.5, 1.0],
+            "options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32},
+        },
+        "data": {
+            "dataset": "fmnist_scenes",
+            "root": str(fmnist_dir),
+            "augment": "none",
+            "scenes_train": 20,
+            "scenes_test": 6,
+            "val_size": 6,
+            "batch_size": 4,
+        },
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 35.0},
+        "train": {"epochs": 2, "seed": 0, "amp": "off", "channels_last": False, **train},
+    }
+
+
 class _RunsCode:
     """A pickle payload whose ``__reduce__`` calls ``os.mkdir(marker)`` when unpickled with plain ``pickle``."""
 

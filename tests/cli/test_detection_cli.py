@@ -6,33 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_data import tiny_detection_recipe as _detection_recipe
 from fake_data import write_recipe
 
 from slimmable.checkpoint import load_checkpoint
 from slimmable.cli.main import main
 from slimmable.config import RunConfig
 from slimmable.train.tasks import create_task
-
-
-def _detection_recipe(fmnist: Path, **train: object) -> dict:
-    return {
-        "model": {
-            "name": "slim_maskrcnn_resnet18_fpn",
-            "widths": [0.5, 1.0],
-            "options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32},
-        },
-        "data": {
-            "dataset": "fmnist_scenes",
-            "root": str(fmnist),
-            "augment": "none",
-            "scenes_train": 20,
-            "scenes_test": 6,
-            "val_size": 6,
-            "batch_size": 4,
-        },
-        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 35.0},
-        "train": {"epochs": 2, "seed": 0, "amp": "off", "channels_last": False, **train},
-    }
 
 
 def test_detector_trains_with_algorithm_1_and_evaluates_per_width(
@@ -84,3 +64,44 @@ def test_model_and_data_of_different_tasks_are_refused(fmnist: Path, capsys: pyt
     recipe = write_recipe(fmnist.parent / "c.yaml", clash)
     assert main(["train", "--recipe", str(recipe), "--out", str(fmnist.parent / "c")]) == 2
     assert "model.options repeats ['widths']: set them as model.widths instead" in capsys.readouterr().err
+
+
+def test_detector_sigterm_mid_epoch_then_resume_is_exact(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detection run stopped by SIGTERM in its second epoch and resumed ends with the weights and AP of the run
+    that was never stopped (flips and the RPN/RoI samplers draw from the restored RNG)."""
+    import os
+    import signal
+
+    import torch
+
+    from slimmable.train import run as run_module
+    from slimmable.train import train_from_config
+
+    recipe = _detection_recipe(fmnist)
+    recipe["data"]["hflip"] = True
+    cfg = RunConfig.from_dict(recipe)
+
+    def train(out: Path, **kw: object) -> run_module.TrainResult:
+        return train_from_config(cfg, out, device="cpu", latency_runs=0, tensorboard=False,
+                                 cache_dir=tmp_path / "cache", **kw)  # fmt: skip
+
+    full = train(tmp_path / "full")
+    seed_epoch = run_module._seed_epoch
+
+    def seed_and_signal(seed: int, epoch: int, rank: int) -> None:
+        seed_epoch(seed, epoch, rank)
+        if epoch == 1:  # SIGTERM arrives during epoch 2: the run stops after its first step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(run_module, "_seed_epoch", seed_and_signal)
+    stopped = train(tmp_path / "resumed")
+    assert stopped.interrupted and stopped.epochs_done == 1
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["batch_in_epoch"] == 1
+    monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)
+    resumed = train(tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
+    assert not resumed.interrupted and resumed.report == full.report
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,5 @@
-"""``slimmable serve`` smoke tests (a classifier and a detector): start the command as a process, query it over 127.0.0.1, stop it with SIGINT."""
+"""``slimmable serve`` smoke tests (a classifier and a detector): start the command as a process, query it over
+127.0.0.1, stop it with SIGINT."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_data import tiny_recipe, write_fashion_mnist, write_recipe
+from fake_data import tiny_detection_recipe, tiny_recipe, write_fashion_mnist, write_recipe
 
 from slimmable.train import load_checkpoint
 
@@ -186,3 +186,24 @@ def test_detection_evaluation_shards_images_and_scores_all_of_them(tmp_path: Pat
     assert 0.05 < one["oracle"]["bbox"]["AP"] < 0.95, one["oracle"]  # AP would change if an image went missing
     for r in two:  # every process scored all 7 images: the AP of one process over the whole set
         assert r["oracle"] == one["oracle"] and r["model"] == one["model"]
+
+
+def test_detector_trains_under_torchrun(tmp_path: Path) -> None:
+    """Algorithm 1 for a detector in 2 Gloo processes: DDP over torchvision's detector (its RPN and RoI samplers
+    and the unused switches of other widths), validation sharded, rank 0's checkpoint and report."""
+    fm = write_fashion_mnist(tmp_path / "fm", n_train=32, n_test=16)
+    write_recipe(tmp_path / "d.yaml", tiny_detection_recipe(fm))
+    args = ["train", "--recipe", "d.yaml", "--device", "cpu", "--no-tensorboard", "--latency-runs", "0"]
+    two = _run([*TORCHRUN, "-m", "slimmable.cli.main", *args, "--out", "two"], tmp_path, timeout=400)
+    assert "x2 processes" in two.stderr
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert len(history) == 2 and all({r["width"] for r in h["val"]} == {0.5, 1.0} for h in history)
+    for w in (0.5, 1.0):  # both processes' gradients averaged: every width's loss falls
+        first, second = (next(r["loss"] for r in h["train"] if r["width"] == w) for h in history)
+        assert second < first, (w, first, second)
+    rows = json.loads((tmp_path / "two" / "final_metrics.json").read_text())["widths"]
+    assert [r["images"] for r in rows] == [6, 6]  # every test scene scored once, whichever process ran it
+    assert all(0.0 <= r["bbox_AP"] <= 100.0 and 0.0 <= r["segm_AP"] <= 100.0 for r in rows)
+    ck = load_checkpoint(tmp_path / "two" / "last.pt")
+    # 14 training scenes (20 less 6 held out) in global batches of 4, 2 per process, the partial one dropped
+    assert ck["step"] == 2 * 3
