@@ -6,14 +6,16 @@ Importable from any test module because ``tests/`` (the root conftest's folder) 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -170,3 +172,25 @@ def write_malicious_cifar(root: Path, marker: Path) -> Path:
         with open(root / "cifar-10-batches-py" / name, "wb") as f:
             pickle.dump({"data": _RunsCode(marker), "labels": [0, 1]}, f)
     return root
+
+
+@contextlib.contextmanager
+def sigterm_during_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    """Within the block a training run gets SIGTERM right after seeding epoch ``epoch`` (0-based), so it stops after
+    that epoch's first step; on leaving, runs are seeded normally again."""
+    import signal
+
+    from slimmable.train import run as run_module
+
+    seed_epoch = run_module._seed_epoch
+
+    def seed_and_signal(seed: int, e: int, rank: int) -> None:
+        seed_epoch(seed, e, rank)
+        if e == epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(run_module, "_seed_epoch", seed_and_signal)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_data import sigterm_during_epoch, write_recipe
 from fake_data import tiny_detection_recipe as _detection_recipe
-from fake_data import write_recipe
 
 from slimmable.checkpoint import load_checkpoint
 from slimmable.cli.main import main
@@ -71,9 +71,6 @@ def test_detector_sigterm_mid_epoch_then_resume_is_exact(
 ) -> None:
     """A detection run stopped by SIGTERM in its second epoch and resumed ends with the weights and AP of the run
     that was never stopped (flips and the RPN/RoI samplers draw from the restored RNG)."""
-    import os
-    import signal
-
     import torch
 
     from slimmable.train import run as run_module
@@ -88,18 +85,10 @@ def test_detector_sigterm_mid_epoch_then_resume_is_exact(
                                  cache_dir=tmp_path / "cache", **kw)  # fmt: skip
 
     full = train(tmp_path / "full")
-    seed_epoch = run_module._seed_epoch
-
-    def seed_and_signal(seed: int, epoch: int, rank: int) -> None:
-        seed_epoch(seed, epoch, rank)
-        if epoch == 1:  # SIGTERM arrives during epoch 2: the run stops after its first step
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(run_module, "_seed_epoch", seed_and_signal)
-    stopped = train(tmp_path / "resumed")
+    with sigterm_during_epoch(monkeypatch, 1):  # during epoch 2: the run stops after its first step
+        stopped = train(tmp_path / "resumed")
     assert stopped.interrupted and stopped.epochs_done == 1
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["batch_in_epoch"] == 1
-    monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)
     resumed = train(tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
     assert not resumed.interrupted and resumed.report == full.report
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from fake_data import tiny_recipe, write_fashion_mnist
+from fake_data import sigterm_during_epoch, tiny_recipe, write_fashion_mnist
 
 from slimmable.config import RunConfig, load_recipe
 from slimmable.data import create_datasets, create_loader
@@ -74,19 +72,11 @@ def test_sigterm_mid_epoch_then_resume_is_exact(fmnist: Path, tmp_path: Path, mo
     cfg = _cfg(fmnist, train={"epochs": 3}, model={"drop_rate": 0.2})
     full = _train(cfg, tmp_path / "full")
 
-    seed_epoch = run_module._seed_epoch
-
-    def seed_and_signal(seed: int, epoch: int, rank: int) -> None:
-        seed_epoch(seed, epoch, rank)
-        if epoch == 1:  # SIGTERM arrives during epoch 2: the run stops after its first step
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(run_module, "_seed_epoch", seed_and_signal)
-    stopped = _train(cfg, tmp_path / "resumed")
+    with sigterm_during_epoch(monkeypatch, 1):  # SIGTERM arrives during epoch 2: the run stops after its first step
+        stopped = _train(cfg, tmp_path / "resumed")
     assert stopped.interrupted and stopped.epochs_done == 1
     ck = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 1, 6)
-    monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)
     resumed = _train(cfg, tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt")
     assert not resumed.interrupted and resumed.report == full.report
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
