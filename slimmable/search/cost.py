@@ -10,7 +10,8 @@ Detectors (torchvision's R-CNN models, :mod:`slimmable.models.detection`) take a
 every function here accepts such a list where it takes an input batch. :func:`detector_images` builds one at the
 size the detector's transform resizes to (so the count is the detector's real cost), and
 :func:`count_macs_by_part` splits the MACs of one forward pass by submodule (backbone, FPN, RPN, RoI heads). The
-heads' MACs depend on the number of proposals and detections, and so on the weights and the image.
+heads' MACs depend on the number of proposals and detections, and so on the weights and the image; so
+:func:`profile_widths` counts with the heads at capacity (:func:`heads_at_capacity`).
 """
 
 from __future__ import annotations

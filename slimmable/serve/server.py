@@ -261,8 +261,7 @@ class PredictionServer(ThreadingHTTPServer):
         }
         if self.runner.is_detector:
             dets = [self._detections(d, min_score or 0.0) for d in result.output]
-            total = {"total_ms": round(1e3 * (time.perf_counter() - t0), 4), "batch_size": len(dets)}
-            return {"detections": dets, **timing, **total}
+            return {"detections": dets, **timing, **_total(t0, len(dets))}
         probs = torch.softmax(result.output.float(), dim=1)
         k = max(1, min(int(top_k) if top_k else self.top_k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
@@ -270,16 +269,7 @@ class PredictionServer(ThreadingHTTPServer):
         for row_p, row_i in zip(values.tolist(), indices.tolist()):
             top = [self._entry({"index": i, "prob": round(p, 6)}, i) for p, i in zip(row_p, row_i)]
             preds.append(self._entry({"class_index": row_i[0]}, row_i[0]) | {"top_k": top})
-        return {
-            "predictions": preds,
-            "width": result.width,
-            "budget_ms": result.budget_ms,
-            "budget_met": result.budget_met,
-            "inference_ms": round(result.latency_ms, 4),
-            "predicted_ms": None if result.predicted_ms is None else round(result.predicted_ms, 4),
-            "total_ms": round(1e3 * (time.perf_counter() - t0), 4),
-            "batch_size": int(x.shape[0]),
-        }
+        return {"predictions": preds, **timing, **_total(t0, int(x.shape[0]))}
 
     def _detections(self, det: Mapping[str, torch.Tensor], min_score: float) -> list[dict[str, Any]]:
         """One image's detections as JSON objects (masks as COCO RLE with ``counts`` a str)."""
@@ -327,6 +317,11 @@ class PredictionServer(ThreadingHTTPServer):
         if self.labels is not None and 0 <= index < len(self.labels):
             d["label"] = self.labels[index]
         return d
+
+
+def _total(t0: float, batch_size: int) -> dict[str, Any]:
+    """The answer's closing fields: the request's time so far (decoding included) and its batch size."""
+    return {"total_ms": round(1e3 * (time.perf_counter() - t0), 4), "batch_size": batch_size}
 
 
 class _Handler(BaseHTTPRequestHandler):
