@@ -119,16 +119,19 @@ def input_channels(model: nn.Module) -> int:
 
 
 def example_input(
-    model: nn.Module, input_size: int | Sequence[int] = 16, batch_size: int = 1, seed: int | None = 0
+    model: nn.Module, input_size: int | Sequence[int] | None = 16, batch_size: int = 1, seed: int | None = 0
 ) -> torch.Tensor:
     """A random input ``(batch_size, C, H, W)`` on the model's device and dtype.
 
     Args:
         model: the model (its first convolution gives ``C`` when ``input_size`` is an int).
-        input_size: a square side ``H = W``, or ``(C, H, W)``.
+        input_size: a square side ``H = W``, or ``(C, H, W)``; ``None``: the size the model was traced with when
+            it records one (``example_input_size``, a converted model), else 16.
         batch_size: ``N``.
         seed: seed of a local generator (``None``: the global RNG).
     """
+    if input_size is None:
+        input_size = getattr(unwrap_model(model), "example_input_size", None) or 16
     shape = input_shape(model, input_size)
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["Numerics", "choose_numerics", "cpu_native_bf16", "describe_machine", "machine_info", "time_step"]
+__all__ = [
+    "Numerics",
+    "choose_numerics",
+    "cpu_native_bf16",
+    "describe_machine",
+    "faster",
+    "machine_info",
+    "time_candidates",
+    "time_step",
+    "warm_up",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -32,6 +43,8 @@ _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", 
 SLOW_FACTOR = 1.5
 #: a candidate must be this much faster than float32/contiguous to be chosen over it (timing noise)
 MIN_GAIN = 1.05
+#: a warm-up has settled when two consecutive calls differ by at most this fraction
+SETTLE = 0.15
 
 
 def _cpu_flag(name: str) -> bool:
@@ -174,25 +187,95 @@ def _label(amp: str, channels_last: bool) -> str:
 StepFactory = Callable[[torch.dtype | None, bool], Callable[[], None]]
 
 
-def time_step(step: Callable[[], None], *, max_seconds: float = 1.5, max_steps: int = 5) -> float:
-    """Seconds per call of ``step``: the median of up to ``max_steps`` timed calls after one warm-up call.
+def warm_up(
+    step: Callable[[], None], *, max_seconds: float, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """Call ``step`` until its time settles; the seconds of each call.
 
-    Calls stop once ``max_seconds`` have passed; when even the warm-up call exceeds that, its own time is returned
-    (an upper bound that includes one-off set-up, enough to tell a path that is many times slower).
+    The first calls of a new configuration pay one-off costs (oneDNN creates its primitives for each shape, the
+    allocator grows): a bf16 channels-last step was measured at 3.3 s on its first call and 0.17 s after. Calls go on
+    until two in a row agree within :data:`SETTLE`, or ``max_seconds`` have passed. A first call longer than
+    ``10 * max_seconds`` is not repeated: that path is slow whatever its set-up cost.
     """
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    if first >= max_seconds:
-        return first
     times: list[float] = []
-    deadline = time.perf_counter() + max_seconds - first
-    while len(times) < max_steps and (not times or time.perf_counter() < deadline):
-        t = time.perf_counter()
+    start = clock()
+    while True:
+        t = clock()
         step()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+        times.append(clock() - t)
+        if len(times) >= 2 and abs(times[-1] - times[-2]) <= SETTLE * min(times[-2:]):
+            return times
+        if clock() - start >= max_seconds or times[0] >= 10 * max_seconds:
+            return times
+
+
+def time_step(
+    step: Callable[[], None],
+    *,
+    max_seconds: float = 1.5,
+    max_steps: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Steady-state seconds per call of ``step``: :func:`warm_up`, then the median of up to ``max_steps`` timed calls
+    within about ``max_seconds`` (at least one).
+
+    When the warm-up never settled within ``max_seconds``, its last call is returned without more calls (enough to
+    tell a path that is many times slower).
+    """
+    warm = warm_up(step, max_seconds=max_seconds, clock=clock)
+    if len(warm) < 2 or abs(warm[-1] - warm[-2]) > SETTLE * min(warm[-2:]):
+        return warm[-1]
+    times: list[float] = []
+    deadline = clock() + max_seconds
+    while len(times) < max_steps and (not times or clock() < deadline):
+        t = clock()
+        step()
+        times.append(clock() - t)
+    return statistics.median(times)
+
+
+def time_candidates(
+    steps: Mapping[str, Callable[[], None]],
+    *,
+    seconds_per_candidate: float = 1.5,
+    rounds: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Steady-state seconds per call of each of ``steps``, measured side by side.
+
+    Each candidate is first warmed up until its time settles (:func:`warm_up`), so one-off costs are not counted.
+    Then the candidates are timed in interleaved rounds, one call each per round: a load that comes and goes (a
+    shared machine) slows every candidate of a round alike, so the comparison holds when the absolute times do not.
+    At least three rounds run, at most ``rounds``, within about ``seconds_per_candidate`` per candidate. A candidate
+    whose warm-up never settled because a single call took over ``10 * seconds_per_candidate`` is not timed again:
+    its list holds that call only.
+
+    Returns:
+        ``{label: [seconds of round 1, round 2, ...]}`` in the order of ``steps``.
+    """
+    timed: dict[str, list[float]] = {}
+    for label, step in steps.items():
+        warm = warm_up(step, max_seconds=2 * seconds_per_candidate, clock=clock)
+        timed[label] = [warm[-1]] if warm[0] >= 20 * seconds_per_candidate else []
+    live = [label for label, t in timed.items() if not t]
+    deadline = clock() + seconds_per_candidate * len(live)
+    for r in range(rounds):
+        for label in live:
+            t = clock()
+            steps[label]()
+            timed[label].append(clock() - t)
+        if r >= 2 and clock() >= deadline:
+            break
+    return timed
+
+
+def faster(candidate: list[float], reference: list[float], *, gain: float = 1.05) -> bool:
+    """Whether ``candidate`` is faster than ``reference`` beyond noise: its median at least ``gain`` times lower,
+    and faster in most of the rounds they were timed side by side (:func:`time_candidates`)."""
+    if statistics.median(candidate) * gain >= statistics.median(reference):
+        return False
+    pairs = list(zip(candidate, reference))
+    return sum(c < r for c, r in pairs) > len(pairs) / 2
 
 
 def _dtype(amp: str) -> torch.dtype | None:
@@ -206,15 +289,18 @@ def choose_numerics(
     make_step: StepFactory | None = None,
     *,
     probe_seconds: float = 1.5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Numerics:
     """Resolve ``train.amp`` and ``train.channels_last`` for ``device``; ``auto`` asks the hardware.
 
     CUDA: ``amp: auto`` is bf16 where the GPU supports it, else fp16 with a gradient scaler; ``channels_last: auto``
     is on with autocast (tensor cores prefer NHWC). CPU: bf16 is a candidate only with native support
     (:func:`cpu_native_bf16`) and channels-last only above AVX2 (oneDNN's NHWC kernels are far slower there);
-    when more than one candidate remains and ``make_step`` is given, each is timed on the real training step and the
-    fastest wins (float32/contiguous unless another is at least 5% faster). Without ``make_step``, the flags decide:
-    bf16 where native, contiguous.
+    when more than one candidate remains and ``make_step`` is given, each is timed on the real training step in its
+    steady state, side by side (:func:`time_candidates`), and a candidate replaces a simpler one only when it is at
+    least 5% faster on the median and faster in most rounds (:func:`faster`), so two candidates within noise keep
+    the simpler (float32 before bf16, contiguous before channels-last). Without ``make_step``, the flags decide: bf16
+    where native, contiguous.
 
     An explicit setting always wins. With ``make_step``, it is timed against the float32/contiguous baseline and a
     warning gives the factor when it is at least 1.5x slower.
@@ -224,7 +310,8 @@ def choose_numerics(
         channels_last: ``auto``, ``True`` or ``False``.
         device: the training device.
         make_step: builds one training step for (autocast dtype, channels_last); used for the probe only.
-        probe_seconds: time budget per candidate.
+        probe_seconds: time budget per candidate (its warm-up may take twice that).
+        clock: the timer (tests pass a fake one).
 
     Returns:
         The decision, with reasons and the probe's timings.
@@ -278,12 +365,15 @@ def choose_numerics(
         reasons["channels_last"] = (
             f"auto: CPU capability {capability}; oneDNN's channels-last convolutions are far slower than NCHW there"
         )
-    candidates = [(a, bool(c)) for a in amp_options for c in cl_options]
-    probe: dict[str, float] = {}
+    # simplest first: float32 contiguous, bf16, channels-last, both; a later one must beat the one chosen before it
+    candidates = sorted(((a, bool(c)) for a in amp_options for c in cl_options), key=lambda x: (x[1], x[0] != "off"))
+    timed: dict[str, list[float]] = {}
     if make_step is not None and (len(candidates) > 1 or candidates[0] != ("off", False)):
-        # the baseline first: an explicit setting is compared against it, and it bounds the others' probes
-        for a, c in [("off", False), *(x for x in candidates if x != ("off", False))]:
-            probe[_label(a, c)] = time_step(make_step(_dtype(a), c), max_seconds=probe_seconds)
+        # the baseline first: an explicit setting is compared against it
+        labels = {_label(a, c): (a, c) for a, c in [("off", False), *(x for x in candidates if x != ("off", False))]}
+        steps = {label: make_step(_dtype(a), c) for label, (a, c) in labels.items()}
+        timed = time_candidates(steps, seconds_per_candidate=probe_seconds, clock=clock)
+    probe = {label: statistics.median(t) for label, t in timed.items()}
     if len(candidates) == 1:
         chosen = candidates[0]
         base = probe.get(_label("off", False))
@@ -298,14 +388,15 @@ def choose_numerics(
         reasons.setdefault("channels_last", "auto")
         return Numerics(chosen[0], chosen[1], reasons, probe, requested)
     if probe:
-        base = probe[_label("off", False)]
-        chosen, best = ("off", False), base
-        for cand in candidates:
-            t = probe[_label(*cand)]
-            if t * MIN_GAIN < best:
-                chosen, best = cand, t
+        chosen = ("off", False)
+        for cand in candidates[1:]:
+            if faster(timed[_label(*cand)], timed[_label(*chosen)], gain=MIN_GAIN):
+                chosen = cand
         timings = ", ".join(f"{k} {v:.3f}s" for k, v in probe.items())
-        why = f"auto: fastest measured step on this {capability} CPU ({timings})"
+        why = (
+            f"auto: fastest measured step on this {capability} CPU ({timings}; steady state, side by side; another "
+            f"layout is chosen only when {MIN_GAIN - 1:.0%} faster)"
+        )
     else:  # no probe: the flags decide
         chosen = ("bf16" if "bf16" in amp_options else amp_options[0], False if False in cl_options else cl_options[0])
         why = f"auto: {why_bf16}; not measured, contiguous by default"

@@ -29,7 +29,7 @@ __all__ = ["SlimGraphModule", "convert"]
 
 _logger = logging.getLogger(__name__)
 
-_EXTRA_ATTRS = ("widths", "width_range", "conversion_report", "model_name", "model_kwargs")
+_EXTRA_ATTRS = ("widths", "width_range", "conversion_report", "model_name", "model_kwargs", "example_input_size")
 
 
 class SlimGraphModule(fx.GraphModule):
@@ -38,10 +38,14 @@ class SlimGraphModule(fx.GraphModule):
     Attributes:
         widths: the widths it runs at.
         conversion_report: a :class:`~slimmable.convert.ConversionReport`.
+        example_input_size: ``(C, H, W)`` of the input it was traced with: the default input of
+            :func:`~slimmable.export.export_width` and the other probes (a model such as ConvNeXt, or one that
+            flattens a fixed feature map into a ``Linear``, cannot run on any smaller input).
     """
 
     widths: tuple[float, ...] = ()
     width_range = None
+    example_input_size: tuple[int, int, int] | None = None
 
     def set_width(self, width: float) -> None:
         """Switch every slimmable layer to ``width`` (see :func:`slimmable.set_width`)."""
@@ -119,6 +123,7 @@ def convert(
     out = SlimGraphModule(gm, gm.graph, class_name=type(src).__name__)
     _restore_unused(out, work)
     out.widths = ws
+    out.example_input_size = tuple(int(d) for d in example_input.shape[1:])
     report = built.report(type(src).__name__, out, leaves)
     report.notes.extend(notes)
     out.conversion_report = report

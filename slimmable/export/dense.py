@@ -56,9 +56,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: spatial size of the recording forward pass when no example input is given (channel counts do not depend on it)
-_PROBE_SIZE = 16
-
 
 def export_width(
     model: nn.Module,
@@ -74,8 +71,9 @@ def export_width(
         width: one of the model's widths (a universally slimmable model: a width with stored BN statistics).
         fold_bn: fold every BatchNorm that directly follows a convolution into it (inference only; see
             :func:`fold_batchnorm`).
-        example: an input ``(N, C, H, W)`` for the recording forward pass; default a ``(1, C, 16, 16)`` tensor
-            with the model's input channels.
+        example: an input ``(N, C, H, W)`` for the recording forward pass; default the input size a converted
+            model was traced with (``example_input_size``), else a ``(1, C, 16, 16)`` tensor with the model's input
+            channels.
 
     Returns:
         An ``nn.Module`` of the model's class whose layers are ordinary ``nn.Conv2d``/``nn.BatchNorm2d``/
@@ -224,7 +222,7 @@ def _densify(
     what = f"width {width:g}" if width is not None else "these channels"
     mods = list(slim_modules(dense, outermost=True))
     channels = get_channels(dense)
-    x = example if example is not None else example_input(src, _PROBE_SIZE)
+    x = example if example is not None else example_input(src, None)
     if reset_bn_stats:
         # Statistics are to be replaced, so record with batch statistics (a US layer has none stored for a mix of
         # widths); the copy's own statistics may change, they are discarded. Two images: BN needs more than one
@@ -234,7 +232,11 @@ def _densify(
     try:
         seen = record_input_channels(dense, x)
     except RuntimeError as err:
-        raise ValueError(f"the model cannot run at {what}: {err}") from err
+        given = "the given example" if example is not None else "the default example"
+        raise ValueError(
+            f"the model cannot run at {what} on {given} of shape {tuple(x.shape)}: {err}; pass example= an input "
+            "of the size the model takes"
+        ) from err
     finally:
         dense.eval()
     missing = [n or type(m).__name__ for n, m in mods if n not in seen]

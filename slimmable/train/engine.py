@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import set_layer_widths, set_width, use_width
+from .clock import StepClock
 from .nonfinite import (
     NonFiniteLoss,
     NonFiniteLossError,
@@ -306,7 +307,9 @@ class Trainer:
         log_interval: steps between ``on_log`` calls (TensorBoard scalars).
         log_seconds: seconds between progress lines without a progress bar (the first after the first step), each
             with steps per second and, given ``total_steps``, the run's ETA.
-        total_steps: steps of the whole run (for the ETA).
+        total_steps: steps of the whole run: the ETA, and an epoch ends early when the run reaches it (a time
+            budget re-planned mid-epoch).
+        clock: the timer of the progress lines and of :attr:`step_clock` (tests pass a fake one).
         objective: what each width computes (default: classification with cross-entropy); see
             :mod:`slimmable.train.objectives`.
         nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
@@ -336,6 +339,7 @@ class Trainer:
         total_steps: int | None = None,
         nonfinite: str = "stop",
         objective: Objective | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.device = device
@@ -352,6 +356,9 @@ class Trainer:
         self.log_seconds, self.total_steps = log_seconds, total_steps
         self.nonfinite = nonfinite
         self.step = 0
+        self.clock = clock
+        #: seconds of the recent steps (a time budget's re-planning reads its median)
+        self.step_clock = StepClock(clock=clock)
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
 
@@ -376,6 +383,8 @@ class Trainer:
         progress: bool = False,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         batches: Iterable | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        progress_every: int | None = None,
     ) -> EpochStats:
         """Train one epoch (from ``start_batch`` when resuming), stopping early when ``should_stop()`` is true.
 
@@ -389,6 +398,10 @@ class Trainer:
             progress: show a progress bar instead of log lines.
             on_log: called every ``log_interval`` steps (and at the epoch's end) with ``(global_step, scalars)``.
             batches: an already created iterator over ``loader`` (to control when random states are drawn).
+            on_progress: called with the global step at every progress line (every ``log_seconds``, with a bar or
+                without), or every ``progress_every`` steps when that is given (the same steps on every process of a
+                distributed run); a time budget re-plans there.
+            progress_every: see ``on_progress``.
         """
         self.model.train()
         keys_seen: list[float | str] = []
@@ -397,8 +410,9 @@ class Trainer:
         count_sum: dict[float | str, torch.Tensor] = {}  # images per key (pooled random widths count each draw)
         n_images = torch.zeros((), dtype=torch.float64, device=self.device)
         stats = EpochStats(epoch, batches_done=start_batch)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         next_line = t0  # the first line comes after the first step
+        self.step_clock.start()
         it = batches if batches is not None else iter(loader)
         bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
         for images, targets in bar:
@@ -421,6 +435,7 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
+                self.step_clock.tick()
                 stats.batches_done += 1
                 stats.skipped_steps += 1
                 if should_stop is not None and should_stop():
@@ -430,6 +445,7 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             self.step += 1
+            self.step_clock.tick()
             stats.batches_done += 1
             stats.steps += 1
             bs = self.objective.batch_size(targets)
@@ -444,7 +460,7 @@ class Trainer:
                 loss_sum[key] += res.losses[j].double() * bs
                 correct_sum[key] += res.correct[j].double()
                 count_sum[key] += bs
-            now = time.perf_counter()
+            now = self.clock()
             due = now >= next_line  # time-based, not every N steps: a line at least every log_seconds
             interval = stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch
             if interval or due:
@@ -460,7 +476,6 @@ class Trainer:
                 if self.total_steps is not None:
                     eta = f", ETA {format_seconds((self.total_steps - self.step) / rate)}"
                 if not progress and due:
-                    next_line = now + self.log_seconds
                     losses = " ".join(
                         f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
                         for j, w in enumerate(res.widths)
@@ -471,10 +486,16 @@ class Trainer:
                     )  # fmt: skip
                 elif hasattr(bar, "set_postfix_str"):
                     bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
+            if due:
+                next_line = now + self.log_seconds
+            if on_progress is not None and (self.step % progress_every == 0 if progress_every else due):
+                on_progress(self.step)
+            run_ended = self.total_steps is not None and self.step >= self.total_steps
+            done = stats.batches_done >= steps_in_epoch or run_ended
             if should_stop is not None and should_stop():
-                stats.interrupted = stats.batches_done < steps_in_epoch
+                stats.interrupted = not done
                 break
-            if stats.batches_done >= steps_in_epoch:  # a partial last epoch (a run sized to a time budget)
+            if done:  # the end of the epoch, or of the run's steps (a time budget's partial last epoch)
                 break
         if hasattr(bar, "close"):
             bar.close()
@@ -488,6 +509,6 @@ class Trainer:
             stats.loss[key] = loss / max(1.0, count)
             stats.top1[key] = 100.0 * correct / max(1.0, count) if self.objective.counts_correct else math.nan
         stats.images = int(vec[0])
-        stats.seconds = time.perf_counter() - t0
+        stats.seconds = self.clock() - t0
         stats.lr = self.optimizer.param_groups[0]["lr"]
         return stats

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-__all__ = ["create_optimizer", "create_scheduler", "lr_factor", "param_groups"]
+__all__ = ["create_optimizer", "create_scheduler", "lr_factor", "param_groups", "set_total_steps"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "exponential")
@@ -90,16 +90,26 @@ def lr_factor(
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
     min_factor: float = 0.0,
+    anchor: tuple[int, float] | None = None,
 ) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
 
     Warm-up rises linearly from ``warmup_factor`` to 1 over ``warmup_steps``; then ``cosine`` and ``linear``
     decay to ``min_factor`` at ``total_steps``, ``multistep`` multiplies by ``gamma`` at each milestone epoch, and
     ``exponential`` by ``gamma`` every epoch.
+
+    ``cosine`` and ``linear`` follow a progress ``t`` from 0 (end of warm-up) to 1 (``total_steps``). ``anchor =
+    (s, t_s)`` says the schedule was refitted at step ``s``, where its progress was ``t_s``: from there ``t`` runs
+    linearly from ``t_s`` to 1 at ``total_steps``, so a run whose length changes keeps a continuous rate
+    (:func:`set_total_steps`).
     """
     if step < warmup_steps:
         return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    s0, t0 = anchor if anchor is not None and anchor[0] > warmup_steps else (warmup_steps, 0.0)
+    if step >= s0:
+        t = min(1.0, t0 + (1.0 - t0) * (step - s0) / max(1, total_steps - s0))
+    else:  # before the anchor (only asked for when looking back): the line that led to it
+        t = t0 * (step - warmup_steps) / max(1, s0 - warmup_steps)
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
@@ -114,13 +124,43 @@ def lr_factor(
     raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
-def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
-    """End a :func:`create_scheduler` schedule at ``total_steps`` from the next step on (a run cut short to its
-    time budget: the cosine / linear decay then reaches its end with the run)."""
+def set_total_steps(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, at_step: int | None = None
+) -> tuple[int, float] | None:
+    """End a :func:`create_scheduler` schedule at ``total_steps`` (a run sized to a time budget that is re-planned:
+    the cosine / linear decay then reaches its end with the run).
+
+    With ``at_step`` (the next step to run), the schedule is refitted there without a jump: the rate at
+    ``at_step`` is the one the old schedule gave, and the decay continues from it to the new end.
+
+    Returns:
+        The schedule's new ``anchor`` (see :func:`lr_factor`), to be recorded for a resume; ``None`` without
+        ``at_step``.
+    """
     fn = scheduler.lr_lambdas[0]
     if not isinstance(fn, partial) or "total_steps" not in fn.keywords:
         raise TypeError("set_total_steps needs a scheduler made by create_scheduler")
-    scheduler.lr_lambdas[0] = partial(fn.func, *fn.args, **{**fn.keywords, "total_steps": int(total_steps)})
+    kw = dict(fn.keywords)
+    anchor = None
+    if at_step is not None:
+        anchor = (int(at_step), schedule_progress(int(at_step), kw))
+        kw["anchor"] = anchor
+    kw["total_steps"] = int(total_steps)
+    scheduler.lr_lambdas[0] = partial(fn.func, *fn.args, **kw)
+    return anchor
+
+
+def schedule_progress(step: int, keywords: dict) -> float:
+    """The progress ``t`` in [0, 1] of a :func:`lr_factor` schedule (its keyword arguments) at ``step``."""
+    w, total = keywords.get("warmup_steps", 0), keywords["total_steps"]
+    if step <= w:
+        return 0.0
+    s0, t0 = keywords.get("anchor") or (w, 0.0)
+    if s0 <= w:
+        s0, t0 = w, 0.0
+    if step >= s0:
+        return min(1.0, t0 + (1.0 - t0) * (step - s0) / max(1, total - s0))
+    return t0 * (step - w) / max(1, s0 - w)
 
 
 def create_scheduler(
@@ -135,11 +175,13 @@ def create_scheduler(
     gamma: float = 0.1,
     min_lr: float = 0.0,
     total_steps: int | None = None,
+    anchor: tuple[int, float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` (call ``scheduler.step()`` after every optimizer step).
 
     ``total_steps`` (default ``epochs * steps_per_epoch``) ends the schedule early, e.g. within a partial last
-    epoch of a run sized to a time budget.
+    epoch of a run sized to a time budget; ``anchor`` is where :func:`set_total_steps` last refitted it (a resumed
+    run passes its plan's).
 
     Raises:
         ValueError: unknown schedule, or ``min_lr`` above the learning rate.
@@ -159,5 +201,6 @@ def create_scheduler(
         milestones=tuple(milestones),
         gamma=gamma,
         min_factor=min_lr / base,
+        anchor=tuple(anchor) if anchor is not None else None,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

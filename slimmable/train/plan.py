@@ -11,7 +11,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -111,7 +111,8 @@ def decide_numerics(
 
 
 def measure_step_seconds(step: Callable[[], None], max_seconds: float = 3.0) -> float:
-    """Seconds per training step (median after a warm-up), within about ``max_seconds``."""
+    """Steady-state seconds per training step (median after a warm-up that lasts until the time settles), within
+    about ``max_seconds`` of timed steps."""
     return time_step(step, max_seconds=max_seconds, max_steps=8)
 
 
@@ -121,18 +122,22 @@ class EpochPlan:
 
     The run trains ``total_steps`` optimizer steps: ``epochs - 1`` whole epochs and the first
     ``total_steps - (epochs - 1) * steps_per_epoch`` steps of the last one, so the learning-rate schedule ends
-    where the budget does (whole epochs would waste up to one epoch of it).
+    where the budget does (whole epochs would waste up to one epoch of it). :func:`replan` refits it as the run goes.
 
     Attributes:
         epochs: epochs started (the last may be partial); at most the recipe's ``train.epochs``, at least 1.
         total_steps: optimizer steps of the run (at least one epoch's).
         max_epochs: the recipe's ``train.epochs``.
         budget_minutes: ``train.time_budget_min``.
-        seconds_per_step: measured, at the training batch size with the chosen numerics.
+        seconds_per_step: at start-up the probe's steady-state time at the training batch size with the chosen
+            numerics; after a :func:`replan`, the median of the recent steps.
         steps_per_epoch: training steps per epoch.
-        eval_seconds: estimated seconds of one validation pass (a forward costs about a third of a step).
+        eval_seconds: seconds of one validation pass: estimated at start-up (a forward costs about a third of a
+            step), measured after the first.
         estimated_minutes: the plan's estimated training time, validation included.
-        first_total_steps: ``total_steps`` as planned at start-up, before :func:`replan` shortened the run.
+        first_total_steps: ``total_steps`` as planned at start-up, before any :func:`replan`.
+        lr_anchor: ``(step, progress)`` where the learning-rate schedule was last refitted to a new ``total_steps``
+            (:func:`~slimmable.train.optim.set_total_steps`), so that a resumed run rebuilds the same schedule.
     """
 
     epochs: int
@@ -144,6 +149,11 @@ class EpochPlan:
     eval_seconds: float
     estimated_minutes: float
     first_total_steps: int | None = None
+    lr_anchor: tuple[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_anchor is not None:  # a checkpoint stores it as a list
+            object.__setattr__(self, "lr_anchor", (int(self.lr_anchor[0]), float(self.lr_anchor[1])))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,40 +193,70 @@ def plan_epochs(
     """
     # a forward pass costs about a third of forward + backward; validation runs eval_widths of them per batch
     eval_seconds = eval_batches * seconds_per_step * eval_widths / max(1, train_widths) / 3
-    epoch_seconds = steps_per_epoch * seconds_per_step + eval_seconds
-    fit = budget_minutes * 60 / epoch_seconds  # epochs, validation amortised over each
-    total = max(steps_per_epoch, min(max_epochs * steps_per_epoch, math.floor(fit * steps_per_epoch)))
-    epochs = math.ceil(total / steps_per_epoch)
-    seconds = total * seconds_per_step + epochs * eval_seconds
-    return EpochPlan(
-        epochs=epochs, total_steps=total, max_epochs=max_epochs, budget_minutes=budget_minutes,
-        seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, eval_seconds=eval_seconds,
-        estimated_minutes=seconds / 60,
+    start = EpochPlan(
+        epochs=max_epochs, total_steps=max_epochs * steps_per_epoch, max_epochs=max_epochs,
+        budget_minutes=budget_minutes, seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch,
+        eval_seconds=eval_seconds, estimated_minutes=0.0,
     )  # fmt: skip
+    total, minutes = _fit(start, 0, 0, 0.0, seconds_per_step, eval_seconds)
+    return replace(start, epochs=math.ceil(total / steps_per_epoch), total_steps=total, estimated_minutes=minutes)
 
 
-def replan(plan: EpochPlan, steps_done: int, elapsed_seconds: float) -> EpochPlan | None:
-    """A shorter plan when the run is behind its plan (a busy machine, a probe that was too hopeful), else ``None``.
+def _fit(
+    plan: EpochPlan, steps_done: int, validations_done: int, spent: float, per_step: float, eval_seconds: float
+) -> tuple[int, float]:
+    """The most total steps whose remaining training and validations fit the budget, at least one epoch (and at
+    least ``steps_done``), at most ``max_epochs``; with the estimated minutes of the whole run."""
+    spe, left = plan.steps_per_epoch, plan.budget_minutes * 60 - spent
+    best = max(steps_done, min(spe, plan.max_epochs * spe))
+    for epochs in range(max(1, validations_done + 1), plan.max_epochs + 1):
+        # every epoch still to end is validated once (the current one included)
+        afford = math.floor((left - (epochs - validations_done) * eval_seconds) / per_step)
+        total = min(epochs * spe, steps_done + afford)
+        if total > (epochs - 1) * spe:
+            best = max(best, total)
+    epochs_left = max(0, math.ceil(best / spe) - validations_done)
+    return best, (spent + (best - steps_done) * per_step + epochs_left * eval_seconds) / 60
 
-    Called between epochs: the remaining budget is divided by the seconds per step measured so far, validation
-    included. The plan only ever shrinks, never grows, and never below the steps already done.
+
+#: :func:`replan` leaves the plan alone when the new total differs by less than this fraction of it
+REPLAN_MIN_CHANGE = 0.01
+
+
+def replan(
+    plan: EpochPlan,
+    *,
+    steps_done: int,
+    validations_done: int,
+    spent_seconds: float,
+    seconds_per_step: float,
+    eval_seconds: float | None = None,
+    min_change: float = REPLAN_MIN_CHANGE,
+) -> EpochPlan | None:
+    """The plan that fits what is left of the budget at the machine's current speed, or ``None`` when the current
+    plan is within ``min_change`` of it.
+
+    It shrinks when the run is behind (a busy machine, a probe that was too hopeful) and grows back, up to
+    ``max_epochs``, when the run is ahead (the machine got quieter), never below ``steps_done`` nor below one
+    epoch. The caller refits the learning-rate schedule (:func:`~slimmable.train.optim.set_total_steps`).
 
     Args:
         plan: the current plan.
-        steps_done: optimizer steps so far in this run.
-        elapsed_seconds: wall time of the training so far (validation included).
+        steps_done: optimizer steps so far (the run's global step).
+        validations_done: epochs ended and validated so far.
+        spent_seconds: the budget spent so far: training and validation time, across resumes.
+        seconds_per_step: the current speed, e.g. the median of the last steps (not the average since the start:
+            a slow minute must not weigh on the rest of the run).
+        eval_seconds: the measured time of one validation (default: the plan's estimate).
+        min_change: the least relative change worth a new plan (a plan does not flicker with the noise).
     """
-    if steps_done <= 0 or elapsed_seconds <= 0:
+    if seconds_per_step <= 0:
         return None
-    per_step = elapsed_seconds / steps_done
-    afford = math.floor(max(0.0, plan.budget_minutes * 60 - elapsed_seconds) / per_step)
-    total = min(plan.total_steps, steps_done + afford)
-    if total >= plan.total_steps:
+    eval_s = plan.eval_seconds if eval_seconds is None else eval_seconds
+    total, minutes = _fit(plan, steps_done, validations_done, spent_seconds, seconds_per_step, eval_s)
+    if abs(total - plan.total_steps) < max(1.0, min_change * plan.total_steps):
         return None
-    epochs = max(1, math.ceil(total / plan.steps_per_epoch))
-    return EpochPlan(
-        epochs=epochs, total_steps=total, max_epochs=plan.max_epochs, budget_minutes=plan.budget_minutes,
-        seconds_per_step=plan.seconds_per_step, steps_per_epoch=plan.steps_per_epoch, eval_seconds=plan.eval_seconds,
-        estimated_minutes=(elapsed_seconds + (total - steps_done) * per_step) / 60,
-        first_total_steps=plan.first_total_steps or plan.total_steps,
+    return replace(
+        plan, epochs=math.ceil(total / plan.steps_per_epoch), total_steps=total, seconds_per_step=seconds_per_step,
+        eval_seconds=eval_s, estimated_minutes=minutes, first_total_steps=plan.first_total_steps or plan.total_steps,
     )  # fmt: skip

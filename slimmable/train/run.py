@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,14 @@ from .tasks import Task, create_task, mean_metric
 __all__ = ["TrainResult", "train_from_config"]
 
 _logger = logging.getLogger(__name__)
+
+#: steps timed (or one epoch's, if fewer) before a time budget is re-planned on the recent speed
+MIN_STEPS_TO_REPLAN = 10
+
+
+def _clock() -> float:
+    """The run's timer: progress lines, the time budget (tests replace it with a fake clock)."""
+    return time.perf_counter()
 
 
 @dataclass
@@ -292,6 +300,12 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.rng_to_restore: dict[str, Any] | None = None
         self.resumed = False
+        #: the time budget spent before this process started (a resumed run), and when its epochs began
+        self.spent_before: float | None = 0.0
+        self.t_train: float | None = None
+        self.validations_done = 0
+        self.eval_seconds: float | None = None  # the last validation's, measured
+        self.replans: list[dict[str, Any]] = []  # every change of the plan (hardware.json)
 
     # -- build ----------------------------------------------------------------------------------------------------
 
@@ -416,7 +430,7 @@ class _Run:
         self.scheduler = create_scheduler(
             self.optimizer, oc.schedule, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             warmup_epochs=oc.warmup_epochs, warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma,
-            min_lr=oc.min_lr, total_steps=self.total_steps,
+            min_lr=oc.min_lr, total_steps=self.total_steps, anchor=self.plan.lr_anchor if self.plan else None,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda") if self.numerics.use_grad_scaler else None
         ddp = wrap_ddp(self.model, info) if info.distributed else None
@@ -428,7 +442,7 @@ class _Run:
             autocast_dtype=self.numerics.autocast_dtype, scaler=self.scaler, objective=self.objective,
             grad_clip=oc.grad_clip, channels_last=self.numerics.channels_last,
             seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=self.total_steps,
-            nonfinite=tc.nonfinite,
+            nonfinite=tc.nonfinite, clock=_clock,
         )  # fmt: skip
 
     # -- resume ---------------------------------------------------------------------------------------------------
@@ -446,6 +460,9 @@ class _Run:
         self.start_epoch, self.start_batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
         self.best, self.history = dict(ckpt.get("best") or {}), list(ckpt.get("history") or [])
         self.resumed = True
+        # a checkpoint from before the budget was recorded: the plan is kept as it is
+        self.spent_before = float(ckpt["time_spent"]) if ckpt.get("time_spent") is not None else None
+        self.validations_done = sum(1 for h in self.history if "val" in h)
         if self.start_batch:
             if int(ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
                 raise ValueError(
@@ -488,7 +505,7 @@ class _Run:
         """The machine, the numerics and the current plan."""
         plan = self.plan and self.plan.to_dict()
         write_json(self.out_dir / "hardware.json", {"machine": self.machine, "numerics": self.numerics.to_dict(),
-                                                     "plan": plan})  # fmt: skip
+                                                     "plan": plan, "replans": self.replans})  # fmt: skip
 
     def checkpoint(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
         """Everything a resume needs (a collective in a distributed run: every rank calls it)."""
@@ -507,9 +524,16 @@ class _Run:
             best=self.best,
             history=self.history,
             plan=self.plan and self.plan.to_dict(),
+            time_spent=self.spent_seconds(),
             numerics=self.numerics.to_dict(),
             machine=self.machine,
         )
+
+    def spent_seconds(self) -> float | None:
+        """The time budget spent so far: the epoch loop's time, across resumes (``None``: not known)."""
+        if self.spent_before is None:
+            return None
+        return self.spent_before + (self.trainer.clock() - self.t_train if self.t_train is not None else 0.0)
 
     def _on_log(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
@@ -521,7 +545,7 @@ class _Run:
     def train_epochs(self, progress: bool) -> bool:
         """Train the planned epochs, evaluating and saving after each; ``False`` if stopped by a signal."""
         info, tc = self.info, self.cfg.train
-        t_train, steps_at_start = time.perf_counter(), self.trainer.step
+        self.t_train = self.trainer.clock()
         with _StopSignal(info) as stop:
             epoch = self.start_epoch
             while epoch < self.epochs:  # the plan may shorten ``epochs`` as the run goes
@@ -540,10 +564,12 @@ class _Run:
                     average_bn_statistics(self.model, info.world_size)
                 record = _epoch_record(stats)
                 if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == self.epochs:
+                    t_val = self.trainer.clock()
                     self._validate(record, epoch)
+                    self.eval_seconds = self.trainer.clock() - t_val
+                    self.validations_done += 1
                 self.history.append(record)
-                if self.plan is not None and not self.resumed:  # behind the plan? fit the rest to the budget
-                    self._replan(record, self.trainer.step - steps_at_start, time.perf_counter() - t_train)
+                self._replan(record)  # validation timed: fit the rest to the budget
                 ck = self.checkpoint(epoch + 1, 0)
                 if info.is_main:
                     save_checkpoint(self.last_path, ck)
@@ -571,12 +597,13 @@ class _Run:
         if self.rng_to_restore is not None:
             set_rng_state(self.rng_to_restore)
             self.rng_to_restore = None
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # a plan's last: partial
+        # the trainer ends the epoch early at the plan's total steps (a partial last epoch, whatever re-planning does)
         try:
             stats = self.trainer.train_epoch(
-                loader, epoch, steps_in_epoch=steps,
+                loader, epoch, steps_in_epoch=self.steps_per_epoch,
                 start_batch=self.start_batch, should_stop=stop.poll, progress=progress and info.is_main,
-                on_log=self._on_log, batches=batches,
+                on_log=self._on_log, batches=batches, on_progress=lambda step: self._replan(None),
+                progress_every=self.cfg.train.log_interval if info.distributed else None,
             )  # fmt: skip
         except NonFiniteLossError as err:  # nothing diverged is saved: last.pt / best.pt stay as they were
             raise with_checkpoint_note(err, self.last_path) from None
@@ -598,22 +625,52 @@ class _Run:
             self.best = {f"{metric}_mean": record[f"val_{metric}_mean"], "epoch": epoch + 1}
             record["best"] = True
 
-    def _replan(self, record: dict[str, Any], steps_done: int, seconds: float) -> None:
-        assert self.plan is not None
-        shorter = replan(self.plan, steps_done, seconds)
-        if self.info.distributed:  # every process follows rank 0's plan (a collective: every rank calls it)
-            box: list[Any] = [shorter]
-            dist.broadcast_object_list(box, src=0)
-            shorter = box[0]
-        if shorter is None:
+    def _replan(self, record: dict[str, Any] | None) -> None:
+        """Refit the plan to the budget left at the current speed, both ways (a collective in a distributed run).
+
+        Called at every progress line (every ``train.log_interval`` steps in a distributed run, the same steps on
+        every process) and after every epoch (``record``: that epoch's history entry). The learning-rate schedule
+        is refitted without a jump (:func:`~slimmable.train.optim.set_total_steps`)."""
+        if self.plan is None:  # no time budget (alike on every process)
             return
-        self.plan, self.epochs, self.total_steps = shorter, shorter.epochs, shorter.total_steps
-        set_total_steps(self.scheduler, self.total_steps)
+        spent = self.spent_seconds()
+        per_step = self.trainer.step_clock.seconds_per_step()
+        new = None
+        if (
+            spent is not None and per_step is not None
+            and len(self.trainer.step_clock) >= min(MIN_STEPS_TO_REPLAN, self.steps_per_epoch)
+            and self.trainer.step < self.total_steps
+        ):  # fmt: skip
+            new = replan(
+                self.plan, steps_done=self.trainer.step, validations_done=self.validations_done, spent_seconds=spent,
+                seconds_per_step=per_step, eval_seconds=self.eval_seconds,
+            )  # fmt: skip
+        if self.info.distributed:  # every process follows rank 0's plan
+            box: list[Any] = [new]
+            dist.broadcast_object_list(box, src=0)
+            new = box[0]
+        if new is None:
+            return
+        old = self.plan
+        assert old is not None and spent is not None and per_step is not None
+        anchor = set_total_steps(self.scheduler, new.total_steps, at_step=self.trainer.step)
+        self.plan = replace(new, lr_anchor=anchor)
+        self.epochs, self.total_steps = self.plan.epochs, self.plan.total_steps
         self.trainer.total_steps = self.total_steps
-        record["replanned_total_steps"] = self.total_steps
+        if record is not None:
+            record["replanned_total_steps"] = self.total_steps
+        self.replans.append({"step": self.trainer.step, "from": old.total_steps, "to": new.total_steps,
+                             "seconds_per_step": per_step, "spent_seconds": spent})  # fmt: skip
         self.result.plan, self.result.epochs = self.plan, self.epochs
         if self.info.is_main:
-            _logger.warning("time budget: behind the plan, shortened to %s", self.plan.describe())
+            way = "ahead of the plan, extended" if new.total_steps > old.total_steps else "behind the plan, shortened"
+            _logger.warning(
+                "time budget: %s from %d to %d steps (%.2f epochs) at step %d: steps take %.3f s now (median of the "
+                "last %d), the plan assumed %.3f s; %.1f of %g min left",
+                way, old.total_steps, new.total_steps, new.epochs_float, self.trainer.step, per_step,
+                len(self.trainer.step_clock), old.seconds_per_step, max(0.0, old.budget_minutes - spent / 60),
+                old.budget_minutes,
+            )  # fmt: skip
             self.write_hardware()
 
     # -- finish ---------------------------------------------------------------------------------------------------

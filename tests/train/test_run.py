@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -164,16 +165,18 @@ def test_time_budget_ends_in_a_partial_epoch_with_the_schedule(
 ) -> None:
     from slimmable.train.plan import plan_epochs
 
-    # 1 s per step, 5 steps + 1 validation batch (~0.33 s) per epoch: 1.6 epochs fit 0.1422 min = 8.53 s
+    # 1 s per step, 5 steps + 1 validation batch (~0.33 s) per epoch: 8.53 s fit 7 steps and 2 validations (8 steps
+    # would overrun: 8.67 s)
     monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1.0)
+    monkeypatch.setattr(run_module, "replan", lambda *a, **kw: None)  # the start-up plan only (steps take ms here)
     cfg = _cfg(fmnist, train={"epochs": 4, "time_budget_min": 1.6 * (5 + 1 / 3) / 60}, optim={"schedule": "cosine"})
     out = tmp_path / "run"
     result = _train(cfg, out)
     plan = result.plan
-    assert plan is not None and (plan.total_steps, plan.epochs, plan.seconds_per_step) == (8, 2, 1.0)
+    assert plan is not None and (plan.total_steps, plan.epochs, plan.seconds_per_step) == (7, 2, 1.0)
     assert plan == plan_epochs(cfg.train.time_budget_min, 4, 5, 1.0, 1, 2, 2)
     last = load_checkpoint(out / "last.pt")
-    assert (last["epoch"], last["step"]) == (2, 8) and [h["epoch"] for h in result_history(out)] == [1, 2]
+    assert (last["epoch"], last["step"]) == (2, 7) and [h["epoch"] for h in result_history(out)] == [1, 2]
     assert result_history(out)[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ended with the budget
     assert not result.interrupted and result.epochs_done == 2
 
@@ -182,16 +185,79 @@ def result_history(out: Path) -> list[dict]:
     return json.loads((out / "history.json").read_text())
 
 
-def test_a_run_behind_its_plan_is_shortened_to_the_budget(
-    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_replan_follows_the_machine_both_ways() -> None:
     from slimmable.train.plan import EpochPlan, replan
 
     plan = EpochPlan(epochs=10, total_steps=100, max_epochs=10, budget_minutes=1.0, seconds_per_step=0.1,
                      steps_per_epoch=10, eval_seconds=0.0, estimated_minutes=0.17)  # fmt: skip
-    shorter = replan(plan, steps_done=10, elapsed_seconds=30.0)  # 3 s per step: 10 more steps fit in 30 s
+    kw = {"steps_done": 10, "validations_done": 1, "spent_seconds": 30.0}
+    shorter = replan(plan, seconds_per_step=3.0, **kw)  # 3 s per step now: 10 more steps fit the 30 s left
     assert shorter is not None and (shorter.total_steps, shorter.epochs, shorter.first_total_steps) == (20, 2, 100)
-    assert replan(plan, steps_done=10, elapsed_seconds=1.0) is None  # on time: the plan never grows
+    assert shorter.seconds_per_step == 3.0 and shorter.estimated_minutes == pytest.approx(1.0)
+    # quiet again: it grows back, up to train.epochs
+    assert replan(shorter, seconds_per_step=0.3, **kw).total_steps == 100
+    longer = replan(shorter, seconds_per_step=1.0, **kw)  # 30 more steps fit
+    assert longer is not None and (longer.total_steps, longer.epochs, longer.first_total_steps) == (40, 4, 100)
+    assert replan(longer, seconds_per_step=1.0, **kw) is None  # on plan: unchanged
+    assert replan(longer, seconds_per_step=0.995, **kw) is None  # within 1%: no flicker
+    # validations count: 4 s each, 3 epochs still to end -> 12 s fewer for steps
+    assert replan(longer, seconds_per_step=1.0, eval_seconds=4.0, **kw).total_steps == 30
+    # a spent budget ends the run where it is, never before one epoch
+    assert replan(longer, seconds_per_step=1.0, steps_done=14, validations_done=1, spent_seconds=70).total_steps == 14
+    assert replan(longer, seconds_per_step=1.0, steps_done=4, validations_done=0, spent_seconds=70).total_steps == 10
+
+
+def test_a_run_slowed_at_the_start_regains_its_plan(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fake clock: the probe says 1 s per step; the first 8 steps take 4 s (another process shares the machine),
+    then 1 s. The plan shrinks while the machine is busy and grows back once it is quiet, the learning rate never
+    jumps, and the budget holds."""
+    from slimmable.train import engine
+
+    fake = [0.0]
+    lrs: list[float] = []
+    real_step = engine.train_step
+
+    def step(model, optimizer, *a, **kw):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        fake[0] += 4.0 if len(lrs) <= 8 else 1.0
+        return real_step(model, optimizer, *a, **kw)
+
+    monkeypatch.setattr(run_module, "_clock", lambda: fake[0])
+    monkeypatch.setattr(engine, "train_step", step)
+    monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1.0)
+    monkeypatch.setattr(run_module, "MIN_STEPS_TO_REPLAN", 3)
+    # 5 steps per epoch, 20 epochs at most; validation ~0.3 s (estimated); 60 s of budget: 56 steps at 1 s/step
+    cfg = _cfg(fmnist, train={"epochs": 20, "time_budget_min": 1.0, "log_seconds": 2.0},
+               optim={"schedule": "cosine", "warmup_epochs": 0.0})  # fmt: skip
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="slimmable.train.run"):
+        result = _train(cfg, out)
+    plan = result.plan
+    assert plan is not None and plan.first_total_steps == 56
+    replans = json.loads((out / "hardware.json").read_text())["replans"]
+    shrunk = [r for r in replans if r["to"] < r["from"]]
+    grown = [r for r in replans if r["to"] > r["from"]]
+    assert shrunk and grown and shrunk[0]["step"] < grown[0]["step"]  # shortened while busy, then extended
+    assert shrunk[0]["seconds_per_step"] == 4.0 and grown[-1]["seconds_per_step"] == 1.0
+    # the 8 busy steps take 32 s; the 28 s left hold about 27 quiet steps. A plan that only shrank would have ended
+    # near step 15 (cut to 4 s per step while busy); this one regains what the quiet steps allow
+    steps = load_checkpoint(out / "last.pt")["step"]
+    assert steps == plan.total_steps == len(lrs) and 8 + 25 <= steps <= 8 + 28
+    assert 55 <= fake[0] <= 60 * 1.02  # the budget is used and holds
+    assert any("behind the plan, shortened" in r.getMessage() for r in caplog.records)
+    assert any("ahead of the plan, extended" in r.getMessage() and "median of the last" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    # the learning rate: a continuous cosine, never rising, no jump at a re-plan
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs))
+    assert max(a - b for a, b in itertools.pairwise(lrs)) < 0.2 * lrs[0]
+    assert lrs[-1] < 0.02 * lrs[0]
+
+
+def test_a_run_behind_its_plan_is_shortened_to_the_budget(
+    fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # a probe far too hopeful (1e-4 s per step): 4 epochs planned, but the budget is spent after the first
     monkeypatch.setattr(run_module, "measure_step_seconds", lambda step, **kw: 1e-4)
     cfg = _cfg(fmnist, train={"epochs": 4, "time_budget_min": 1e-3})  # 0.06 s
