@@ -282,8 +282,10 @@ def plot(result: StudyResult, path: Path) -> None:
     plt.close(fig)
 
 
+# the CI check: 5,000 training images keep every ordering with a wide margin (S-Net 70-76%, individual 72-77%, shared
+# BN 10-69%, re-estimated 69-75% on 2 cores) in 5/8 of the time 8,000 took
 QUICK = StudyConfig(
-    epochs=2, seeds=(0,), batch_size=128, lr=0.1, train_subset=8000, test_subset=2000, calib_batches=10, stem_stride=2
+    epochs=2, seeds=(0,), batch_size=128, lr=0.1, train_subset=5000, test_subset=2000, calib_batches=10, stem_stride=2
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 
@@ -210,6 +211,40 @@ def test_scheduler_steps_per_iteration() -> None:
     assert len({g["lr"] for g in opt.param_groups}) == 1  # both weight-decay groups follow the schedule
     with pytest.raises(ValueError, match="min_lr 1.0 is above optim.lr"):
         create_scheduler(opt, "cosine", epochs=1, steps_per_epoch=1, min_lr=1.0)
+
+
+def test_a_refitted_schedule_is_continuous_and_rebuilds_from_its_anchor() -> None:
+    """set_total_steps at a step keeps that step's rate and decays from it to the new end; create_scheduler with the
+    returned anchor (what a resumed run reads from its plan) gives the same rates."""
+    from slimmable.train.optim import set_total_steps
+
+    def rates(sched: torch.optim.lr_scheduler.LambdaLR, opt: torch.optim.Optimizer, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    opt = create_optimizer(_model(), "sgd", 1.0)
+    sched = create_scheduler(opt, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5)
+    before = rates(sched, opt, 40)
+    factor_at_40 = sched.lr_lambdas[0](40)
+    anchor = set_total_steps(sched, 70, at_step=40)  # shortened: 30 steps left instead of 60
+    assert anchor == (40, pytest.approx(35 / 95)) and sched.lr_lambdas[0](40) == pytest.approx(factor_at_40)
+    after = rates(sched, opt, 30)
+    lrs = before + after
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs[5:]))  # decays, never rises
+    assert max(a - b for a, b in itertools.pairwise(lrs)) < 0.05  # no jump at the refit
+    assert after[-1] == pytest.approx(0.0, abs=2e-3) and sched.lr_lambdas[0](70) == 0.0
+    # a second refit (grown back) anchors where the first left off
+    anchor2 = set_total_steps(sched, 90, at_step=70)
+    assert anchor2 == (70, pytest.approx(1.0))
+    # resume: a new scheduler built with the anchor and the total gives the same rates as the refitted one
+    opt2 = create_optimizer(_model(), "sgd", 1.0)
+    again = create_scheduler(opt2, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5, total_steps=70,
+                             anchor=anchor)  # fmt: skip
+    assert [again.lr_lambdas[0](s) for s in range(40, 71)] == pytest.approx([*lrs[40:], 0.0])
 
 
 def test_evaluate_uses_each_switch_statistics_and_restores_state() -> None:

@@ -64,6 +64,20 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+def test_a_budgeted_run_replans_on_every_process(tmp_path: Path) -> None:
+    """Under torchrun the plan is re-planned every log_interval steps on every process (rank 0's plan, broadcast):
+    the same steps everywhere, so the collective neither hangs nor lets the processes' step counts differ."""
+    fm = write_fashion_mnist(tmp_path / "fm", n_train=80, n_test=24)
+    recipe = tiny_recipe(fm, data={"augment": "none", "val_size": 16, "batch_size": 16},
+                         train={"epochs": 2, "time_budget_min": 1e3, "log_interval": 1})  # fmt: skip
+    write_recipe(tmp_path / "r.yaml", recipe)
+    args = ["train", "--recipe", "r.yaml", "--device", "cpu", "--no-tensorboard", "--latency-runs", "0"]
+    _run([*TORCHRUN, "-m", "slimmable.cli.main", *args, "--out", "two"], tmp_path)
+    ck = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert ck["step"] == ck["plan"]["total_steps"] == 8 and ck["time_spent"] > 0
+    assert json.loads((tmp_path / "two" / "hardware.json").read_text())["plan"]["total_steps"] == 8
+
+
 HARNESS = textwrap.dedent(
     """
     import copy, json
