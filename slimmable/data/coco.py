@@ -3,8 +3,9 @@
 :class:`CocoDetectionDataset` reads a COCO ``instances``-style JSON with torchvision's ``CocoDetection`` and yields
 what torchvision's detectors take: an image tensor ``(C, H, W)`` in [0, 1] and a target dict with ``boxes``
 (``xyxy``), ``labels`` (the COCO category ids; 0 is the detectors' background), ``masks`` and ``keypoints``. Every
-annotation is validated once, when the dataset is built: a missing image file, a box outside its image, a keypoint
-list of the wrong length, an unknown category or image give a ``ValueError`` naming the file and the annotation id.
+annotation and every image file's header are validated once, when the dataset is built (ids, numbers, masks,
+keypoints, image sizes: see ``docs/reliability.md``, "COCO-format data"): bad data gives a one-line ``ValueError``
+naming the file and the id, quoting at most about 200 characters of any value.
 
 :func:`coco_evaluate` scores detections with ``COCOeval`` (the reference AP implementation): ``bbox``, ``segm`` and
 ``keypoints``, with ``kpt_oks_sigmas`` sized to the keypoint count.
@@ -176,26 +177,28 @@ def _inside(x0: float, y0: float, x1: float, y1: float, img: Mapping[str, Any]) 
 def _rle_string_counts(counts: str) -> list[int] | None:
     """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``), or ``None`` when it is not
     one (a character outside ``0``-``o``, or a last run cut short)."""
+    if not counts.isascii():
+        return None
+    data = counts.encode("ascii")
+    if data and (min(data) < 48 or max(data) >= 48 + 64):
+        return None
     out: list[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
+    x = k = 0
+    for byte in data:
+        c = byte - 48
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:  # more characters of this run follow
+            if k > 13:  # more than pycocotools' 64-bit run length (and no unbounded big-int growth)
                 return None
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
         if len(out) > 2:
             x += out[-2]
         out.append(x)
-    return out
+        x = k = 0
+    return None if k else out  # k: the last run is cut short
 
 
 class CocoDetectionDataset(CocoDetection):
@@ -308,8 +311,8 @@ class CocoDetectionDataset(CocoDetection):
             size = self._header(path, where)
             if size != (width, height):
                 raise ValueError(
-                    f"{where} is {size[0]}x{size[1]} pixels but the JSON says width {width}, height {height}; fix "
-                    "width and height (masks and boxes are made at the JSON's size)"
+                    f"{where} is {size[0]}x{size[1]} pixels but the JSON says width {short_repr(width)}, height "
+                    f"{short_repr(height)}; fix width and height (masks and boxes are made at the JSON's size)"
                 )
 
     def _header(self, path: Path, where: str) -> tuple[int, int]:
@@ -380,6 +383,16 @@ class CocoDetectionDataset(CocoDetection):
             raise ValueError(
                 f"{where}: bbox {short_repr(bbox)} (x, y, width, height) lies outside the {img['width']}x"
                 f"{img['height']} image; clip or drop the annotation"
+            )
+        # the target's box as make_target builds it (float32, clamped to the image): torchvision's detectors stop
+        # on a box without width or height (one on the image's edge, or thinner than float32 resolves)
+        box = np.array(bbox, dtype=np.float32)
+        box[2:] += box[:2]
+        box = box.clip(0, np.array([img["width"], img["height"]] * 2, dtype=np.float32))
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(
+                f"{where}: bbox {short_repr(bbox)} (x, y, width, height) has no area inside the {img['width']}x"
+                f"{img['height']} image; drop the annotation"
             )
 
     def _check_keypoints(self, kp: Any, want: int, img: Mapping[str, Any], where: str) -> None:

@@ -170,7 +170,7 @@ def _truncated(tmp: Path, data: dict) -> None:
     (tmp / "img" / "2.png").write_bytes((tmp / "img" / "2.png").read_bytes()[:10])
 
 
-def _rle(counts: list[int]) -> dict:
+def _rle(counts: list[int] | str) -> dict:
     return {"size": [H, W], "counts": counts}
 
 
@@ -201,6 +201,8 @@ _BOMB = r"image id 3 file .*3\.png is (50000x50000 = )?2500000000 pixels, above 
         (_set("images", 1, "width", W + 8), rf"image id 2 file .*2\.png is {W}x{H} pixels but the JSON says width 56"),
         (_set("annotations", 1, "bbox", NAN, at=0), r"annotation id 2 .*bbox \[nan, .*finite"),
         (_set("annotations", 1, "bbox", INF, at=2), r"annotation id 2 .*bbox .*inf.*finite"),
+        (_set("annotations", 1, "bbox", [W, 3, 0.5, 4]), r"annotation id 2 .*no area inside the 48x40 image"),
+        (_set("annotations", 1, "bbox", [3, 3, 1e-30, 4]), r"annotation id 2 .*no area inside"),
         (_set("annotations", 2, "keypoints", NAN, at=4), r"annotation id 3 .*keypoints .*nan"),
         (_set("annotations", 3, "segmentation", [[1, -INF, 3, 4, 5, 6]]), r"annotation id 4 .*polygon 0 .*-inf"),
         # issue item 3: data that gave a traceback, mostly mid-epoch
@@ -208,6 +210,8 @@ _BOMB = r"image id 3 file .*3\.png is (50000x50000 = )?2500000000 pixels, above 
         (_set("annotations", 0, "segmentation", [[1, 2, 3, 4, 5, 6, 7]]), r"annotation id 1 .*polygon 0 .*x, y pairs"),
         (_set("annotations", 0, "segmentation", _rle([5, -3, H * W - 2])), r"annotation id 1 .*negative run length"),
         (_set("annotations", 0, "segmentation", _rle([5, 3, 7])), rf"annotation id 1 .*sum to 15, not .* {H}x{W}"),
+        (_set("annotations", 0, "segmentation", _rle("o" * 10**6)), r"annotation id 1 .*not a compressed COCO RLE"),
+        (_set("annotations", 0, "segmentation", [[1, 2, 3e12, 4, 5, 6]]), r"polygon 0 .*lies outside the 48x40"),
         (_set("categories", 1, "keypoint_flip_map", [[0, 3]]), r"category id 2: keypoint_flip_map entry \[0, 3\]"),
         (_set("categories", 1, "keypoint_flip_map", [[0, 2]]), r"pairs keypoint 0 with both 1 and 2"),
         (lambda tmp, d: _png_header(tmp / "img" / "3.png", 50000, 50000), _BOMB),
