@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import reprlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "input_channels",
     "input_shape",
     "plain",
+    "short_repr",
     "unwrap_model",
     "write_json",
     "write_text",
@@ -66,6 +68,23 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, for error messages that quote a value from a file.
+
+    Long strings keep their start and end; long or deep containers are elided with ``...``. Only the quoted part
+    of a huge value is ever copied (a 1 GiB string costs no more than a short one), and the result is one line.
+    """
+    short = reprlib.Repr()
+    short.maxstring = short.maxlong = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = 12
+    short.maxlevel = 3
+    try:
+        text = short.repr(value)
+    except (RecursionError, ValueError):  # a repr that fails (an int above Python's digit limit)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

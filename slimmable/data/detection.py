@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._utils import short_repr
 from .coco import CocoDetectionDataset
 
 __all__ = ["DetectionSplits", "create_detection_datasets", "scenes_folder"]
@@ -35,11 +36,11 @@ class DetectionSplits:
         train: training images (with ``hflip`` when asked), or ``None`` when not loaded.
         val: held-out training images (no flips), or ``None`` with ``val_size`` 0.
         test: the test images.
-        num_classes: the detector's classes: the largest category id plus the background (0).
+        num_classes: the detector's classes: the largest category id of either split plus the background (0).
         num_keypoints: keypoints per object (0: none declared).
         in_chans: image channels the dataset yields.
         image_size: the scenes' side (the largest image side for other data).
-        categories: the COCO categories (names for reports and serving).
+        categories: the COCO categories of both splits (names for reports and serving).
         name, root: which dataset, from where.
     """
 
@@ -109,6 +110,26 @@ def _restricted(dataset: CocoDetectionDataset, ids: list[int], hflip: float) -> 
     return view
 
 
+def _check_splits_agree(
+    train: CocoDetectionDataset, test: CocoDetectionDataset, categories: dict[int, dict[str, Any]]
+) -> None:
+    """Add the training split's categories to the test split's (``categories``, by id): the detector needs an
+    output for every label it trains on, also one the test split never names. Refuse splits that give one id two
+    names, or that declare different keypoint counts (the keypoint head has one size)."""
+    for c in train.coco.dataset["categories"]:
+        known = categories.setdefault(int(c["id"]), dict(c))
+        if known["name"] != c["name"]:
+            raise ValueError(
+                f"category id {c['id']} is {short_repr(c['name'])} in {train.ann_file} but {short_repr(known['name'])} "
+                f"in {test.ann_file}; number the categories of both splits alike"
+            )
+    if train.num_keypoints != test.num_keypoints:
+        raise ValueError(
+            f"{train.ann_file} declares {train.num_keypoints} keypoints per object but {test.ann_file} "
+            f"{test.num_keypoints}; both splits need the same keypoints"
+        )
+
+
 def create_detection_datasets(
     dataset: str,
     root: str | os.PathLike[str] | None,
@@ -139,7 +160,8 @@ def create_detection_datasets(
 
     Raises:
         FileNotFoundError: missing data (the message names what is expected).
-        ValueError: unknown dataset, a bad annotation (named), or ``val_size`` leaving no training images.
+        ValueError: unknown dataset, a bad annotation (named), an empty split, splits that name a category id
+            differently or declare different keypoint counts, or ``val_size`` leaving no training images.
     """
     import torch
 
@@ -161,9 +183,15 @@ def create_detection_datasets(
     else:
         raise ValueError(f"{dataset!r} is not a detection dataset; use fmnist_scenes or coco")
     test = CocoDetectionDataset(*test_files)
+    if not test.ids:
+        raise ValueError(f"the test split {test.ann_file} has no images; it is what the final report scores")
     train = val = None
+    cats = {int(c["id"]): dict(c) for c in test.coco.dataset["categories"]}
     if train_files is not None:
         full = CocoDetectionDataset(*train_files)
+        if not full.ids:
+            raise ValueError(f"the training split {full.ann_file} has no images")
+        _check_splits_agree(full, test, cats)
         if val_size >= len(full):
             raise ValueError(f"data.val_size {val_size} leaves none of the {len(full)} training images to train on")
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed)).tolist()
@@ -171,18 +199,17 @@ def create_detection_datasets(
         kept = sorted(set(full.ids) - set(held))
         train = _restricted(full, kept, 0.5 if hflip else 0.0)
         val = _restricted(full, held, 0.0) if held else None
-    cats = sorted(test.coco.dataset["categories"], key=lambda c: c["id"])
     sizes = [max(int(i["width"]), int(i["height"])) for i in test.coco.dataset["images"]]
     image, _ = test[0]
     return DetectionSplits(
         train=train,
         val=val,
         test=test,
-        num_classes=max(int(c["id"]) for c in cats) + 1,
+        num_classes=max(cats, default=0) + 1,
         num_keypoints=test.num_keypoints,
         in_chans=int(image.shape[0]),
         image_size=image_size or max(sizes),
-        categories=[dict(c) for c in cats],
+        categories=[cats[i] for i in sorted(cats)],
         name=dataset,
         root=where,
     )
