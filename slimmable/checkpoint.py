@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path, plain, unwrap_model
+from ._utils import plain, save_torch, unwrap_model
 from .models import create_model
 from .nn import get_widths
 
@@ -208,13 +208,8 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
     missing = [k for k in _REQUIRED if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint to save lacks {missing}; build it with the Trainer")
-    p = Path(path)
-    try:
-        with atomic_path(p, fsync=True) as tmp:
-            torch.save(dict(checkpoint), tmp)
-    except OSError as err:  # full disk, read-only folder: name the checkpoint (the previous one is intact)
-        raise OSError(err.errno, f"{err.strerror or err} (the previous {p.name}, if any, is intact)", str(p)) from err
-    return p
+    # a full disk or read-only folder raises OSError naming the checkpoint (the previous one is intact)
+    return save_torch(dict(checkpoint), path, fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import save_torch
 from ..nn import get_width
 from ..search.cost import is_detector
 from ._io import atomic_path
@@ -320,7 +321,8 @@ def export_torchscript(
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(dense, example_input(dense, shape, batch_size=2), check_trace=False)
-        torch.jit.save(traced, str(tmp))
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not an abort in torch's writer
+            torch.jit.save(traced, f)
         diff = None
         if verify:
             loaded = torch.jit.load(str(tmp), map_location="cpu")
@@ -351,6 +353,5 @@ def save_dense(
     """
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
     info = dict(getattr(dense, "export_info", None) or {})
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": 1, "model": dense, "export_info": info}, tmp)
+    save_torch({"format_version": 1, "model": dense, "export_info": info}, path)
     return ExportResult(Path(path), "pt", info.get("width"))

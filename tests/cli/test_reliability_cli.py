@@ -7,13 +7,18 @@ import json
 import math
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from fake_data import tiny_recipe, write_malicious_cifar, write_recipe
 
+from slimmable.checkpoint import save_checkpoint
+from slimmable.cli._common import describe_os_error
 from slimmable.cli.main import main
+from slimmable.export import export_torchscript, save_dense
+from slimmable.models import create_model
 from slimmable.train import load_checkpoint
 
 _FAST = ["--no-tensorboard", "--latency-runs", "0"]
@@ -180,3 +185,54 @@ def test_checkpoint_pointing_at_a_malicious_cifar_folder_runs_no_code(
     line = _one_line_error(capsys.readouterr().err)
     assert "refers to posix.mkdir" in line and "could run code" in line
     assert not marker.exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MB file system (tmpfs), so that writes fail as on a full disk; skipped unless root can mount."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_previous_file(
+    small_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # torch.save(obj, path) raises RuntimeError("[enforce fail at inline_container.cc] unexpected pos") on a full
+    # disk; every save path must give the same OSError as a monkeypatched ENOSPC: it names the file
+    def checkpoint(numel: int) -> dict:
+        return {"format_version": 1, "model": {"w": torch.ones(numel)}, "model_name": "m", "model_kwargs": {},
+                "widths": [1.0]}  # fmt: skip
+
+    path = small_fs / "last.pt"
+    save_checkpoint(path, checkpoint(1000))
+    before = path.read_bytes()
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, checkpoint(1_000_000))  # 4 MB
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    line = describe_os_error(info.value)
+    assert f"{path}: No space left on device" in line and "intact" in line and "free disk space" in line
+    assert path.read_bytes() == before and sorted(p.name for p in small_fs.iterdir()) == ["last.pt"]
+
+    # export --format pt and the TorchScript export go through the same path
+    big = create_model("slim_mobilenet_v1", num_classes=10, small_input=True, widths=(0.25, 1.0))  # 13 MB
+    for save in (save_dense, export_torchscript):
+        with pytest.raises(OSError) as info:
+            save(big, small_fs / "dense.pt", width=1.0, **({"input_size": 32} if save is export_torchscript else {}))
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(small_fs / "dense.pt")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["last.pt"]
+
+    # the CLI: one line, no traceback (convert --out)
+    assert main(["convert", "torchvision/resnet18", "--num-classes", "10", "--input-size", "32",
+                 "--out", str(small_fs / "conv.pt")]) == 2  # fmt: skip
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{small_fs / 'conv.pt'}: No space left on device" in line and "free disk space" in line
+    assert path.read_bytes() == before
