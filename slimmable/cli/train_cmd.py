@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, load_recipe
-from ._common import format_report_table, print_outputs
+from ._common import format_report_table, non_negative_int, print_outputs
 
 _EPILOG = """\
 examples:
@@ -62,12 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         help="data-loading processes (default: 0 for in-memory datasets, else min(8, CPU count))",
     )
     p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
-    p.add_argument("--latency-runs", type=int, default=10, help="timed runs per width in the final report (0: skip)")
+    p.add_argument(
+        "--latency-runs", type=non_negative_int, default=10, help="timed runs per width in the final report (0: skip)"
+    )
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     p.set_defaults(func=run)

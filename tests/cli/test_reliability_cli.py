@@ -236,3 +236,44 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_file(
     line = _one_line_error(capsys.readouterr().err)
     assert f"{small_fs / 'conv.pt'}: No space left on device" in line and "free disk space" in line
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "torchvision/resnet18", "--input-size", "0"], "argument --input-size: 0 must be >= 1"),
+        (["convert", "torchvision/resnet18", "--input-size", "-5"], "argument --input-size: -5 must be >= 1"),
+        (["profile", "slim_maskrcnn_resnet18_fpn", "--min-size", "0"], "argument --min-size: 0 must be >= 1"),
+        (["profile", "slim_mobilenet_v1", "--runs", "-1"], "argument --runs: -1 must be >= 0"),
+        (
+            ["export", "--model", "slim_mobilenet_v1", "--input-size", "x"],
+            "argument --input-size: 'x' is not an integer",
+        ),
+        (
+            ["serve", "--model", "slim_mobilenet_v1", "--calibration-seconds", "inf"],
+            "argument --calibration-seconds: inf must be a finite number > 0",
+        ),
+    ],
+)
+def test_numeric_arguments_are_range_checked_by_the_parser(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"slimmable {argv[0]}: error: {message}" in err and "Traceback" not in err
+
+
+def test_time_budget_is_bounded_before_anything_runs(fmnist: Path, tmp_path: Path, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(fmnist))
+    out = tmp_path / "x"
+    assert main(["train", "--recipe", str(recipe), "--out", str(out), "--set", "train.time_budget_min=1e308"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "train.time_budget_min: must be > 0 and at most 10080 minutes" in line and not out.exists()
+
+
+def test_convert_of_a_registered_model_says_it_is_slimmable_already(capsys) -> None:
+    assert main(["convert", "slim_resnet18"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "slim_resnet18 is already slimmable" in line and "torchvision/<arch>" in line
+    assert main(["convert", "resnet18"]) == 2
+    assert "convert takes a torchvision model, torchvision/<arch>" in _one_line_error(capsys.readouterr().err)
