@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
 from ..export._io import spec_tag, width_tag
+from ..export.formats import require_onnx
 from ..search.autoslim import load_channel_spec
 from ..search.cost import is_detector
 from ._common import format_table, non_negative_int, parse_widths, positive_int
@@ -61,6 +62,11 @@ def _check_detector_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "onnx" or args.bundle:  # before loading anything: name the extra a plain install lacks
+        try:
+            require_onnx(verify=args.bundle or not args.no_verify)
+        except ImportError as err:
+            raise ValueError(str(err)) from err
     loaded = _load_model(args)
     model = loaded.model
     print(describe_source(loaded))

@@ -113,6 +113,27 @@ def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+def missing_onnx_packages(verify: bool = True) -> list[str]:
+    """The packages ONNX export needs that are not installed: ``onnx`` (both exporters write with it), and
+    ``onnxruntime`` to ``verify``. All are in the ``export`` extra; a plain ``pip install slimmable`` lacks them."""
+    wanted = ("onnx", "onnxruntime") if verify else ("onnx",)
+    return [m for m in wanted if importlib.util.find_spec(m) is None]
+
+
+def require_onnx(verify: bool = True) -> None:
+    """Refuse ONNX export before any work when its packages are missing, naming the extra to install.
+
+    Raises:
+        ImportError: ``onnx`` (or ``onnxruntime`` with ``verify``) is not installed.
+    """
+    missing = missing_onnx_packages(verify)
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'slimmable[export]' "
+            "(or export with --format pt / torchscript)"
+        )
+
+
 def _pick_exporter(exporter: str) -> str:
     if exporter not in _EXPORTERS:
         raise ValueError(f"exporter {exporter!r} is not one of {_EXPORTERS}")
@@ -178,9 +199,11 @@ def export_onnx(
 
     Raises:
         ValueError: bad arguments (see :func:`prepare_dense`), or ``exporter`` unknown.
-        ImportError: ``exporter="dynamo"`` without onnxscript, or ``verify`` without onnxruntime.
+        ImportError: ``onnx`` is not installed, ``exporter="dynamo"`` without onnxscript, or ``verify`` without
+            onnxruntime (checked before any work).
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
     """
+    require_onnx(verify)
     if is_detector(model):
         return _export_detector(model, path, width, channels, input_size, opset, fold_bn, exporter, verify, atol)
     which = _pick_exporter(exporter)
