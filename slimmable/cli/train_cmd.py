@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..config import RunConfig, apply_overrides, load_recipe
 from ._common import format_report_table, non_negative_int, print_outputs
@@ -98,6 +99,25 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(apply_overrides(saved, args.overrides), source=source)
 
 
+def _train(args: argparse.Namespace, cfg: RunConfig, out: Path) -> Any:
+    workers = args.workers
+    if workers is None:
+        workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)
+    from ..train import train_from_config
+
+    return train_from_config(
+        cfg,
+        out,
+        device=args.device,
+        num_workers=workers,
+        resume=args.resume,
+        progress=_show_progress(args.no_progress),
+        tensorboard=not args.no_tensorboard,
+        cache_dir=args.data_cache,
+        latency_runs=args.latency_runs,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -109,28 +129,29 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.resume).parent
     else:
         out = Path("runs") / Path(args.recipe).stem
-    from ..train.outputs import check_output_dir, ensure_writable, remove_stale_temporaries
+    from ..train.outputs import (
+        check_output_dir,
+        ensure_writable,
+        lock_output_dir,
+        refuse_if_locked,
+        remove_stale_temporaries,
+    )
 
+    if rank == 0:
+        refuse_if_locked(out)  # another run is writing there now: name it (creates nothing)
     check_output_dir(out, args.resume)  # before anything is written: never overwrite another run's files
+    lock = None
     if rank == 0:
         ensure_writable(out)  # fail now, not after loading data
-        remove_stale_temporaries(out)
-    workers = args.workers
-    if workers is None:
-        workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)
-    from ..train import train_from_config
-
-    result = train_from_config(
-        cfg,
-        out,
-        device=args.device,
-        num_workers=workers,
-        resume=args.resume,
-        progress=_show_progress(args.no_progress),
-        tensorboard=not args.no_tensorboard,
-        cache_dir=args.data_cache,
-        latency_runs=args.latency_runs,
-    )
+        lock = lock_output_dir(out)  # one run at a time in a folder, for the whole run
+    try:
+        if rank == 0:
+            check_output_dir(out, args.resume)  # again under the lock: a run that started meanwhile is refused
+            remove_stale_temporaries(out)
+        result = _train(args, cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
     if rank != 0:
         return 0
     if result.interrupted:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -277,3 +278,42 @@ def test_convert_of_a_registered_model_says_it_is_slimmable_already(capsys) -> N
     assert "slim_resnet18 is already slimmable" in line and "torchvision/<arch>" in line
     assert main(["convert", "resnet18"]) == 2
     assert "convert takes a torchvision model, torchvision/<arch>" in _one_line_error(capsys.readouterr().err)
+
+
+def test_one_run_at_a_time_in_a_folder(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(fmnist, train={"epochs": 1}))
+    out = tmp_path / "run"
+    out.mkdir()
+    # another process holds the folder's lock, as a running `slimmable train` does
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from slimmable.train.outputs import lock_output_dir; "
+         f"lock = lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", "--recipe", str(recipe), "--out", str(out), *_FAST]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"--out {out} is in use by another slimmable train (process {holder.pid})" in line
+        assert sorted(p.name for p in out.iterdir()) == [".slimmable.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead process's lock; the lock file is not another run's file
+    assert main(["train", "--recipe", str(recipe), "--out", str(out), *_FAST]) == 0, capsys.readouterr().err
+    assert (out / "last.pt").is_file() and (out / ".slimmable.lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_run_that_diverged_before_its_first_save_can_be_rerun_in_its_folder(
+    fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(fmnist, train={"epochs": 1}))
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--recipe", str(recipe), "--out", str(out), "--set", "optim.lr=1e12", "--latency-runs", "0"])
+        == 2
+    )
+    assert "training diverged" in _one_line_error(capsys.readouterr().err)
+    assert not (out / "last.pt").exists() and (out / "config.yaml").exists() and (out / "tb").is_dir()
+    assert main(["train", "--recipe", str(recipe), "--out", str(out), *_FAST]) == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
