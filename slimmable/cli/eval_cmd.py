@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,13 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, DataConf
     )
     ckpt = loaded.checkpoint
     if ckpt is not None:
+        if not ckpt.get("config") and args.dataset is None:  # e.g. `slimmable convert --out`: say what is evaluated
+            logging.getLogger(__name__).warning(
+                "%s holds no saved recipe, so it is evaluated on %s, the default dataset; give --dataset and --data to "
+                "choose another",
+                args.checkpoint,
+                DataConfig().dataset,
+            )
         cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=f"recipe saved in {args.checkpoint}")
         return loaded.model, cfg.data, f"{loaded.name} (epoch {ckpt.get('epoch')})"
     return loaded.model, DataConfig(dataset="image_folder", augment="none"), f"{loaded.name} (official checkpoint)"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fake_data import tiny_recipe, write_malicious_cifar, write_recipe
 
-from slimmable.checkpoint import save_checkpoint
+from slimmable.checkpoint import model_checkpoint, save_checkpoint
 from slimmable.cli._common import describe_os_error
 from slimmable.cli.main import main
 from slimmable.export import export_torchscript, save_dense
@@ -317,3 +317,13 @@ def test_a_run_that_diverged_before_its_first_save_can_be_rerun_in_its_folder(
     assert not (out / "last.pt").exists() and (out / "config.yaml").exists() and (out / "tb").is_dir()
     assert main(["train", "--recipe", str(recipe), "--out", str(out), *_FAST]) == 0, capsys.readouterr().err
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_eval_of_a_checkpoint_without_a_recipe_says_which_dataset(
+    fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = create_model("slim_mobilenet_v1", num_classes=10, small_input=True, in_chans=1, widths=(0.25, 1.0))
+    ckpt = save_checkpoint(tmp_path / "converted.pt", model_checkpoint(model))  # no "config", as convert --out
+    rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(fmnist), "--latency-runs", "0", "--batch-size", "16"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"{ckpt} holds no saved recipe, so it is evaluated on fashion_mnist, the default dataset" in caplog.text
