@@ -307,7 +307,13 @@ def _check_plain_value(key: str, value: Any, bad: Any, depth: int = 0) -> None:
         for v in value:
             _check_plain_value(key, v, bad, depth + 1)
         return
-    raise bad(key, value, "a plain value (number, string, short list)")
+    if isinstance(value, Mapping) and depth < 3 and len(value) <= 100_000:  # e.g. a ChannelSpec: layer -> channels
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise bad(key, value, "a mapping with string keys")
+            _check_plain_value(key, v, bad, depth + 1)
+        return
+    raise bad(key, value, "a plain value (number, string, short list or mapping)")
 
 
 def _check_shapes_on_meta(name: str, kwargs: Mapping[str, Any], sd: Any) -> None:
