@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -21,6 +22,7 @@ __all__ = [
     "input_channels",
     "input_shape",
     "plain",
+    "save_torch",
     "short_repr",
     "unwrap_model",
     "write_json",
@@ -56,9 +58,42 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
             finally:
                 os.close(fd)
         os.replace(tmp, final)
+    except OSError as err:  # full disk, quota: name the file being written, not the temporary (or nothing)
+        if err.errno is None or err.filename not in (None, str(tmp)):
+            raise
+        raise OSError(
+            err.errno, f"{err.strerror or err} (the previous {final.name}, if any, is intact)", str(final)
+        ) from err
+    except RuntimeError as err:  # torch.save(obj, path) on a full disk: "[enforce fail ...] unexpected pos"
+        if not _disk_full(final.parent):
+            raise
+        reason = f"{os.strerror(errno.ENOSPC)} (the previous {final.name}, if any, is intact)"
+        raise OSError(errno.ENOSPC, reason, str(final)) from err  # torch's message stays in the chain (-v)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of ``folder`` has less than ``margin`` bytes left (for root: its reserve too)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize < margin
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str], *, fsync: bool = False) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_path`), through a Python file object.
+
+    A full disk raises ``OSError(ENOSPC)`` naming ``path``: Python's writes raise it, and ``torch.save``'s own
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos`` is translated by :func:`atomic_path` when
+    the file system is full.
+    """
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def plain(obj: Any) -> Any:

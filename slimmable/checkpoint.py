@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path, plain, unwrap_model
+from ._utils import plain, save_torch, unwrap_model
 from .models import create_model
 from .nn import get_widths
 
@@ -49,6 +49,7 @@ __all__ = [
     "LoadedModel",
     "build_model_from_checkpoint",
     "builds_same_model",
+    "check_model_kwargs",
     "is_slimmable_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -208,13 +209,8 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
     missing = [k for k in _REQUIRED if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint to save lacks {missing}; build it with the Trainer")
-    p = Path(path)
-    try:
-        with atomic_path(p, fsync=True) as tmp:
-            torch.save(dict(checkpoint), tmp)
-    except OSError as err:  # full disk, read-only folder: name the checkpoint (the previous one is intact)
-        raise OSError(err.errno, f"{err.strerror or err} (the previous {p.name}, if any, is intact)", str(p)) from err
-    return p
+    # a full disk or read-only folder raises OSError naming the checkpoint (the previous one is intact)
+    return save_torch(dict(checkpoint), path, fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -250,6 +246,111 @@ def _validate(obj: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(obj)
 
 
+#: bounds on what a checkpoint (a file from anyone) may ask the model it describes to allocate
+MAX_NUM_CLASSES = 100_000
+MAX_IN_CHANS = 16
+MAX_WIDTHS = 64
+MAX_STAT_WIDTHS = 1024  # a universally slimmable model's BN statistics (calibration may add widths)
+MAX_WIDTH = 4.0
+_MAX_NUMBER = 1_000_000  # any other number in model_kwargs (sizes, counts)
+
+
+def check_model_kwargs(name: Any, kwargs: Any) -> dict[str, Any]:
+    """Bound the ``model_name`` / ``model_kwargs`` of a checkpoint before they size a model.
+
+    ``weights_only`` stops a checkpoint from running code, but its kwargs decide what is allocated: ``num_classes``
+    must be in [1, :data:`MAX_NUM_CLASSES`], ``in_chans`` in [1, :data:`MAX_IN_CHANS`], width lists at most
+    :data:`MAX_WIDTHS` numbers in (0, :data:`MAX_WIDTH`] (``stat_widths``: :data:`MAX_STAT_WIDTHS`), any other
+    number at most 1e6 in magnitude.
+
+    Raises:
+        CheckpointError: a value out of bounds or of the wrong type; the message names the key.
+    """
+
+    def bad(key: str, value: Any, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint model_kwargs[{key!r}] = {str(value)[:80]} is not {what}; refusing to build")
+
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"checkpoint model_name {str(name)[:80]!r} is not a model name")
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"checkpoint model_kwargs is a {type(kwargs).__name__}, not a mapping of names")
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key in ("num_classes", "in_chans"):
+            high = MAX_NUM_CLASSES if key == "num_classes" else MAX_IN_CHANS
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise bad(key, value, f"an int in [1, {high}]")
+        elif key in _WIDTH_KWARGS:
+            most = MAX_STAT_WIDTHS if key == "stat_widths" else MAX_WIDTHS
+            ok = isinstance(value, (list, tuple)) and 0 < len(value) <= most
+            ok = ok and all(_number(w) and 0 < w <= MAX_WIDTH for w in value)
+            if not ok or (key == "width_range" and len(value) != 2):
+                raise bad(key, value, f"a list of at most {most} widths in (0, {MAX_WIDTH:g}]")
+        else:
+            _check_plain_value(key, value, bad)
+    return dict(kwargs)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _check_plain_value(key: str, value: Any, bad: Any, depth: int = 0) -> None:
+    if isinstance(value, (bool, str)) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        if not _number(value) or abs(value) > _MAX_NUMBER:
+            raise bad(key, value, f"a finite number of magnitude at most {_MAX_NUMBER:g}")
+        return
+    if isinstance(value, (list, tuple)) and depth < 3 and len(value) <= 1024:
+        for v in value:
+            _check_plain_value(key, v, bad, depth + 1)
+        return
+    if isinstance(value, Mapping) and depth < 3 and len(value) <= 100_000:  # e.g. a ChannelSpec: layer -> channels
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise bad(key, value, "a mapping with string keys")
+            _check_plain_value(key, v, bad, depth + 1)
+        return
+    raise bad(key, value, "a plain value (number, string, short list or mapping)")
+
+
+def _check_shapes_on_meta(name: str, kwargs: Mapping[str, Any], sd: Any) -> None:
+    """Build the model on the ``meta`` device (no memory) and compare the state dict's keys and shapes with it.
+
+    Raises:
+        CheckpointError: the weights do not fit (keys or shapes); names the first differing key.
+    """
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("checkpoint 'model' is not a state dict of tensors")
+    if name.startswith("torchvision/"):  # converted by tracing, which needs real tensors; kwargs are bounded
+        return
+    try:
+        with torch.device("meta"):
+            meta = create_model(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint model {name}({dict(kwargs)}) cannot be built: {str(err)[:300]}") from err
+    except Exception:  # a model that cannot be built on meta: the real build below checks instead
+        return
+    own = meta.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or shape:
+        if shape:
+            k = shape[0]
+            what = f"{k!r} has shape {tuple(sd[k].shape)}, the model's is {tuple(own[k].shape)}"
+        elif missing:
+            what = f"{len(missing)} keys are missing, e.g. {missing[0]!r}"
+        else:
+            what = f"{len(unexpected)} keys are unexpected, e.g. {unexpected[0]!r}"
+        raise CheckpointError(
+            f"checkpoint weights do not fit {name}({dict(kwargs)}): {what} ({len(shape)} shapes differ, "
+            f"{len(missing)} keys missing, {len(unexpected)} unexpected)"
+        )
+
+
 def build_model_from_checkpoint(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any], device: torch.device | str | None = None
 ) -> nn.Module:
@@ -263,10 +364,12 @@ def build_model_from_checkpoint(
         The model (a :class:`slimmable.models.SlimNet`), at its widest width.
 
     Raises:
-        CheckpointError: the weights do not fit the recorded model.
+        CheckpointError: the recorded model arguments are out of bounds (:func:`check_model_kwargs`), or the weights
+            do not fit the recorded model (checked on the ``meta`` device first, before allocating the model).
     """
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    kwargs = _as_tuples(ckpt["model_kwargs"])
+    kwargs = _as_tuples(check_model_kwargs(ckpt["model_name"], ckpt["model_kwargs"]))
+    _check_shapes_on_meta(ckpt["model_name"], kwargs, ckpt["model"])  # before anything is allocated
     model = create_model(ckpt["model_name"], **kwargs)
     try:
         model.load_state_dict(ckpt["model"], strict=True)

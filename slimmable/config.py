@@ -48,6 +48,10 @@ ScheduleName = Literal["constant", "multistep", "cosine", "linear", "exponential
 AmpMode = Literal["off", "bf16", "fp16", "auto"]
 
 
+#: the largest ``train.time_budget_min``: a week (larger numbers overflow the plan's step counts)
+MAX_TIME_BUDGET_MIN = 7 * 24 * 60
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {msg}")
@@ -260,6 +264,7 @@ class TrainConfig:
         amp: autocast: ``auto`` (decided on the machine at start-up: CUDA bf16 where supported, else fp16; CPU bf16
             only with native bf16 instructions, AVX512-BF16 or AMX, and only if a measured probe finds it faster),
             ``off``, ``bf16`` or ``fp16`` (CUDA only, with a gradient scaler). See :mod:`slimmable.hardware`.
+            ``false`` means ``off`` (YAML reads an unquoted ``off``, as in ``--set train.amp=off``, as false).
         channels_last: NHWC memory format for model and inputs: ``auto`` (CUDA: with autocast; CPU: never on AVX2,
             elsewhere where the probe measures it faster), ``true`` or ``false``. The choice and its reason are
             printed at start and written to ``hardware.json`` in the run folder; an explicit setting that the probe
@@ -270,7 +275,8 @@ class TrainConfig:
         eval_every: validate every this many epochs (and after the last).
         time_budget_min: size the run to this many minutes of training (validation included): a few steps are
             timed at start-up and the epoch count becomes the most that fit, at most ``epochs`` (at least 1). The
-            plan is printed and recorded (``hardware.json``, checkpoints); a resumed run keeps it.
+            plan is printed and recorded (``hardware.json``, checkpoints); a resumed run keeps it. At most a week
+            (10080 minutes).
         log_interval: steps between TensorBoard scalars.
         log_seconds: seconds between progress lines when no progress bar is shown (the first comes after the
             first step); each gives steps per second and the run's ETA.
@@ -315,8 +321,8 @@ class TrainConfig:
         _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")
         _check(self.log_seconds > 0, "train.log_seconds", f"must be > 0, got {self.log_seconds}")
         _check(
-            self.time_budget_min is None or self.time_budget_min > 0, "train.time_budget_min",
-            f"must be > 0 minutes or null, got {self.time_budget_min}",
+            self.time_budget_min is None or 0 < self.time_budget_min <= MAX_TIME_BUDGET_MIN, "train.time_budget_min",
+            f"must be > 0 and at most {MAX_TIME_BUDGET_MIN} minutes (a week) or null, got {self.time_budget_min}",
         )  # fmt: skip
 
 
@@ -425,6 +431,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise TypeError(f"{where} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "off" in allowed:  # YAML 1.1 reads an unquoted off (train.amp=off) as false
+            return "off"
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
             raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
         return value

@@ -119,6 +119,8 @@ def test_wrong_type(tmp_path: Path, text: str, pattern: str) -> None:
         ("optim:\n  lr: -0.1\n", "optim.lr: must be > 0"),
         ("optim:\n  schedule: multistep\n", "optim.milestones: schedule multistep needs milestones"),
         ("data:\n  batch_size: 0\n", "data.batch_size: must be >= 1"),
+        ("train:\n  time_budget_min: 1e308\n", "train.time_budget_min: must be > 0 and at most 10080 minutes"),
+        ("train:\n  time_budget_min: 10081\n", "train.time_budget_min: must be > 0 and at most 10080 minutes"),
         ("data:\n  dataset: cifar10\n  augment: mobile\n", "data.augment: 'mobile' is the ImageNet"),
         ("model:\n  widths: [0.5, -1]\n", "model.widths: widths must be positive"),
         ("model:\n  channels: s.json\n  width_range: [0.25, 1.0]\n", "model.channels: a channel spec fixes"),
@@ -142,6 +144,13 @@ def test_overrides_apply_before_validation(tmp_path: Path) -> None:
     assert cfg.train.epochs == 3 and cfg.optim.lr == 1e-3 and cfg.model.widths == (0.5, 1.0)
     assert cfg.data.root == "/x" and cfg.train.amp == "bf16"
     assert load_recipe(p, ["data.root=null"]).data.root is None
+    # YAML reads an unquoted off as false: both mean amp off; true is still refused
+    assert (
+        load_recipe(p, ["train.amp=off"]).train.amp == "off" and load_recipe(p, ["train.amp=false"]).train.amp == "off"
+    )
+    assert load_recipe(p, ["train.time_budget_min=10080"]).train.time_budget_min == 10080
+    with pytest.raises(ValueError, match="train.amp must be one of 'off'"):
+        load_recipe(p, ["train.amp=on"])
     with pytest.raises(ValueError, match="train.epochs must be an integer") as info:
         load_recipe(p, ["train.epochs=many"])
     assert "--set train.epochs=many" in str(info.value)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,37 @@ def parse_widths(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError as err:
         raise ValueError(f"--widths {text!r}: give comma-separated numbers such as 0.25,0.5,1.0") from err
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1 (image sides, batch sizes, counts), refused in one line otherwise."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type``: an integer >= 0 (0 usually skips: ``--latency-runs 0``, ``--workers 0``)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0 (seconds, minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
 
 
 _OS_ERROR_FIXES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoint import LoadedModel, load_model
-from ._common import parse_widths
+from ._common import parse_widths, positive_int
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -16,8 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--model", metavar="NAME", help="registered model name; alone: random weights (demo only)")
     g.add_argument("--widths", help="comma-separated widths the model was built with (official checkpoints)")
-    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's, 1000)")
-    g.add_argument("--in-chans", type=int, help="input channels (default 3)")
+    g.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the model's, 1000)")
+    g.add_argument("--in-chans", type=positive_int, help="input channels (default 3)")
     g.add_argument("--small-input", action="store_true", help="stride-1 stem for 28-32 px images")
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._common import format_table, parse_widths
+from ._common import format_table, non_negative_int, parse_widths, positive_int
 
 _EPILOG = """\
 examples:
@@ -47,13 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--channels", metavar="SPEC.json",
         help="a per-layer channel spec (from `slimmable search`) instead of --widths: write the network it picks out",
     )  # fmt: skip
-    p.add_argument("--batches", type=int, metavar="N", help="training batches per width (default: train.calib_batches)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the recipe's data.batch_size)")
+    p.add_argument(
+        "--batches", type=positive_int, metavar="N", help="training batches per width (default: train.calib_batches)"
+    )
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default: the recipe's data.batch_size)")
     p.add_argument("--out", metavar="PATH", help="output checkpoint (default: <checkpoint>_calibrated.pt beside it)")
     p.add_argument("--data", metavar="DIR", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 in memory, else min(4, CPU count))")
+    p.add_argument(
+        "--workers", type=non_negative_int, help="data-loading processes (default: 0 in memory, else min(4, CPU count))"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the calibration images (default 0)")
     p.set_defaults(func=run)
 

@@ -7,9 +7,9 @@ import argparse
 import torch
 
 from ..checkpoint import model_checkpoint, save_checkpoint
-from ..models import create_model
+from ..models import create_model, list_models
 from ..search.cost import count_macs
-from ._common import format_table, parse_widths
+from ._common import format_table, parse_widths, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,16 +23,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="torchvision/<arch>, e.g. torchvision/resnet50")
     p.add_argument("--widths", help="comma-separated widths, the largest 1.0 (default 0.25,0.5,0.75,1.0)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: torchvision's 1000)")
-    p.add_argument("--in-chans", type=int, help="input channels (default 3; others rebuild the first conv)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: torchvision's 1000)")
+    p.add_argument("--in-chans", type=positive_int, help="input channels (default 3; others rebuild the first conv)")
     p.add_argument("--small-input", action="store_true", help="first convolution with stride 1 (28-32 px images)")
-    p.add_argument("--input-size", type=int, default=224, help="square input side for the MACs (default 224)")
+    p.add_argument("--input-size", type=positive_int, default=224, help="square input side for the MACs (default 224)")
     p.add_argument("--out", metavar="PATH", help="save the converted model as a slimmable checkpoint")
     p.add_argument("--verbose-report", action="store_true", help="list every slimmed group")
     p.set_defaults(func=run)
 
 
+def _check_model(name: str) -> None:
+    """Refuse what convert does not take, in one line: registered models are slimmable already."""
+    if name.startswith("torchvision/"):
+        return
+    if name in list_models():
+        raise ValueError(
+            f"{name} is already slimmable (a registered model): use it directly (`slimmable train/profile/export`); "
+            "convert takes a torchvision model, torchvision/<arch> (e.g. torchvision/resnet50)"
+        )
+    raise ValueError(f"convert takes a torchvision model, torchvision/<arch> (e.g. torchvision/resnet50), not {name!r}")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_model(args.model)
     widths = parse_widths(args.widths) or (0.25, 0.5, 0.75, 1.0)
     model = create_model(
         args.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import DETECTION_DATASETS, DataConfig, RunConfig, apply_overrides
-from ._common import format_report_table, parse_widths
+from ._common import format_report_table, non_negative_int, parse_widths, positive_int
 
 _EPILOG = """\
 examples:
@@ -48,10 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--widths", help="comma-separated widths to evaluate (official checkpoints: the trained widths)")
     p.add_argument("--model", help="official checkpoints: our model name, e.g. slim_mobilenet_v2")
-    p.add_argument("--num-classes", type=int, default=1000, help="official checkpoints: classes (default 1000)")
+    p.add_argument(
+        "--num-classes", type=positive_int, default=1000, help="official checkpoints: classes (default 1000)"
+    )
     p.add_argument("--small-input", action="store_true", help="official checkpoints: stride-1 stem (28-32 px)")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the dataset's / 224)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    p.add_argument("--image-size", type=positive_int, help="input side in pixels (default: the dataset's / 224)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size (default 256)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -61,8 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override a data setting of the saved recipe, e.g. --set data.val_size=5000",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 in memory, else min(4, CPU count))")
-    p.add_argument("--latency-runs", type=int, default=20, help="timed batch-1 forward passes per width (0: skip)")
+    p.add_argument(
+        "--workers", type=non_negative_int, help="data-loading processes (default: 0 in memory, else min(4, CPU count))"
+    )
+    p.add_argument(
+        "--latency-runs", type=non_negative_int, default=20, help="timed batch-1 forward passes per width (0: skip)"
+    )
     p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
     p.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (default: beside the checkpoint)")
     p.set_defaults(func=run)
@@ -82,6 +89,13 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, DataConf
     )
     ckpt = loaded.checkpoint
     if ckpt is not None:
+        if not ckpt.get("config") and args.dataset is None:  # e.g. `slimmable convert --out`: say what is evaluated
+            logging.getLogger(__name__).warning(
+                "%s holds no saved recipe, so it is evaluated on %s, the default dataset; give --dataset and --data to "
+                "choose another",
+                args.checkpoint,
+                DataConfig().dataset,
+            )
         cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=f"recipe saved in {args.checkpoint}")
         return loaded.model, cfg.data, f"{loaded.name} (epoch {ckpt.get('epoch')})"
     return loaded.model, DataConfig(dataset="image_folder", augment="none"), f"{loaded.name} (official checkpoint)"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
 from ..export._io import spec_tag, width_tag
+from ..export.formats import require_onnx
 from ..search.autoslim import load_channel_spec
 from ..search.cost import is_detector
-from ._common import format_table, parse_widths
+from ._common import format_table, non_negative_int, parse_widths, positive_int
 from ._deploy import _load_model, add_model_args, describe_source
 
 _EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
@@ -31,9 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=sorted(_EXTENSIONS), default="onnx", help="output format (default onnx)")
     p.add_argument("--bundle", action="store_true", help="ONNX for every width + manifest.json (MACs, latency)")
     p.add_argument("--out", default="exported", help="output folder (default ./exported)")
-    p.add_argument("--input-size", type=int, help="input side in pixels (default: checkpoint's, else 224; 32 small)")
+    p.add_argument(
+        "--input-size", type=positive_int, help="input side in pixels (default: checkpoint's, else 224; 32 small)"
+    )
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions (inference only)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: 18 dynamo exporter, 17 TorchScript exporter)")
+    p.add_argument(
+        "--opset", type=positive_int, help="ONNX opset (default: 18 dynamo exporter, 17 TorchScript exporter)"
+    )
     p.add_argument(
         "--exporter",
         choices=("auto", "dynamo", "torchscript"),
@@ -41,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="ONNX exporter: dynamo (PyTorch's default, needs onnxscript) or the deprecated TorchScript one",
     )
     p.add_argument("--no-verify", action="store_true", help="skip checking the file against PyTorch")
-    p.add_argument("--latency-runs", type=int, default=20, help="--bundle: timed runs per width (0 skips)")
+    p.add_argument("--latency-runs", type=non_negative_int, default=20, help="--bundle: timed runs per width (0 skips)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +62,11 @@ def _check_detector_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "onnx" or args.bundle:  # before loading anything: name the extra a plain install lacks
+        try:
+            require_onnx(verify=args.bundle or not args.no_verify)
+        except ImportError as err:
+            raise ValueError(str(err)) from err
     loaded = _load_model(args)
     model = loaded.model
     print(describe_source(loaded))

@@ -9,7 +9,7 @@ import torch
 from .._utils import unwrap_model, write_json
 from ..models import create_model
 from ..search.cost import detector_image_size, is_detector, profile_widths
-from ._common import format_table, parse_widths
+from ._common import format_table, non_negative_int, parse_widths, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,15 +25,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", help="comma-separated widths to build and profile (default: the model's)")
     p.add_argument(
         "--input-size",
-        type=int,
+        type=positive_int,
         help="square input side in pixels (default 224; detectors: their resize side, set with --min-size)",
     )
-    p.add_argument("--min-size", type=int, help="detectors: the side images are resized to (min_size = max_size)")
-    p.add_argument("--in-chans", type=int, help="input channels (default 3; small detectors 1)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default 1000; detectors: their default)")
+    p.add_argument(
+        "--min-size", type=positive_int, help="detectors: the side images are resized to (min_size = max_size)"
+    )
+    p.add_argument("--in-chans", type=positive_int, help="input channels (default 3; small detectors 1)")
+    p.add_argument(
+        "--num-classes", type=positive_int, help="classifier outputs (default 1000; detectors: their default)"
+    )
     p.add_argument("--small-input", action="store_true", help="build the stride-1 stem for 28-32 px images")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (default 1)")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per width; 0 skips latency (default 20)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for latency (default 1)")
+    p.add_argument(
+        "--runs", type=non_negative_int, default=20, help="timed runs per width; 0 skips latency (default 20)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.set_defaults(func=run)

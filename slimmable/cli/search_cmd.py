@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .._utils import write_json
-from ._common import format_table
+from ._common import format_table, positive_int
 
 _EPILOG = """\
 examples:
@@ -78,7 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `slimmable train`")
     p.add_argument("--budgets", required=True, help="comma-separated budgets, e.g. 150M,325M (see below)")
     p.add_argument("--metric", choices=("flops", "params", "latency"), default="flops", help="cost (default flops)")
-    p.add_argument("--heldout", type=int, default=1000, metavar="N", help="held-out images to rank on (default 1000)")
+    p.add_argument(
+        "--heldout", type=positive_int, default=1000, metavar="N", help="held-out images to rank on (default 1000)"
+    )
     p.add_argument(
         "--split",
         choices=("val", "train", "test"),
@@ -87,8 +89,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default); train: always a fixed-seed subset of the training images; test: refused (it would select on "
         "the test set)",
     )
-    p.add_argument("--steps", type=int, default=12, help="notches per layer of a universally slimmable model (12)")
-    p.add_argument("--batch-size", type=int, default=256, help="held-out batch size (default 256)")
+    p.add_argument(
+        "--steps", type=positive_int, default=12, help="notches per layer of a universally slimmable model (12)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=256, help="held-out batch size (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out subset (default 0)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: search_<checkpoint name> beside it)")
     p.add_argument("--resume", action="store_true", help="continue the search whose state is in --out")

@@ -14,7 +14,7 @@ from ..export import default_widths
 from ..runtime import SlimmableRunner, retain_freed_memory
 from ..search.cost import is_detector
 from ..serve import PredictionServer, check_loopback
-from ._common import format_table, parse_widths
+from ._common import format_table, parse_widths, positive_float, positive_int
 from ._deploy import _load_model, add_model_args, describe_source
 
 
@@ -36,9 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1; no others)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--serve-widths", help="comma-separated widths to serve (default: all, at most 8 for US models)")
-    p.add_argument("--input-size", type=int, help="input side (default: checkpoint's, else 224; 32 with --small-input)")
+    p.add_argument(
+        "--input-size", type=positive_int, help="input side (default: checkpoint's, else 224; 32 with --small-input)"
+    )
     p.add_argument("--batch-sizes", default="1", help="batch sizes to calibrate latency for (default 1)")
-    p.add_argument("--calibration-seconds", type=float, default=5.0, help="calibration time budget (default 5)")
+    p.add_argument(
+        "--calibration-seconds", type=positive_float, default=5.0, help="calibration time budget (default 5)"
+    )
     p.add_argument("--latency-cache", default=_default_cache(), help="latency cache file ('none' disables)")
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (default: folded)")
     p.add_argument(

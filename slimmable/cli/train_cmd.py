@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..config import RunConfig, apply_overrides, load_recipe
-from ._common import format_report_table, print_outputs
+from ._common import format_report_table, non_negative_int, print_outputs
 
 _EPILOG = """\
 examples:
@@ -62,12 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         help="data-loading processes (default: 0 for in-memory datasets, else min(8, CPU count))",
     )
     p.add_argument("--data-cache", metavar="DIR", help="where datasets are downloaded (~/.cache/slimmable)")
-    p.add_argument("--latency-runs", type=int, default=10, help="timed runs per width in the final report (0: skip)")
+    p.add_argument(
+        "--latency-runs", type=non_negative_int, default=10, help="timed runs per width in the final report (0: skip)"
+    )
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     p.set_defaults(func=run)
@@ -96,6 +99,25 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(apply_overrides(saved, args.overrides), source=source)
 
 
+def _train(args: argparse.Namespace, cfg: RunConfig, out: Path) -> Any:
+    workers = args.workers
+    if workers is None:
+        workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)
+    from ..train import train_from_config
+
+    return train_from_config(
+        cfg,
+        out,
+        device=args.device,
+        num_workers=workers,
+        resume=args.resume,
+        progress=_show_progress(args.no_progress),
+        tensorboard=not args.no_tensorboard,
+        cache_dir=args.data_cache,
+        latency_runs=args.latency_runs,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -107,28 +129,29 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.resume).parent
     else:
         out = Path("runs") / Path(args.recipe).stem
-    from ..train.outputs import check_output_dir, ensure_writable, remove_stale_temporaries
+    from ..train.outputs import (
+        check_output_dir,
+        ensure_writable,
+        lock_output_dir,
+        refuse_if_locked,
+        remove_stale_temporaries,
+    )
 
+    if rank == 0:
+        refuse_if_locked(out)  # another run is writing there now: name it (creates nothing)
     check_output_dir(out, args.resume)  # before anything is written: never overwrite another run's files
+    lock = None
     if rank == 0:
         ensure_writable(out)  # fail now, not after loading data
-        remove_stale_temporaries(out)
-    workers = args.workers
-    if workers is None:
-        workers = 0 if cfg.data.dataset != "image_folder" else min(8, os.cpu_count() or 1)
-    from ..train import train_from_config
-
-    result = train_from_config(
-        cfg,
-        out,
-        device=args.device,
-        num_workers=workers,
-        resume=args.resume,
-        progress=_show_progress(args.no_progress),
-        tensorboard=not args.no_tensorboard,
-        cache_dir=args.data_cache,
-        latency_runs=args.latency_runs,
-    )
+        lock = lock_output_dir(out)  # one run at a time in a folder, for the whole run
+    try:
+        if rank == 0:
+            check_output_dir(out, args.resume)  # again under the lock: a run that started meanwhile is refused
+            remove_stale_temporaries(out)
+        result = _train(args, cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
     if rank != 0:
         return 0
     if result.interrupted:

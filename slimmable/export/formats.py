@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import save_torch
 from ..nn import get_width
 from ..search.cost import is_detector
 from ._io import atomic_path
@@ -112,6 +113,27 @@ def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+def missing_onnx_packages(verify: bool = True) -> list[str]:
+    """The packages ONNX export needs that are not installed: ``onnx`` (both exporters write with it), and
+    ``onnxruntime`` to ``verify``. All are in the ``export`` extra; a plain ``pip install slimmable`` lacks them."""
+    wanted = ("onnx", "onnxruntime") if verify else ("onnx",)
+    return [m for m in wanted if importlib.util.find_spec(m) is None]
+
+
+def require_onnx(verify: bool = True) -> None:
+    """Refuse ONNX export before any work when its packages are missing, naming the extra to install.
+
+    Raises:
+        ImportError: ``onnx`` (or ``onnxruntime`` with ``verify``) is not installed.
+    """
+    missing = missing_onnx_packages(verify)
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'slimmable[export]' "
+            "(or export with --format pt / torchscript)"
+        )
+
+
 def _pick_exporter(exporter: str) -> str:
     if exporter not in _EXPORTERS:
         raise ValueError(f"exporter {exporter!r} is not one of {_EXPORTERS}")
@@ -177,9 +199,11 @@ def export_onnx(
 
     Raises:
         ValueError: bad arguments (see :func:`prepare_dense`), or ``exporter`` unknown.
-        ImportError: ``exporter="dynamo"`` without onnxscript, or ``verify`` without onnxruntime.
+        ImportError: ``onnx`` is not installed, ``exporter="dynamo"`` without onnxscript, or ``verify`` without
+            onnxruntime (checked before any work).
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
     """
+    require_onnx(verify)
     if is_detector(model):
         return _export_detector(model, path, width, channels, input_size, opset, fold_bn, exporter, verify, atol)
     which = _pick_exporter(exporter)
@@ -320,7 +344,8 @@ def export_torchscript(
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(dense, example_input(dense, shape, batch_size=2), check_trace=False)
-        torch.jit.save(traced, str(tmp))
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not an abort in torch's writer
+            torch.jit.save(traced, f)
         diff = None
         if verify:
             loaded = torch.jit.load(str(tmp), map_location="cpu")
@@ -351,6 +376,5 @@ def save_dense(
     """
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
     info = dict(getattr(dense, "export_info", None) or {})
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": 1, "model": dense, "export_info": info}, tmp)
+    save_torch({"format_version": 1, "model": dense, "export_info": info}, path)
     return ExportResult(Path(path), "pt", info.get("width"))

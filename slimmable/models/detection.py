@@ -23,6 +23,8 @@ COCO classes, 800-1333 px, 256 FPN channels; state-dict compatible with torchvis
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +37,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -255,6 +258,57 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, FasterRCNN)
 
 
+def detector_option_names(kind: str) -> list[str]:
+    """The keyword arguments torchvision's detector class of ``kind`` accepts: its ``__init__`` and those of its
+    bases, plus the ``GeneralizedRCNNTransform`` arguments ``FasterRCNN`` passes its ``**kwargs`` to."""
+    names: set[str] = set()
+    for cls in (*_DETECTOR_CLASSES[kind].__mro__, GeneralizedRCNNTransform):
+        init = cls.__dict__.get("__init__")
+        if init is None or cls.__module__.startswith("torch.nn"):
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and not p.name.startswith("_"):
+                names.add(p.name)
+    return sorted(names - {"backbone", "rpn", "roi_heads", "transform"})  # GeneralizedRCNN's: built by FasterRCNN
+
+
+_COUNT_SUFFIXES = ("_size", "_top_n_train", "_top_n_test", "_per_image", "_per_img", "num_keypoints", "fpn_channels")
+
+
+def _check_detector_options(kind: str, options: Mapping[str, Any]) -> None:
+    """Unknown keys (torchvision's ``**kwargs`` would swallow them silently) and counts or thresholds out of range:
+    one ValueError naming the option."""
+    known = detector_option_names(kind)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in known and key not in ("num_keypoints", "fpn_channels"):
+            raise ValueError(
+                f"model option {key!r} is not an argument of torchvision's {_DETECTOR_CLASSES[kind].__name__}; "
+                f"known: {', '.join(known)}"
+            )
+        if key.endswith(_COUNT_SUFFIXES) or key == "size_divisible":
+            several = key.endswith("_size") and isinstance(value, (list, tuple))  # min_size (multi-scale), fixed_size
+            if not all(_positive_int(v) for v in (value if several else [value])) or (several and not value):
+                kind_of = "an int >= 1 (or a list of them)" if key.endswith("_size") else "an int >= 1"
+                raise ValueError(f"model option {key} must be {kind_of}, got {value!r}")
+        elif "thresh" in key or key.endswith("_fraction"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"model option {key} must be a number in [0, 1], got {value!r}")
+        elif key in ("image_mean", "image_std"):
+            ok = (
+                isinstance(value, (list, tuple))
+                and value
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            )
+            if not ok or (key == "image_std" and min(value) <= 0):
+                raise ValueError(f"model option {key} must be a list of finite numbers (std > 0), got {value!r}")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def create_slim_detector(
     kind: str,
     backbone: str,
@@ -296,7 +350,8 @@ def create_slim_detector(
         The detector, with ``widths`` and ``width_range`` (``None``) attributes like the classification models.
 
     Raises:
-        ValueError: unknown kind or backbone, or ``num_keypoints`` given for a detector without keypoints.
+        ValueError: unknown kind or backbone, ``num_keypoints`` given for a detector without keypoints, an option
+            torchvision's detector class does not take, or a count (< 1) or threshold (outside [0, 1]) out of range.
     """
     if kind not in _DETECTOR_CLASSES:
         raise ValueError(f"detector kind {kind!r} is not one of {DETECTOR_KINDS}")
@@ -304,6 +359,7 @@ def create_slim_detector(
         raise ValueError(f"detection backbone {backbone!r} is not one of {sorted(_BACKBONES)}")
     if num_keypoints is not None and kind != "keypointrcnn":
         raise ValueError(f"num_keypoints={num_keypoints} is only for keypointrcnn models, not {kind}")
+    _check_detector_options(kind, {"num_keypoints": num_keypoints, "fpn_channels": fpn_channels, **detector_kwargs})
     build, default_indices = _BACKBONES[backbone]
     in_chans = in_chans if in_chans is not None else (1 if small else 3)
     body_kwargs: dict[str, Any] = {"in_chans": in_chans, "norm": norm}

@@ -82,6 +82,27 @@ class _Reservation:
         self.budget.release(self.n)
 
 
+#: the most elongated image accepted (width:height or height:width); a 1x4000 image would resize to a side of 0
+MAX_ASPECT_RATIO = 20
+
+
+def check_aspect(w: int, h: int) -> None:
+    """Refuse images too elongated to resize (their short side would round to 0 pixels).
+
+    Raises:
+        BadRequest: an aspect ratio above :data:`MAX_ASPECT_RATIO` (400).
+    """
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise BadRequest(
+            f"the image is {w}x{h} pixels, more elongated than {MAX_ASPECT_RATIO}:1, which cannot be resized for the "
+            "model; crop or pad it"
+        )
+
+
+def _too_large(err: Exception) -> BadRequest:
+    return BadRequest(f"the image is too large ({str(err)[:160]}); the limit is {MAX_IMAGE_PIXELS} pixels", 413)
+
+
 def image_pixels(data: bytes) -> int:
     """Width x height of an encoded image, read from its header only (nothing is decoded).
 
@@ -95,7 +116,9 @@ def image_pixels(data: bytes) -> int:
     try:
         with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header
             w, h = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # Pillow refuses headers above 2x its own limit: too large, 413
+        raise _too_large(err) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
     if w * h > MAX_IMAGE_PIXELS:
         raise BadRequest(f"the image has {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it", 413)
@@ -167,13 +190,16 @@ def _open_image(data: bytes, channels: int) -> Any:
                 "downscale it",
                 413,
             )
+        check_aspect(img.width, img.height)
         img.load()
         mode = "RGB" if channels == 3 else "L"
         if img.mode != mode:  # convert() copies even to the same mode: a second full-size image in memory
             img = img.convert(mode)
     except BadRequest:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise _too_large(err) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadRequest(f"the body is not a readable image ({type(err).__name__}: {str(err)[:160]})") from err
     return img
 
@@ -193,6 +219,7 @@ def decode_detection_tensor(obj: Any, channels: int, max_batch: int, max_pixels:
         raise BadRequest(f"'tensor' holds {x.shape[0]} images; at most {max_batch} per request", 413)
     if x.shape[-1] * x.shape[-2] > max_pixels:
         raise BadRequest(f"the images have {x.shape[-2]}x{x.shape[-1]} pixels, more than the {max_pixels} allowed", 413)
+    check_aspect(int(x.shape[-1]), int(x.shape[-2]))
     if not bool(torch.isfinite(x).all()):
         raise BadRequest("'tensor' holds NaN or infinite values")
     return list(x)
@@ -227,8 +254,9 @@ def decode_tensor(obj: Any, input_shape: Sequence[int], max_batch: int) -> torch
     return x
 
 
-def number_param(params: Mapping[str, Any], key: str) -> float | None:
-    """A positive finite number from a JSON body, form field or query string (``None`` when absent)."""
+def number_param(params: Mapping[str, Any], key: str, *, zero: bool = False) -> float | None:
+    """A positive finite number from a JSON body, form field or query string (``None`` when absent); ``zero``:
+    0 too (``min_score=0`` keeps every detection)."""
     v = params.get(key)
     if v is None or v == "":
         return None
@@ -238,6 +266,7 @@ def number_param(params: Mapping[str, Any], key: str) -> float | None:
         f = float(v)
     except (TypeError, ValueError) as err:
         raise BadRequest(f"{key} must be a number such as 0.5, got {v!r}") from err
-    if not math.isfinite(f) or f <= 0:
-        raise BadRequest(f"{key} must be a positive finite number, got {v!r}")
+    if not math.isfinite(f) or f < 0 or (f == 0 and not zero):
+        what = "a finite number >= 0" if zero else "a positive finite number"
+        raise BadRequest(f"{key} must be {what}, got {v!r}")
     return f

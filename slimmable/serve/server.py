@@ -247,7 +247,7 @@ class PredictionServer(ThreadingHTTPServer):
         if width is not None and budget is not None:
             raise BadRequest("give either width or budget_ms, not both")
         top_k = number_param(params, "top_k")
-        min_score = number_param(params, "min_score") if self.runner.is_detector else None
+        min_score = number_param(params, "min_score", zero=True) if self.runner.is_detector else None
         try:
             result = self.runner.run(x, width=width, budget_ms=budget)
         except (ValueError, TypeError) as err:

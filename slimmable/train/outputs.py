@@ -1,18 +1,36 @@
-"""Guards for a run's output folder: never overwrite another run, never keep stale temporary files.
+"""Guards for a run's output folder: never overwrite another run, one run at a time, no stale temporary files.
 
-``slimmable train`` calls :func:`check_output_dir` before it writes anything, and :func:`remove_stale_temporaries`
-when it starts: a process killed (SIGKILL) during :func:`~slimmable.train.save_checkpoint` leaves its
-``.last.pt.<pid>.tmp`` behind (the checkpoint itself is intact, the rename never happened).
+``slimmable train`` calls :func:`check_output_dir` before it writes anything, takes the folder's lock
+(:func:`lock_output_dir`, rank 0, for the whole run) and checks again under it, and calls
+:func:`remove_stale_temporaries` when it starts: a process killed (SIGKILL) during
+:func:`~slimmable.train.save_checkpoint` leaves its ``.last.pt.<pid>.tmp`` behind (the checkpoint itself is intact,
+the rename never happened).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from pathlib import Path
 
-__all__ = ["RUN_FILES", "check_output_dir", "ensure_writable", "remove_stale_temporaries"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (the refusal of another run's files still holds)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "LOCK_NAME",
+    "RUN_FILES",
+    "START_FILES",
+    "RunLock",
+    "check_output_dir",
+    "ensure_writable",
+    "lock_output_dir",
+    "refuse_if_locked",
+    "remove_stale_temporaries",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +44,13 @@ RUN_FILES = (
     "final_metrics.csv",
     "hardware.json",
 )
+
+#: what a run writes before its first checkpoint: a folder holding only these (no last.pt, best.pt) lost nothing
+#: worth keeping (e.g. a run that diverged in its first epoch), so a new run may start over in it
+START_FILES = ("config.yaml", "hardware.json", "tb/")
+
+#: the lock file of a running ``slimmable train`` (holds its process id); not one of a run's files
+LOCK_NAME = ".slimmable.lock"
 
 # every atomic write (slimmable._utils.atomic_path) goes through ".<name>.<pid>[-<thread>].tmp"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(-\d+)?\.tmp$")
@@ -62,6 +87,11 @@ def check_output_dir(out_dir: str | os.PathLike[str], resume: str | os.PathLike[
     if not present:
         return
     files = ", ".join(present)
+    if set(present) <= set(START_FILES):  # the start of a run that saved no checkpoint (it diverged, or was killed)
+        _logger.warning(
+            "--out %s holds only the start of a run that saved no checkpoint (%s); starting over there", out, files
+        )
+        return
     if resume is not None:
         ckpt = Path(resume)
         if _same_folder(ckpt.parent, out):
@@ -75,6 +105,90 @@ def check_output_dir(out_dir: str | os.PathLike[str], resume: str | os.PathLike[
     else:
         fix = "give --out a new folder, or move those files away first"
     raise ValueError(f"--out {out} already holds a run ({files}); {fix}")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<out>/.slimmable.lock`` held for a whole run (released by :meth:`release`, or by
+    the kernel when the process dies, so a lock left by a killed run never blocks)."""
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _held_error(out: Path, fd: int) -> ValueError:
+    with contextlib.suppress(OSError):
+        os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+    except OSError:
+        pid = "?"
+    return ValueError(
+        f"--out {out} is in use by another slimmable train (process {pid}); wait for it to finish, stop it, or give "
+        "--out another folder"
+    )
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def refuse_if_locked(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse a folder another ``slimmable train`` is writing to now (its lock is held). Creates nothing.
+
+    Raises:
+        ValueError: the folder's lock is held; the message names the folder and the holding process id.
+    """
+    path = Path(out_dir) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if not _try_lock(fd):
+            raise _held_error(Path(out_dir), fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_output_dir(out_dir: str | os.PathLike[str]) -> RunLock:
+    """Take the exclusive lock of a run's output folder (non-blocking), writing this process's id into it.
+
+    Only rank 0 of a distributed run locks. Without ``fcntl`` (Windows) nothing is locked.
+
+    Raises:
+        ValueError: another process holds it (the message names the folder and that process's id).
+    """
+    path = Path(out_dir) / LOCK_NAME
+    if fcntl is None:
+        return RunLock(path, None)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        err = _held_error(Path(out_dir), fd)
+        os.close(fd)
+        raise err
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return RunLock(path, fd)
 
 
 def ensure_writable(out_dir: str | os.PathLike[str]) -> Path:

@@ -64,6 +64,12 @@ def test_model_and_data_of_different_tasks_are_refused(fmnist: Path, capsys: pyt
     recipe = write_recipe(fmnist.parent / "c.yaml", clash)
     assert main(["train", "--recipe", str(recipe), "--out", str(fmnist.parent / "c")]) == 2
     assert "model.options repeats ['widths']: set them as model.widths instead" in capsys.readouterr().err
+    bogus = _detection_recipe(fmnist)
+    bogus["model"]["options"]["bogus"] = 1  # torchvision's **kwargs would swallow it and the run would train
+    recipe = write_recipe(fmnist.parent / "b.yaml", bogus)
+    assert main(["train", "--recipe", str(recipe), "--out", str(fmnist.parent / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "error: model option 'bogus' is not an argument of torchvision's" in err and "Traceback" not in err
 
 
 def test_detector_sigterm_mid_epoch_then_resume_is_exact(

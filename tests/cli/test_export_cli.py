@@ -106,3 +106,19 @@ def test_export_errors(capsys, tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--model", "slim_mobilenet_v2"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_without_the_export_extra_names_it_before_any_work(capsys, tmp_path, monkeypatch):
+    # a plain `pip install slimmable` has no onnx: one line naming the extra, checked before the model is built
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    monkeypatch.setattr("slimmable.cli.export_cmd._load_model", lambda args: pytest.fail("loaded before the check"))
+    out = tmp_path / "out"
+    assert main(["export", *SMALL, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "slimmable export: error: ONNX export needs onnx, not installed: pip install 'slimmable[export]'" in err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ImportError, match=r"pip install 'slimmable\[export\]'"):
+        slimmable.export.export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")

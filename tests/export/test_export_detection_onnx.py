@@ -67,3 +67,36 @@ def test_export_cli_writes_a_keypoint_detector(capsys, tmp_path) -> None:
     assert type(dense) is KeypointRCNN and is_dense(dense)
     assert main([*args, "--bundle"]) == 2
     assert "--bundle is not offered for detectors" in capsys.readouterr().err
+
+
+def test_detections_are_matched_regardless_of_order() -> None:
+    from slimmable.export.detection import _only_at_the_edge, match_detections
+
+    ref = {
+        "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [50.0, 5.0, 60.0, 30.0]]),
+        "labels": torch.tensor([1, 2, 1]),
+        "scores": torch.tensor([0.5001, 0.5, 0.2]),
+        "masks": torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+    }
+    order = torch.tensor([1, 0, 2])  # two near-tied detections swapped by NMS
+    got = {k: v[order].clone() for k, v in ref.items()}
+    got["boxes"][0, 0] += 0.01  # 0.01 px off
+    m = match_detections(ref, got, side=100.0)
+    assert sorted(m.pairs) == [(0, 1), (1, 0), (2, 2)] and not m.unmatched_ref and not m.unmatched_got
+    assert m.worst["boxes"] == pytest.approx(1e-4, rel=1e-3) and m.worst["scores"] == 0 and m.worst["masks"] == 0
+
+    # a label, a moved box (IoU < 0.9) or a score off by more than the tolerance do not match; named in one line
+    for key, index, value in (("labels", 2, 3), ("boxes", 1, torch.tensor([0.0, 0.0, 10.0, 15.0])), ("scores", 2, 0.3)):
+        other = {k: v.clone() for k, v in ref.items()}
+        other[key][index] = value
+        m = match_detections(ref, other, side=100.0)
+        assert len(m.pairs) == 2 and len(m.unmatched_ref) == 1 and len(m.unmatched_got) == 1, key
+        assert m.describe(3, 3).startswith("1 of 3 PyTorch detections and 1 of 3 onnxruntime detections unmatched")
+    # an unmatched detection is tolerated only at the edge of what is kept (a near tie at the lowest score)
+    assert not _only_at_the_edge(m, ref["scores"], other["scores"], 1e-3)  # the 0.2 vs 0.3 detection
+    cut = {k: v[:2] for k, v in ref.items()}
+    edge = {k: torch.cat([v[:1], v[2:]]) for k, v in ref.items()}
+    edge["scores"] = torch.tensor([0.5001, 0.4995])
+    edge["boxes"][1] = torch.tensor([70.0, 70.0, 80.0, 80.0])
+    m = match_detections(cut, edge, side=100.0)
+    assert len(m.pairs) == 1 and _only_at_the_edge(m, cut["scores"], edge["scores"], 1e-3)

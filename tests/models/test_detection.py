@@ -262,6 +262,20 @@ def test_image_channels() -> None:
 def test_create_detector_errors() -> None:
     with pytest.raises(ValueError, match="num_keypoints=5 is only for keypointrcnn"):
         slimmable.create_model("slim_fasterrcnn_resnet18_fpn", num_keypoints=5)
+    # options torchvision's **kwargs would swallow, and counts/thresholds out of range: refused, naming the option
+    bad = {
+        "bogus": (1, "model option 'bogus' is not an argument of torchvision's KeypointRCNN; known: bbox_reg_weights"),
+        "num_keypoints": (-1, "model option num_keypoints must be an int >= 1, got -1"),
+        "box_score_thresh": (1.5, r"model option box_score_thresh must be a number in \[0, 1\], got 1.5"),
+        "rpn_post_nms_top_n_test": (0, "model option rpn_post_nms_top_n_test must be an int >= 1"),
+        "min_size": ([128, 0], r"model option min_size must be an int >= 1 \(or a list of them\)"),
+        "image_std": ([0.0], "model option image_std must be a list of finite numbers"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            slimmable.create_model("slim_keypointrcnn_resnet18_fpn", **{key: value})
+    ok = {"num_keypoints": 3, "box_score_thresh": 0.0, "min_size": [96, 128], "max_size": 128, "size_divisible": 32}
+    assert slimmable.create_model("slim_keypointrcnn_resnet18_fpn", **ok).roi_heads.score_thresh == 0.0
     assert slimmable.list_models("slim_*rcnn*", task="detection") == slimmable.list_models("slim_*rcnn*")
     assert "slim_maskrcnn_resnet50_fpn" not in slimmable.list_models(task="classification")
 

@@ -105,6 +105,38 @@ def test_png_with_a_budget_and_min_score(mask_server) -> None:
     status, body = _post(mask_server, buf.getvalue(), {"Content-Type": "image/png"}, f"/predict?min_score={cut}")
     assert status == 200 and all(d["score"] >= cut for d in body["detections"][0])
     assert len(body["detections"][0]) == sum(s >= cut for s in scores)
+    status, body = _post(mask_server, buf.getvalue(), {"Content-Type": "image/png"}, "/predict?min_score=0")
+    assert status == 200 and len(body["detections"][0]) == len(scores)  # 0 keeps every detection
+    status, body = _post(mask_server, buf.getvalue(), {"Content-Type": "image/png"}, "/predict?min_score=-1")
+    assert status == 400 and "min_score must be a finite number >= 0" in body["error"]
+
+
+def _png(width: int, height: int) -> bytes:
+    """A 1x1 grey PNG whose header claims ``width`` x ``height`` (no memory for the pixels)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def test_oversized_and_elongated_images_are_4xx_not_500(mask_server) -> None:
+    # a header claiming more pixels than Pillow's own bomb limit: the documented 413, not 400
+    status, body = _post(mask_server, _png(30000, 20000), {"Content-Type": "image/png"})
+    assert status == 413 and "too large" in body["error"], body
+    # a 1x4000 image resizes to a side of 0 in the detector: 400 naming the shape, not a 500
+    buf = io.BytesIO()
+    Image.new("L", (4000, 1)).save(buf, "PNG")
+    status, body = _post(mask_server, buf.getvalue(), {"Content-Type": "image/png"})
+    assert status == 400 and "4000x1 pixels, more elongated than 20:1" in body["error"], body
+    status, body = _post(mask_server, json.dumps({"tensor": torch.zeros(1, 1, 4000).tolist()}),
+                         {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and "more elongated than 20:1" in body["error"], body
 
 
 def test_keypoint_detector_answers_keypoints() -> None:

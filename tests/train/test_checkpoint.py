@@ -120,3 +120,33 @@ def test_unwrap_model() -> None:
     model = _trained()
     assert unwrap_model(torch.nn.DataParallel(model)) is model
     assert unwrap_model(model) is model
+
+
+def test_model_kwargs_from_others_are_bounded_before_anything_is_allocated(monkeypatch) -> None:
+    model = _trained()
+    kwargs = model.model_kwargs
+    bad = {
+        "num_classes": (10**12, r"model_kwargs\['num_classes'\] = 1000000000000 is not an int in \[1, 100000\]"),
+        "widths": ([0.5, 1e6], r"model_kwargs\['widths'\] = \[0.5, 1000000.0\] is not a list of at most 64 widths"),
+        "in_chans": (4096, r"model_kwargs\['in_chans'\] = 4096 is not an int in \[1, 16\]"),
+        "small_input": ([1] * 2000, r"model_kwargs\['small_input'\] .* is not a plain value"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(CheckpointError, match=message):
+            build_model_from_checkpoint(_checkpoint(model) | {"model_kwargs": {**kwargs, key: value}})
+    with pytest.raises(CheckpointError, match="at most 64 widths"):
+        build_model_from_checkpoint(_checkpoint(model) | {"model_kwargs": {**kwargs, "widths": [0.5] * 65}})
+
+    # weights that do not fit are found on the meta device: the real model is never built
+    built = []
+    real = slimmable.checkpoint.create_model
+    monkeypatch.setattr(
+        slimmable.checkpoint, "create_model", lambda *a, **k: built.append(torch.empty(0).device) or real(*a, **k)
+    )
+    wrong = _checkpoint(model) | {"model_kwargs": {**kwargs, "num_classes": 70_000}}
+    with pytest.raises(CheckpointError, match=r"do not fit slim_mobilenet_v2.*'classifier.*' has shape \(4") as info:
+        build_model_from_checkpoint(wrong)
+    assert built == [torch.device("meta")] and "\n" not in str(info.value)
+    built.clear()
+    assert build_model_from_checkpoint(_checkpoint(model)).widths == model.widths
+    assert built == [torch.device("meta"), torch.device("cpu")]
