@@ -384,6 +384,19 @@ class _Run:
         self.numerics = _kept_numerics(ckpt, tc, self.machine) or decide_numerics(
             tc.amp, self.task.auto_channels_last(tc.channels_last), info.device, self.make_step
         )
+        # every numerics the run has trained with, and from which step (a resume may change them)
+        self.numerics_history = list((ckpt or {}).get("numerics_history") or [])
+        if ckpt is not None and ckpt.get("numerics") and not self.numerics_history:  # a checkpoint from before
+            self.numerics_history = [{"label": Numerics(**ckpt["numerics"]).label, "from_step": 0}]
+        step = int(ckpt["step"]) if ckpt is not None else 0
+        if not self.numerics_history or self.numerics_history[-1]["label"] != self.numerics.label:
+            if self.numerics_history and info.is_main:
+                _logger.warning(
+                    "resuming a run trained with %s in %s: the run goes on from step %d but not exactly as it would "
+                    "have (%s)", self.numerics_history[-1]["label"], self.numerics.label, step,
+                    self.numerics.describe(),
+                )  # fmt: skip
+            self.numerics_history.append({"label": self.numerics.label, "from_step": step})
         if self.numerics.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if info.is_main:
@@ -505,7 +518,8 @@ class _Run:
         """The machine, the numerics and the current plan."""
         plan = self.plan and self.plan.to_dict()
         write_json(self.out_dir / "hardware.json", {"machine": self.machine, "numerics": self.numerics.to_dict(),
-                                                     "plan": plan, "replans": self.replans})  # fmt: skip
+                                                     "numerics_history": self.numerics_history, "plan": plan,
+                                                     "replans": self.replans})  # fmt: skip
 
     def checkpoint(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
         """Everything a resume needs (a collective in a distributed run: every rank calls it)."""
@@ -526,6 +540,7 @@ class _Run:
             plan=self.plan and self.plan.to_dict(),
             time_spent=self.spent_seconds(),
             numerics=self.numerics.to_dict(),
+            numerics_history=self.numerics_history,
             machine=self.machine,
         )
 

@@ -160,6 +160,20 @@ def test_auto_numerics_are_decided_recorded_and_kept_on_resume(fmnist: Path, tmp
     assert again.numerics.reasons["amp"].startswith("kept from the checkpoint")
 
 
+def test_a_resume_with_other_numerics_says_so_and_keeps_their_history(
+    fmnist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    _train(_cfg(fmnist, train={"epochs": 1, "amp": "bf16"}), out)
+    with caplog.at_level("WARNING", logger="slimmable.train.run"):
+        _train(_cfg(fmnist, train={"epochs": 2, "amp": "off"}), out, resume=out / "last.pt")
+    assert any("resuming a run trained with bf16 in fp32" in r.getMessage() and "not exactly" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    history = [{"label": "bf16", "from_step": 0}, {"label": "fp32", "from_step": 5}]
+    assert json.loads((out / "hardware.json").read_text())["numerics_history"] == history
+    assert load_checkpoint(out / "last.pt")["numerics_history"] == history
+
+
 def test_time_budget_ends_in_a_partial_epoch_with_the_schedule(
     fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
