@@ -28,8 +28,8 @@ __all__ = [
     "choose_numerics",
     "cpu_native_bf16",
     "describe_machine",
-    "faster",
     "machine_info",
+    "speedup",
     "time_candidates",
     "time_step",
     "warm_up",
@@ -269,13 +269,12 @@ def time_candidates(
     return timed
 
 
-def faster(candidate: list[float], reference: list[float], *, gain: float = 1.05) -> bool:
-    """Whether ``candidate`` is faster than ``reference`` beyond noise: its median at least ``gain`` times lower,
-    and faster in most of the rounds they were timed side by side (:func:`time_candidates`)."""
-    if statistics.median(candidate) * gain >= statistics.median(reference):
-        return False
-    pairs = list(zip(candidate, reference))
-    return sum(c < r for c, r in pairs) > len(pairs) / 2
+def speedup(candidate: list[float], reference: list[float]) -> float:
+    """How many times faster ``candidate`` ran than ``reference``: the median over the rounds they were timed side by
+    side (:func:`time_candidates`) of the per-round ratio, so a load that changes from one round to the next cancels
+    out of each ratio."""
+    ratios = [r / c for c, r in zip(candidate, reference) if c > 0]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def _dtype(amp: str) -> torch.dtype | None:
@@ -297,9 +296,10 @@ def choose_numerics(
     is on with autocast (tensor cores prefer NHWC). CPU: bf16 is a candidate only with native support
     (:func:`cpu_native_bf16`) and channels-last only above AVX2 (oneDNN's NHWC kernels are far slower there);
     when more than one candidate remains and ``make_step`` is given, each is timed on the real training step in its
-    steady state, side by side (:func:`time_candidates`), and a candidate replaces a simpler one only when it is at
-    least 5% faster on the median and faster in most rounds (:func:`faster`), so two candidates within noise keep
-    the simpler (float32 before bf16, contiguous before channels-last). Without ``make_step``, the flags decide: bf16
+    steady state, side by side (:func:`time_candidates`); a candidate counts only when it is at least 5% faster than
+    the simplest one (the median of the per-round ratios, :func:`speedup`), and of those the simplest within 5% of
+    the fastest wins (float32 before bf16, contiguous before channels-last), so candidates within noise keep the
+    simpler. Without ``make_step``, the flags decide: bf16
     where native, contiguous.
 
     An explicit setting always wins. With ``make_step``, it is timed against the float32/contiguous baseline and a
@@ -388,10 +388,13 @@ def choose_numerics(
         reasons.setdefault("channels_last", "auto")
         return Numerics(chosen[0], chosen[1], reasons, probe, requested)
     if probe:
-        chosen = ("off", False)
-        for cand in candidates[1:]:
-            if faster(timed[_label(*cand)], timed[_label(*chosen)], gain=MIN_GAIN):
-                chosen = cand
+        # a candidate must beat the simplest one by MIN_GAIN (noise); of those, the simplest within MIN_GAIN of the
+        # fastest wins (two candidates within noise: the simpler)
+        ref = _label(*candidates[0])
+        gains = {c: speedup(timed[_label(*c)], timed[ref]) for c in candidates}
+        winners = [c for c in candidates if c == candidates[0] or gains[c] >= MIN_GAIN]
+        best = max(gains[c] for c in winners)
+        chosen = next(c for c in winners if gains[c] * MIN_GAIN >= best)
         timings = ", ".join(f"{k} {v:.3f}s" for k, v in probe.items())
         why = (
             f"auto: fastest measured step on this {capability} CPU ({timings}; steady state, side by side; another "

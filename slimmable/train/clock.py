@@ -19,7 +19,7 @@ class StepClock:
         clock: the timer (tests pass a fake one).
     """
 
-    def __init__(self, window: int = 64, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, window: int = 32, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self._times: deque[float] = deque(maxlen=window)
         self._last: float | None = None
@@ -41,3 +41,11 @@ class StepClock:
     def seconds_per_step(self) -> float | None:
         """The median of the remembered steps, or ``None`` before the first."""
         return statistics.median(self._times) if self._times else None
+
+    def deviates(self, expected: float | None, factor: float = 1.25, min_steps: int = 8) -> bool:
+        """Whether the recent steps take more than ``factor`` times ``expected`` or less than ``1 / factor`` of it
+        (the machine got busier or quieter than a plan assumed), once ``min_steps`` steps are remembered."""
+        now = self.seconds_per_step()
+        if expected is None or now is None or len(self._times) < min_steps or expected <= 0:
+            return False
+        return not expected / factor <= now <= expected * factor

@@ -310,6 +310,8 @@ class Trainer:
         total_steps: steps of the whole run: the ETA, and an epoch ends early when the run reaches it (a time
             budget re-planned mid-epoch).
         clock: the timer of the progress lines and of :attr:`step_clock` (tests pass a fake one).
+        before_schedule_step: called before every ``scheduler.step()`` (a time budget's schedule reads the time
+            spent, :class:`~slimmable.train.optim.TimeBudgetFactor`).
         objective: what each width computes (default: classification with cross-entropy); see
             :mod:`slimmable.train.objectives`.
         nonfinite: a NaN/infinite loss ``stop``s training (:class:`NonFiniteLossError`) or ``skip``s the step
@@ -340,6 +342,7 @@ class Trainer:
         nonfinite: str = "stop",
         objective: Objective | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        before_schedule_step: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.device = device
@@ -357,8 +360,12 @@ class Trainer:
         self.nonfinite = nonfinite
         self.step = 0
         self.clock = clock
+        self.before_schedule_step = before_schedule_step
         #: seconds of the recent steps (a time budget's re-planning reads its median)
         self.step_clock = StepClock(clock=clock)
+        #: the seconds per step a time budget's plan assumes: ``on_progress`` is also called (every 8 steps at most)
+        #: when the recent steps leave it by more than 25%, so a plan follows a change of speed within seconds
+        self.expected_step_seconds: float | None = None
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
 
@@ -367,6 +374,12 @@ class Trainer:
         if isinstance(width, Mapping):
             return RANDOM_WIDTHS
         return width if self._fixed is None or width in self._fixed else RANDOM_WIDTHS
+
+    def _schedule_step(self) -> None:
+        if self.scheduler is not None:
+            if self.before_schedule_step is not None:
+                self.before_schedule_step()
+            self.scheduler.step()
 
     def widths_for_step(self) -> list[float]:
         """The widths of the next step: depends on (seed, step) only, so every process agrees."""
@@ -399,8 +412,9 @@ class Trainer:
             on_log: called every ``log_interval`` steps (and at the epoch's end) with ``(global_step, scalars)``.
             batches: an already created iterator over ``loader`` (to control when random states are drawn).
             on_progress: called with the global step at every progress line (every ``log_seconds``, with a bar or
-                without), or every ``progress_every`` steps when that is given (the same steps on every process of a
-                distributed run); a time budget re-plans there.
+                without) and when the recent steps leave :attr:`expected_step_seconds` by more than 25% (checked
+                every 8 steps), or every ``progress_every`` steps when that is given (the same steps on every process
+                of a distributed run); a time budget re-plans there.
             progress_every: see ``on_progress``.
         """
         self.model.train()
@@ -432,8 +446,7 @@ class Trainer:
                 # skipped: no update, BN statistics restored; the schedule and the width sequence move on
                 restore_buffers(self.model, saved or [])
                 _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, epoch + 1, err)
-                if self.scheduler is not None:
-                    self.scheduler.step()
+                self._schedule_step()
                 self.step += 1
                 self.step_clock.tick()
                 stats.batches_done += 1
@@ -442,8 +455,7 @@ class Trainer:
                     stats.interrupted = stats.batches_done < steps_in_epoch
                     break
                 continue
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self._schedule_step()
             self.step += 1
             self.step_clock.tick()
             stats.batches_done += 1
@@ -488,8 +500,13 @@ class Trainer:
                     bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
             if due:
                 next_line = now + self.log_seconds
-            if on_progress is not None and (self.step % progress_every == 0 if progress_every else due):
-                on_progress(self.step)
+            if on_progress is not None:
+                if progress_every:  # the same steps on every process (a collective follows)
+                    call = self.step % progress_every == 0
+                else:  # at a progress line, or as soon as the speed leaves what the caller expects
+                    call = due or (self.step % 8 == 0 and self.step_clock.deviates(self.expected_step_seconds))
+                if call:
+                    on_progress(self.step)
             run_ended = self.total_steps is not None and self.step >= self.total_steps
             done = stats.batches_done >= steps_in_epoch or run_ended
             if should_stop is not None and should_stop():

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-__all__ = ["create_optimizer", "create_scheduler", "lr_factor", "param_groups", "set_total_steps"]
+__all__ = ["TimeBudgetFactor", "create_optimizer", "create_scheduler", "lr_factor", "param_groups"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 SCHEDULES = ("constant", "multistep", "cosine", "linear", "exponential")
@@ -90,26 +90,16 @@ def lr_factor(
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
     min_factor: float = 0.0,
-    anchor: tuple[int, float] | None = None,
 ) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
 
     Warm-up rises linearly from ``warmup_factor`` to 1 over ``warmup_steps``; then ``cosine`` and ``linear``
     decay to ``min_factor`` at ``total_steps``, ``multistep`` multiplies by ``gamma`` at each milestone epoch, and
     ``exponential`` by ``gamma`` every epoch.
-
-    ``cosine`` and ``linear`` follow a progress ``t`` from 0 (end of warm-up) to 1 (``total_steps``). ``anchor =
-    (s, t_s)`` says the schedule was refitted at step ``s``, where its progress was ``t_s``: from there ``t`` runs
-    linearly from ``t_s`` to 1 at ``total_steps``, so a run whose length changes keeps a continuous rate
-    (:func:`set_total_steps`).
     """
     if step < warmup_steps:
         return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
-    s0, t0 = anchor if anchor is not None and anchor[0] > warmup_steps else (warmup_steps, 0.0)
-    if step >= s0:
-        t = min(1.0, t0 + (1.0 - t0) * (step - s0) / max(1, total_steps - s0))
-    else:  # before the anchor (only asked for when looking back): the line that led to it
-        t = t0 * (step - warmup_steps) / max(1, s0 - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
@@ -124,43 +114,70 @@ def lr_factor(
     raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
-def set_total_steps(
-    scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, at_step: int | None = None
-) -> tuple[int, float] | None:
-    """End a :func:`create_scheduler` schedule at ``total_steps`` (a run sized to a time budget that is re-planned:
-    the cosine / linear decay then reaches its end with the run).
+class TimeBudgetFactor:
+    """The learning-rate factor of a run sized to a time budget: the ``cosine`` / ``linear`` decay follows the budget's
+    *time*, not a step count.
 
-    With ``at_step`` (the next step to run), the schedule is refitted there without a jump: the rate at
-    ``at_step`` is the one the old schedule gave, and the decay continues from it to the new end.
+    A run re-planned to the machine's speed does not know its step count in advance, and a step-based decay refitted
+    to a shorter plan while the machine is busy would spend its high rates on a few slow steps and keep them low
+    after the machine is quiet again. Here the progress of the decay is ``max(spent / (budget_seconds - reserve),
+    step / max_steps)``: the share of the budget spent so far (training and validation; :attr:`spent`, set by the
+    caller before every ``scheduler.step()``) up to the last step (:attr:`reserve`: the final validation's seconds),
+    or of the most steps the run may take (``train.epochs``), whichever is further. It rises steadily with time, so
+    the rate never jumps, a slow minute costs that minute and no more, and the rate reaches its end with the budget
+    or with the last allowed step. Warm-up is over steps, as in
+    :func:`lr_factor`; the decay starts where the warm-up ends. Other schedules (``constant``, ``multistep``,
+    ``exponential``) do not depend on the run's length and follow :func:`lr_factor`.
 
-    Returns:
-        The schedule's new ``anchor`` (see :func:`lr_factor`), to be recorded for a resume; ``None`` without
-        ``at_step``.
+    Its attributes are plain numbers, so ``LambdaLR.state_dict()`` saves them and a resumed run continues on the
+    same curve.
     """
-    fn = scheduler.lr_lambdas[0]
-    if not isinstance(fn, partial) or "total_steps" not in fn.keywords:
-        raise TypeError("set_total_steps needs a scheduler made by create_scheduler")
-    kw = dict(fn.keywords)
-    anchor = None
-    if at_step is not None:
-        anchor = (int(at_step), schedule_progress(int(at_step), kw))
-        kw["anchor"] = anchor
-    kw["total_steps"] = int(total_steps)
-    scheduler.lr_lambdas[0] = partial(fn.func, *fn.args, **kw)
-    return anchor
 
+    def __init__(
+        self,
+        schedule: str,
+        *,
+        budget_seconds: float,
+        max_steps: int,
+        steps_per_epoch: int,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.0,
+        milestones: Sequence[float] = (),
+        gamma: float = 0.1,
+        min_factor: float = 0.0,
+    ) -> None:
+        if budget_seconds <= 0 or max_steps < 1:
+            raise ValueError(
+                f"a time budget needs budget_seconds > 0 and max_steps >= 1, got {budget_seconds}, {max_steps}"
+            )
+        self.schedule, self.budget_seconds, self.max_steps = schedule, float(budget_seconds), int(max_steps)
+        self.steps_per_epoch, self.warmup_steps, self.warmup_factor = steps_per_epoch, warmup_steps, warmup_factor
+        self.milestones, self.gamma, self.min_factor = list(milestones), gamma, min_factor
+        #: seconds of the budget spent so far (the caller sets it before every ``scheduler.step()``)
+        self.spent = 0.0
+        #: seconds the budget keeps after the last step (the final validation; the caller may update it)
+        self.reserve = 0.0
+        #: the progress when the warm-up ended (the decay runs from there to 1)
+        self.warmup_end: float | None = None
 
-def schedule_progress(step: int, keywords: dict) -> float:
-    """The progress ``t`` in [0, 1] of a :func:`lr_factor` schedule (its keyword arguments) at ``step``."""
-    w, total = keywords.get("warmup_steps", 0), keywords["total_steps"]
-    if step <= w:
-        return 0.0
-    s0, t0 = keywords.get("anchor") or (w, 0.0)
-    if s0 <= w:
-        s0, t0 = w, 0.0
-    if step >= s0:
-        return min(1.0, t0 + (1.0 - t0) * (step - s0) / max(1, total - s0))
-    return t0 * (step - w) / max(1, s0 - w)
+    def progress(self, step: int) -> float:
+        """The run's progress in [0, 1]: the larger of its share of the budget spent and of its most steps."""
+        usable = max(1e-9, self.budget_seconds - self.reserve)
+        return min(1.0, max(self.spent / usable, step / self.max_steps))
+
+    def __call__(self, step: int) -> float:
+        kw = {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.max_steps, "min_factor": self.min_factor,
+              "warmup_steps": self.warmup_steps, "warmup_factor": self.warmup_factor,
+              "milestones": tuple(self.milestones), "gamma": self.gamma}  # fmt: skip
+        if step < self.warmup_steps or self.schedule not in ("cosine", "linear"):
+            return lr_factor(step, schedule=self.schedule, **kw)
+        p = self.progress(step)
+        if self.warmup_end is None:
+            self.warmup_end = p
+        t = 1.0 if self.warmup_end >= 1.0 else min(1.0, (p - self.warmup_end) / (1.0 - self.warmup_end))
+        if self.schedule == "cosine":
+            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0 - (1.0 - self.min_factor) * t
 
 
 def create_scheduler(
@@ -175,13 +192,13 @@ def create_scheduler(
     gamma: float = 0.1,
     min_lr: float = 0.0,
     total_steps: int | None = None,
-    anchor: tuple[int, float] | None = None,
+    budget_seconds: float | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` (call ``scheduler.step()`` after every optimizer step).
 
-    ``total_steps`` (default ``epochs * steps_per_epoch``) ends the schedule early, e.g. within a partial last
-    epoch of a run sized to a time budget; ``anchor`` is where :func:`set_total_steps` last refitted it (a resumed
-    run passes its plan's).
+    ``total_steps`` (default ``epochs * steps_per_epoch``) ends the schedule early. With ``budget_seconds`` (a run
+    sized to a time budget), the factor is a :class:`TimeBudgetFactor` whose decay follows the budget's time, with
+    ``total_steps`` the most steps the run may take; set ``scheduler.lr_lambdas[0].spent`` before every step.
 
     Raises:
         ValueError: unknown schedule, or ``min_lr`` above the learning rate.
@@ -191,6 +208,13 @@ def create_scheduler(
     base = optimizer.param_groups[0]["lr"]
     if min_lr > base:
         raise ValueError(f"optim.min_lr {min_lr} is above optim.lr {base}; lower it")
+    if budget_seconds is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, TimeBudgetFactor(
+            schedule, budget_seconds=budget_seconds, steps_per_epoch=steps_per_epoch,
+            max_steps=total_steps if total_steps is not None else epochs * steps_per_epoch,
+            warmup_steps=round(warmup_epochs * steps_per_epoch), warmup_factor=warmup_factor, milestones=milestones,
+            gamma=gamma, min_factor=min_lr / base,
+        ))  # fmt: skip
     fn = partial(
         lr_factor,
         schedule=schedule,
@@ -201,6 +225,5 @@ def create_scheduler(
         milestones=tuple(milestones),
         gamma=gamma,
         min_factor=min_lr / base,
-        anchor=tuple(anchor) if anchor is not None else None,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -122,7 +122,8 @@ class EpochPlan:
 
     The run trains ``total_steps`` optimizer steps: ``epochs - 1`` whole epochs and the first
     ``total_steps - (epochs - 1) * steps_per_epoch`` steps of the last one, so the learning-rate schedule ends
-    where the budget does (whole epochs would waste up to one epoch of it). :func:`replan` refits it as the run goes.
+    where the budget does (whole epochs would waste up to one epoch of it). :func:`replan` refits it as the run goes;
+    the learning rate follows the budget's time (:class:`~slimmable.train.optim.TimeBudgetFactor`), not this plan.
 
     Attributes:
         epochs: epochs started (the last may be partial); at most the recipe's ``train.epochs``, at least 1.
@@ -136,8 +137,6 @@ class EpochPlan:
             step), measured after the first.
         estimated_minutes: the plan's estimated training time, validation included.
         first_total_steps: ``total_steps`` as planned at start-up, before any :func:`replan`.
-        lr_anchor: ``(step, progress)`` where the learning-rate schedule was last refitted to a new ``total_steps``
-            (:func:`~slimmable.train.optim.set_total_steps`), so that a resumed run rebuilds the same schedule.
     """
 
     epochs: int
@@ -149,11 +148,6 @@ class EpochPlan:
     eval_seconds: float
     estimated_minutes: float
     first_total_steps: int | None = None
-    lr_anchor: tuple[int, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.lr_anchor is not None:  # a checkpoint stores it as a list
-            object.__setattr__(self, "lr_anchor", (int(self.lr_anchor[0]), float(self.lr_anchor[1])))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,7 +232,7 @@ def replan(
 
     It shrinks when the run is behind (a busy machine, a probe that was too hopeful) and grows back, up to
     ``max_epochs``, when the run is ahead (the machine got quieter), never below ``steps_done`` nor below one
-    epoch. The caller refits the learning-rate schedule (:func:`~slimmable.train.optim.set_total_steps`).
+    epoch. The learning rate does not depend on it (:class:`~slimmable.train.optim.TimeBudgetFactor`).
 
     Args:
         plan: the current plan.

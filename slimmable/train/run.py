@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .calibrate import add_stat_widths, calibrate_bn
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
 from .engine import EpochStats, Trainer, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
-from .optim import create_optimizer, create_scheduler, set_total_steps
+from .optim import create_optimizer, create_scheduler
 from .plan import (
     PROBE_MAX_BATCH,
     EpochPlan,
@@ -306,6 +306,8 @@ class _Run:
         self.validations_done = 0
         self.eval_seconds: float | None = None  # the last validation's, measured
         self.replans: list[dict[str, Any]] = []  # every change of the plan (hardware.json)
+        #: distributed runs: (step, budget spent, seconds per step) of rank 0 at the last re-plan (the learning rate)
+        self.budget_sync: tuple[int, float, float] | None = None
 
     # -- build ----------------------------------------------------------------------------------------------------
 
@@ -443,7 +445,11 @@ class _Run:
         self.scheduler = create_scheduler(
             self.optimizer, oc.schedule, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             warmup_epochs=oc.warmup_epochs, warmup_factor=oc.warmup_factor, milestones=oc.milestones, gamma=oc.gamma,
-            min_lr=oc.min_lr, total_steps=self.total_steps, anchor=self.plan.lr_anchor if self.plan else None,
+            min_lr=oc.min_lr,
+            # a time budget: the decay follows the budget's time, over at most train.epochs (the plan only says when
+            # the run stops)
+            total_steps=self.plan.max_epochs * self.steps_per_epoch if self.plan else self.total_steps,
+            budget_seconds=self.plan.budget_minutes * 60 if self.plan else None,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda") if self.numerics.use_grad_scaler else None
         ddp = wrap_ddp(self.model, info) if info.distributed else None
@@ -455,8 +461,9 @@ class _Run:
             autocast_dtype=self.numerics.autocast_dtype, scaler=self.scaler, objective=self.objective,
             grad_clip=oc.grad_clip, channels_last=self.numerics.channels_last,
             seed=tc.seed, log_interval=tc.log_interval, log_seconds=tc.log_seconds, total_steps=self.total_steps,
-            nonfinite=tc.nonfinite, clock=_clock,
+            nonfinite=tc.nonfinite, clock=_clock, before_schedule_step=self._budget_spent if self.plan else None,
         )  # fmt: skip
+        self.trainer.expected_step_seconds = self.plan.seconds_per_step if self.plan is not None else None
 
     # -- resume ---------------------------------------------------------------------------------------------------
 
@@ -475,6 +482,8 @@ class _Run:
         self.resumed = True
         # a checkpoint from before the budget was recorded: the plan is kept as it is
         self.spent_before = float(ckpt["time_spent"]) if ckpt.get("time_spent") is not None else None
+        if self.spent_before is not None and self.plan is not None:
+            self.budget_sync = (int(ckpt["step"]), self.spent_before, self.plan.seconds_per_step)
         self.validations_done = sum(1 for h in self.history if "val" in h)
         if self.start_batch:
             if int(ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
@@ -543,6 +552,20 @@ class _Run:
             numerics_history=self.numerics_history,
             machine=self.machine,
         )
+
+    def _budget_spent(self) -> None:
+        """Before every learning-rate step of a budgeted run: the decay follows the budget's time."""
+        if self.plan is None or self.spent_before is None:
+            return
+        factor = self.scheduler.lr_lambdas[0]
+        if self.info.distributed:
+            # every process must take the same rate: rank 0's time at the last re-plan, carried on at its speed then
+            step0, spent0, per_step = self.budget_sync or (0, 0.0, self.plan.seconds_per_step)
+            factor.spent = spent0 + (self.trainer.step - step0) * per_step
+            factor.reserve = self.plan.eval_seconds
+        else:
+            factor.spent = self.spent_seconds()
+            factor.reserve = self.eval_seconds if self.eval_seconds is not None else self.plan.eval_seconds
 
     def spent_seconds(self) -> float | None:
         """The time budget spent so far: the epoch loop's time, across resumes (``None``: not known)."""
@@ -643,9 +666,10 @@ class _Run:
     def _replan(self, record: dict[str, Any] | None) -> None:
         """Refit the plan to the budget left at the current speed, both ways (a collective in a distributed run).
 
-        Called at every progress line (every ``train.log_interval`` steps in a distributed run, the same steps on
-        every process) and after every epoch (``record``: that epoch's history entry). The learning-rate schedule
-        is refitted without a jump (:func:`~slimmable.train.optim.set_total_steps`)."""
+        Called at every progress line and when the speed leaves the plan's (every ``train.log_interval`` steps in a
+        distributed run, the same steps on every process), and after every epoch (``record``: that epoch's history
+        entry). The plan decides when the run stops; the learning rate follows the budget's time and needs no refit
+        (:class:`~slimmable.train.optim.TimeBudgetFactor`)."""
         if self.plan is None:  # no time budget (alike on every process)
             return
         spent = self.spent_seconds()
@@ -660,18 +684,22 @@ class _Run:
                 self.plan, steps_done=self.trainer.step, validations_done=self.validations_done, spent_seconds=spent,
                 seconds_per_step=per_step, eval_seconds=self.eval_seconds,
             )  # fmt: skip
-        if self.info.distributed:  # every process follows rank 0's plan
-            box: list[Any] = [new]
+        if self.info.distributed:  # every process follows rank 0's plan, and its clock for the learning rate
+            box: list[Any] = [new, spent, per_step]
             dist.broadcast_object_list(box, src=0)
             new = box[0]
+            if box[1] is not None:
+                self.budget_sync = (self.trainer.step, float(box[1]), box[2] or self.plan.seconds_per_step)
         if new is None:
+            if per_step is not None and len(self.trainer.step_clock) >= MIN_STEPS_TO_REPLAN:
+                self.trainer.expected_step_seconds = per_step  # the plan holds at this speed: check against it
             return
         old = self.plan
         assert old is not None and spent is not None and per_step is not None
-        anchor = set_total_steps(self.scheduler, new.total_steps, at_step=self.trainer.step)
-        self.plan = replace(new, lr_anchor=anchor)
+        self.plan = new
         self.epochs, self.total_steps = self.plan.epochs, self.plan.total_steps
         self.trainer.total_steps = self.total_steps
+        self.trainer.expected_step_seconds = self.plan.seconds_per_step
         if record is not None:
             record["replanned_total_steps"] = self.total_steps
         self.replans.append({"step": self.trainer.step, "from": old.total_steps, "to": new.total_steps,

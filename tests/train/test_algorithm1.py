@@ -213,38 +213,39 @@ def test_scheduler_steps_per_iteration() -> None:
         create_scheduler(opt, "cosine", epochs=1, steps_per_epoch=1, min_lr=1.0)
 
 
-def test_a_refitted_schedule_is_continuous_and_rebuilds_from_its_anchor() -> None:
-    """set_total_steps at a step keeps that step's rate and decays from it to the new end; create_scheduler with the
-    returned anchor (what a resumed run reads from its plan) gives the same rates."""
-    from slimmable.train.optim import set_total_steps
-
-    def rates(sched: torch.optim.lr_scheduler.LambdaLR, opt: torch.optim.Optimizer, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
+def test_a_time_budget_schedule_follows_the_time_spent_and_resumes() -> None:
+    """TimeBudgetFactor: warm-up over steps, then a cosine over the budget's time (or over the most steps, whichever
+    is further); a slow stretch advances it by its time, not by its steps; its state survives state_dict()."""
+    from slimmable.train.optim import TimeBudgetFactor
 
     opt = create_optimizer(_model(), "sgd", 1.0)
-    sched = create_scheduler(opt, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5)
-    before = rates(sched, opt, 40)
-    factor_at_40 = sched.lr_lambdas[0](40)
-    anchor = set_total_steps(sched, 70, at_step=40)  # shortened: 30 steps left instead of 60
-    assert anchor == (40, pytest.approx(35 / 95)) and sched.lr_lambdas[0](40) == pytest.approx(factor_at_40)
-    after = rates(sched, opt, 30)
-    lrs = before + after
+    sched = create_scheduler(opt, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5, total_steps=100,
+                             budget_seconds=100.0)  # fmt: skip
+    factor = sched.lr_lambdas[0]
+    assert isinstance(factor, TimeBudgetFactor)
+    lrs, spent = [], 0.0
+    for step in range(71):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        spent += 4.0 if step < 10 else 1.0  # busy for the first 10 steps (warm-up, then 5 s of decay), then quiet
+        factor.spent = spent
+        sched.step()
+    assert lrs[4] == pytest.approx(1.0) and factor.warmup_end == pytest.approx(0.2)  # warm-up ended at 20 s
+    # the decay follows the time: at step 30 (60 s spent) progress (0.6 - 0.2) / 0.8, not 25/95 of the steps
+    assert lrs[30] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.02)
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs[5:]))  # decays, never rises
-    assert max(a - b for a, b in itertools.pairwise(lrs)) < 0.05  # no jump at the refit
-    assert after[-1] == pytest.approx(0.0, abs=2e-3) and sched.lr_lambdas[0](70) == 0.0
-    # a second refit (grown back) anchors where the first left off
-    anchor2 = set_total_steps(sched, 90, at_step=70)
-    assert anchor2 == (70, pytest.approx(1.0))
-    # resume: a new scheduler built with the anchor and the total gives the same rates as the refitted one
+    assert max(a - b for a, b in itertools.pairwise(lrs)) < 0.08  # no jump: a 4-s step is 5% of the decay's time
+    assert lrs[-1] == pytest.approx(0.0, abs=2e-3)  # 100 s spent: the budget's end
+    # the most steps bound it too: a fast machine ends its decay at max_steps
+    fast = TimeBudgetFactor("cosine", budget_seconds=1e6, max_steps=50, steps_per_epoch=10)
+    assert fast(0) == 1.0 and fast(25) == pytest.approx(0.5) and fast(50) == 0.0
+    # a resume restores the time spent and where the warm-up ended
     opt2 = create_optimizer(_model(), "sgd", 1.0)
-    again = create_scheduler(opt2, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5, total_steps=70,
-                             anchor=anchor)  # fmt: skip
-    assert [again.lr_lambdas[0](s) for s in range(40, 71)] == pytest.approx([*lrs[40:], 0.0])
+    again = create_scheduler(opt2, "cosine", epochs=10, steps_per_epoch=10, warmup_epochs=0.5, total_steps=100,
+                             budget_seconds=100.0)  # fmt: skip
+    again.load_state_dict(sched.state_dict())
+    assert (again.lr_lambdas[0].spent, again.lr_lambdas[0].warmup_end) == (factor.spent, factor.warmup_end)
+    assert again.lr_lambdas[0](71) == factor(71)
 
 
 def test_evaluate_uses_each_switch_statistics_and_restores_state() -> None:
