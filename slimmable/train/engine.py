@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import set_layer_widths, set_width, use_width
-from .clock import StepClock
+from .clock import StepClock, ThreadGovernor
 from .nonfinite import (
     NonFiniteLoss,
     NonFiniteLossError,
@@ -366,6 +366,9 @@ class Trainer:
         #: the seconds per step a time budget's plan assumes: ``on_progress`` is also called (every 8 steps at most)
         #: when the recent steps leave it by more than 25%, so a plan follows a change of speed within seconds
         self.expected_step_seconds: float | None = None
+        #: moves a CPU run between its full and half thread count, whichever runs the steps faster (set by a
+        #: time-budgeted run; see :class:`~slimmable.train.clock.ThreadGovernor`)
+        self.thread_governor: ThreadGovernor | None = None
         fixed = getattr(sampler, "fixed_widths", None)
         self._fixed = None if fixed is None else {float(w) for w in fixed}
 
@@ -458,6 +461,8 @@ class Trainer:
             self._schedule_step()
             self.step += 1
             self.step_clock.tick()
+            if self.thread_governor is not None:
+                self.thread_governor.update(self.step, self.step_clock)
             stats.batches_done += 1
             stats.steps += 1
             bs = self.objective.batch_size(targets)

@@ -241,12 +241,14 @@ def replan(
         spent_seconds: the budget spent so far: training and validation time, across resumes.
         seconds_per_step: the current speed, e.g. the median of the last steps (not the average since the start:
             a slow minute must not weigh on the rest of the run).
-        eval_seconds: the measured time of one validation (default: the plan's estimate).
+        eval_seconds: the measured time of one validation (default: the plan's estimate, scaled by the change of the
+            steps' speed: a probe on a busy machine overestimates both alike).
         min_change: the least relative change worth a new plan (a plan does not flicker with the noise).
     """
     if seconds_per_step <= 0:
         return None
-    eval_s = plan.eval_seconds if eval_seconds is None else eval_seconds
+    # not measured yet: the estimate (a share of a step's time) scales with the steps' speed
+    eval_s = plan.eval_seconds * seconds_per_step / plan.seconds_per_step if eval_seconds is None else eval_seconds
     total, minutes = _fit(plan, steps_done, validations_done, spent_seconds, seconds_per_step, eval_s)
     if abs(total - plan.total_steps) < max(1.0, min_change * plan.total_steps):
         return None

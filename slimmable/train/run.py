@@ -30,6 +30,7 @@ from ..data import DatasetSplits, TensorImageDataset, create_loader, imagenet_ev
 from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
 from .calibrate import add_stat_widths, calibrate_bn
+from .clock import ThreadGovernor
 from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
 from .engine import EpochStats, Trainer, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
@@ -270,9 +271,14 @@ def _train(
         run.restore(ckpt, str(resume))
     run.start_outputs(tensorboard)
     try:
-        if run.train_epochs(progress):
+        trained = run.train_epochs(progress)
+        if run.trainer.thread_governor is not None:  # evaluation and latency with every thread, as the caller had
+            run.trainer.thread_governor.restore()
+        if trained:
             run.finish(latency_runs)
     finally:
+        if run.trainer.thread_governor is not None:
+            run.trainer.thread_governor.restore()
         _close(run.writer)
     return run.result
 
@@ -464,6 +470,10 @@ class _Run:
             nonfinite=tc.nonfinite, clock=_clock, before_schedule_step=self._budget_spent if self.plan else None,
         )  # fmt: skip
         self.trainer.expected_step_seconds = self.plan.seconds_per_step if self.plan is not None else None
+        if self.plan is not None and info.device.type == "cpu" and not info.distributed and torch.get_num_threads() > 1:
+            # a time budget is spent best at whatever thread count runs fastest now (results depend on the timing
+            # anyway); distributed runs keep theirs
+            self.trainer.thread_governor = ThreadGovernor(torch.get_num_threads(), clock=_clock)
 
     # -- resume ---------------------------------------------------------------------------------------------------
 
@@ -526,9 +536,12 @@ class _Run:
     def write_hardware(self) -> None:
         """The machine, the numerics and the current plan."""
         plan = self.plan and self.plan.to_dict()
+        governor = self.trainer.thread_governor
+        keys = ("step", "from", "to", "seconds_before", "seconds_after")
+        threads = [dict(zip(keys, c)) for c in governor.changes] if governor is not None else []
         write_json(self.out_dir / "hardware.json", {"machine": self.machine, "numerics": self.numerics.to_dict(),
                                                      "numerics_history": self.numerics_history, "plan": plan,
-                                                     "replans": self.replans})  # fmt: skip
+                                                     "replans": self.replans, "thread_changes": threads})  # fmt: skip
 
     def checkpoint(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
         """Everything a resume needs (a collective in a distributed run: every rank calls it)."""
@@ -613,6 +626,8 @@ class _Run:
                     save_checkpoint(self.last_path, ck)
                     if record.get("best"):
                         save_checkpoint(self.best_path, ck)
+                    if self.trainer.thread_governor is not None:
+                        self.write_hardware()  # its thread changes
                     write_json(self.out_dir / "history.json", self.history)
                     _log_epoch(record, self.epochs, self.loaders.selection_split, self.writer, self.task)
                 epoch += 1

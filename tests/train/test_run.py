@@ -221,6 +221,48 @@ def test_replan_follows_the_machine_both_ways() -> None:
     # a spent budget ends the run where it is, never before one epoch
     assert replan(longer, seconds_per_step=1.0, steps_done=14, validations_done=1, spent_seconds=70).total_steps == 14
     assert replan(longer, seconds_per_step=1.0, steps_done=4, validations_done=0, spent_seconds=70).total_steps == 10
+    # a validation not measured yet is estimated at the steps' speed: a busy probe overestimated both alike
+    busy = EpochPlan(epochs=1, total_steps=10, max_epochs=10, budget_minutes=1.0, seconds_per_step=2.0,
+                     steps_per_epoch=10, eval_seconds=20.0, estimated_minutes=1.0)  # fmt: skip
+    quiet = replan(busy, steps_done=5, validations_done=0, spent_seconds=10.0, seconds_per_step=0.2)
+    assert quiet is not None and quiet.eval_seconds == pytest.approx(2.0)
+
+
+def test_the_thread_governor_takes_the_faster_thread_count_and_comes_back() -> None:
+    """Fake steps: with both threads a step takes 2.0 s while another process holds a core (one thread: 0.17 s);
+    once the machine is quiet, 0.11 s with two threads. The governor moves to one thread, and back to two."""
+    from slimmable.train.clock import StepClock, ThreadGovernor
+
+    now = [0.0]
+    threads = [2]
+    gov = ThreadGovernor(2, clock=lambda: now[0], set_threads=lambda n: threads.__setitem__(0, n), retry_seconds=5.0)
+    clock = StepClock(clock=lambda: now[0])
+    clock.start()
+    used = []
+    for step in range(1, 1000):
+        busy = now[0] < 60.0
+        now[0] += (2.0 if busy else 0.11) if threads[0] == 2 else 0.17
+        used.append((busy, threads[0]))
+        clock.tick()
+        gov.update(step, clock)
+    assert [(c[1], c[2]) for c in gov.changes] == [(2, 1), (1, 2)]
+    busy_steps = [t for b, t in used if b]
+    assert busy_steps.count(1) > 0.8 * len(busy_steps)  # most busy steps ran on one thread
+    assert used[-1] == (False, 2)  # quiet again: both threads
+    # on a quiet machine the trials back off: few steps are spent on the slower setting
+    now[0], threads[0] = 0.0, 2
+    quiet = ThreadGovernor(2, clock=lambda: now[0], set_threads=lambda n: threads.__setitem__(0, n))
+    clock = StepClock(clock=lambda: now[0])
+    clock.start()
+    on_one = 0
+    for step in range(1, 5000):  # 9 minutes of 0.11-s steps
+        now[0] += 0.11 if threads[0] == 2 else 0.17
+        on_one += threads[0] == 1
+        clock.tick()
+        quiet.update(step, clock)
+    assert not quiet.changes and on_one < 0.02 * 5000
+    quiet.restore()
+    assert threads[0] == 2
 
 
 def test_a_run_slowed_at_the_start_regains_its_plan(
