@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,17 @@ def create_optimizer(
     raise ValueError(f"optimizer {name!r} is not one of sgd, adamw")
 
 
+#: the schedules that decay over the run's length (the others depend on the epoch alone)
+_DECAYS = ("cosine", "linear")
+
+
+def _decay(schedule: str, t: float, min_factor: float) -> float:
+    """The ``cosine`` or ``linear`` factor at progress ``t`` in [0, 1]: from 1 down to ``min_factor``."""
+    if schedule == "cosine":
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0 - (1.0 - min_factor) * t
+
+
 def lr_factor(
     step: int,
     *,
@@ -99,13 +111,10 @@ def lr_factor(
     """
     if step < warmup_steps:
         return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_factor) * t
+    if schedule in _DECAYS:
+        return _decay(schedule, min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)), min_factor)
     epoch = step / steps_per_epoch
     if schedule == "multistep":
         return gamma ** sum(1 for m in milestones if epoch >= m)
@@ -121,7 +130,7 @@ class TimeBudgetFactor:
     A run re-planned to the machine's speed does not know its step count in advance, and a step-based decay refitted
     to a shorter plan while the machine is busy would spend its high rates on a few slow steps and keep them low
     after the machine is quiet again. Here the progress of the decay is ``max(spent / (budget_seconds - reserve),
-    step / max_steps)``: the share of the budget spent so far (training and validation; :attr:`spent`, set by the
+    step / total_steps)``: the share of the budget spent so far (training and validation; :attr:`spent`, set by the
     caller before every ``scheduler.step()``) up to the last step (:attr:`reserve`: the final validation's seconds),
     or of the most steps the run may take (``train.epochs``), whichever is further. It rises steadily with time, so
     the rate never jumps, a slow minute costs that minute and no more, and the rate reaches its end with the budget
@@ -129,30 +138,22 @@ class TimeBudgetFactor:
     :func:`lr_factor`; the decay starts where the warm-up ends. Other schedules (``constant``, ``multistep``,
     ``exponential``) do not depend on the run's length and follow :func:`lr_factor`.
 
-    Its attributes are plain numbers, so ``LambdaLR.state_dict()`` saves them and a resumed run continues on the
-    same curve.
+    Its attributes are plain numbers (and a dict of them), so ``LambdaLR.state_dict()`` saves them and a resumed
+    run continues on the same curve.
+
+    Args:
+        budget_seconds: the time budget.
+        schedule: the keyword arguments of :func:`lr_factor` (its ``total_steps``: the most steps the run may take).
     """
 
-    def __init__(
-        self,
-        schedule: str,
-        *,
-        budget_seconds: float,
-        max_steps: int,
-        steps_per_epoch: int,
-        warmup_steps: int = 0,
-        warmup_factor: float = 0.0,
-        milestones: Sequence[float] = (),
-        gamma: float = 0.1,
-        min_factor: float = 0.0,
-    ) -> None:
-        if budget_seconds <= 0 or max_steps < 1:
+    def __init__(self, budget_seconds: float, schedule: dict[str, Any]) -> None:
+        if budget_seconds <= 0 or schedule["total_steps"] < 1:
             raise ValueError(
-                f"a time budget needs budget_seconds > 0 and max_steps >= 1, got {budget_seconds}, {max_steps}"
+                f"a time budget needs budget_seconds > 0 and total_steps >= 1, got {budget_seconds}, "
+                f"{schedule['total_steps']}"
             )
-        self.schedule, self.budget_seconds, self.max_steps = schedule, float(budget_seconds), int(max_steps)
-        self.steps_per_epoch, self.warmup_steps, self.warmup_factor = steps_per_epoch, warmup_steps, warmup_factor
-        self.milestones, self.gamma, self.min_factor = list(milestones), gamma, min_factor
+        self.budget_seconds = float(budget_seconds)
+        self.lr_factor_kwargs = dict(schedule)
         #: seconds of the budget spent so far (the caller sets it before every ``scheduler.step()``)
         self.spent = 0.0
         #: seconds the budget keeps after the last step (the final validation; the caller may update it)
@@ -163,21 +164,17 @@ class TimeBudgetFactor:
     def progress(self, step: int) -> float:
         """The run's progress in [0, 1]: the larger of its share of the budget spent and of its most steps."""
         usable = max(1e-9, self.budget_seconds - self.reserve)
-        return min(1.0, max(self.spent / usable, step / self.max_steps))
+        return min(1.0, max(self.spent / usable, step / self.lr_factor_kwargs["total_steps"]))
 
     def __call__(self, step: int) -> float:
-        kw = {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.max_steps, "min_factor": self.min_factor,
-              "warmup_steps": self.warmup_steps, "warmup_factor": self.warmup_factor,
-              "milestones": tuple(self.milestones), "gamma": self.gamma}  # fmt: skip
-        if step < self.warmup_steps or self.schedule not in ("cosine", "linear"):
-            return lr_factor(step, schedule=self.schedule, **kw)
+        kw = self.lr_factor_kwargs
+        if step < kw.get("warmup_steps", 0) or kw["schedule"] not in _DECAYS:
+            return lr_factor(step, **kw)
         p = self.progress(step)
         if self.warmup_end is None:
             self.warmup_end = p
         t = 1.0 if self.warmup_end >= 1.0 else min(1.0, (p - self.warmup_end) / (1.0 - self.warmup_end))
-        if self.schedule == "cosine":
-            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
-        return 1.0 - (1.0 - self.min_factor) * t
+        return _decay(kw["schedule"], t, kw.get("min_factor", 0.0))
 
 
 def create_scheduler(
@@ -208,22 +205,15 @@ def create_scheduler(
     base = optimizer.param_groups[0]["lr"]
     if min_lr > base:
         raise ValueError(f"optim.min_lr {min_lr} is above optim.lr {base}; lower it")
-    if budget_seconds is not None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, TimeBudgetFactor(
-            schedule, budget_seconds=budget_seconds, steps_per_epoch=steps_per_epoch,
-            max_steps=total_steps if total_steps is not None else epochs * steps_per_epoch,
-            warmup_steps=round(warmup_epochs * steps_per_epoch), warmup_factor=warmup_factor, milestones=milestones,
-            gamma=gamma, min_factor=min_lr / base,
-        ))  # fmt: skip
-    fn = partial(
-        lr_factor,
-        schedule=schedule,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps if total_steps is not None else epochs * steps_per_epoch,
-        warmup_steps=round(warmup_epochs * steps_per_epoch),
-        warmup_factor=warmup_factor,
-        milestones=tuple(milestones),
-        gamma=gamma,
-        min_factor=min_lr / base,
-    )
+    kw = {
+        "schedule": schedule,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps if total_steps is not None else epochs * steps_per_epoch,
+        "warmup_steps": round(warmup_epochs * steps_per_epoch),
+        "warmup_factor": warmup_factor,
+        "milestones": list(milestones),  # plain: a time budget's factor is saved in the scheduler's state
+        "gamma": gamma,
+        "min_factor": min_lr / base,
+    }
+    fn = TimeBudgetFactor(budget_seconds, kw) if budget_seconds is not None else partial(lr_factor, **kw)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -271,14 +271,9 @@ def _train(
         run.restore(ckpt, str(resume))
     run.start_outputs(tensorboard)
     try:
-        trained = run.train_epochs(progress)
-        if run.trainer.thread_governor is not None:  # evaluation and latency with every thread, as the caller had
-            run.trainer.thread_governor.restore()
-        if trained:
+        if run.train_epochs(progress):
             run.finish(latency_runs)
     finally:
-        if run.trainer.thread_governor is not None:
-            run.trainer.thread_governor.restore()
         _close(run.writer)
     return run.result
 
@@ -305,7 +300,6 @@ class _Run:
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.rng_to_restore: dict[str, Any] | None = None
-        self.resumed = False
         #: the time budget spent before this process started (a resumed run), and when its epochs began
         self.spent_before: float | None = 0.0
         self.t_train: float | None = None
@@ -489,7 +483,6 @@ class _Run:
         self.trainer.step = int(ckpt["step"])
         self.start_epoch, self.start_batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
         self.best, self.history = dict(ckpt.get("best") or {}), list(ckpt.get("history") or [])
-        self.resumed = True
         # a checkpoint from before the budget was recorded: the plan is kept as it is
         self.spent_before = float(ckpt["time_spent"]) if ckpt.get("time_spent") is not None else None
         if self.spent_before is not None and self.plan is not None:
@@ -595,6 +588,13 @@ class _Run:
 
     def train_epochs(self, progress: bool) -> bool:
         """Train the planned epochs, evaluating and saving after each; ``False`` if stopped by a signal."""
+        try:
+            return self._epoch_loop(progress)
+        finally:  # evaluation and latency with every thread, as the caller had them
+            if self.trainer.thread_governor is not None:
+                self.trainer.thread_governor.restore()
+
+    def _epoch_loop(self, progress: bool) -> bool:
         info, tc = self.info, self.cfg.train
         self.t_train = self.trainer.clock()
         with _StopSignal(info) as stop:

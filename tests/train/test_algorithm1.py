@@ -237,7 +237,7 @@ def test_a_time_budget_schedule_follows_the_time_spent_and_resumes() -> None:
     assert max(a - b for a, b in itertools.pairwise(lrs)) < 0.08  # no jump: a 4-s step is 5% of the decay's time
     assert lrs[-1] == pytest.approx(0.0, abs=2e-3)  # 100 s spent: the budget's end
     # the most steps bound it too: a fast machine ends its decay at max_steps
-    fast = TimeBudgetFactor("cosine", budget_seconds=1e6, max_steps=50, steps_per_epoch=10)
+    fast = TimeBudgetFactor(1e6, {"schedule": "cosine", "steps_per_epoch": 10, "total_steps": 50})
     assert fast(0) == 1.0 and fast(25) == pytest.approx(0.5) and fast(50) == 0.0
     # a resume restores the time spent and where the warm-up ended
     opt2 = create_optimizer(_model(), "sgd", 1.0)
