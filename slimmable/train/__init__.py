@@ -13,6 +13,7 @@ from .distributed import (
     convert_sync_batchnorm,
     init_distributed,
     resolve_device,
+    shutdown_distributed,
     wrap_ddp,
 )
 from .engine import (
@@ -65,6 +66,7 @@ __all__ = [
     "resolve_device",
     "save_checkpoint",
     "set_rng_state",
+    "shutdown_distributed",
     "soft_cross_entropy",
     "train_from_config",
     "train_step",

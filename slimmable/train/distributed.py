@@ -10,6 +10,7 @@ locally accumulated gradient in the reduction (checked by the 2-process test aga
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "init_distributed",
     "resolve_device",
+    "shutdown_distributed",
     "wrap_ddp",
 ]
 
@@ -92,6 +94,21 @@ def init_distributed(device: str | None = None) -> DistInfo:
             dist.init_process_group(backend=backend)
         _logger.debug("process %d of %d on %s", rank, world, dev)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group and join its worker threads while the interpreter is still fully alive.
+
+    ``destroy_process_group`` only drops the registry's reference: the group (and Gloo's worker threads) lives
+    on while anything else refers to it, e.g. a ``DistributedDataParallel`` wrapper caught in a reference cycle.
+    Such a group is then freed during interpreter shutdown, where a worker thread that releases the last reference
+    to a finished collective's tensors cannot take the GIL and the process aborts ("terminate called without an
+    active exception"; measured on about one run in six). Collecting the cycles here frees the group now, and its
+    destructor joins the threads (PyTorch releases the GIL for it).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.parallel.DistributedDataParallel:

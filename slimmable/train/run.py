@@ -31,7 +31,14 @@ from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
 from .calibrate import add_stat_widths, calibrate_bn
 from .clock import ThreadGovernor
-from .distributed import DistInfo, average_bn_statistics, convert_sync_batchnorm, init_distributed, wrap_ddp
+from .distributed import (
+    DistInfo,
+    average_bn_statistics,
+    convert_sync_batchnorm,
+    init_distributed,
+    shutdown_distributed,
+    wrap_ddp,
+)
 from .engine import EpochStats, Trainer, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
 from .optim import create_optimizer, create_scheduler
@@ -248,8 +255,8 @@ def train_from_config(
     try:
         return _train(cfg, Path(out_dir), info, num_workers, resume, progress, tensorboard, cache_dir, latency_runs)
     finally:
-        if info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if info.distributed:
+            shutdown_distributed()
 
 
 def _train(

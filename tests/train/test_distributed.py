@@ -85,7 +85,9 @@ HARNESS = textwrap.dedent(
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     import slimmable
     from slimmable.nn import get_width
-    from slimmable.train import convert_sync_batchnorm, create_optimizer, init_distributed, train_step, wrap_ddp
+    from slimmable.train import (
+        convert_sync_batchnorm, create_optimizer, init_distributed, shutdown_distributed, train_step, wrap_ddp,
+    )
 
     info = init_distributed("cpu")
     torch.manual_seed(0)
@@ -115,7 +117,7 @@ HARNESS = textwrap.dedent(
         worst = max(worst, max(float((p - q).abs().max()) for p, q in zip(model.parameters(), reference.parameters())))
     if info.rank == 0:
         print(json.dumps({"per_step": per_step, "worst": worst}))
-    dist.destroy_process_group()
+    shutdown_distributed()
     """
 )
 
@@ -140,7 +142,7 @@ DETECTION_HARNESS = textwrap.dedent(
     from torch import nn
     import slimmable
     from slimmable.data.coco import CocoDetectionDataset
-    from slimmable.train import init_distributed
+    from slimmable.train import init_distributed, shutdown_distributed
     from slimmable.train.detection import evaluate_detector
 
     info = init_distributed("cpu")  # under torchrun a process group; alone one process
@@ -177,7 +179,7 @@ DETECTION_HARNESS = textwrap.dedent(
     if info.world_size > 1:
         everyone = [None] * info.world_size
         dist.all_gather_object(everyone, mine)
-        dist.destroy_process_group()
+        shutdown_distributed()
     if info.rank == 0:
         print(json.dumps(everyone))
     """
@@ -221,3 +223,26 @@ def test_detector_trains_under_torchrun(tmp_path: Path) -> None:
     ck = load_checkpoint(tmp_path / "two" / "last.pt")
     # 14 training scenes (20 less 6 held out) in global batches of 4, 2 per process, the partial one dropped
     assert ck["step"] == 2 * 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+def test_shutdown_joins_the_gloo_threads_of_a_group_held_in_a_cycle(tmp_path: Path) -> None:
+    """A DDP wrapper caught in a reference cycle keeps its group alive after ``destroy_process_group``; freed at
+    interpreter shutdown, its worker threads aborted one torchrun process in six. ``shutdown_distributed`` frees it."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from slimmable.train import shutdown_distributed
+
+    def gloo_threads() -> int:
+        return sum("gloo" in p.read_text() for p in Path("/proc/self/task").glob("*/comm"))
+
+    before = gloo_threads()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    holder: dict = {"ddp": nn.parallel.DistributedDataParallel(nn.Linear(2, 2))}
+    holder["self"] = holder  # the cycle
+    holder["ddp"](torch.ones(1, 2)).sum().backward()  # one all-reduce through the group
+    del holder
+    assert gloo_threads() > before
+    shutdown_distributed()
+    assert gloo_threads() == before
