@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "fmnist_scenes", "coco"]
-#: datasets of detection models (COCO-format boxes, masks, keypoints)
-DETECTION_DATASETS = ("fmnist_scenes", "coco")
 AugmentName = Literal["crop_flip", "basic", "mobile", "none"]
 ScheduleName = Literal["constant", "multistep", "cosine", "linear", "exponential"]
 AmpMode = Literal["off", "bf16", "fp16", "auto"]
@@ -175,10 +173,14 @@ class DataConfig:
         if self.crop_scale_min is not None:
             _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min", "must be in (0, 1]")
         _check(self.scenes_train >= 1 and self.scenes_test >= 1, "data.scenes_train", "scene counts must be >= 1")
-        if self.dataset in DETECTION_DATASETS and self.augment != "none":
+        from .tasks import get_task, tasks_for_dataset  # the tasks say which data they train on
+
+        tasks = [get_task(t) for t in tasks_for_dataset(self.dataset)]
+        if tasks and all(self.augment not in t.augmentations for t in tasks):
             raise ValueError(
-                f"data.augment: {self.dataset} is detection data, whose only augmentation is data.hflip (boxes, masks "
-                f"and keypoints flip with the image); set data.augment to none (got {self.augment!r})"
+                f"data.augment: {self.dataset} is {' and '.join(t.name for t in tasks)} data, whose only augmentation "
+                f"is data.hflip (boxes, masks and keypoints flip with the image); set data.augment to none (got "
+                f"{self.augment!r})"
             )
         if self.dataset != "image_folder" and self.augment in ("basic", "mobile"):
             raise ValueError(

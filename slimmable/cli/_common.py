@@ -88,42 +88,12 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-REPORT_HEADERS = ["width", "top-1 %", "top-5 %", "loss", "MACs (M)", "params (M)", "latency b1 (ms)"]
-
-
 def format_report_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-width table of a training or evaluation report (rows of ``final_metrics.json``): top-1 for
-    classifiers, AP per IoU type for detectors."""
-    if rows and "top1" not in rows[0]:
-        return _detection_table(rows)
-    cells = [
-        (
-            f"{r['width']:g}",
-            f"{r['top1']:.2f}",
-            f"{r['top5']:.2f}",
-            f"{r['loss']:.4f}",
-            f"{r['macs'] / 1e6:.2f}",
-            f"{r['params'] / 1e6:.3f}",
-            "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
-        )
-        for r in rows
-    ]
-    return format_table(REPORT_HEADERS, cells)
+    """The per-width table of a training or evaluation report (rows of ``final_metrics.json``), as the task whose
+    metric the rows carry lays it out (top-1 for classifiers, AP per IoU type for detectors, ...)."""
+    from ..tasks import task_for_rows
 
-
-def _detection_table(rows: Sequence[dict[str, Any]]) -> str:
-    types = [k[: -len("_AP")] for k in rows[0] if k.endswith("_AP")]
-    headers = ["width"] + [f"{t} AP / AP50 / AP75" for t in types] + ["MACs (M)", "params (M)", "latency b1 (ms)"]
-    cells = [
-        (
-            f"{r['width']:g}",
-            *(f"{r[f'{t}_AP']:.1f} / {r[f'{t}_AP50']:.1f} / {r[f'{t}_AP75']:.1f}" for t in types),
-            "-" if r.get("macs") is None else f"{r['macs'] / 1e6:.2f}",
-            "-" if r.get("params") is None else f"{r['params'] / 1e6:.3f}",
-            "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
-        )
-        for r in rows
-    ]
+    headers, cells = task_for_rows(rows).table(rows)
     return format_table(headers, cells)
 
 

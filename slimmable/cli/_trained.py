@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -9,7 +10,6 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import DatasetSplits, create_datasets
 
 
 def load_trained(path: str | os.PathLike[str], device: torch.device) -> tuple[dict[str, Any], nn.Module, RunConfig]:
@@ -37,23 +37,30 @@ def load_trained(path: str | os.PathLike[str], device: torch.device) -> tuple[di
     return ckpt, loaded.model, cfg
 
 
-def training_splits(
-    cfg: RunConfig, root: str | None = None, cache_dir: str | os.PathLike[str] | None = None
-) -> DatasetSplits:
-    """The recipe's dataset, every split without augmentation (training images as the evaluation sees them).
+def training_splits(cfg: RunConfig, root: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The recipe's data as its task builds it, every split without augmentation (training images as the
+    evaluation sees them).
 
     The held-out ``val`` split is the one the run held out (same ``data.val_size`` and ``data.split_seed``), so it
     holds no image the model trained on.
     """
-    dc = cfg.data
-    return create_datasets(
-        dc.dataset,
-        root or dc.root,
-        image_size=dc.image_size,
-        eval_resize=dc.eval_resize,
-        augment="none",
-        val_size=dc.val_size,
-        split_seed=dc.split_seed,
-        download=dc.download,
-        cache_dir=cache_dir,
-    )
+    from ..tasks import create_task
+
+    dc = dataclasses.replace(cfg.data, root=root or cfg.data.root, augment="none", hflip=False)
+    return create_task(cfg).load_data(dataclasses.replace(cfg, data=dc), cache_dir)
+
+
+def require_classifier(model: nn.Module, command: str) -> None:
+    """``command`` (BN calibration, channel search) scores widths by held-out top-1: classification only.
+
+    Raises:
+        ValueError: the model serves another task.
+    """
+    from ..tasks import task_of
+
+    task = task_of(model)
+    if task.name != "classification":
+        raise ValueError(
+            f"slimmable {command} scores widths by held-out top-1 and takes classification checkpoints; this one is "
+            f"a {task.name} model (evaluate it with `slimmable eval`)"
+        )

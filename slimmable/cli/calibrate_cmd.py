@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import model_checkpoint, save_checkpoint
     from ..data import create_loader
     from ..train import calibrate_bn, evaluate, resolve_device
-    from ._trained import load_trained, training_splits
+    from ._trained import load_trained, require_classifier, training_splits
 
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: give at least 1 batch per width")
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         spec = load_channel_spec(args.channels)  # before the data: a bad spec path fails fast
     device = resolve_device(args.device)
     ckpt, model, cfg = load_trained(args.checkpoint, device)
+    require_classifier(model, "calibrate")
     widths = parse_widths(args.widths) or tuple(model.widths)
     out = Path(args.out) if args.out else default_output(args.checkpoint, args.channels)
     splits = training_splits(cfg, args.data, args.data_cache)

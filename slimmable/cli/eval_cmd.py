@@ -1,8 +1,10 @@
-"""``slimmable eval --checkpoint C``: top-1/top-5/loss, MACs, active parameters and latency at each width."""
+"""``slimmable eval --checkpoint C``: the task's metrics (top-1/top-5/loss, box AP, mIoU), MACs, active parameters
+and latency at each width."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import DETECTION_DATASETS, DataConfig, RunConfig, apply_overrides
+from ..config import DataConfig, RunConfig, apply_overrides
 from ._common import format_report_table, non_negative_int, parse_widths, positive_int
 
 _EPILOG = """\
@@ -38,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument(
         "--dataset",
-        choices=("fashion_mnist", "cifar10", "cifar100", "image_folder"),
-        help="dataset kind (default: the checkpoint's; image_folder for official checkpoints)",
+        help="dataset kind, one the model's task trains on (default: the checkpoint's; image_folder for official "
+        "checkpoints)",
     )
     p.add_argument(
         "--split",
@@ -102,8 +104,9 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, DataConf
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import create_datasets, create_loader
-    from ..train import evaluate, resolve_device, width_report, write_report
+    from ..data import create_loader
+    from ..tasks import task_of
+    from ..train import resolve_device, write_report
 
     device = resolve_device(args.device)
     model, data_cfg, desc = _load(args, device)
@@ -111,76 +114,31 @@ def run(args: argparse.Namespace) -> int:
     if set(section) - {"data"}:
         raise ValueError("eval --set only takes data.* keys")
     data_cfg = RunConfig.from_dict(section, source="--set").data
+    task = task_of(model)
     name = args.dataset or data_cfg.dataset
-    root = args.data or data_cfg.root
-    if name in DETECTION_DATASETS:
-        return _evaluate_detector(args, model, data_cfg, name, root, desc, device)
-    if name != "fashion_mnist" and root is None:
-        raise ValueError(f"dataset {name} needs its folder: --data DIR")
-    splits = create_datasets(
-        name,
-        root,
-        image_size=args.image_size or data_cfg.image_size,
-        eval_resize=data_cfg.eval_resize,
-        augment="none",
-        val_size=data_cfg.val_size,
-        split_seed=data_cfg.split_seed,
-        download=data_cfg.download,
-        cache_dir=args.data_cache,
-        load_train=args.split == "val",
-    )
+    if name not in task.datasets:
+        raise ValueError(f"{desc} is a {task.name} model; evaluate it on {' or '.join(task.datasets)} data "
+                         f"(--dataset), not {name}")  # fmt: skip
+    # evaluation data: no augmentation; the training split only when --split val holds images out of it
+    dc = dataclasses.replace(
+        data_cfg, dataset=name, root=args.data or data_cfg.root, image_size=args.image_size or data_cfg.image_size,
+        augment="none", hflip=False,
+    )  # fmt: skip
+    splits = task.load_data(RunConfig(data=dc), args.data_cache, load_train=args.split == "val")
     dataset = splits.val if args.split == "val" else splits.test
     if dataset is None:
         raise ValueError("--split val needs images held out from training: --set data.val_size=N (N > 0)")
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and num_classes < splits.num_classes:
-        raise ValueError(
-            f"{root} has {splits.num_classes} classes but the model predicts {num_classes}: labels out of range; "
-            "evaluate on the dataset the model was trained on"
-        )
+    task.check_model(model, splits)
     widths = parse_widths(args.widths) or tuple(model.widths)
     workers = args.workers
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if name == "image_folder" else 0
-    loader = create_loader(dataset, args.batch_size, train=False, num_workers=workers, pin_memory=device.type == "cuda")
-    metrics = evaluate(model, loader, widths, device=device)
-    shape = (splits.in_chans, splits.image_size, splits.image_size)
-    rows = width_report(model, metrics, shape, latency_runs=args.latency_runs)
+    loader = create_loader(dataset, args.batch_size, train=False, num_workers=workers,
+                           pin_memory=device.type == "cuda", collate_fn=task.collate_fn())  # fmt: skip
+    rows = task.report(model, task.validate(model, dataset, loader, widths, device=device), splits, args.latency_runs)
     stem = Path(args.out) if args.out else _default_stem(args.checkpoint, args.split)
     meta = {"checkpoint": str(args.checkpoint), "model": desc, "dataset": name, "root": splits.root,
-            "split": args.split, "device": str(device)}  # fmt: skip
-    json_path, csv_path = write_report(stem, rows, meta)
-    print(f"{desc} on {name} {args.split} ({metrics[0].images} images, {splits.root}), device {device}")
-    print(format_report_table(rows))
-    print(f"wrote {json_path} and {csv_path}")
-    return 0
-
-
-def _evaluate_detector(
-    args: argparse.Namespace, model: Any, dc: DataConfig, name: str, root: str | None, desc: str, device: Any
-) -> int:
-    """COCOeval AP per width and IoU type of a detector, with each width's cost: a table, JSON and CSV."""
-    from ..data import create_loader
-    from ..data.coco import collate_detection
-    from ..data.detection import create_detection_datasets
-    from ..train import write_report
-    from ..train.tasks import DetectionTask
-
-    splits = create_detection_datasets(
-        name, root, image_size=args.image_size or dc.image_size, hflip=False, val_size=dc.val_size,
-        split_seed=dc.split_seed, scenes_train=dc.scenes_train, scenes_test=dc.scenes_test, cache_dir=args.data_cache,
-        load_train=args.split == "val",
-    )  # fmt: skip
-    dataset = splits.val if args.split == "val" else splits.test
-    if dataset is None:
-        raise ValueError("--split val needs images held out from training: --set data.val_size=N (N > 0)")
-    widths = parse_widths(args.widths) or tuple(model.widths)
-    loader = create_loader(dataset, args.batch_size, train=False, collate_fn=collate_detection)
-    task = DetectionTask()
-    rows = task.report(model, task.validate(model, dataset, loader, widths), splits, args.latency_runs)
-    stem = Path(args.out) if args.out else _default_stem(args.checkpoint, args.split)
-    meta = {"checkpoint": str(args.checkpoint), "model": desc, "dataset": name, "root": splits.root,
-            "split": args.split, "device": str(device), "metrics": "COCOeval AP (%), per IoU type"}  # fmt: skip
+            "split": args.split, "device": str(device), "task": task.name}  # fmt: skip
     json_path, csv_path = write_report(stem, rows, meta, columns=task.columns(rows))
     print(f"{desc} on {name} {args.split} ({len(dataset)} images, {splits.root}), device {device}")
     print(format_report_table(rows))

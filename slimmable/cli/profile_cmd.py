@@ -6,9 +6,10 @@ import argparse
 
 import torch
 
-from .._utils import unwrap_model, write_json
+from .._utils import write_json
 from ..models import create_model
-from ..search.cost import detector_image_size, is_detector, profile_widths
+from ..search.cost import profile_widths
+from ..tasks import task_of
 from ._common import format_table, non_negative_int, parse_widths, positive_int
 
 
@@ -52,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(min_size=args.min_size, max_size=args.min_size)
     model = create_model(args.model, **kwargs, small_input=args.small_input or None)
     model.to(torch.device(args.device)).eval()
-    if is_detector(model):
-        if args.input_size is not None and args.input_size != detector_image_size(model):
-            raise ValueError(
-                f"{args.model} resizes every image to {detector_image_size(model)} px, so --input-size "
-                f"{args.input_size} would not change what it computes; use --min-size {args.input_size} instead"
-            )
-        return _run_detector(args, model)
+    task = task_of(model)
+    if task.resizes_inputs and args.input_size is not None and args.input_size != task.default_input_size(model):
+        raise ValueError(
+            f"{args.model} resizes every image to {task.default_input_size(model)} px, so --input-size "
+            f"{args.input_size} would not change what it computes; use --min-size {args.input_size} instead"
+        )
+    if task.profile_parts(model) is not None:
+        return _run_by_part(args, model)
     size = args.input_size or 224
     profiles = profile_widths(model, size, batch_size=args.batch_size, latency_runs=args.runs)
     rows = [
@@ -79,27 +81,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_detector(args: argparse.Namespace, model: torch.nn.Module) -> int:
-    """The detector table: whole-detector MACs, params and latency, and MACs per part."""
+def _run_by_part(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    """The table of a model whose task splits its cost (a detector): whole-model MACs, params and latency, and
+    MACs per part."""
+    task = task_of(model)
+    parts = task.profile_parts(model) or ()
     profiles = profile_widths(model, batch_size=args.batch_size, latency_runs=args.runs)
     rows = [
         (
             p.width,
             f"{p.macs / 1e6:.1f}",
-            *(f"{p.parts[k] / 1e6:.1f}" for k in ("backbone.body", "backbone.fpn", "rpn", "roi_heads")),
+            *(f"{p.parts[k] / 1e6:.1f}" for k in parts),
             f"{p.params / 1e6:.3f}",
             _ms(p.latency_ms),
         )
         for p in profiles
     ]
-    side = profiles[0].input_size
-    print(
-        f"{args.model} on one {side}x{side} image (the side its transform resizes to), {model.num_classes} classes, "
-        f"device {args.device}; RoI heads at capacity (score threshold 0 while profiling: "
-        f"{unwrap_model(model).roi_heads.detections_per_img} detections per image at every width)"
-    )
+    print(f"{args.model} {task.profile_caption(model, profiles[0].input_size)}, device {args.device}")
     lat = f"latency b{args.batch_size} (ms)"
-    head = ["width", "MACs (M)", "backbone", "FPN", "RPN", "RoI heads", "params (M)", lat]
+    head = ["width", "MACs (M)", *(task.part_label(k) for k in parts), "params (M)", lat]
     print(format_table(head, rows))
     if args.json:
         path = write_json(args.json, {"model": args.model, "profiles": [p.to_dict() for p in profiles]})

@@ -147,7 +147,7 @@ def _fmt_cost(value: float, metric: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..search.autoslim import autoslim_search, save_channel_spec
     from ..train import fixed_channels_name, resolve_device
-    from ._trained import load_trained, training_splits
+    from ._trained import load_trained, require_classifier, training_splits
 
     texts = [t for t in args.budgets.split(",") if t.strip()]
     if not texts:
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     ckpt, model, cfg = load_trained(args.checkpoint, device)
+    require_classifier(model, "search")
     if not hasattr(model, "channel_groups"):
         raise ValueError(f"{ckpt['model_name']} defines no channel groups; search MobileNet v1/v2 models")
     splits = training_splits(cfg, args.data, args.data_cache)

@@ -12,8 +12,8 @@ import torch
 
 from ..export import default_widths
 from ..runtime import SlimmableRunner, retain_freed_memory
-from ..search.cost import is_detector
 from ..serve import PredictionServer, check_loopback
+from ..tasks import task_of
 from ._common import format_table, parse_widths, positive_float, positive_int
 from ._deploy import _load_model, add_model_args, describe_source
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = _load_model(args)
     pre = loaded.preprocess or {}
     size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
-    if is_detector(loaded.model):  # calibrated at the side it resizes images to, unless --input-size says otherwise
+    if task_of(loaded.model).resizes_inputs:  # calibrated at the side it resizes to, unless --input-size says
         size = args.input_size
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, apply_overrides, load_recipe
+from ..tasks import task_for_rows
 from ._common import format_report_table, non_negative_int, print_outputs
 
 _EPILOG = """\
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  slimmable train --resume {result.last_checkpoint}")
         return 130
     best = "-" if result.best_score is None else f"{result.best_score:.2f}"
-    metric = "top-1" if result.metric == "top1" else "box AP"
+    metric = task_for_rows(result.report).metric_label
     print(
         f"\n{cfg.model.name}: test split, best checkpoint (epoch {result.best_epoch}, mean {result.selection_split} "
         f"{metric} {best})"

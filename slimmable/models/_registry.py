@@ -13,8 +13,9 @@ __all__ = ["TASKS", "create_model", "list_models", "model_task", "register_model
 
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _MODEL_TASKS: dict[str, str] = {}
-#: what a registered model does: ``classification`` (logits) or ``detection`` (torchvision detectors)
-TASKS = ("classification", "detection")
+#: what a registered model does: ``classification`` (logits), ``detection`` (torchvision detectors) or
+#: ``segmentation`` (torchvision segmenters); each is a :class:`slimmable.tasks.Task`
+TASKS = ("classification", "detection", "segmentation")
 
 
 def register_model(
@@ -83,6 +84,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         model = create_torchvision_model(name, **kwargs)
         model.model_name = name
         model.model_kwargs = dict(kwargs)
+        model.slimmable_task = "classification"
         return model
     if name not in _MODEL_ENTRYPOINTS:
         near = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3, cutoff=0.5)
@@ -93,6 +95,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     # Recorded so that checkpoints can rebuild the same architecture: create_model(model_name, **model_kwargs).
     model.model_name = name
     model.model_kwargs = dict(kwargs)
+    # the task, read back by slimmable.tasks.task_of (TASK_ATTR): every caller asks the model, none checks types
+    model.slimmable_task = _MODEL_TASKS[name]
     return model
 
 

@@ -50,7 +50,7 @@ from .._utils import unwrap_model
 from ..export._io import model_label, tensor_bytes, write_json
 from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import width_key
-from ..search.cost import detector_image_size, detector_images, is_detector
+from ..tasks import task_of
 from .allocator import freed_memory_retained
 
 __all__ = ["RunResult", "SlimmableRunner"]
@@ -147,9 +147,10 @@ class SlimmableRunner:
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = p.dtype
         self.name = name or model_label(src)
-        self.is_detector = is_detector(src)
+        #: what the model does (:class:`slimmable.tasks.Task`): its inputs, answers and exported outputs
+        self.task = task_of(src)
         if input_size is None:
-            input_size = detector_image_size(src) if self.is_detector else 224
+            input_size = self.task.default_input_size(src)
         self.input_shape = input_shape(src, input_size)
         self.fold_bn = fold_bn
         self.batch_sizes = tuple(sizes)
@@ -270,11 +271,7 @@ class SlimmableRunner:
 
     @torch.inference_mode()
     def _measure(self, batch_size: int, seconds: float) -> dict[float, float]:
-        if self.is_detector:
-            x: Any = detector_images(next(iter(self._dense.values())), self.input_shape, batch_size, seed=0)
-        else:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn((batch_size, *self.input_shape), generator=gen).to(self.device, self.dtype)
+        x = self.task.example_inputs(next(iter(self._dense.values())), self.input_shape, batch_size, seed=0)
         deadline = time.perf_counter() + seconds
         for w in self._widths:
             self._dense[w](x)  # warm-up: allocator, oneDNN primitive cache
@@ -460,8 +457,7 @@ class SlimmableRunner:
             ValueError: wrong input shape, unknown width, both ``width`` and ``budget_ms``, or a budget below the
                 fastest width.
         """
-        x = self._check_images(x) if self.is_detector else self._check_input(x)
-        batch = len(x) if self.is_detector else int(x.shape[0])
+        x, batch = self.task.check_inputs(x, self.input_shape, self.device, self.dtype)
         if width is not None and budget_ms is not None:
             raise ValueError("give either width or budget_ms, not both")
         if budget_ms is not None:
@@ -498,37 +494,6 @@ class SlimmableRunner:
                 "the runner with widths=[...] including it"
             )
         return k
-
-    def _check_images(self, x: Any) -> list[torch.Tensor]:
-        c = self.input_shape[0]
-        if isinstance(x, torch.Tensor):
-            x = [x] if x.dim() == 3 else list(x)
-        if not isinstance(x, (list, tuple)) or not x:
-            raise TypeError(f"a detector takes a non-empty list of ({c}, H, W) image tensors, got {type(x).__name__}")
-        out = []
-        for i, img in enumerate(x):
-            if not isinstance(img, torch.Tensor) or not img.is_floating_point():
-                raise TypeError(f"image {i} must be a floating-point tensor ({c}, H, W) in [0, 1]")
-            if img.dim() != 3 or img.shape[0] != c or min(img.shape[1:]) < 1:
-                raise ValueError(
-                    f"image {i} has shape {tuple(img.shape)}; this detector takes ({c}, H, W) images in [0, 1] "
-                    f"(any H and W; convert to {c} channel{'s' if c > 1 else ''})"
-                )
-            out.append(img.to(device=self.device, dtype=self.dtype))
-        return out
-
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
-        c, h, w = self.input_shape
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} does not fit: this runner takes (N, {c}, {h}, {w}) with N >= 1; "
-                "resize the image to the calibrated input size (or build the runner with that input_size)"
-            )
-        return x.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ reporting
 
@@ -573,8 +538,7 @@ class SlimmableRunner:
                 "per_width": {f"{w:g}": b for w, b in mem["per_width"].items()},
             },
         }
-        if self.is_detector:
-            info["task"] = "detection"
+        info["task"] = self.task.name
         return info
 
 

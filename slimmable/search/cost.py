@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._utils import example_input, input_channels, unwrap_model
+from .._utils import unwrap_model
 from ..nn import get_widths, slim_modules, use_width
+from ..tasks import Inputs, task_of
+from ..tasks.detection import DETECTOR_PARTS, detector_image_size, detector_images, heads_at_capacity, is_detector
 
 __all__ = [
     "DETECTOR_PARTS",
@@ -42,66 +44,6 @@ __all__ = [
     "measure_latency",
     "profile_widths",
 ]
-
-#: an input batch: ``(N, C, H, W)``, or for a detector a list of ``(C, H, W)`` images
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-
-#: the parts of a torchvision R-CNN detector that :func:`profile_widths` reports MACs for
-DETECTOR_PARTS = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
-
-
-def is_detector(model: nn.Module) -> bool:
-    """``True`` for a torchvision R-CNN detector (``GeneralizedRCNN``: Faster, Mask, Keypoint R-CNN), slimmable or
-    exported; wrappers (DDP, ``torch.compile``) are looked through."""
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-
-    return isinstance(unwrap_model(model), GeneralizedRCNN)
-
-
-def detector_image_size(model: nn.Module) -> int:
-    """The side a detector's transform resizes a square image to: ``min(min_size, max_size)`` (800 for
-    torchvision's R-50-FPN settings, 128 for the small variants). Profiling at this side measures what the
-    detector really computes, whatever the size of the image it is given."""
-    t = unwrap_model(model).transform
-    return int(min(max(t.min_size), t.max_size))
-
-
-def detector_images(
-    model: nn.Module, input_size: int | Sequence[int] | None = None, batch_size: int = 1, seed: int | None = 0
-) -> list[torch.Tensor]:
-    """A list of ``batch_size`` random images ``(C, H, W)`` in [0, 1] for a detector, on its device and dtype.
-
-    Args:
-        model: the detector.
-        input_size: a square side, or ``(C, H, W)``; default :func:`detector_image_size` with the model's input
-            channels.
-        batch_size: number of images.
-        seed: seed of a local generator (``None``: the global RNG).
-    """
-    if input_size is None:
-        input_size = detector_image_size(model)
-    if isinstance(input_size, int):
-        shape = (input_channels(model), input_size, input_size)
-    else:
-        shape = tuple(int(s) for s in input_size)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_size {tuple(input_size)} must be a side such as 128 or a (C, H, W) triple")
-    p = next(iter(model.parameters()))
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return [torch.rand(shape, generator=gen).to(p.device, p.dtype) for _ in range(batch_size)]
-
-
-@contextlib.contextmanager
-def heads_at_capacity(detector: nn.Module) -> Iterator[None]:
-    """Within the block the detector keeps every detection up to ``box_detections_per_img`` (score threshold 0):
-    the RoI heads' largest cost per image, the same at every width. The threshold is restored afterwards."""
-    heads = unwrap_model(detector).roi_heads
-    before = heads.score_thresh
-    heads.score_thresh = 0.0
-    try:
-        yield
-    finally:
-        heads.score_thresh = before
 
 
 def _is_cuda(x: Inputs) -> bool:
@@ -159,9 +101,9 @@ def count_macs_by_part(
     """
     model = unwrap_model(model)
     if parts is None:
-        if not is_detector(model):
+        parts = task_of(model).profile_parts(model)
+        if parts is None:
             raise ValueError(f"{type(model).__name__} has no default parts; pass parts=['features', ...]")
-        parts = DETECTOR_PARTS
     for name in parts:
         try:
             model.get_submodule(name)
@@ -297,22 +239,16 @@ def profile_widths(
     """
     if widths is None:
         widths = get_widths(model).switches
-    detector = is_detector(model)
-    if detector:
-        side = input_size if input_size is not None else detector_image_size(model)
-        x1: Inputs = detector_images(model, side, 1, seed=0)
-        xb: Inputs = detector_images(model, side, batch_size, seed=0)
-    else:
-        input_size = 224 if input_size is None else input_size
-        x1 = example_input(model, input_size, 1, seed=None)
-        xb = example_input(model, input_size, batch_size, seed=None)
+    task = task_of(model)
+    xb, size = task.profile_inputs(model, input_size, batch_size)
+    x1 = xb[:1]
+    counted = task.profile_parts(model) is not None
     out = []
     for w in widths:
-        with use_width(model, w), heads_at_capacity(model) if detector else contextlib.nullcontext():
-            parts = count_macs_by_part(model, x1) if detector else None
+        with use_width(model, w), task.profiling(model):
+            parts = count_macs_by_part(model, x1) if counted else None
             macs = parts.pop("total") if parts is not None else count_macs(model, x1)
             params = count_active_params(model, x1)
             lat = measure_latency(model, xb, runs=latency_runs) if latency_runs > 0 else None
-        size = detector_image_size(model) if detector else None  # a square image is resized to this side
         out.append(WidthProfile(float(w), int(macs), int(params), lat, batch_size, parts, size))
     return out

@@ -66,10 +66,6 @@ from ._decode import (
     MAX_IMAGE_PIXELS,
     BadRequest,
     Budget,
-    decode_detection_image,
-    decode_detection_tensor,
-    decode_image,
-    decode_tensor,
     image_pixels,
     number_param,
 )
@@ -246,8 +242,8 @@ class PredictionServer(ThreadingHTTPServer):
         budget = number_param(params, "budget_ms")
         if width is not None and budget is not None:
             raise BadRequest("give either width or budget_ms, not both")
-        top_k = number_param(params, "top_k")
-        min_score = number_param(params, "min_score", zero=True) if self.runner.is_detector else None
+        task = self.runner.task
+        options = task.request_options(params, number_param)
         try:
             result = self.runner.run(x, width=width, budget_ms=budget)
         except (ValueError, TypeError) as err:
@@ -259,47 +255,8 @@ class PredictionServer(ThreadingHTTPServer):
             "inference_ms": round(result.latency_ms, 4),
             "predicted_ms": None if result.predicted_ms is None else round(result.predicted_ms, 4),
         }
-        if self.runner.is_detector:
-            dets = [self._detections(d, min_score or 0.0) for d in result.output]
-            return {"detections": dets, **timing, **_total(t0, len(dets))}
-        probs = torch.softmax(result.output.float(), dim=1)
-        k = max(1, min(int(top_k) if top_k else self.top_k, probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        preds = []
-        for row_p, row_i in zip(values.tolist(), indices.tolist()):
-            top = [self._entry({"index": i, "prob": round(p, 6)}, i) for p, i in zip(row_p, row_i)]
-            preds.append(self._entry({"class_index": row_i[0]}, row_i[0]) | {"top_k": top})
-        return {"predictions": preds, **timing, **_total(t0, int(x.shape[0]))}
-
-    def _detections(self, det: Mapping[str, torch.Tensor], min_score: float) -> list[dict[str, Any]]:
-        """One image's detections as JSON objects (masks as COCO RLE with ``counts`` a str)."""
-        keep = det["scores"] >= min_score
-        boxes = det["boxes"][keep].float().tolist()
-        labels = det["labels"][keep].tolist()
-        scores = det["scores"][keep].float().tolist()
-        out = []
-        for b, c, sc in zip(boxes, labels, scores):
-            entry: dict[str, Any] = {"box": [round(v, 3) for v in b], "label": int(c)}
-            if self.labels is not None and 0 <= c < len(self.labels):
-                entry["label_name"] = self.labels[c]
-            entry["score"] = round(float(sc), 6)
-            out.append(entry)
-        if "masks" in det:
-            import numpy as np
-            from pycocotools import mask as mask_utils
-
-            masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-            for entry, m in zip(out, masks):
-                rle = mask_utils.encode(np.asfortranarray(m))
-                entry["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        if "keypoints" in det:
-            kps = det["keypoints"][keep].float().tolist()
-            kp_scores = det["keypoints_scores"][keep].float().tolist() if "keypoints_scores" in det else None
-            for i, (entry, kp) in enumerate(zip(out, kps)):
-                entry["keypoints"] = [[round(x, 3), round(y, 3), int(v > 0)] for x, y, v in kp]
-                if kp_scores is not None:
-                    entry["keypoint_scores"] = [round(v, 4) for v in kp_scores[i]]
-        return out
+        entries = task.answer(result.output, options, self.labels, self.top_k)
+        return {task.answer_field: entries, **timing, **_total(t0, len(entries))}
 
     def decode_image(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess an image within the bounds: its pixels (from the header) are reserved from
@@ -309,14 +266,8 @@ class PredictionServer(ThreadingHTTPServer):
             BadRequest: not an image, too large (413), or the server is at its pixel bound (503).
         """
         with self.pixel_budget.reserve(image_pixels(data)), self.decode_slots:
-            if self.runner.is_detector:  # as it is: the detector normalises and resizes
-                return decode_detection_image(data, self.runner.input_shape[0])
-            return decode_image(data, self.runner.input_shape, self.mean, self.std, self.resize)
-
-    def _entry(self, d: dict[str, Any], index: int) -> dict[str, Any]:
-        if self.labels is not None and 0 <= index < len(self.labels):
-            d["label"] = self.labels[index]
-        return d
+            preprocess = {"mean": self.mean, "std": self.std, "resize": self.resize}
+            return self.runner.task.decode_image(data, self.runner.input_shape, preprocess)
 
 
 def _total(t0: float, batch_size: int) -> dict[str, Any]:
@@ -419,9 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest('the JSON body must be an object such as {"tensor": [...], "width": 0.5}')
             params.update({k: v for k, v in obj.items() if k not in ("tensor", "image_base64")})
             if "tensor" in obj:
-                if srv.runner.is_detector:
-                    return decode_detection_tensor(obj["tensor"], shape[0], srv.max_batch, MAX_IMAGE_PIXELS), params
-                return decode_tensor(obj["tensor"], shape, srv.max_batch), params
+                task = srv.runner.task
+                return task.decode_tensor(obj["tensor"], shape, srv.max_batch, MAX_IMAGE_PIXELS), params
             if "image_base64" in obj:
                 try:
                     data = base64.b64decode(obj["image_base64"], validate=True)

@@ -5,6 +5,7 @@ The checkpoint functions re-exported here live in :mod:`slimmable.checkpoint`.
 
 from .._utils import unwrap_model
 from ..checkpoint import CHECKPOINT_FORMAT_VERSION, build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from ..tasks import model_kwargs_from_config
 from .calibrate import add_stat_widths, calibrate_bn, calibrate_channels, fixed_channels_name
 from .distributed import (
     DistInfo,
@@ -30,7 +31,6 @@ from .report import REPORT_COLUMNS, plot_report, width_report, write_report
 from .rng import get_rng_state, set_rng_state
 from .run import TrainResult, train_from_config
 from .samplers import AllWidths, Sandwich, WidthSampler, create_width_sampler
-from .tasks import model_kwargs_from_config
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

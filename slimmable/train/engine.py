@@ -289,6 +289,44 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+class _EpochSums:
+    """An epoch's per-width loss, correct and image sums on the device, reduced over processes once at its end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.keys: list[float | str] = []  # in the order first seen
+        self.images = self._zero()
+        self.loss: dict[float | str, torch.Tensor] = {}
+        self.correct: dict[float | str, torch.Tensor] = {}
+        self.count: dict[float | str, torch.Tensor] = {}  # images per key (pooled random widths count each draw)
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(self, keys: Sequence[float | str], res: StepResult, batch_size: int) -> None:
+        """One step's results: ``keys[j]`` is the statistics key of ``res.widths[j]``."""
+        self.images += batch_size
+        for j, key in enumerate(keys):
+            if key not in self.loss:
+                self.keys.append(key)
+                self.loss[key], self.correct[key], self.count[key] = self._zero(), self._zero(), self._zero()
+            self.loss[key] += res.losses[j].double() * batch_size
+            self.correct[key] += res.correct[j].double()
+            self.count[key] += batch_size
+
+    def reduce_into(self, stats: EpochStats, counts_correct: bool) -> None:
+        """Sum over processes (one all-reduce) and write the epoch's means into ``stats``."""
+        flat = [self.images]
+        for key in self.keys:
+            flat += [self.loss[key], self.correct[key], self.count[key]]
+        vec = _all_reduce_(torch.stack(flat)).cpu()
+        for j, key in enumerate(self.keys):
+            loss, correct, count = (float(v) for v in vec[1 + 3 * j : 4 + 3 * j])
+            stats.loss[key] = loss / max(1.0, count)
+            stats.top1[key] = 100.0 * correct / max(1.0, count) if counts_correct else math.nan
+        stats.images = int(vec[0])
+
+
 class Trainer:
     """Runs Algorithm 1 epoch by epoch; owns the step counter and the numerics settings.
 
@@ -421,11 +459,7 @@ class Trainer:
             progress_every: see ``on_progress``.
         """
         self.model.train()
-        keys_seen: list[float | str] = []
-        loss_sum: dict[float | str, torch.Tensor] = {}
-        correct_sum: dict[float | str, torch.Tensor] = {}
-        count_sum: dict[float | str, torch.Tensor] = {}  # images per key (pooled random widths count each draw)
-        n_images = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = _EpochSums(self.device)
         stats = EpochStats(epoch, batches_done=start_batch)
         t0 = self.clock()
         next_line = t0  # the first line comes after the first step
@@ -433,85 +467,23 @@ class Trainer:
         it = batches if batches is not None else iter(loader)
         bar = _progress(it, progress, f"epoch {epoch + 1}", total=steps_in_epoch, initial=start_batch)
         for images, targets in bar:
-            images, targets = self.objective.to_device(images, targets, self.device, self.channels_last)
-            widths = self.widths_for_step()
-            saved = snapshot_buffers(self.model) if self.nonfinite == "skip" else None
-            try:
-                res = train_step(
-                    self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
-                    autocast_dtype=self.autocast_dtype, scaler=self.scaler, grad_clip=self.grad_clip,
-                    objective=self.objective,
-                )  # fmt: skip
-            except NonFiniteLoss as err:
-                if self.nonfinite != "skip":
-                    msg = stop_message(err, epoch, self.step, stats.batches_done + 1, steps_in_epoch)
-                    raise NonFiniteLossError(msg) from None
-                # skipped: no update, BN statistics restored; the schedule and the width sequence move on
-                restore_buffers(self.model, saved or [])
-                _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, epoch + 1, err)
-                self._schedule_step()
-                self.step += 1
-                self.step_clock.tick()
-                stats.batches_done += 1
-                stats.skipped_steps += 1
-                if should_stop is not None and should_stop():
-                    stats.interrupted = stats.batches_done < steps_in_epoch
-                    break
-                continue
-            self._schedule_step()
-            self.step += 1
-            self.step_clock.tick()
-            if self.thread_governor is not None:
-                self.thread_governor.update(self.step, self.step_clock)
-            stats.batches_done += 1
-            stats.steps += 1
-            bs = self.objective.batch_size(targets)
-            n_images += bs
-            keys = [self._stat_key(w) for w in res.widths]
-            for j, key in enumerate(keys):
-                if key not in loss_sum:
-                    keys_seen.append(key)
-                    loss_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
-                    correct_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
-                    count_sum[key] = torch.zeros((), dtype=torch.float64, device=self.device)
-                loss_sum[key] += res.losses[j].double() * bs
-                correct_sum[key] += res.correct[j].double()
-                count_sum[key] += bs
-            now = self.clock()
-            due = now >= next_line  # time-based, not every N steps: a line at least every log_seconds
-            interval = stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch
-            if interval or due:
-                step_losses: dict[str, list[float]] = {}
-                for j, key in enumerate(keys):
-                    step_losses.setdefault(width_label(key), []).append(float(res.losses[j]))
-                scalars = {f"loss/{k}": sum(v) / len(v) for k, v in step_losses.items()}
-                scalars["lr"] = self.optimizer.param_groups[0]["lr"]
-                if on_log is not None and interval:
-                    on_log(self.step, scalars)
-                rate = stats.steps / (now - t0)
-                eta = ""
-                if self.total_steps is not None:
-                    eta = f", ETA {format_seconds((self.total_steps - self.step) / rate)}"
-                if not progress and due:
-                    losses = " ".join(
-                        f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
-                        for j, w in enumerate(res.widths)
-                    )
-                    _logger.info(
-                        "epoch %d step %d/%d  %.2f steps/s%s  lr %.4g  loss %s",
-                        epoch + 1, stats.batches_done, steps_in_epoch, rate, eta, scalars["lr"], losses,
-                    )  # fmt: skip
-                elif hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")
-            if due:
-                next_line = now + self.log_seconds
-            if on_progress is not None:
-                if progress_every:  # the same steps on every process (a collective follows)
-                    call = self.step % progress_every == 0
-                else:  # at a progress line, or as soon as the speed leaves what the caller expects
-                    call = due or (self.step % 8 == 0 and self.step_clock.deviates(self.expected_step_seconds))
-                if call:
-                    on_progress(self.step)
+            done_step = self._train_batch(images, targets, stats, steps_in_epoch)
+            if done_step is not None:
+                res, batch_size = done_step
+                sums.add([self._stat_key(w) for w in res.widths], res, batch_size)
+                now = self.clock()
+                due = now >= next_line  # time-based, not every N steps: a line at least every log_seconds
+                self._log_step(res, stats, steps_in_epoch, rate=stats.steps / (now - t0), due=due, bar=bar,
+                               progress=progress, on_log=on_log)  # fmt: skip
+                if due:
+                    next_line = now + self.log_seconds
+                if on_progress is not None:
+                    if progress_every:  # the same steps on every process (a collective follows)
+                        call = self.step % progress_every == 0
+                    else:  # at a progress line, or as soon as the speed leaves what the caller expects
+                        call = due or (self.step % 8 == 0 and self.step_clock.deviates(self.expected_step_seconds))
+                    if call:
+                        on_progress(self.step)
             run_ended = self.total_steps is not None and self.step >= self.total_steps
             done = stats.batches_done >= steps_in_epoch or run_ended
             if should_stop is not None and should_stop():
@@ -521,16 +493,84 @@ class Trainer:
                 break
         if hasattr(bar, "close"):
             bar.close()
-        # one reduction of the epoch's sums over processes
-        sums = [n_images]
-        for key in keys_seen:
-            sums += [loss_sum[key], correct_sum[key], count_sum[key]]
-        vec = _all_reduce_(torch.stack(sums)).cpu()
-        for j, key in enumerate(keys_seen):
-            loss, correct, count = (float(v) for v in vec[1 + 3 * j : 4 + 3 * j])
-            stats.loss[key] = loss / max(1.0, count)
-            stats.top1[key] = 100.0 * correct / max(1.0, count) if self.objective.counts_correct else math.nan
-        stats.images = int(vec[0])
+        sums.reduce_into(stats, self.objective.counts_correct)
         stats.seconds = self.clock() - t0
         stats.lr = self.optimizer.param_groups[0]["lr"]
         return stats
+
+    def _train_batch(
+        self, images: Any, targets: Any, stats: EpochStats, steps_in_epoch: int
+    ) -> tuple[StepResult, int] | None:
+        """One step of Algorithm 1 on a batch, and the schedule and clock after it: the step's result and batch
+        size, or ``None``: a non-finite loss skipped (``nonfinite: skip``: no update, BN statistics restored; the
+        schedule and widths move on).
+
+        Raises:
+            NonFiniteLossError: a non-finite loss, not skipped (the message says where and what to do).
+        """
+        images, targets = self.objective.to_device(images, targets, self.device, self.channels_last)
+        widths = self.widths_for_step()
+        saved = snapshot_buffers(self.model) if self.nonfinite == "skip" else None
+        try:
+            res: StepResult | None = train_step(
+                self.model, self.optimizer, images, targets, widths, forward=self.forward, ddp=self.ddp,
+                autocast_dtype=self.autocast_dtype, scaler=self.scaler, grad_clip=self.grad_clip,
+                objective=self.objective,
+            )  # fmt: skip
+        except NonFiniteLoss as err:
+            if self.nonfinite != "skip":
+                msg = stop_message(err, stats.epoch, self.step, stats.batches_done + 1, steps_in_epoch)
+                raise NonFiniteLossError(msg) from None
+            restore_buffers(self.model, saved or [])
+            _logger.warning("skipped step %d (epoch %d): non-finite loss, %s", self.step, stats.epoch + 1, err)
+            res = None
+        self._schedule_step()
+        self.step += 1
+        self.step_clock.tick()
+        stats.batches_done += 1
+        if res is None:
+            stats.skipped_steps += 1
+            return None
+        if self.thread_governor is not None:
+            self.thread_governor.update(self.step, self.step_clock)
+        stats.steps += 1
+        return res, self.objective.batch_size(targets)
+
+    def _log_step(
+        self,
+        res: StepResult,
+        stats: EpochStats,
+        steps_in_epoch: int,
+        *,
+        rate: float,
+        due: bool,
+        bar: Any,
+        progress: bool,
+        on_log: Callable[[int, dict[str, float]], None] | None,
+    ) -> None:
+        """The step's scalars to ``on_log`` every ``log_interval`` steps, and a progress line (or the bar's text)
+        when ``due``."""
+        interval = stats.batches_done % self.log_interval == 0 or stats.batches_done == steps_in_epoch
+        if not (interval or due):
+            return
+        step_losses: dict[str, list[float]] = {}
+        for j, w in enumerate(res.widths):
+            step_losses.setdefault(width_label(self._stat_key(w)), []).append(float(res.losses[j]))
+        scalars = {f"loss/{k}": sum(v) / len(v) for k, v in step_losses.items()}
+        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        if on_log is not None and interval:
+            on_log(self.step, scalars)
+        eta = ""
+        if self.total_steps is not None:
+            eta = f", ETA {format_seconds((self.total_steps - self.step) / rate)}"
+        if not progress and due:
+            losses = " ".join(
+                f"{'per-layer' if isinstance(w, Mapping) else f'{w:g}'}:{float(res.losses[j]):.3f}"
+                for j, w in enumerate(res.widths)
+            )
+            _logger.info(
+                "epoch %d step %d/%d  %.2f steps/s%s  lr %.4g  loss %s",
+                stats.epoch + 1, stats.batches_done, steps_in_epoch, rate, eta, scalars["lr"], losses,
+            )  # fmt: skip
+        elif hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"loss {float(res.losses[0]):.3f} lr {scalars['lr']:.3g}{eta}")

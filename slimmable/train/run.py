@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from ..config import RunConfig, save_config
 from ..data import DatasetSplits, TensorImageDataset, create_loader, imagenet_eval_transform
 from ..hardware import Numerics, choose_numerics, describe_machine, machine_info
 from ..models import create_model
+from ..tasks import Task, create_task, mean_metric
 from .calibrate import add_stat_widths, calibrate_bn
 from .clock import ThreadGovernor
 from .distributed import (
@@ -54,7 +56,6 @@ from .plan import (
 from .report import plot_report, write_json, write_report
 from .rng import get_rng_state, set_rng_state
 from .samplers import create_width_sampler
-from .tasks import Task, create_task, mean_metric
 
 __all__ = ["TrainResult", "train_from_config"]
 
@@ -809,9 +810,8 @@ class _Run:
             "device": str(self.info.device),
         }
         write_report(self.out_dir / "final_metrics", self.result.report, meta, columns=task.columns(self.result.report))
-        label = "test top-1 (%)" if task.metric == "top1" else "test box AP (%)"
         plot_report(self.result.report, self.out_dir / "accuracy_vs_macs.png", f"{name} on {data.name} (test split)",
-                    metric=task.metric if task.metric == "top1" else "bbox_AP", label=label)  # fmt: skip
+                    metric=task.row_key, label=f"test {task.metric_label} (%)")  # fmt: skip
         if self.writer is not None:
             for r in self.result.report:
                 for k, v in r.items():
@@ -888,7 +888,7 @@ def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any, tas
     train = " ".join(f"{width_label(t['width'])}:{t['loss']:.3f}" for t in record["train"])
     msg = f"epoch {record['epoch']}/{epochs}  train loss {train}"
     if "val" in record:
-        val = ("top-1 " if metric == "top1" else "") + task.describe(record["val"])
+        val = task.describe(record["val"])
         mean = record[f"val_{metric}_mean"]
         msg += f"  | {split} {val} (mean {mean:.2f}{', best' if record.get('best') else ''})"
     msg += f"  | {record['seconds']:.1f}s, {record['images_per_second']:.0f} img/s"
@@ -898,7 +898,7 @@ def _log_epoch(record: dict[str, Any], epochs: int, split: str, writer: Any, tas
     e = record["epoch"]
     for t in record["train"]:
         writer.add_scalar(f"train_epoch/loss/{width_label(t['width'])}", t["loss"], e)
-        if metric == "top1":
+        if not math.isnan(t["top1"]):  # objectives that count correct answers (classification)
             writer.add_scalar(f"train_epoch/top1/{width_label(t['width'])}", t["top1"], e)
     for v in record.get("val", []):
         for k, value in v.items():

@@ -12,7 +12,7 @@ from fake_data import tiny_detection_recipe as _detection_recipe
 from slimmable.checkpoint import load_checkpoint
 from slimmable.cli.main import main
 from slimmable.config import RunConfig
-from slimmable.train.tasks import create_task
+from slimmable.tasks import create_task
 
 
 def test_detector_trains_with_algorithm_1_and_evaluates_per_width(

@@ -54,7 +54,7 @@ def mask_server(mask_model):
 
 def test_runner_serves_each_width_equal_to_the_slimmable_detector(mask_server, mask_model) -> None:
     runner = mask_server.runner
-    assert runner.is_detector and runner.input_shape == (1, 128, 128) and runner.widths == (0.5, 1.0)
+    assert runner.task.name == "detection" and runner.input_shape == (1, 128, 128) and runner.widths == (0.5, 1.0)
     assert runner.info()["task"] == "detection" and runner.base_latency(0.5, 1) > 0
     images = [_image(1), _image(2, (1, 128, 80))]
     for w in runner.widths:
