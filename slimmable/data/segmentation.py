@@ -371,6 +371,7 @@ class FolderSegmentationDataset(SegmentationDataset):
 
     Attributes:
         sizes: ``(width, height)`` of each item's files, in order.
+        keys: ``(image path, mask path)`` of each item.
 
     Raises:
         FileNotFoundError: ``root``, ``images/`` or ``masks/`` missing, or no images.
@@ -406,12 +407,17 @@ class FolderSegmentationDataset(SegmentationDataset):
         self.root = Path(root)
         self.channels = channels
         pairs = self._pairs()
-        self.sizes: list[tuple[int, int]] = []
+        self._size_of: dict[Path, tuple[int, int]] = {}
         for image, mask in pairs:
-            self.sizes.append(self._check_pair(image, mask))
+            self._size_of[image] = self._check_pair(image, mask)
             if check_values:
                 self._check_values(self._read_mask(mask), mask)
         self.keys = pairs
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(width, height)`` of each item's files, in order (from their headers)."""
+        return [self._size_of[image] for image, _ in self.keys]
 
     def _pairs(self) -> list[tuple[Path, Path]]:
         layout = "images/<stem>.png|jpg with masks/<stem>.png"
@@ -650,8 +656,8 @@ def create_segmentation_datasets(
         scenes_train, scenes_test: ``fmnist_scenes``: how many scenes each split has.
         cache_dir: where generated scenes are kept (default ``~/.cache/slimmable``; shared with the detection data).
         load_train: also build the training (and held-out) split.
-        channels: ``coco``/``folder``: convert images to 1 or 3 channels (default 3, so that grey and colour files
-            stack); the scenes are grey (1).
+        channels: convert images to 1 or 3 channels (default: 1 for the grey scenes; 3 for ``coco``/``folder``, so
+            that grey and colour files stack).
         num_classes: ``folder``: the number of classes, the background included, when ``root`` has no
             ``classes.txt`` (with one: must agree with it).
 
@@ -675,10 +681,11 @@ def create_segmentation_datasets(
         base = Path(root)  # type: ignore[arg-type]
         names = _folder_classes(base, num_classes)
         kw: dict[str, Any] = dict(class_names=names, num_classes=num_classes, image_size=resize)
-        test: SegmentationDataset = FolderSegmentationDataset(_folder_split(base, "test"), channels=channels or 3, **kw)
+        folder_test = FolderSegmentationDataset(_folder_split(base, "test"), channels=channels or 3, **kw)
+        test: SegmentationDataset = folder_test
         if load_train:
             full = FolderSegmentationDataset(_folder_split(base, "train"), channels=channels or 3, **kw)
-        sizes = [max(s) for s in test.sizes]  # type: ignore[attr-defined]
+        sizes = [max(s) for s in folder_test.sizes]
         where = str(base)
     else:
         if dataset == "fmnist_scenes":
@@ -687,7 +694,7 @@ def create_segmentation_datasets(
             src = None if root is None else str(root)
             test_files = _scenes(cache, "test", scenes_test, split_seed, side, src)
             train_files = _scenes(cache, "train", scenes_train, split_seed, side, src) if load_train else None
-            where, chans = str(cache / "fmnist_scenes"), 1
+            where, chans = str(cache / "fmnist_scenes"), channels or 1
         else:
             train_files, test_files = _coco_files(Path(root))  # type: ignore[arg-type]
             train_files = train_files if load_train else None

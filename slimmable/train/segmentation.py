@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..data.segmentation import IGNORE_INDEX
 from ..nn import use_width
@@ -213,7 +213,7 @@ def evaluate_segmenter(
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    is_dataset = isinstance(data, Dataset)
+    is_dataset = isinstance(data, Dataset) and not isinstance(data, IterableDataset)
     rank, world = _shard()
     model.eval()
     try:

@@ -89,6 +89,10 @@ def test_scene_masks_are_the_instance_masks_classes(fmnist: Path, tmp_path: Path
     )
     assert det.val.ids == splits.val.ids and det.train.ids == splits.train.ids and det.root == splits.root
     assert len(list((cache / "fmnist_scenes").iterdir())) == 2
+    rgb = create_segmentation_datasets(
+        "fmnist_scenes", fmnist, image_size=64, scenes_test=6, cache_dir=cache, load_train=False, channels=3
+    )
+    assert rgb.in_chans == 3 and rgb.train is None and torch.equal(rgb.test[0][0][2], test[0][0][0])
 
 
 def test_scene_semantic_mask_draws_later_items_on_top() -> None:
