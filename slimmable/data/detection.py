@@ -187,7 +187,8 @@ def create_detection_datasets(
     Raises:
         FileNotFoundError: missing data (the message names what is expected).
         ValueError: unknown dataset, a bad annotation (named), an empty split, splits that name a category id
-            differently or declare different keypoint counts, or ``val_size`` leaving no training images.
+            differently or declare different keypoint counts, or ``val_size`` negative or leaving no training
+            images.
     """
     from .datasets import default_cache_dir
 

@@ -14,7 +14,8 @@ The sources (``dataset`` of :func:`create_segmentation_datasets`):
 ``fmnist_scenes``
     The Fashion-MNIST scenes of :mod:`slimmable.data.scenes` (generated once and cached, the same files the
     detection data uses): class ``k + 1`` for Fashion-MNIST class ``k`` (the scenes' category ids), from the
-    scenes' instance masks (:func:`slimmable.data.scenes.scene_semantic_mask`). Grey images, one channel.
+    scenes' instance masks (:func:`slimmable.data.scenes.scene_semantic_mask`). Grey images: one channel unless
+    ``channels=3``.
 ``coco``
     A COCO-format folder (the layouts of :func:`~slimmable.data.detection.create_detection_datasets`), validated as
     :class:`~slimmable.data.coco.CocoDetectionDataset` validates it. The class map is painted from the instance
