@@ -194,3 +194,40 @@ def sigterm_during_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterato
         yield
     finally:
         monkeypatch.setattr(run_module, "_seed_epoch", seed_epoch)
+
+
+def segmentation_pair(height: int, width: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (H, W, 3) uint8, mask (H, W) uint8)``: rectangles of classes ``1..num_classes-1`` on background 0,
+    a 255 (ignore) border on the rectangles' left edge; each class has its own grey level in the image."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((height, width), np.uint8)
+    for _ in range(3):
+        k = int(rng.integers(1, num_classes))
+        y0, x0 = int(rng.integers(0, height - 4)), int(rng.integers(0, width - 4))
+        h, w = int(rng.integers(3, height - y0 + 1)), int(rng.integers(3, width - x0 + 1))
+        mask[y0 : y0 + h, x0 : x0 + w] = k
+        mask[y0 : y0 + h, x0] = 255
+    image = np.repeat((mask.astype(np.int32) * 40 % 256).astype(np.uint8)[..., None], 3, axis=2)
+    return image, mask
+
+
+def write_segmentation_folder(
+    root: Path,
+    num_classes: int = 4,
+    n_train: int = 6,
+    n_test: int = 3,
+    size: tuple[int, int] = (20, 24),
+    classes_file: bool = True,
+) -> Path:
+    """``root/{train,test}/images/NNN.png`` (RGB) and ``masks/NNN.png`` (8-bit grey class indices), and
+    ``root/classes.txt`` (``background``, ``c1``, ...) unless ``classes_file`` is false."""
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image, mask = segmentation_pair(*size, num_classes, seed=offset + i)
+            Image.fromarray(image, "RGB").save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(mask, "L").save(root / split / "masks" / f"{i:03d}.png")
+    if classes_file:
+        (root / "classes.txt").write_text("\n".join(["background", *(f"c{k}" for k in range(1, num_classes))]) + "\n")
+    return root

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._utils import short_repr
 from .coco import CocoDetectionDataset
 
@@ -103,6 +105,23 @@ def _coco_files(root: Path) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
     )
 
 
+def _holdout_positions(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(kept, held)``: positions ``0..n-1`` of a training split, ``held`` the last ``val_size`` of a ``seed``
+    permutation (for best-checkpoint selection), both sorted.
+
+    Raises:
+        ValueError: ``val_size`` negative or leaving no training images.
+    """
+    if val_size < 0:
+        raise ValueError(f"data.val_size {val_size} is negative; give the number of training images to hold out")
+    if val_size >= n:
+        raise ValueError(f"data.val_size {val_size} leaves none of the {n} training images to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(order[n - val_size :]) if val_size else []
+    kept = sorted(set(range(n)) - set(held))
+    return kept, held
+
+
 def _restricted(dataset: CocoDetectionDataset, ids: list[int], hflip: float) -> CocoDetectionDataset:
     view = copy.copy(dataset)
     view.ids = list(ids)
@@ -110,12 +129,11 @@ def _restricted(dataset: CocoDetectionDataset, ids: list[int], hflip: float) -> 
     return view
 
 
-def _check_splits_agree(
+def _merge_categories(
     train: CocoDetectionDataset, test: CocoDetectionDataset, categories: dict[int, dict[str, Any]]
 ) -> None:
-    """Add the training split's categories to the test split's (``categories``, by id): the detector needs an
-    output for every label it trains on, also one the test split never names. Refuse splits that give one id two
-    names, or that declare different keypoint counts (the keypoint head has one size)."""
+    """Add the training split's categories to the test split's (``categories``, by id): a model needs an output
+    for every label it trains on, also one the test split never names. Refuse splits that give one id two names."""
     for c in train.coco.dataset["categories"]:
         known = categories.setdefault(int(c["id"]), dict(c))
         if known["name"] != c["name"]:
@@ -123,6 +141,14 @@ def _check_splits_agree(
                 f"category id {c['id']} is {short_repr(c['name'])} in {train.ann_file} but {short_repr(known['name'])} "
                 f"in {test.ann_file}; number the categories of both splits alike"
             )
+
+
+def _check_splits_agree(
+    train: CocoDetectionDataset, test: CocoDetectionDataset, categories: dict[int, dict[str, Any]]
+) -> None:
+    """:func:`_merge_categories`, and refuse splits that declare different keypoint counts (the keypoint head has
+    one size)."""
+    _merge_categories(train, test, categories)
     if train.num_keypoints != test.num_keypoints:
         raise ValueError(
             f"{train.ann_file} declares {train.num_keypoints} keypoints per object but {test.ann_file} "
@@ -161,10 +187,9 @@ def create_detection_datasets(
     Raises:
         FileNotFoundError: missing data (the message names what is expected).
         ValueError: unknown dataset, a bad annotation (named), an empty split, splits that name a category id
-            differently or declare different keypoint counts, or ``val_size`` leaving no training images.
+            differently or declare different keypoint counts, or ``val_size`` negative or leaving no training
+            images.
     """
-    import torch
-
     from .datasets import default_cache_dir
 
     if dataset == "fmnist_scenes":
@@ -192,13 +217,9 @@ def create_detection_datasets(
         if not full.ids:
             raise ValueError(f"the training split {full.ann_file} has no images")
         _check_splits_agree(full, test, cats)
-        if val_size >= len(full):
-            raise ValueError(f"data.val_size {val_size} leaves none of the {len(full)} training images to train on")
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(split_seed)).tolist()
-        held = sorted(full.ids[i] for i in order[len(order) - val_size :]) if val_size else []
-        kept = sorted(set(full.ids) - set(held))
-        train = _restricted(full, kept, 0.5 if hflip else 0.0)
-        val = _restricted(full, held, 0.0) if held else None
+        kept, held = _holdout_positions(len(full), val_size, split_seed)
+        train = _restricted(full, [full.ids[i] for i in kept], 0.5 if hflip else 0.0)
+        val = _restricted(full, [full.ids[i] for i in held], 0.0) if held else None
     sizes = [max(int(i["width"]), int(i["height"])) for i in test.coco.dataset["images"]]
     image, _ = test[0]
     return DetectionSplits(

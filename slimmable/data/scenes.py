@@ -12,7 +12,12 @@ image, and derives every annotation from the pixels it pasted:
 * 5 keypoints per object from the visible mask (:data:`KEYPOINT_NAMES`: its top, bottom, left and right extreme
   pixels and the visible pixel nearest its centroid), all visible (``v = 2``), at pixel centres; horizontal flips
   swap ``left`` and ``right`` (:data:`KEYPOINT_FLIP_MAP`);
-* categories: the 10 Fashion-MNIST classes, ids 1-10 (0 stays the detectors' background).
+* categories: the 10 Fashion-MNIST classes, ids 1-10 (0 stays the detectors' background);
+* semantic masks (:func:`scene_semantic_mask`, for segmentation): an ``(H, W)`` class map derived from the instance
+  masks, 0 for the background and the category id (Fashion-MNIST class + 1, 1-10) on each item's visible pixels;
+  where items overlap the one drawn last wins (the visible masks are disjoint, so every inked pixel has exactly one
+  item). 255 is reserved as the ignore index (:data:`slimmable.data.segmentation.IGNORE_INDEX`); scenes never
+  contain it. The masks are computed from ``annotations.json`` when read, so the files below are all there is.
 
 Training scenes use Fashion-MNIST's training images and test scenes its test images. The output is deterministic
 for a given ``(split, num_images, seed, ...)``: ``out_dir/annotations.json`` (COCO instances with keypoints) and
@@ -24,7 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,6 +46,7 @@ __all__ = [
     "KEYPOINT_FLIP_MAP",
     "KEYPOINT_NAMES",
     "make_scenes",
+    "scene_semantic_mask",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -149,6 +157,19 @@ def make_scenes(
     write_text(path, json.dumps(data))  # atomic: its presence means the scenes are complete
     _logger.info("wrote %d scenes with %d objects to %s", num_images, len(annotations), out)
     return path
+
+
+def scene_semantic_mask(annotations: Sequence[Mapping[str, Any]], height: int, width: int) -> np.ndarray:
+    """The ``(height, width)`` uint8 class map of one scene from its annotations (in ``annotations.json``'s order,
+    the order the items were drawn): 0 for the background, the category id (Fashion-MNIST class + 1) on each
+    item's mask, a later item winning where masks overlap.
+
+    Raises:
+        ValueError: an annotation with a category id outside 1-10.
+    """
+    from .segmentation import coco_semantic_mask
+
+    return coco_semantic_mask(annotations, height, width, {i + 1: i + 1 for i in range(len(FASHION_MNIST_CLASSES))})
 
 
 def _compose(
