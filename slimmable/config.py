@@ -40,7 +40,7 @@ __all__ = [
     "save_config",
 ]
 
-DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "fmnist_scenes", "coco"]
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "fmnist_scenes", "coco", "mask_folder"]
 AugmentName = Literal["crop_flip", "basic", "mobile", "none"]
 ScheduleName = Literal["constant", "multistep", "cosine", "linear", "exponential"]
 AmpMode = Literal["off", "bf16", "fp16", "auto"]

@@ -18,12 +18,14 @@ from .._utils import unwrap_model
 from .base import Inputs, Task, mean_metric, model_kwargs_from_config, with_options
 from .classification import ClassificationTask
 from .detection import DetectionTask
+from .segmentation import SegmentationTask
 
 __all__ = [
     "TASK_ATTR",
     "ClassificationTask",
     "DetectionTask",
     "Inputs",
+    "SegmentationTask",
     "Task",
     "create_task",
     "get_task",
@@ -137,3 +139,4 @@ def create_task(cfg: Any) -> Task:
 
 register_task(ClassificationTask())
 register_task(DetectionTask())
+register_task(SegmentationTask())

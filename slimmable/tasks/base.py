@@ -19,10 +19,55 @@ from torch import nn
 
 from .._utils import input_shape
 
-__all__ = ["COST_HEADERS", "Inputs", "Task", "cost_cells", "mean_metric", "model_kwargs_from_config", "with_options"]
+__all__ = [
+    "COST_HEADERS",
+    "Inputs",
+    "Objective",
+    "Task",
+    "cost_cells",
+    "mean_metric",
+    "model_kwargs_from_config",
+    "with_options",
+]
 
 #: an input batch: ``(N, C, H, W)``, or for a detector a list of ``(C, H, W)`` images
 Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+class Objective:
+    """The task side of a training step. Subclasses implement :meth:`width_loss` and, for batches that are not
+    ``(images tensor, targets tensor)``, :meth:`to_device` and :meth:`batch_size`."""
+
+    #: whether :meth:`width_loss`'s second result counts correct predictions (training top-1 is reported)
+    counts_correct: bool = True
+
+    def begin_step(self) -> None:
+        """Called before the first width of each step (resets per-step state such as a distillation teacher)."""
+
+    def width_loss(
+        self, forward: Callable[..., Any], images: Any, targets: Any, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward at the current width and the loss to backpropagate.
+
+        Args:
+            forward: the model (or its DDP / compiled wrapper) at the width being trained.
+            images, targets: the batch, on the device.
+            index: the width's position in the step (0: the first, widest).
+
+        Returns:
+            ``(loss, correct)``: a scalar loss, and the number of correct predictions (a scalar tensor; zero when
+            the task counts none).
+        """
+        raise NotImplementedError
+
+    def to_device(self, images: Any, targets: Any, device: torch.device, channels_last: bool) -> tuple[Any, Any]:
+        """Move a batch to ``device`` (NHWC images when ``channels_last``)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return images.to(device, non_blocking=True, memory_format=fmt), targets.to(device, non_blocking=True)
+
+    def batch_size(self, targets: Any) -> int:
+        """Images in a batch."""
+        return int(targets.shape[0])
 
 
 class Task:
@@ -72,8 +117,8 @@ class Task:
     def check_model(self, model: nn.Module, data: Any) -> None:
         """Raise ``ValueError`` (naming the fix) when a trained model cannot be evaluated on ``data``."""
 
-    def objective(self, cfg: Any) -> Any:
-        """The training objective (:class:`slimmable.train.objectives.Objective`)."""
+    def objective(self, cfg: Any) -> Objective:
+        """The training objective: what one width of an Algorithm-1 step computes."""
         raise NotImplementedError
 
     def collate_fn(self) -> Callable[..., Any] | None:

@@ -3,7 +3,8 @@
 :func:`slimmable.train.train_step` owns the algorithm (switch width, forward and backward per width with the
 gradients accumulating, one optimizer step; DDP ``no_sync``, autocast, the gradient scaler, non-finite checks,
 clipping). An objective owns the task: how a batch is moved to the device, how the model is called and what its
-loss is. Classification and detection differ only there, so a new task is one class in this file.
+loss is. The :class:`Objective` protocol lives with the tasks (:mod:`slimmable.tasks.base`): a new task writes its
+objective in its own module.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..tasks.base import Objective
 
 __all__ = ["ClassificationObjective", "DetectionObjective", "Objective", "soft_cross_entropy"]
 
@@ -25,42 +28,6 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
         target_probs: ``(N, K)`` teacher probabilities (no gradient flows into them).
     """
     return -(target_probs * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
-class Objective:
-    """The task side of a training step. Subclasses implement :meth:`width_loss` and, for batches that are not
-    ``(images tensor, targets tensor)``, :meth:`to_device` and :meth:`batch_size`."""
-
-    #: whether :meth:`width_loss`'s second result counts correct predictions (training top-1 is reported)
-    counts_correct: bool = True
-
-    def begin_step(self) -> None:
-        """Called before the first width of each step (resets per-step state such as a distillation teacher)."""
-
-    def width_loss(
-        self, forward: Callable[..., Any], images: Any, targets: Any, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward at the current width and the loss to backpropagate.
-
-        Args:
-            forward: the model (or its DDP / compiled wrapper) at the width being trained.
-            images, targets: the batch, on the device.
-            index: the width's position in the step (0: the first, widest).
-
-        Returns:
-            ``(loss, correct)``: a scalar loss, and the number of correct predictions (a scalar tensor; zero when
-            the task counts none).
-        """
-        raise NotImplementedError
-
-    def to_device(self, images: Any, targets: Any, device: torch.device, channels_last: bool) -> tuple[Any, Any]:
-        """Move a batch to ``device`` (NHWC images when ``channels_last``)."""
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return images.to(device, non_blocking=True, memory_format=fmt), targets.to(device, non_blocking=True)
-
-    def batch_size(self, targets: Any) -> int:
-        """Images in a batch."""
-        return int(targets.shape[0])
 
 
 class ClassificationObjective(Objective):

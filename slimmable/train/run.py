@@ -17,13 +17,14 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..checkpoint import builds_same_model, load_checkpoint, model_build_kwargs, model_checkpoint, save_checkpoint
 from ..config import RunConfig, save_config
@@ -43,6 +44,7 @@ from .distributed import (
 )
 from .engine import EpochStats, Trainer, width_label
 from .nonfinite import NonFiniteLossError, with_checkpoint_note
+from .objectives import Objective
 from .optim import create_optimizer, create_scheduler
 from .plan import (
     PROBE_MAX_BATCH,
@@ -55,7 +57,7 @@ from .plan import (
 )
 from .report import plot_report, write_json, write_report
 from .rng import get_rng_state, set_rng_state
-from .samplers import create_width_sampler
+from .samplers import WidthSampler, create_width_sampler
 
 __all__ = ["TrainResult", "train_from_config"]
 
@@ -298,7 +300,44 @@ class _Loaders:
 
 
 class _Run:
-    """What one training run builds, and its steps (see :func:`_train`). Only rank 0 writes files."""
+    """What one training run builds, and its steps (see :func:`_train`). Only rank 0 writes files.
+
+    Its state is declared here in two parts: the components :meth:`build` makes once (each build step fills its
+    group), and the progress that changes as the run goes (set in ``__init__``; a checkpoint saves and
+    :meth:`restore` brings back what a resumed run needs).
+    """
+
+    # -- components, made once by build() ---------------------------------------------------------------------------
+    task: Task  # the model's task: data, objective, validation, report
+    objective: Objective
+    data: Any  # the task's splits (train, val, test, num_classes, in_chans, image_size, name, root)
+    # _build_model
+    kwargs: dict[str, Any]  # create_model's arguments (recorded in checkpoints)
+    model: nn.Module
+    sampler: WidthSampler
+    widths: tuple[float, ...]
+    val_widths: tuple[float, ...]  # validated each epoch (US-Nets: the widths trained at every step)
+    width_range: tuple[float, float] | None  # US-Nets
+    # _decide_numerics
+    per_rank_batch: int
+    make_step: Callable[[torch.dtype | None, bool], Callable[[], None]]  # the probe's training step
+    machine: dict[str, Any]
+    numerics: Numerics
+    numerics_history: list[dict[str, Any]]  # every numerics the run trained with, and from which step
+    # _make_loaders and the plan
+    loaders: _Loaders
+    steps_per_epoch: int
+    # _build_optimization
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    trainer: Trainer
+    result: TrainResult
+
+    # -- progress -----------------------------------------------------------------------------------------------------
+    plan: EpochPlan | None  # a time budget's plan (re-fitted as the run goes)
+    epochs: int  # the plan's epochs (train.epochs without a budget)
+    total_steps: int
 
     def __init__(self, cfg: RunConfig, out_dir: Path, info: DistInfo) -> None:
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
