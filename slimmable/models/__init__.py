@@ -1,7 +1,7 @@
 """Model families and the registry: ``create_model(name, widths=..., num_classes=..., **kw)``, ``list_models()``."""
 
 from ._base import ChannelPlan, FeatureInfo, SlimNet
-from ._registry import create_model, list_models, model_task, register_model
+from ._registry import OFFICIAL_CHECKPOINTS, TASKS, create_model, list_models, model_task, register_model
 from .detection import SlimBackboneWithFPN, create_slim_detector, load_official_backbone
 from .mobilenet_v1 import SlimMobileNetV1
 from .mobilenet_v2 import SlimMobileNetV2
@@ -10,6 +10,8 @@ from .shufflenet import SlimShuffleNetV1
 from .torchvision_weights import load_torchvision_weights
 
 __all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "TASKS",
     "ChannelPlan",
     "FeatureInfo",
     "SlimBackboneWithFPN",
