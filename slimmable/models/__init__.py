@@ -6,6 +6,7 @@ from .detection import SlimBackboneWithFPN, create_slim_detector, load_official_
 from .mobilenet_v1 import SlimMobileNetV1
 from .mobilenet_v2 import SlimMobileNetV2
 from .resnet import SlimResNet
+from .segmentation import create_slim_segmenter, is_segmenter
 from .shufflenet import SlimShuffleNetV1
 from .torchvision_weights import load_torchvision_weights
 
@@ -22,6 +23,8 @@ __all__ = [
     "SlimShuffleNetV1",
     "create_model",
     "create_slim_detector",
+    "create_slim_segmenter",
+    "is_segmenter",
     "list_models",
     "load_official_backbone",
     "load_torchvision_weights",
