@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..nn import (
     SharedBatchNorm2d,
+    SlimConv2d,
     SlimLinear,
     WidthRange,
     WidthTable,
@@ -26,7 +28,16 @@ from ..nn import (
 )
 from ..nn.channels import ChannelRule
 
-__all__ = ["NORM_KINDS", "ChannelPlan", "FeatureInfo", "SlimNet", "init_weights", "us_kwargs", "width_grid"]
+__all__ = [
+    "NORM_KINDS",
+    "ChannelPlan",
+    "FeatureInfo",
+    "SlimNet",
+    "init_weights",
+    "slim_conv_from",
+    "us_kwargs",
+    "width_grid",
+]
 
 NORM_KINDS = ("switchable", "shared")
 
@@ -188,16 +199,34 @@ class SlimNet(nn.Module):
     Module names, and so state-dict keys and channel specs, do not change: stages are named views of
     ``features``.
 
+    :meth:`as_features_only` (``create_model(name, features_only=True, out_indices=...)``) turns the network into
+    a backbone whose forward returns the maps of the chosen stages, as detection and segmentation models use it.
+
+    A family with a torchvision counterpart declares how torchvision names its layers
+    (:meth:`torchvision_layers`, :attr:`torchvision_classifier`, :attr:`torchvision_trunk`), which
+    :func:`slimmable.load_torchvision_weights` reads.
+
     Attributes:
         model_kwargs: the keyword arguments the model was built with (saved in checkpoints).
-        feature_info: one :class:`FeatureInfo` per stage, input to output.
+        feature_info: one :class:`FeatureInfo` per stage, input to output (every stage, also in a features-only
+            model: ``out_indices`` are positions in it).
+        out_indices: the positions in :attr:`feature_info` whose maps the forward returns (features-only), or
+            ``None`` (a classifier: the forward returns logits).
+        out_names: the keys of those maps, as :attr:`out_indices`.
     """
 
     model_name: str = ""
     model_kwargs: dict[str, Any]
     feature_info: list[FeatureInfo]
+    out_indices: tuple[int, ...] | None = None
+    out_names: tuple[str, ...] = ()
     #: ``(start, end)`` of each stage in ``features``, as :attr:`feature_info`
     _stage_bounds: list[tuple[int, int]]
+    #: torchvision's name of the classifier's linear layer (``fc``, ``classifier.1``); ``None`` without one
+    torchvision_classifier: str | None = None
+    #: the child of torchvision's classifier that torchvision's segmentation models take as their backbone
+    #: (``features`` for the MobileNets, whose names then lose the ``features.`` prefix); ``None``: the whole network
+    torchvision_trunk: str | None = None
 
     def set_width(self, width: float) -> SlimNet:
         """Switch the whole model to ``width`` (see :func:`slimmable.nn.set_width`); returns ``self``."""
@@ -233,7 +262,14 @@ class SlimNet(nn.Module):
         """
         return residual_channel_groups(self, "features.0.0")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | OrderedDict[str, torch.Tensor]:
+        """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width; a features-only model
+        (:meth:`as_features_only`) returns ``{out_name: map}`` instead."""
+        if self.out_indices is not None:
+            return self.forward_out(x)
+        return self.forward_logits(x)
+
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
         return self.classifier(torch.flatten(self.features(x), 1))
 
@@ -295,6 +331,21 @@ class SlimNet(nn.Module):
         Raises:
             ValueError: an index outside the stages, or a repeated one.
         """
+        picked = self._check_out_indices(out_indices)
+        out: dict[str, torch.Tensor] = {}
+        x = self._forward_stem_input(x)
+        for i, (start, end) in enumerate(self._stage_bounds[: picked[-1] + 1] if picked else ()):
+            x = self._run_features(x, start, end)
+            if i in picked:
+                out[self.feature_info[i].name] = x
+        return out
+
+    def _check_out_indices(self, out_indices: Sequence[int] | None) -> list[int]:
+        """``out_indices`` as sorted non-negative positions in :attr:`feature_info` (``None``: all).
+
+        Raises:
+            ValueError: an index outside the stages, or a repeated one.
+        """
         n = len(self.feature_info)
         wanted = list(range(n)) if out_indices is None else [int(i) for i in out_indices]
         picked = sorted({i % n for i in wanted if -n <= i < n})
@@ -304,13 +355,94 @@ class SlimNet(nn.Module):
                 f"out_indices {list(wanted)} must be distinct positions in the {n} stages {names} (negative from the "
                 "end)"
             )
-        out: dict[str, torch.Tensor] = {}
-        x = self._forward_stem_input(x)
-        for i, (start, end) in enumerate(self._stage_bounds[: picked[-1] + 1] if picked else ()):
-            x = self._run_features(x, start, end)
-            if i in picked:
-                out[self.feature_info[i].name] = x
-        return out
+        return picked
+
+    # -- features-only backbones --------------------------------------------------------------------------------------
+
+    def as_features_only(
+        self, out_indices: Sequence[int] | None = None, out_names: Sequence[str] | None = None
+    ) -> SlimNet:
+        """Make this network a backbone, in place: its forward returns the maps of the stages ``out_indices``.
+
+        The classifier and every layer after the last stage used (the global pooling, MobileNet v2's 1x1 conv head
+        when it is not used) become ``nn.Identity``, as torchvision's ``IntermediateLayerGetter`` drops them: they
+        would hold parameters without gradients. The other module names, and so the state-dict keys, stay.
+        Calling it again may select other stages up to the last one kept.
+
+        Args:
+            out_indices: positions in :attr:`feature_info` (negative from the end); default every stage.
+            out_names: the key of each map, in the order of ``out_indices`` (default the stage names), e.g.
+                ``("aux", "out")`` for torchvision's segmentation models.
+
+        Returns:
+            ``self``; its forward gives ``OrderedDict(out_name → (N, C_i, H / s_i, W / s_i))`` in stage order, with
+            ``C_i`` and ``s_i`` as :attr:`out_feature_info` gives them.
+
+        Raises:
+            ValueError: bad or repeated indices, names that do not pair with them, or a stage that an earlier call
+                dropped.
+        """
+        picked = self._check_out_indices(out_indices)
+        if not picked:
+            raise ValueError("out_indices is empty; a features-only model returns at least one stage's map")
+        order = picked if out_indices is None else [int(i) % len(self.feature_info) for i in out_indices]
+        names = [self.feature_info[i].name for i in order] if out_names is None else [str(n) for n in out_names]
+        if isinstance(out_names, str) or len(names) != len(order) or len(set(names)) != len(names):
+            raise ValueError(f"out_names {out_names!r} must be {len(order)} distinct names, one per out_indices entry")
+        by_index = dict(zip(order, names))
+        kept = self._stage_bounds[self.out_indices[-1]][1] if self.out_indices is not None else len(self.features)  # type: ignore[arg-type]
+        last_end = self._stage_bounds[picked[-1]][1]
+        if last_end > kept:
+            raise ValueError(
+                f"stage {self.feature_info[picked[-1]].name} was dropped when this backbone was made for "
+                f"out_indices {list(self.out_indices or ())}; build the model again"
+            )
+        self.classifier = nn.Identity()
+        for i in range(last_end, len(self.features)):  # type: ignore[arg-type]
+            self.features[i] = nn.Identity()  # type: ignore[index]
+        self.out_indices = tuple(picked)
+        self.out_names = tuple(by_index[i] for i in picked)
+        return self
+
+    @property
+    def out_feature_info(self) -> list[FeatureInfo]:
+        """The :class:`FeatureInfo` of each map the forward of a features-only model returns (every stage for a
+        classifier), in the order of :attr:`out_names`."""
+        indices = range(len(self.feature_info)) if self.out_indices is None else self.out_indices
+        return [self.feature_info[i] for i in indices]
+
+    def forward_out(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The maps of the stages :attr:`out_indices` (all when ``None``) under :attr:`out_names` (the stage names
+        when empty), at the current width; a features-only model's forward."""
+        stages = self.forward_stages(x, self.out_indices)
+        names = self.out_names or tuple(stages)
+        return OrderedDict(zip(names, stages.values()))
+
+    def dropped_layers(self) -> list[str]:
+        """Qualified names of the layers a features-only model no longer runs (replaced by ``nn.Identity``): the
+        classifier and the layers after its last stage used. Weights stored for them elsewhere (an ImageNet
+        checkpoint) have no place in the backbone. Empty for a classifier."""
+        if self.out_indices is None:
+            return []
+        end = self._stage_bounds[self.out_indices[-1]][1]
+        return ["classifier", *(f"features.{i}" for i in range(end, len(self.features)))]  # type: ignore[arg-type]
+
+    # -- torchvision counterparts -------------------------------------------------------------------------------------
+
+    def torchvision_layers(self) -> Iterator[tuple[str, str, str]]:
+        """``(torchvision module, our module, kind)`` for every weighted layer before the classifier, ``kind``
+        being ``conv`` or ``bn``: how torchvision's model of this family names them (``layer2.0.conv1`` is our
+        ``features.4.body.0``). Module names are translated by the family's structure, never by position in a
+        state dict. Read by :func:`slimmable.load_torchvision_weights`.
+
+        Raises:
+            TypeError: the family has no torchvision counterpart.
+            ValueError: this model cannot take torchvision's weights (e.g. a universally slimmable one).
+        """
+        raise TypeError(
+            f"no torchvision counterpart for {type(self).__name__}; supported: the families that define "
+            "torchvision_layers (SlimResNet, SlimMobileNetV2)"
+        )
 
     def feature_channels(self, width: float | None = None) -> list[int]:
         """Output channels of each stage at ``width`` (default: the current width).
@@ -351,8 +483,6 @@ def residual_channel_groups(model: nn.Module, stem: str) -> list[list[str]]:
     joins the group of the block's input when the block adds its input back (and starts a new group otherwise,
     together with a projection shortcut).
     """
-    from ..nn import SlimConv2d
-
     groups: list[list[str]] = [[stem]]
     current = groups[0]
     for k, block in enumerate(model.features):  # type: ignore[union-attr]
@@ -408,3 +538,26 @@ def width_grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
     """``lo, lo + step, ..., hi`` rounded to 6 decimals (US-Nets' statistics widths)."""
     n = round((hi - lo) / step)
     return tuple(round(lo + i * step, 6) for i in range(n + 1))
+
+
+def slim_conv_from(conv: nn.Conv2d, out_rule: ChannelRule | None) -> SlimConv2d:
+    """A :class:`SlimConv2d` with ``conv``'s configuration and a copy of its weights (input channels follow the
+    input; ``out_rule`` ``None`` keeps every output channel). Slims the layers of torchvision's heads in place."""
+    new = SlimConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,  # type: ignore[arg-type]
+        conv.groups,
+        conv.bias is not None,
+        out_rule=out_rule,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new

@@ -1,8 +1,9 @@
 """Slimmable Faster, Mask and Keypoint R-CNN: torchvision's detectors on a slimmable backbone.
 
 The detectors are torchvision's own ``FasterRCNN``, ``MaskRCNN`` and ``KeypointRCNN``; only the backbone is ours:
-:class:`SlimBackboneWithFPN` runs a :class:`~slimmable.models.SlimNet` through :meth:`~SlimNet.forward_stages`
-and feeds the stages named in ``out_indices`` to torchvision's ``FeaturePyramidNetwork``.
+:class:`SlimBackboneWithFPN` runs a features-only :class:`~slimmable.models.SlimNet`
+(``create_model(name, features_only=True, out_indices=...)``) and feeds the stages named in ``out_indices`` to
+torchvision's ``FeaturePyramidNetwork``.
 
 What is slimmable (Yu et al., ICLR 2019, Sec. 4.2): by default only the backbone. The FPN, RPN and RoI heads keep
 their full width and are shared by every width. The FPN's lateral 1x1 convolutions are
@@ -28,7 +29,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -40,12 +41,11 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from .._checkpoint_files import load_official_checkpoint, official_state_dict, read_checkpoint_file
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..nn import SlimConv2d, SlimLinear, WidthTable, make_divisible, set_width
-from ._base import SlimNet
-from ._registry import register_model
-from .mobilenet_v2 import SlimMobileNetV2
-from .resnet import SlimResNet
+from ..nn import SlimLinear, WidthTable, make_divisible, set_width
+from ._base import SlimNet, slim_conv_from
+from ._registry import create_model, register_model
 
 __all__ = [
     "DETECTOR_KINDS",
@@ -66,18 +66,20 @@ __all__ = [
 ]
 
 DETECTOR_KINDS = ("fasterrcnn", "maskrcnn", "keypointrcnn")
+M = TypeVar("M", bound=nn.Module)
 _DETECTOR_CLASSES: dict[str, type[FasterRCNN]] = {
     "fasterrcnn": FasterRCNN,
     "maskrcnn": MaskRCNN,
     "keypointrcnn": KeypointRCNN,
 }
 
-# backbone name -> (builder(widths, in_chans, norm), default stages fed to the FPN, positions in feature_info)
-_BACKBONES: dict[str, tuple[Callable[..., SlimNet], tuple[int, ...]]] = {
-    "resnet50": (lambda **kw: SlimResNet(depth=50, **kw), (1, 2, 3, 4)),  # layer1..layer4, strides 4..32
-    "resnet18": (lambda **kw: SlimResNet(depth=18, **kw), (1, 2, 3, 4)),
+# backbone name -> (registered classification model, default stages fed to the FPN: positions in its feature_info);
+# built by create_model(model, features_only=True, out_indices=...)
+_BACKBONES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet50": ("slim_resnet50", (1, 2, 3, 4)),  # layer1..layer4, strides 4..32
+    "resnet18": ("slim_resnet18", (1, 2, 3, 4)),
     # stage2 (stride 4, 24 ch), stage3 (8, 32), stage5 (16, 96), stage7 (32, 320): every level slimmable
-    "mobilenet_v2": (lambda **kw: SlimMobileNetV2(**kw), (2, 3, 5, 7)),
+    "mobilenet_v2": ("slim_mobilenet_v2", (2, 3, 5, 7)),
 }
 
 #: the small variants' defaults: 128x128 scenes with 10 classes (+ background) and 5 keypoints per object
@@ -100,9 +102,9 @@ class SlimBackboneWithFPN(nn.Module):
     """A slimmable network's stages under torchvision's ``FeaturePyramidNetwork`` (as ``BackboneWithFPN``).
 
     Args:
-        body: the slimmable network; its classifier and the layers after the last stage used are replaced by
-            ``nn.Identity`` (only the stages run).
-        out_indices: positions in ``body.feature_info`` fed to the FPN, shallow to deep.
+        body: a features-only slimmable network (``create_model(name, features_only=True, out_indices=...)``), whose
+            maps feed the FPN, shallow to deep; or a whole one, made features-only here for ``out_indices``.
+        out_indices: positions in ``body.feature_info`` fed to the FPN (default: the body's ``out_indices``).
         out_channels: FPN channels (torchvision: 256).
         frozen_bn: keep every BN of the body in eval mode with fixed affine (fine-tuning a pretrained S-Net).
         extra_blocks: the FPN's extra block (default ``LastLevelMaxPool``: the ``"pool"`` level).
@@ -114,23 +116,21 @@ class SlimBackboneWithFPN(nn.Module):
     def __init__(
         self,
         body: SlimNet,
-        out_indices: Sequence[int],
+        out_indices: Sequence[int] | None = None,
         out_channels: int = 256,
         *,
         frozen_bn: bool = False,
         extra_blocks: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        n = len(body.feature_info)
-        self.out_indices = tuple(int(i) % n for i in out_indices)
-        # What runs after the last stage used (the classifier, MobileNet v2's 1x1 conv head) is dropped, as
-        # torchvision's IntermediateLayerGetter does: it would hold parameters without gradients.
-        body.classifier = nn.Identity()
-        last_end = body._stage_bounds[max(self.out_indices)][1]
-        for i in range(last_end, len(body.features)):
-            body.features[i] = nn.Identity()
+        if out_indices is not None or body.out_indices is None:
+            # What runs after the last stage used (the classifier, MobileNet v2's 1x1 conv head) is dropped, as
+            # torchvision's IntermediateLayerGetter does: it would hold parameters without gradients.
+            body.as_features_only(out_indices)
+        assert body.out_indices is not None
+        self.out_indices = body.out_indices
         self.body = body
-        infos = [body.feature_info[i] for i in self.out_indices]
+        infos = body.out_feature_info
         self.in_chans = _first_conv(body).in_channels
         self.fpn = FeaturePyramidNetwork(
             [f.num_channels for f in infos], out_channels, extra_blocks=extra_blocks or LastLevelMaxPool()
@@ -163,31 +163,8 @@ class SlimBackboneWithFPN(nn.Module):
                 f"convert the images (e.g. PIL .convert({'L' if self.in_chans == 1 else 'RGB'!r})) or build the "
                 f"model with in_chans={x.shape[1]}"
             )
-        stages = self.body.forward_stages(x, self.out_indices)
+        stages = self.body(x)
         return self.fpn(OrderedDict((str(i), t) for i, t in enumerate(stages.values())))
-
-
-def slim_conv_from(conv: nn.Conv2d, out_rule: WidthTable | None) -> SlimConv2d:
-    """A :class:`SlimConv2d` with ``conv``'s configuration and a copy of its weights (input channels follow the
-    input; ``out_rule`` ``None`` keeps every output channel)."""
-    new = SlimConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,  # type: ignore[arg-type]
-        conv.stride,  # type: ignore[arg-type]
-        conv.padding,  # type: ignore[arg-type]
-        conv.dilation,  # type: ignore[arg-type]
-        conv.groups,
-        conv.bias is not None,
-        out_rule=out_rule,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    with torch.no_grad():
-        new.weight.copy_(conv.weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new
 
 
 def _slim_linear_from(lin: nn.Linear, out_rule: WidthTable | None) -> SlimLinear:
@@ -360,14 +337,18 @@ def create_slim_detector(
     if num_keypoints is not None and kind != "keypointrcnn":
         raise ValueError(f"num_keypoints={num_keypoints} is only for keypointrcnn models, not {kind}")
     _check_detector_options(kind, {"num_keypoints": num_keypoints, "fpn_channels": fpn_channels, **detector_kwargs})
-    build, default_indices = _BACKBONES[backbone]
+    body_name, default_indices = _BACKBONES[backbone]
     in_chans = in_chans if in_chans is not None else (1 if small else 3)
-    body_kwargs: dict[str, Any] = {"in_chans": in_chans, "norm": norm}
-    if widths is not None:
-        body_kwargs["widths"] = widths
-    body = build(**body_kwargs)
+    body = create_model(
+        body_name,
+        features_only=True,
+        out_indices=out_indices or default_indices,
+        widths=widths,
+        in_chans=in_chans,
+        norm=norm,
+    )
     fpn_c = fpn_channels if fpn_channels is not None else (_SMALL_FPN_CHANNELS if small else 256)
-    trunk = SlimBackboneWithFPN(body, out_indices or default_indices, fpn_c, frozen_bn=frozen_bn)
+    trunk = SlimBackboneWithFPN(body, None, fpn_c, frozen_bn=frozen_bn)
     kwargs: dict[str, Any] = {}
     if small:
         kwargs.update(_SMALL_DEFAULTS)
@@ -402,44 +383,39 @@ def create_slim_detector(
     return model
 
 
-def load_official_backbone(checkpoint: str | os.PathLike[str] | Mapping[str, Any], model: FasterRCNN) -> FasterRCNN:
+def load_official_backbone(checkpoint: str | os.PathLike[str] | Mapping[str, Any], model: M) -> M:
     """Load an official S-Net ImageNet checkpoint (e.g. ``s_resnet``, the paper's S-ResNet-50) into a detector's
-    backbone, every width's BN included; the checkpoint's classifier is dropped. All or nothing.
+    or segmentation model's backbone, every width's BN included; the checkpoint's classifier (and any layer after
+    the backbone's last stage) is dropped. All or nothing.
 
     Args:
         checkpoint: a path or the loaded object (``{'model': state_dict}`` with ``module.`` keys, or a state dict).
-        model: a detector from :func:`create_slim_detector` whose backbone has the checkpoint's family and widths.
+        model: a detector from :func:`create_slim_detector` or a segmentation model from
+            :func:`slimmable.models.create_slim_segmenter` whose backbone has the checkpoint's family and widths
+            (dilation changes no weight: ``s_resnet`` fits the dilated ResNet-50 of ``slim_fcn_resnet50``).
 
     Returns:
         ``model``.
 
     Raises:
         CheckpointError: unreadable, or keys/shapes/widths that do not fit the backbone (model left unchanged).
+        TypeError: the model has no slimmable backbone.
     """
-    from ..checkpoint import load_official_checkpoint, official_state_dict, read_checkpoint_file
-
+    backbone = getattr(model, "backbone", None)
+    body = backbone.body if isinstance(backbone, SlimBackboneWithFPN) else backbone
+    if not isinstance(body, SlimNet):
+        raise TypeError(f"{type(model).__name__} has no slimmable backbone to load an official checkpoint into")
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    body = model.backbone.body
     kept = set(body.state_dict())
-    # the classifier and the layers after the backbone's last stage (dropped by SlimBackboneWithFPN) are not loaded
-    sd = {
-        k: v
-        for k, v in official_state_dict(obj, source).items()
-        if k in kept or not (k.startswith("classifier.") or _after_last_stage(k, model.backbone))
-    }
+    # the classifier and the layers after the backbone's last stage (dropped: features-only) are not loaded
+    dropped = tuple(f"{name}." for name in body.dropped_layers())
+    sd = {k: v for k, v in official_state_dict(obj, source).items() if k in kept or not k.startswith(dropped)}
     load_official_checkpoint(sd, body)
     for m in body.modules():  # memoised narrowed weights are stale
         if hasattr(m, "clear_weight_memo"):
             m.clear_weight_memo()
     return model
-
-
-def _after_last_stage(key: str, trunk: SlimBackboneWithFPN) -> bool:
-    parts = key.split(".")
-    if parts[0] != "features" or len(parts) < 2 or not parts[1].isdigit():
-        return False
-    return int(parts[1]) >= trunk.body._stage_bounds[max(trunk.out_indices)][1]
 
 
 def _register(kind: str, backbone: str, small: bool) -> Callable[..., FasterRCNN]:

@@ -101,13 +101,13 @@ class SlimMobileNetV1(SlimNet):
         init_weights(self)
 
 
-@register_model
+@register_model(official="s_mobilenet_v1")
 def slim_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
     """Slimmable MobileNet v1, widths 0.25/0.5/0.75/1.0."""
     return SlimMobileNetV1(**kwargs)
 
 
-@register_model
+@register_model(official="us_mobilenet_v1")
 def us_mobilenet_v1(**kwargs) -> SlimMobileNetV1:
     """Universally slimmable MobileNet v1, any width in [0.25, 1.0]; BN statistics every 0.025 (official)."""
     return SlimMobileNetV1(**us_kwargs("mobilenet_v1", kwargs, (0.25, 1.0)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +84,9 @@ class SlimMobileNetV2(SlimNet):
     channels at every width up to 1.0), which :meth:`forward_features` returns; ``small_input`` halves the strides.
     """
 
+    torchvision_classifier = "classifier.1"
+    torchvision_trunk = "features"
+
     def __init__(
         self,
         widths: Sequence[float] | None = None,
@@ -133,14 +136,36 @@ class SlimMobileNetV2(SlimNet):
         plan.check_spec()
         init_weights(self)
 
+    def torchvision_layers(self) -> Iterator[tuple[str, str, str]]:
+        """torchvision's MobileNet v2 names: ``features.K.conv.*`` for the inverted residual blocks (our
+        ``features.K.body.*``), ``features.{0,18}.{0,1}`` for the stem and the 1x1 conv head (the same as ours)."""
+        if self.width_range is not None:
+            raise ValueError("load_torchvision_weights fills S-Nets; a universally slimmable MobileNet v2 is not one")
+        yield "features.0.0", "features.0.0", "conv"
+        yield "features.0.1", "features.0.1", "bn"
+        n = len(self.features)
+        for k in range(1, n - 2):  # the inverted residual blocks
+            expand = len(self.features[k].body) == 8  # type: ignore[index,arg-type]
+            tv = f"features.{k}.conv"
+            pairs: tuple[tuple[str, int, str], ...]
+            if expand:  # conv.0 expand (conv, bn), conv.1 depthwise (conv, bn), conv.2 project, conv.3 its bn
+                pairs = (("0.0", 0, "conv"), ("0.1", 1, "bn"), ("1.0", 3, "conv"), ("1.1", 4, "bn"))
+                pairs += (("2", 6, "conv"), ("3", 7, "bn"))
+            else:  # conv.0 depthwise (conv, bn), conv.1 project, conv.2 its bn
+                pairs = (("0.0", 0, "conv"), ("0.1", 1, "bn"), ("1", 3, "conv"), ("2", 4, "bn"))
+            for tv_idx, idx, kind in pairs:
+                yield f"{tv}.{tv_idx}", f"features.{k}.body.{idx}", kind
+        yield f"features.{n - 2}.0", f"features.{n - 2}.0", "conv"
+        yield f"features.{n - 2}.1", f"features.{n - 2}.1", "bn"
 
-@register_model
+
+@register_model(official="s_mobilenet_v2")
 def slim_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
     """Slimmable MobileNet v2, widths 0.35/0.5/0.75/1.0."""
     return SlimMobileNetV2(**kwargs)
 
 
-@register_model
+@register_model(official="us_mobilenet_v2")
 def us_mobilenet_v2(**kwargs) -> SlimMobileNetV2:
     """Universally slimmable MobileNet v2, any width in [0.35, 1.0]; BN statistics every 0.025 (official)."""
     return SlimMobileNetV2(**us_kwargs("mobilenet_v2", kwargs, (0.35, 1.0)))

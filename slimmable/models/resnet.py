@@ -31,12 +31,21 @@ def _int_round(v: float) -> int:
 
 
 class Block(nn.Module):
-    """Bottleneck (1x1-3x3-1x1, stride in the 3x3) or basic (3x3-3x3) block; keys ``body.*``, ``shortcut.*``."""
+    """Bottleneck (1x1-3x3-1x1, stride and dilation in the 3x3) or basic (3x3-3x3) block; keys ``body.*``,
+    ``shortcut.*``."""
 
     def __init__(
-        self, in_rule: ChannelRule, out_rule: ChannelRule, stride: int, bottleneck: bool, plan: ChannelPlan
+        self,
+        in_rule: ChannelRule,
+        out_rule: ChannelRule,
+        stride: int,
+        bottleneck: bool,
+        plan: ChannelPlan,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
+        if dilation != 1 and not bottleneck:
+            raise ValueError("dilation is for bottleneck blocks (ResNet-50 and deeper), as in torchvision's ResNet")
         cin, cout = in_rule.max_channels, out_rule.max_channels
         if bottleneck:
             mid_rule = plan.divided(out_rule, 4)  # type: ignore[arg-type]
@@ -45,7 +54,7 @@ class Block(nn.Module):
                 SlimConv2d(cin, mid, 1, bias=False, out_rule=mid_rule),
                 plan.norm(mid_rule, mid),
                 nn.ReLU(inplace=True),
-                SlimConv2d(mid, mid, 3, stride, 1, bias=False, out_rule=mid_rule),
+                SlimConv2d(mid, mid, 3, stride, dilation, dilation, bias=False, out_rule=mid_rule),
                 plan.norm(mid_rule, mid),
                 nn.ReLU(inplace=True),
                 SlimConv2d(mid, cout, 1, bias=False, out_rule=out_rule),
@@ -84,11 +93,19 @@ class SlimResNet(SlimNet):
         small_input: 3x3 stem without max-pooling, for 28x28 / 32x32 images.
         stem_stride: stride of the small-input stem: 1 (default) keeps the input resolution in the first stage; 2
             halves it, for about a quarter of the MACs (the Fashion-MNIST main job uses it to fit 10 CPU minutes).
+        replace_stride_with_dilation: three flags for ``layer2``..``layer4``, as torchvision's ResNet: a flagged
+            stage keeps its input's resolution (stride 1) and dilates its 3x3 convolutions instead, by the stride
+            it drops times the dilation before it; its first block keeps the previous dilation. ``(False, True,
+            True)`` gives output stride 8, the segmentation backbone of torchvision's FCN and DeepLabV3.
+            Bottleneck depths only (torchvision's basic block has no dilation either).
 
     ``features`` stays flat (``features.N``, the official checkpoints' keys); its stages are named as
     torchvision's (:attr:`feature_info`): ``stem`` (``features.0``, stride 4) and ``layer1``..``layer4`` (strides
-    4, 8, 16, 32; with ``small_input`` the stem's stride is ``stem_stride``: 1, 1, 2, 4, 8 by default).
+    4, 8, 16, 32; with ``small_input`` the stem's stride is ``stem_stride``: 1, 1, 2, 4, 8 by default; a dilated
+    stage keeps the stride before it).
     """
+
+    torchvision_classifier = "fc"
 
     def __init__(
         self,
@@ -100,16 +117,28 @@ class SlimResNet(SlimNet):
         drop_rate: float = 0.0,
         norm: str = "switchable",
         stem_stride: int = 1,
+        replace_stride_with_dilation: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         if depth not in RESNET_SETTINGS:
             raise ValueError(f"ResNet depth {depth} is not supported; choose one of {sorted(RESNET_SETTINGS)}")
+        dilate = tuple(bool(d) for d in (replace_stride_with_dilation or (False, False, False)))
+        if len(dilate) != 3:
+            raise ValueError(
+                f"replace_stride_with_dilation={replace_stride_with_dilation!r} needs three flags, for layer2..layer4"
+            )
         if stem_stride not in (1, 2) or (stem_stride != 1 and not small_input):
             raise ValueError(
                 f"stem_stride={stem_stride!r}: the small-input stem takes stride 1 or 2 (with small_input=True); the "
                 "ImageNet stem (small_input=False) has its fixed stride 4"
             )
         bottleneck, blocks = RESNET_SETTINGS[depth]
+        if any(dilate) and not bottleneck:
+            raise ValueError(
+                f"replace_stride_with_dilation needs bottleneck blocks (depth 50, 101, 152), not ResNet-{depth}'s "
+                "basic blocks (torchvision's BasicBlock has no dilation either)"
+            )
+        self.depth, self.bottleneck = depth, bottleneck
         plan = ChannelPlan(widths, _int_round, norm=norm)
         self.num_classes = num_classes
         rule = plan.rule(64)
@@ -125,13 +154,19 @@ class SlimResNet(SlimNet):
         total_stride = stem_stride if small_input else 4
         stages = [("stem", 1, total_stride, rule, c)]
         expansion = 4 if bottleneck else 1
+        dilation = 1
         for stage, n in enumerate(blocks):
             out_rule = plan.rule(STAGE_CHANNELS[stage] * expansion)
+            stride, previous = (2 if stage != 0 else 1), dilation
+            if stage != 0 and dilate[stage - 1]:  # torchvision's _make_layer(dilate=True)
+                dilation, stride = dilation * stride, 1
             for i in range(n):
-                stride = 2 if i == 0 and stage != 0 else 1
-                features.append(Block(rule, out_rule, stride, bottleneck, plan))
+                first = i == 0
+                features.append(
+                    Block(rule, out_rule, stride if first else 1, bottleneck, plan, previous if first else dilation)
+                )
                 rule = out_rule
-            total_stride *= 2 if stage != 0 else 1
+            total_stride *= stride
             stages.append((f"layer{stage + 1}", len(features), total_stride, rule, rule.max_channels))
         features.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*features)  # flat, as the official checkpoints' keys (features.N)
@@ -141,7 +176,7 @@ class SlimResNet(SlimNet):
         self.classifier = self.make_classifier(self.num_features, num_classes, drop_rate, slim=True)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
         layers = iter(self.features)
         x = next(layers)(x)  # stem
@@ -149,6 +184,26 @@ class SlimResNet(SlimNet):
             x = _run_stage(layers, depth, x)
         x = next(layers)(x)  # global pooling
         return self.classifier(torch.flatten(x, 1))
+
+    def torchvision_layers(self) -> Iterator[tuple[str, str, str]]:
+        """torchvision's ResNet names: ``conv1``/``bn1`` (our stem), ``layerS.B.convK``/``bnK`` and
+        ``layerS.B.downsample.{0,1}`` (our ``features.N.body.*`` and ``shortcut.*``)."""
+        yield "conv1", "features.0.0", "conv"
+        yield "bn1", "features.0.1", "bn"
+        # torchvision conv/bn number -> our body index
+        names = (("conv1", 0), ("bn1", 1), ("conv2", 3), ("bn2", 4))
+        if self.bottleneck:
+            names += (("conv3", 6), ("bn3", 7))
+        k = 1
+        for stage, depth in enumerate(self.stage_depths):
+            for b in range(depth):
+                tv, ours = f"layer{stage + 1}.{b}", f"features.{k}"
+                for name, idx in names:
+                    yield f"{tv}.{name}", f"{ours}.body.{idx}", "conv" if name.startswith("conv") else "bn"
+                if hasattr(self.features[k], "shortcut"):  # type: ignore[index]
+                    yield f"{tv}.downsample.0", f"{ours}.shortcut.0", "conv"
+                    yield f"{tv}.downsample.1", f"{ours}.shortcut.1", "bn"
+                k += 1
 
 
 def _run_stage(layers: Iterator[nn.Module], depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +229,7 @@ def slim_resnet34(**kwargs) -> SlimResNet:
     return SlimResNet(depth=34, **kwargs)
 
 
-@register_model
+@register_model(official="s_resnet")
 def slim_resnet50(**kwargs) -> SlimResNet:
     """Slimmable ResNet-50, widths 0.25/0.5/0.75/1.0 (official S-ResNet-50)."""
     return SlimResNet(depth=50, **kwargs)

@@ -176,7 +176,7 @@ class SlimShuffleNetV1(SlimNet):
         """Not defined: the split group convolutions tie channels across groups in ways the search does not model."""
         raise NotImplementedError("channel search is not supported for ShuffleNet (grouped 1x1 convs split by shape)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W)`` → logits ``(N, num_classes)`` at the current width."""
         x = torch.cat([getattr(self, f"head_{i}")(x) for i in range(self.groups)], 1)
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -190,7 +190,7 @@ class SlimShuffleNetV1(SlimNet):
         return stages
 
 
-@register_model
+@register_model(official="s_shufflenet")
 def slim_shufflenet_v1(**kwargs) -> SlimShuffleNetV1:
     """Slimmable ShuffleNet v1 (g=3), widths 0.5/1.0/2.0."""
     return SlimShuffleNetV1(**kwargs)

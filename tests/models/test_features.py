@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import slimmable
 from slimmable.export import export_width
@@ -139,3 +141,82 @@ def test_exported_model_keeps_its_stages() -> None:
         out = dense.forward_stages(x, out_indices=[2, 4])
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=0)
+
+
+# -- features-only backbones (create_model(..., features_only=True)) --------------------------------------------------
+
+
+def test_features_only_returns_the_chosen_stage_maps_and_drops_the_head() -> None:
+    torch.manual_seed(0)
+    full = slimmable.create_model("slim_mobilenet_v2", num_classes=7, small_input=True).eval()
+    backbone = slimmable.create_model(
+        "slim_mobilenet_v2", num_classes=7, small_input=True, features_only=True, out_indices=(5, 2)
+    ).eval()
+    assert backbone.out_indices == (2, 5) and backbone.out_names == ("stage2", "stage5")
+    assert backbone.model_kwargs == {
+        "num_classes": 7,
+        "small_input": True,
+        "features_only": True,
+        "out_indices": (5, 2),
+    }
+    assert [f.name for f in backbone.out_feature_info] == ["stage2", "stage5"]
+    assert len(backbone.feature_info) == len(full.feature_info)  # positions stay those of every stage
+    # the classifier and everything after stage5 are gone (no parameters without gradients); other keys stay
+    assert isinstance(backbone.classifier, nn.Identity)
+    assert all(isinstance(m, nn.Identity) for m in backbone.features[14:])
+    assert backbone.dropped_layers() == ["classifier", *(f"features.{i}" for i in range(14, 20))]
+    own = backbone.state_dict()
+    assert set(own) < set(full.state_dict())
+    assert not any(k.startswith(("classifier.", "features.14.", "features.18.")) for k in own)
+    backbone.load_state_dict({k: v for k, v in full.state_dict().items() if k in own})
+    x = torch.randn(2, 3, 32, 32)
+    for w in (0.35, 1.0):
+        with torch.no_grad(), full.use_width(w), backbone.use_width(w):
+            want = full.forward_stages(x, (2, 5))
+            got = backbone(x)
+        assert list(got) == ["stage2", "stage5"]
+        assert [t.shape[1] for t in got.values()] == [f.channels(w) for f in backbone.out_feature_info]
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_features_only_out_names_and_errors() -> None:
+    model = slimmable.create_model(
+        "slim_resnet18", features_only=True, out_indices=(-1, 3), out_names=("out", "aux"), small_input=True
+    ).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 32, 32))
+    assert list(maps) == ["aux", "out"] and [t.shape[1] for t in maps.values()] == [256, 512]
+    # built again from its record, as a checkpoint rebuilds it
+    again = slimmable.create_model(model.model_name, **model.model_kwargs)
+    assert again.out_indices == (3, 4) and again.out_names == ("aux", "out")
+    # a narrower selection of the stages kept is fine; a dropped stage cannot come back
+    shallow = slimmable.create_model("slim_resnet18", features_only=True, out_indices=(2,))
+    with pytest.raises(ValueError, match="stage layer3 was dropped"):
+        shallow.as_features_only((3,))
+    assert shallow.as_features_only((1,)).out_names == ("layer1",)
+    with pytest.raises(ValueError, match="distinct positions in the 5 stages"):
+        slimmable.create_model("slim_resnet18", features_only=True, out_indices=(1, 7))
+    with pytest.raises(ValueError, match="out_names .* must be 2 distinct names"):
+        slimmable.create_model("slim_resnet18", features_only=True, out_indices=(1, 2), out_names=("a",))
+    with pytest.raises(ValueError, match="out_indices select.* add features_only=True"):
+        slimmable.create_model("slim_resnet18", out_indices=(1, 2))
+    with pytest.raises(ValueError, match="features_only=True makes a backbone"):
+        slimmable.create_model("slim_fasterrcnn_resnet18_fpn", features_only=True)
+
+
+def test_shufflenet_features_only_keeps_its_stem_branches() -> None:
+    model = slimmable.create_model("slim_shufflenet_v1", features_only=True, out_indices=(0, 1), small_input=True)
+    assert all(isinstance(m, nn.Identity) for m in model.features[4:])
+    with torch.no_grad():
+        maps = model.eval()(torch.randn(1, 3, 32, 32))
+    assert list(maps) == ["stem", "stage1"] and maps["stage1"].shape[1] == model.feature_info[1].channels(2.0)
+
+
+def test_detection_and_segmentation_read_no_private_stage_attributes() -> None:
+    # a backbone is built through create_model(features_only=True) and read through SlimNet's public methods
+    root = Path(slimmable.__file__).parent
+    owners = {root / "models" / "_base.py"}
+    for path in root.rglob("*.py"):
+        if path not in owners:
+            assert "_stage_bounds" not in path.read_text(), path

@@ -82,3 +82,26 @@ def test_load_from_path_and_errors_leave_model_unchanged(official: Path, tmp_pat
 
 class _Foreign:
     pass
+
+
+def test_official_checkpoints_are_declared_by_the_families() -> None:
+    from slimmable.models import OFFICIAL_CHECKPOINTS, register_model
+
+    assert OFFICIAL_MODELS is OFFICIAL_CHECKPOINTS  # checkpoint.py reads the registry
+    assert dict(OFFICIAL_MODELS) == {
+        "s_mobilenet_v1": ("slim_mobilenet_v1", {}),
+        "s_mobilenet_v2": ("slim_mobilenet_v2", {}),
+        "s_shufflenet": ("slim_shufflenet_v1", {}),
+        "s_resnet": ("slim_resnet50", {}),
+        "us_mobilenet_v1": ("us_mobilenet_v1", {}),
+        "us_mobilenet_v2": ("us_mobilenet_v2", {}),
+    }
+    with pytest.raises(TypeError):
+        OFFICIAL_MODELS["s_other"] = ("slim_resnet18", {})  # type: ignore[index]
+
+    def another_resnet(**kwargs):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="official checkpoint 's_resnet' is already registered for slim_resnet50"):
+        register_model(official="s_resnet")(another_resnet)
+    assert "another_resnet" not in slimmable.list_models()
