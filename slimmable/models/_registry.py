@@ -20,7 +20,8 @@ _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _MODEL_TASKS: dict[str, str] = {}
 _OFFICIAL: dict[str, tuple[str, dict[str, Any]]] = {}
 #: what a registered model does: ``classification`` (logits), ``detection`` (torchvision's R-CNN detectors) or
-#: ``segmentation`` (torchvision's FCN, DeepLabV3 and LR-ASPP: per-pixel logits); each is a :class:`slimmable.tasks.Task`
+#: ``segmentation`` (torchvision's FCN, DeepLabV3 and LR-ASPP: per-pixel logits); each is a
+#: :class:`slimmable.tasks.Task`
 TASKS = ("classification", "detection", "segmentation")
 #: official slimmable_networks checkpoint name (``s_resnet``, ``us_mobilenet_v2``, ...) → ``(registered model,
 #: create_model kwargs)`` that the checkpoint loads into, as the family files declare them with
