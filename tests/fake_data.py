@@ -155,6 +155,25 @@ def tiny_detection_recipe(fmnist_dir: Path, **train: object) -> dict:
     }
 
 
+def tiny_segmentation_recipe(fmnist_dir: Path, model: str = "slim_lraspp_mobilenet_v2", **train: object) -> dict:
+    """A recipe that trains a segmenter at widths 0.5/1.0 on 20 scenes (64 px) of fake Fashion-MNIST."""
+    return {
+        "model": {"name": model, "widths": [0.5, 1.0], "num_classes": 11},
+        "data": {
+            "dataset": "fmnist_scenes",
+            "root": str(fmnist_dir),
+            "augment": "none",
+            "image_size": 64,
+            "scenes_train": 20,
+            "scenes_test": 6,
+            "val_size": 6,
+            "batch_size": 4,
+        },
+        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 1e-4},
+        "train": {"epochs": 2, "seed": 0, "amp": "off", "channels_last": False, **train},
+    }
+
+
 class _RunsCode:
     """A pickle payload whose ``__reduce__`` calls ``os.mkdir(marker)`` when unpickled with plain ``pickle``."""
 

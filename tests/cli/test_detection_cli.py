@@ -57,7 +57,7 @@ def test_model_and_data_of_different_tasks_are_refused(fmnist: Path, capsys: pyt
         create_task(RunConfig.from_dict(mixed))
     flipped = _detection_recipe(fmnist)
     flipped["data"]["augment"] = "crop_flip"
-    with pytest.raises(ValueError, match="detection data, whose only augmentation is data.hflip"):
+    with pytest.raises(ValueError, match="detection and segmentation data, whose only augmentation is data.hflip"):
         RunConfig.from_dict(flipped)
     clash = _detection_recipe(fmnist)
     clash["model"]["options"]["widths"] = [1.0]
