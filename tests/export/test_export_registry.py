@@ -68,7 +68,8 @@ def test_every_target_writes_and_verifies_two_widths(name, build, tmp_path):
         run = target.load(path, threads=1)
         for x in _inputs(1, 4):
             torch.testing.assert_close(run(x), _slim_out(model, w, x), atol=target.atol, rtol=0)
-        assert target.verify(path, model, _inputs(2), width=w) <= target.atol
+        if w == 1.0:  # the public check, once (a load each: torch.export's takes ~1 s)
+            assert target.verify(path, model, _inputs(2), width=w) <= target.atol
     names = sorted(f.name for w in (0.25, 1.0) for f in target.files(tmp_path / f"m_w{w:g}{target.suffix}"))
     assert sorted(os.listdir(tmp_path)) == names  # no temporary files or folders left
 
@@ -184,16 +185,15 @@ def test_bundle_refuses_onnx_options_for_another_format(build, tmp_path):
         export_bundle(build("slim_mobilenet_v1"), tmp_path, [0.25], format="pt2", opset=17)
 
 
-def test_cli_exports_pt2_and_a_bundle_in_it(capsys, tmp_path):
+def test_cli_exports_a_pt2_bundle(capsys, tmp_path):
     _target("pt2")
-    assert main(["export", *SMALL, "--width", "0.25", "--format", "pt2", "--out", str(tmp_path / "one")]) == 0
-    assert "max diff vs PyTorch" in capsys.readouterr().out
-    program = torch.export.load(str(tmp_path / "one" / "slim_mobilenet_v1_w0.25.pt2"))
-    assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # dynamic batch
-    args = ["export", *SMALL, "--width", "0.5", "--format", "pt2", "--bundle", "--latency-runs", "1"]
-    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    args = ["export", *SMALL, "--width", "0.25", "--format", "pt2", "--bundle", "--latency-runs", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
     assert "wrote 1 torch.export files" in capsys.readouterr().out
-    assert json.loads((tmp_path / "b" / MANIFEST_NAME).read_text())["format"] == "pt2"
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["format"] == "pt2" and manifest["widths"][0]["file"] == "slim_mobilenet_v1_w0.25.pt2"
+    program = torch.export.load(str(tmp_path / "slim_mobilenet_v1_w0.25.pt2"))  # no slimmable needed
+    assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # dynamic batch
 
 
 def test_targets_without_detectors_refuse_them(tmp_path, capsys):
