@@ -1,36 +1,36 @@
-"""``slimmable export``: a width (or ChannelSpec) of a slimmable model as a dense ONNX / TorchScript / pickled file."""
+"""``slimmable export``: a width (or ChannelSpec) of a slimmable model as a dense file in any registered format
+(ONNX, TorchScript, torch.export, OpenVINO, pickled module; :mod:`slimmable.export.registry`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..export import default_widths, export_bundle, export_onnx, export_torchscript, save_dense
+from ..export import default_widths, export_bundle, get_exporter, list_exporters
 from ..export._io import spec_tag, width_tag
-from ..export.formats import require_onnx
 from ..search.autoslim import load_channel_spec
 from ..search.cost import is_detector
 from ._common import format_table, non_negative_int, parse_widths, positive_int
 from ._deploy import _load_model, add_model_args, describe_source
 
-_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    formats = list_exporters()
     p = sub.add_parser(
         "export",
-        help="export widths as plain dense models (ONNX, TorchScript, pickled module)",
+        help=f"export widths as plain dense models ({', '.join(formats)})",
         description="Export a slimmable model at one or more widths (or a per-layer ChannelSpec) as ordinary dense "
-        "models: ONNX (checked against PyTorch with onnxruntime, dynamic batch), TorchScript, or a pickled "
-        "nn.Module. --bundle writes every width to ONNX plus manifest.json with MACs and measured latency. "
-        "Files are named MODEL_wWIDTH.EXT (MODEL_cHASH.EXT for a ChannelSpec).",
+        "models: ONNX (checked against PyTorch with onnxruntime, dynamic batch), TorchScript, torch.export (.pt2), "
+        "OpenVINO IR (.xml + .bin) or a pickled nn.Module; every file is run back and compared with PyTorch. "
+        "--bundle writes every width plus manifest.json with MACs and measured latency. Files are named "
+        "MODEL_wWIDTH.EXT (MODEL_cHASH.EXT for a ChannelSpec).",
     )
     add_model_args(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--width", help="comma-separated widths to export (default: all the model's widths)")
     what.add_argument("--channels", metavar="SPEC", help="a ChannelSpec file (JSON/YAML) from the channel search")
-    p.add_argument("--format", choices=sorted(_EXTENSIONS), default="onnx", help="output format (default onnx)")
-    p.add_argument("--bundle", action="store_true", help="ONNX for every width + manifest.json (MACs, latency)")
+    p.add_argument("--format", choices=formats, default="onnx", help="output format (default onnx)")
+    p.add_argument("--bundle", action="store_true", help="every width in --format + manifest.json (MACs, latency)")
     p.add_argument("--out", default="exported", help="output folder (default ./exported)")
     p.add_argument(
         "--input-size", type=positive_int, help="input side in pixels (default: checkpoint's, else 224; 32 small)"
@@ -55,18 +55,19 @@ def _check_detector_args(args: argparse.Namespace) -> None:
     if args.bundle or args.channels or args.fold_bn:
         flag = "--bundle" if args.bundle else "--channels" if args.channels else "--fold-bn"
         raise ValueError(f"{flag} is not offered for detectors; export widths with --width (ONNX or --format pt)")
-    if args.format == "torchscript":
-        raise ValueError(
-            "detectors export to ONNX (--format onnx) or as a pickled module (--format pt), not TorchScript"
-        )
+    if not get_exporter(args.format).detection:
+        ok = " or ".join(f"--format {n}" for n in list_exporters(detection=True))
+        raise ValueError(f"detectors export with {ok}, not --format {args.format}")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.format == "onnx" or args.bundle:  # before loading anything: name the extra a plain install lacks
-        try:
-            require_onnx(verify=args.bundle or not args.no_verify)
-        except ImportError as err:
-            raise ValueError(str(err)) from err
+    target = get_exporter(args.format)
+    try:  # before loading anything: name the pip command for what this install lacks
+        target.require(verify=args.bundle or not args.no_verify)
+    except ImportError as err:
+        here = ", ".join(list_exporters(available=True))
+        raise ValueError(f"{err} (formats installed here: {here})") from err
+    onnx_opts = {"opset": args.opset, "exporter": args.exporter} if target.name == "onnx" else {}
     loaded = _load_model(args)
     model = loaded.model
     print(describe_source(loaded))
@@ -87,43 +88,29 @@ def run(args: argparse.Namespace) -> int:
             name=loaded.name,
             input_size=size,
             fold_bn=args.fold_bn,
-            opset=args.opset,
-            exporter=args.exporter,
+            format=target.name,
             latency_runs=args.latency_runs,
+            **onnx_opts,
         )
-        print(f"wrote {len(widths)} ONNX files and {manifest}")
+        print(f"wrote {len(widths)} {target.title} files and {manifest}")
         return 0
-    ext = _EXTENSIONS[args.format]
     stem = loaded.name.replace("/", "_")  # torchvision/<arch> names a file, not a folder
     jobs: list[tuple[str, dict]] = []
     if args.channels:
         spec = load_channel_spec(args.channels)
-        jobs.append((f"{stem}_{spec_tag(spec)}{ext}", {"channels": spec}))
+        jobs.append((f"{stem}_{spec_tag(spec)}{target.suffix}", {"channels": spec}))
     else:
         for w in parse_widths(args.width) or default_widths(model):
-            jobs.append((f"{stem}_{width_tag(w)}{ext}", {"width": w}))
+            jobs.append((f"{stem}_{width_tag(w)}{target.suffix}", {"width": w}))
     rows = []
-    for filename, target in jobs:
+    for filename, what in jobs:
         path = out / filename
-        if args.format == "onnx":
-            res = export_onnx(
-                model,
-                path,
-                input_size=size,
-                opset=args.opset,
-                fold_bn=args.fold_bn,
-                exporter=args.exporter,
-                verify=not args.no_verify,
-                **target,
-            )
-        elif args.format == "torchscript":
-            res = export_torchscript(
-                model, path, input_size=size, fold_bn=args.fold_bn, verify=not args.no_verify, **target
-            )
-        else:
-            res = save_dense(model, path, fold_bn=args.fold_bn, **target)
-        label = f"{target['width']:g}" if "width" in target else args.channels
+        res = target.export(
+            model, path, input_size=size, fold_bn=args.fold_bn, verify=not args.no_verify, **what, **onnx_opts
+        )
+        label = f"{what['width']:g}" if "width" in what else args.channels
         diff = "-" if res.max_abs_diff is None else f"{res.max_abs_diff:.2e}"
-        rows.append((label, str(path), f"{path.stat().st_size / 1e6:.2f}", diff))
+        size_mb = sum(f.stat().st_size for f in target.files(path)) / 1e6
+        rows.append((label, str(path), f"{size_mb:.2f}", diff))
     print(format_table(["width", "file", "MB", "max diff vs PyTorch"], rows))
     return 0

@@ -36,6 +36,7 @@ from .._utils import example_input, input_channels, input_shape, unwrap_model
 from ..nn import (
     SlimModule,
     get_channels,
+    get_width,
     record_input_channels,
     set_channels,
     set_width,
@@ -52,6 +53,7 @@ __all__ = [
     "input_channels",
     "input_shape",
     "is_dense",
+    "prepare_dense",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -136,6 +138,42 @@ def export_channels(
 def is_dense(module: nn.Module) -> bool:
     """``True`` when ``module`` holds no slimmable layer."""
     return not any(isinstance(m, SlimModule) for m in module.modules())
+
+
+def prepare_dense(
+    model: nn.Module,
+    *,
+    width: float | None = None,
+    channels: Mapping[str, int] | None = None,
+    fold_bn: bool = False,
+) -> nn.Module:
+    """The dense module to write: ``model`` itself when it is already dense, else its export.
+
+    Args:
+        model: a slimmable model or a dense module (from :func:`export_width`).
+        width: export at this width.
+        channels: export with this ChannelSpec (exclusive with ``width``).
+        fold_bn: fold BN into convolutions when exporting a slimmable model.
+
+    Raises:
+        ValueError: both ``width`` and ``channels``, or either given with a dense module.
+    """
+    if width is not None and channels is not None:
+        raise ValueError("give either width or channels, not both")
+    if is_dense(model):
+        if width is not None or channels is not None:
+            raise ValueError(
+                f"{type(model).__name__} is already dense (no slimmable layers); drop width/channels, or pass the "
+                "slimmable model instead"
+            )
+        return model
+    if channels is not None:
+        return export_channels(model, channels, fold_bn=fold_bn)
+    if width is None:
+        width = get_width(model)
+        if width is None:  # per-layer channels were set: export the current state
+            return export_channels(model, {}, fold_bn=fold_bn)
+    return export_width(model, width, fold_bn=fold_bn)
 
 
 @torch.no_grad()

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..search.cost import detector_image_size, detector_images, is_detector
-from ._io import atomic_path
-from .dense import is_dense
-from .formats import ExportResult, ort_session, prepare_dense
+from ..search.cost import detector_image_size, detector_images
+from ._io import ExportResult, _is_detection, atomic_path, ort_session
+from .dense import is_dense, prepare_dense
 
 __all__ = [
     "DETECTOR_INPUT_NAME",
@@ -91,7 +90,7 @@ def export_detector_onnx(
         ValueError: ``opset`` below 11, or a width the model does not have.
         RuntimeError: onnxruntime's detections differ from PyTorch's (see ``atol``).
     """
-    if not is_detector(model):
+    if not _is_detection(model):
         raise TypeError(
             f"{type(model).__name__} is not a torchvision R-CNN detector; export classification models with "
             "slimmable.export.export_onnx"

@@ -1,4 +1,6 @@
-"""Write a dense export to a file: ONNX (verified with onnxruntime), TorchScript, or a pickled module.
+"""Write a dense export to a file: ONNX (verified with onnxruntime), TorchScript, ``torch.export`` (``.pt2``), or
+a pickled module; each is an :class:`~slimmable.export.exporter.Exporter` registered in
+:mod:`slimmable.export.registry` (OpenVINO is in :mod:`slimmable.export.openvino_ir`).
 
 ONNX exporter choice (PyTorch 2.14): ``torch.onnx.export(..., dynamo=True)`` is PyTorch's default and supported
 exporter; it traces with ``torch.export`` and needs the ``onnxscript`` package (in the ``export`` extra). The
@@ -8,116 +10,65 @@ back to the TorchScript one with a warning otherwise. Both give a dynamic batch 
 ~1e-7 on the registered models.
 
 TorchScript itself (``torch.jit.trace``) is deprecated since PyTorch 2.9 in favour of ``torch.export``; it is
-offered because the issue asks for it and many C++/mobile runtimes still load it.
+offered because many C++/mobile runtimes still load it. ``torch.export`` files (``torch.export.save``) load with
+``torch.export.load(path).module()`` and no slimmable import; the batch dimension is dynamic.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._utils import save_torch
-from ..nn import get_width
-from ..search.cost import is_detector
-from ._io import atomic_path
-from .dense import example_input, export_channels, export_width, input_shape, is_dense
+from ._io import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportResult,
+    _is_detection,
+    atomic_path,
+    compare_outputs,
+    eval_mode,
+    ort_session,
+)
+from .dense import example_input, input_shape, prepare_dense
+from .detection import export_detector_onnx
+from .exporter import VERIFY_BATCHES, Exporter
 
-__all__ = ["ExportResult", "export_onnx", "export_torchscript", "prepare_dense", "save_dense", "verify_onnx"]
+__all__ = [
+    "ONNX",
+    "PICKLE",
+    "TORCHSCRIPT",
+    "TORCH_EXPORT",
+    "ExportResult",
+    "export_onnx",
+    "export_torchscript",
+    "prepare_dense",
+    "save_dense",
+    "verify_onnx",
+]
 
 _logger = logging.getLogger(__name__)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 _EXPORTERS = ("auto", "dynamo", "torchscript")
 #: default opsets: what each exporter in PyTorch 2.14 handles best
 _DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
-#: batch sizes the verification runs, to check the dynamic batch dimension
-_VERIFY_BATCHES = (1, 3)
+#: the largest batch the dynamic batch dimension of ONNX and torch.export graphs admits
+_MAX_BATCH = 1 << 16
 
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote.
-
-    Attributes:
-        path: the file.
-        format: ``"onnx"``, ``"torchscript"`` or ``"pt"``.
-        width: the exported width (``None`` for a ChannelSpec or an already dense module).
-        max_abs_diff: largest difference to the PyTorch module over the verification batches (``None``: not
-            verified).
-        exporter: ONNX only: ``"dynamo"`` or ``"torchscript"``.
-        opset: ONNX only: the opset version.
-    """
-
-    path: Path
-    format: str
-    width: float | None
-    max_abs_diff: float | None = None
-    exporter: str | None = None
-    opset: int | None = None
-
-
-def prepare_dense(
-    model: nn.Module,
-    *,
-    width: float | None = None,
-    channels: Mapping[str, int] | None = None,
-    fold_bn: bool = False,
-) -> nn.Module:
-    """The dense module to write: ``model`` itself when it is already dense, else its export.
-
-    Args:
-        model: a slimmable model or a dense module (from :func:`export_width`).
-        width: export at this width.
-        channels: export with this ChannelSpec (exclusive with ``width``).
-        fold_bn: fold BN into convolutions when exporting a slimmable model.
-
-    Raises:
-        ValueError: both ``width`` and ``channels``, or either given with a dense module.
-    """
-    if width is not None and channels is not None:
-        raise ValueError("give either width or channels, not both")
-    if is_dense(model):
-        if width is not None or channels is not None:
-            raise ValueError(
-                f"{type(model).__name__} is already dense (no slimmable layers); drop width/channels, or pass the "
-                "slimmable model instead"
-            )
-        return model
-    if channels is not None:
-        return export_channels(model, channels, fold_bn=fold_bn)
-    if width is None:
-        width = get_width(model)
-        if width is None:  # per-layer channels were set: export the current state
-            return export_channels(model, {}, fold_bn=fold_bn)
-    return export_width(model, width, fold_bn=fold_bn)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+# ---------------------------------------------------------------------------------------------------- ONNX
 
 
 def missing_onnx_packages(verify: bool = True) -> list[str]:
     """The packages ONNX export needs that are not installed: ``onnx`` (both exporters write with it), and
     ``onnxruntime`` to ``verify``. All are in the ``export`` extra; a plain ``pip install slimmable`` lacks them."""
-    wanted = ("onnx", "onnxruntime") if verify else ("onnx",)
-    return [m for m in wanted if importlib.util.find_spec(m) is None]
+    return ONNX.missing(verify)
 
 
 def require_onnx(verify: bool = True) -> None:
@@ -126,12 +77,7 @@ def require_onnx(verify: bool = True) -> None:
     Raises:
         ImportError: ``onnx`` (or ``onnxruntime`` with ``verify``) is not installed.
     """
-    missing = missing_onnx_packages(verify)
-    if missing:
-        raise ImportError(
-            f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'slimmable[export]' "
-            "(or export with --format pt / torchscript)"
-        )
+    ONNX.require(verify)
 
 
 def _pick_exporter(exporter: str) -> str:
@@ -155,8 +101,55 @@ def _pick_exporter(exporter: str) -> str:
     return "dynamo"
 
 
-def _output_scale(ref: torch.Tensor) -> float:
-    return max(1.0, float(ref.abs().max()))
+def write_onnx(
+    dense: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    *,
+    exporter: str = "auto",
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> dict[str, Any]:
+    """Write a dense classification module (eval mode) to ONNX, traced at ``example_input``.
+
+    One input ``input`` ``(N, C, H, W)`` (``N`` dynamic when ``dynamic_batch``), one output ``logits``.
+
+    Returns:
+        ``{"exporter": "dynamo" | "torchscript", "opset": int}``.
+    """
+    which = _pick_exporter(exporter)
+    opset = opset or _DEFAULT_OPSET[which]
+    if which == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+        torch.onnx.export(
+            dense,
+            (example_input,),
+            path,
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},) if dynamic_batch else None,
+            external_data=False,
+            verbose=False,
+        )
+    else:
+        with warnings.catch_warnings():
+            # The deprecation is documented above; the tracer warns about ShuffleNet's split-by-channels, whose
+            # channel count is static, so the trace is exact.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                dense,
+                (example_input,),
+                path,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+            )
+    return {"exporter": which, "opset": opset}
 
 
 def export_onnx(
@@ -204,51 +197,22 @@ def export_onnx(
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
     """
     require_onnx(verify)
-    if is_detector(model):
+    if _is_detection(model):
         return _export_detector(model, path, width, channels, input_size, opset, fold_bn, exporter, verify, atol)
     which = _pick_exporter(exporter)
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
     shape = input_shape(dense, 224 if input_size is None else input_size)
-    opset = opset or _DEFAULT_OPSET[which]
-    with _eval_mode(dense), atomic_path(path) as tmp:
+    with eval_mode(dense), atomic_path(path) as tmp:
         x = example_input(dense, shape, batch_size=2 if dynamic_batch else 1)
-        if which == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
-            torch.onnx.export(
-                dense,
-                (x,),
-                tmp,
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_shapes=({0: batch},) if dynamic_batch else None,
-                external_data=False,
-                verbose=False,
-            )
-        else:
-            with warnings.catch_warnings():
-                # The deprecation is documented above; the tracer warns about ShuffleNet's split-by-channels, whose
-                # channel count is static, so the trace is exact.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                torch.onnx.export(
-                    dense,
-                    (x,),
-                    tmp,
-                    dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    opset_version=opset,
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
-                )
+        info = write_onnx(dense, tmp, x, exporter=which, opset=opset, dynamic_batch=dynamic_batch)
         diff = None
         if verify:
-            batches = _VERIFY_BATCHES if dynamic_batch else (1,)
-            diff = verify_onnx(tmp, dense, [example_input(dense, shape, b, seed=10 + b) for b in batches], atol)
+            batches = VERIFY_BATCHES if dynamic_batch else (1,)
+            inputs = [example_input(dense, shape, b, seed=10 + b) for b in batches]
+            diff = verify_onnx(tmp, dense, inputs, atol, where=path)
     w = (getattr(dense, "export_info", None) or {}).get("width")
-    _logger.debug("wrote %s (%s exporter, opset %d, max diff %s)", path, which, opset, diff)
-    return ExportResult(Path(path), "onnx", w, diff, which, opset)
+    _logger.debug("wrote %s (%s exporter, opset %d, max diff %s)", path, info["exporter"], info["opset"], diff)
+    return ExportResult(Path(path), "onnx", w, diff, info["exporter"], info["opset"])
 
 
 def _export_detector(
@@ -263,8 +227,6 @@ def _export_detector(
     verify: bool,
     atol: float,
 ) -> ExportResult:
-    from .detection import export_detector_onnx
-
     if exporter == "dynamo":
         raise ValueError(
             "torchvision's detectors export with the TorchScript-based exporter only (the dynamo exporter does not "
@@ -275,10 +237,25 @@ def _export_detector(
     return export_detector_onnx(model, path, width=width, input_size=input_size, opset=opset, verify=verify, atol=atol)
 
 
+def load_onnx(path: str | os.PathLike[str], threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An onnxruntime CPU session for ``path`` as a function: a batch in, the first output out."""
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: torch.from_numpy(sess.run(None, {name: x.float().cpu().numpy()})[0])
+
+
 def verify_onnx(
-    path: str | os.PathLike[str], reference: nn.Module, inputs: Sequence[torch.Tensor], atol: float = 1e-4
+    path: str | os.PathLike[str],
+    reference: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    atol: float = 1e-4,
+    *,
+    where: str | os.PathLike[str] | None = None,
 ) -> float:
     """Run an ONNX file with onnxruntime (CPU) on ``inputs`` and compare with ``reference``.
+
+    Args:
+        where: the file to name in messages (default ``path``; an export verifies its temporary file).
 
     Returns:
         The largest absolute difference over all inputs.
@@ -290,33 +267,60 @@ def verify_onnx(
     try:
         import onnxruntime as ort
     except ImportError as err:
-        raise ImportError("verifying ONNX needs onnxruntime: pip install 'slimmable[export]'") from err
-    sess = ort_session(path)
-    worst = 0.0
-    with _eval_mode(reference), torch.no_grad():
-        for x in inputs:
-            ref = reference(x).float().cpu()
-            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.float().cpu().numpy()})[0])
-            if got.shape != ref.shape:
-                raise RuntimeError(f"{path}: onnxruntime gave shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
-            diff = float((got - ref).abs().max())
-            worst = max(worst, diff)
-            if diff > atol * _output_scale(ref):
-                raise RuntimeError(
-                    f"{path}: onnxruntime differs from PyTorch by {diff:.3g} at batch {x.shape[0]} "
-                    f"(allowed {atol:g} x output scale {_output_scale(ref):.3g}, onnxruntime {ort.__version__})"
-                )
-    return worst
+        raise ImportError(f"verifying ONNX needs onnxruntime: {ONNX.pip}") from err
+    return compare_outputs(
+        load_onnx(path), reference, inputs, atol, where=str(where or path), runtime=f"onnxruntime {ort.__version__}"
+    )
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default: torch's count)."""
-    import onnxruntime as ort
+ONNX = Exporter(
+    name="onnx",
+    suffix=".onnx",
+    title="ONNX",
+    runtime="onnxruntime",
+    write=write_onnx,
+    load=load_onnx,
+    requires=("onnx",),
+    runtime_requires=("onnxruntime",),
+    atol=1e-4,
+    detection=True,
+    export_fn=export_onnx,  # detectors, the exporter choice and a static batch: export_onnx's own path
+    description="ONNX graph (torch.onnx, dynamo exporter), checked with onnxruntime; detectors too",
+)
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+# ---------------------------------------------------------------------------------------------------- TorchScript
+
+
+def write_torchscript(dense: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor) -> None:
+    """Trace ``dense`` with ``torch.jit.trace`` and save it (the traced ``size`` ops keep the batch dynamic)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(dense, example_input, check_trace=False)
+        with open(path, "wb") as f:  # a file object: a full disk raises OSError, not an abort in torch's writer
+            torch.jit.save(traced, f)
+
+
+def load_torchscript(
+    path: str | os.PathLike[str], threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.jit.load`` on CPU, run without gradients (``threads``: ignored, torch's count applies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
+    return _no_grad(module)
+
+
+TORCHSCRIPT = Exporter(
+    name="torchscript",
+    suffix=".ts",
+    title="TorchScript",
+    runtime="torch.jit",
+    write=write_torchscript,
+    load=load_torchscript,
+    atol=1e-5,
+    description="torch.jit.trace (deprecated by PyTorch; C++/mobile runtimes still load it)",
+)
 
 
 def export_torchscript(
@@ -338,27 +342,68 @@ def export_torchscript(
     Raises:
         RuntimeError: the reloaded file differs from the module by more than ``atol`` at batch 1 or 3.
     """
-    dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    shape = input_shape(dense, input_size)
-    with _eval_mode(dense), atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices (see the module docstring)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(dense, example_input(dense, shape, batch_size=2), check_trace=False)
-        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not an abort in torch's writer
-            torch.jit.save(traced, f)
-        diff = None
-        if verify:
-            loaded = torch.jit.load(str(tmp), map_location="cpu")
-            diff = 0.0
-            for b in _VERIFY_BATCHES:
-                x = example_input(dense, shape, b, seed=20 + b)
-                ref = dense(x)
-                d = float((loaded(x.cpu()) - ref.cpu()).abs().max())
-                diff = max(diff, d)
-                if d > atol * _output_scale(ref):
-                    raise RuntimeError(f"{path}: the TorchScript module differs from PyTorch by {d:.3g} at batch {b}")
-    w = (getattr(dense, "export_info", None) or {}).get("width")
-    return ExportResult(Path(path), "torchscript", w, diff)
+    return TORCHSCRIPT.export(
+        model, path, width=width, channels=channels, input_size=input_size, fold_bn=fold_bn, verify=verify, atol=atol
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- torch.export
+
+
+def write_torch_export(dense: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor) -> None:
+    """``torch.export.export`` with a dynamic batch dimension, saved with ``torch.export.save``."""
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    program = torch.export.export(dense, (example_input,), dynamic_shapes=({0: batch},))
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
+def load_torch_export(
+    path: str | os.PathLike[str], threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.export.load(path).module()``, run without gradients (``threads``: ignored, torch's count applies)."""
+    with open(path, "rb") as f:  # a file object: torch.export.load wants a .pt2 name, an export checks a temporary
+        program = torch.export.load(f)
+    return _no_grad(program.module())
+
+
+TORCH_EXPORT = Exporter(
+    name="pt2",
+    suffix=".pt2",
+    title="torch.export",
+    runtime="torch.export",
+    write=write_torch_export,
+    load=load_torch_export,
+    atol=1e-5,
+    description="torch.export ExportedProgram (torch.export.save), PyTorch's successor to TorchScript",
+)
+
+# ---------------------------------------------------------------------------------------------------- pickled module
+
+
+def write_pickle(dense: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor | None = None) -> None:
+    """``torch.save({"format_version": 1, "model": dense, "export_info": ...})`` (``example_input``: unused)."""
+    info = dict(getattr(dense, "export_info", None) or {})
+    with open(path, "wb") as f:  # a file object: a full disk raises OSError naming the file (see atomic_path)
+        torch.save({"format_version": 1, "model": dense, "export_info": info}, f)
+
+
+def load_pickle(path: str | os.PathLike[str], threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Unpickle the module (only files you trust) and run it without gradients."""
+    return _no_grad(torch.load(path, map_location="cpu", weights_only=False)["model"].eval())
+
+
+PICKLE = Exporter(
+    name="pt",
+    suffix=".pt",
+    title="pickled module",
+    runtime="torch.load",
+    write=write_pickle,
+    load=load_pickle,
+    atol=1e-5,
+    detection=True,
+    description="the dense nn.Module pickled with torch.save (loads where slimmable is importable); detectors too",
+)
 
 
 def save_dense(
@@ -373,8 +418,14 @@ def save_dense(
 
     The file is a pickle of the module: load it with ``torch.load(path, weights_only=False)`` (only for files
     you trust) in an environment where ``slimmable`` is importable (the module keeps its model family's class).
+    Not verified (unpickling gives the same module); ``PICKLE.export(..., verify=True)`` runs it back.
     """
-    dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
-    info = dict(getattr(dense, "export_info", None) or {})
-    save_torch({"format_version": 1, "model": dense, "export_info": info}, path)
-    return ExportResult(Path(path), "pt", info.get("width"))
+    return PICKLE.export(model, path, width=width, channels=channels, fold_bn=fold_bn, verify=False)
+
+
+def _no_grad(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return run
