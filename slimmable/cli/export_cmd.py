@@ -7,9 +7,8 @@ import argparse
 from pathlib import Path
 
 from ..export import default_widths, export_bundle, get_exporter, list_exporters
-from ..export._io import spec_tag, width_tag
+from ..export._io import _is_detection, spec_tag, width_tag
 from ..search.autoslim import load_channel_spec
-from ..search.cost import is_detector
 from ._common import format_table, non_negative_int, parse_widths, positive_int
 from ._deploy import _load_model, add_model_args, describe_source
 
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     pre = loaded.preprocess or {}
     size = args.input_size or pre.get("image_size") or (32 if args.small_input else 224)
     out = Path(args.out)
-    if is_detector(model):
+    if _is_detection(model):
         _check_detector_args(args)
         size = args.input_size  # None: the side the detector resizes images to
     if args.bundle:

@@ -67,10 +67,11 @@ class ExportResult:
 
 
 def _is_detection(model: nn.Module) -> bool:
-    """Whether ``model`` is a detector. The export package asks only here, so that a task lookup can replace it."""
-    from ..search.cost import is_detector
+    """Whether ``model``'s task is detection (list-of-images input, ONNX through :mod:`.detection`): the export
+    package asks only here."""
+    from ..tasks import task_of
 
-    return is_detector(model)
+    return task_of(model).name == "detection"
 
 
 def width_tag(width: float) -> str:

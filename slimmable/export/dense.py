@@ -160,20 +160,23 @@ def prepare_dense(
     """
     if width is not None and channels is not None:
         raise ValueError("give either width or channels, not both")
+    from ..tasks import task_of
+
+    task = task_of(model)  # a tensor in, a tensor out: the task picks what a file computes
     if is_dense(model):
         if width is not None or channels is not None:
             raise ValueError(
                 f"{type(model).__name__} is already dense (no slimmable layers); drop width/channels, or pass the "
                 "slimmable model instead"
             )
-        return model
+        return task.export_module(model)
     if channels is not None:
-        return export_channels(model, channels, fold_bn=fold_bn)
+        return task.export_module(export_channels(model, channels, fold_bn=fold_bn))
     if width is None:
         width = get_width(model)
         if width is None:  # per-layer channels were set: export the current state
-            return export_channels(model, {}, fold_bn=fold_bn)
-    return export_width(model, width, fold_bn=fold_bn)
+            return task.export_module(export_channels(model, {}, fold_bn=fold_bn))
+    return task.export_module(export_width(model, width, fold_bn=fold_bn))
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._utils import unwrap_model
 from ..nn import get_widths, slim_modules, use_width
 from ..tasks import Inputs, task_of
-from ..tasks.detection import DETECTOR_PARTS, detector_image_size, detector_images, heads_at_capacity, is_detector
+from ..tasks.detection import DETECTOR_PARTS, detector_image_size, detector_images, heads_at_capacity
 
 __all__ = [
     "DETECTOR_PARTS",
@@ -40,7 +40,6 @@ __all__ = [
     "detector_image_size",
     "detector_images",
     "heads_at_capacity",
-    "is_detector",
     "measure_latency",
     "profile_widths",
 ]

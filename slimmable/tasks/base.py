@@ -251,6 +251,11 @@ class Task:
         """The names of an exported graph's outputs."""
         return ["logits"]
 
+    def export_module(self, dense: nn.Module) -> nn.Module:
+        """The module an export writes, from a model's dense form: a tensor in, a tensor out (default: the dense
+        model itself). A task whose models return a dict picks the output that deployment needs."""
+        return dense
+
 
 def cost_cells(row: Mapping[str, Any]) -> tuple[str, str, str]:
     """A report row's MACs (M), parameters (M) and latency (ms) cells (``-``: not measured)."""

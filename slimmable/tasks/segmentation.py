@@ -20,7 +20,7 @@ from torch import nn
 from .._utils import unwrap_model
 from .base import COST_HEADERS, Objective, Task, cost_cells, with_options
 
-__all__ = ["MASK_FORMATS", "SegmentationObjective", "SegmentationTask", "encode_mask"]
+__all__ = ["MASK_FORMATS", "OutLogits", "SegmentationObjective", "SegmentationTask", "encode_mask"]
 
 #: how the server encodes a class map: a PNG of class indices (base64), or COCO RLE per class present
 MASK_FORMATS = ("png", "rle")
@@ -197,7 +197,29 @@ class SegmentationTask(Task):
         return out
 
     def output_names(self, model: nn.Module) -> list[str]:
-        return ["out", "aux"] if getattr(unwrap_model(model), "aux_classifier", None) is not None else ["out"]
+        return ["out"]
+
+    def export_module(self, dense: nn.Module) -> nn.Module:
+        return dense if isinstance(dense, OutLogits) else OutLogits(dense)
+
+
+class OutLogits(nn.Module):
+    """A segmenter whose forward returns its ``out`` logits ``(N, K, H, W)`` only: what an exported file computes
+    (the auxiliary head is for training; it is not run)."""
+
+    def __init__(self, segmenter: nn.Module) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.slimmable_task = "segmentation"
+        for key in ("model_name", "model_kwargs"):
+            if hasattr(segmenter, key):
+                setattr(self, key, getattr(segmenter, key))
+        inner = unwrap_model(segmenter)
+        if getattr(inner, "aux_classifier", None) is not None:
+            inner.aux_classifier = None  # torchvision's segmenters skip the aux head when it is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(x)["out"]
 
 
 def encode_mask(class_map: torch.Tensor, fmt: str = "png") -> dict[str, Any]:

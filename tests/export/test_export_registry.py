@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,7 +87,9 @@ def test_verify_detects_another_width(name, build, tmp_path):
 
 def test_openvino_keeps_float32_weights_and_tensor_names(build, tmp_path):
     target = _target("openvino")
-    import openvino as ov
+    from slimmable.export.openvino_ir import import_openvino
+
+    ov = import_openvino()
 
     def weight_types(path):
         ir = ov.Core().read_model(str(path))
@@ -220,3 +224,19 @@ def test_every_model_exports_at_its_narrowest_width(name, build, widths_of, tmp_
             ref = _slim_out(model, w, x)
             got = target.load(res.path)(x)
             torch.testing.assert_close(got, ref, atol=target.atol * max(1, float(ref.abs().max())), rtol=0)
+
+
+def test_openvino_is_imported_with_its_usage_statistics_declined(tmp_path):
+    """OpenVINO sends usage statistics on import unless declined; slimmable imports it declined, restoring the
+    environment, and writes nothing into the user's home."""
+    pytest.importorskip("openvino")
+    code = (
+        "import os; os.environ.pop('CI', None); "
+        "from slimmable.export.openvino_ir import import_openvino; import_openvino(); "
+        "import openvino_telemetry as tm; print(tm.Telemetry().consent, 'CI' in os.environ)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    assert not (tmp_path / "intel").exists()
