@@ -126,7 +126,9 @@ class DataConfig:
             (synthetic COCO-format scenes of real Fashion-MNIST items, generated once into the data cache, see
             :mod:`slimmable.data.scenes`) or ``coco`` (COCO-format data: ``root/annotations/instances_{train,val}2017
             .json`` with ``root/{train,val}2017/``, or ``root/{train,test}/annotations.json`` with the images they
-            name).
+            name); for segmenters also ``mask_folder`` (``root/{train,test}/images/`` and ``masks/`` PNGs of class
+            indices, see :mod:`slimmable.data.segmentation`). Which task a dataset serves is the model's:
+            :mod:`slimmable.tasks`.
         root: the dataset folder. ``None`` is allowed for Fashion-MNIST only (Debian's
             ``/usr/share/datasets/fashion-mnist``, else a torchvision download).
         download: Fashion-MNIST: download with torchvision when no local copy is found.

@@ -104,3 +104,24 @@ def test_served_class_maps_equal_the_model(trained: Path) -> None:
         assert (torch.from_numpy(decoded) != ref[0]).float().mean() < 0.01
     with pytest.raises(ValueError, match="mask_format 'gif' is not one of png, rle"):
         server.predict(x, {"mask_format": "gif"}, 0.0)
+
+
+def test_a_mask_folder_trains_through_the_task(tmp_path: Path) -> None:
+    """`mask_folder` data (images/ + masks/ PNGs, classes.txt): the task builds it, a segmenter trains on it and the
+    report covers every width."""
+    from fake_data import write_segmentation_folder
+
+    from slimmable.train import train_from_config
+
+    root = write_segmentation_folder(tmp_path / "masks", num_classes=4, n_train=8, n_test=4, size=(32, 32))
+    recipe = {
+        "model": {"name": "slim_lraspp_mobilenet_v2", "widths": [0.5, 1.0]},
+        "data": {"dataset": "mask_folder", "root": str(root), "augment": "none", "image_size": 32, "batch_size": 4},
+        "train": {"epochs": 1, "seed": 0, "amp": "off", "channels_last": False},
+    }
+    cfg = RunConfig.from_dict(recipe)
+    task = create_task(cfg)
+    data = task.load_data(cfg, tmp_path / "cache")
+    assert task.name == "segmentation" and data.num_classes == 4 and data.in_chans == 3 and len(data.train) == 8
+    result = train_from_config(cfg, tmp_path / "run", device="cpu", latency_runs=0, tensorboard=False)
+    assert [r["width"] for r in result.report] == [0.5, 1.0] and all(r["images"] == 4 for r in result.report)
