@@ -125,3 +125,23 @@ def test_a_mask_folder_trains_through_the_task(tmp_path: Path) -> None:
     assert task.name == "segmentation" and data.num_classes == 4 and data.in_chans == 3 and len(data.train) == 8
     result = train_from_config(cfg, tmp_path / "run", device="cpu", latency_runs=0, tensorboard=False)
     assert [r["width"] for r in result.report] == [0.5, 1.0] and all(r["images"] == 4 for r in result.report)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_writes_the_out_logits_per_width(trained: Path, tmp_path: Path, fmt: str) -> None:
+    """`slimmable export` writes each width of a segmenter as a file computing its `out` logits (verified by the
+    command against the slim model); the file run here gives the checkpoint model's logits."""
+    from slimmable.export import get_exporter
+
+    out = tmp_path / "exp"
+    assert main(["export", "--checkpoint", str(trained / "best.pt"), "--out", str(out), "--format", fmt]) == 0
+    model = load_model(trained / "best.pt").model.eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    exporter = get_exporter(fmt)
+    for w, name in ((0.5, "w0.5"), (1.0, "w1")):
+        (path,) = out.glob(f"*_{name}{exporter.suffix}")
+        run = exporter.load(path)
+        slimmable.set_width(model, w)
+        with torch.no_grad():
+            ref = model(x)["out"]
+        torch.testing.assert_close(run(x), ref, atol=1e-4, rtol=1e-4)
