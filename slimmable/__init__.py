@@ -4,6 +4,7 @@ from .convert import convert
 from .models import create_model, list_models
 from .models.torchvision_weights import load_torchvision_weights
 from .nn import get_channels, get_width, get_widths, set_channels, set_width, use_width
+from .tasks import task_of
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "load_torchvision_weights",
     "set_channels",
     "set_width",
+    "task_of",
     "use_width",
 ]
