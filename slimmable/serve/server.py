@@ -31,6 +31,14 @@ Routes:
   ``pycocotools.mask.decode`` reads it) for Mask R-CNN, and ``"keypoints"`` ``[[x, y, visible], ...]`` with
   ``"keypoint_scores"`` for Keypoint R-CNN. ``min_score`` (a request field) drops detections scoring below it.
 
+  A segmenter takes ``(N, C, H, W)`` at the calibrated size (an encoded image is resized whole to it, in [0, 1],
+  no crop) and answers ``"masks"``: per image ``{"size": [H, W], "classes": [present class indices],
+  "class_names"?, "mask"}`` with the class map as ``{"format": "png", "data": base64 8-bit PNG of class indices}``,
+  or with ``mask_format=rle`` ``{"format": "rle", "rle": {class: COCO RLE}}``.
+
+  What differs per task (decoding, request fields, the answer) is the model's task's
+  (:class:`slimmable.tasks.Task`); the server itself is the same for all.
+
 Bad requests get a 4xx JSON ``{"error": message, "status": code}``; an unexpected failure a 500. Either way the
 server keeps serving.
 
