@@ -30,11 +30,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve predictions over HTTP on a loopback address. POST /predict takes an image (raw bytes, "
         "multipart, or base64 in JSON) or a JSON tensor, plus width=W or budget_ms=B; the answer carries the top-k "
         "classes (a detector: boxes, labels, scores, masks as COCO RLE, keypoints), the width used and the time "
-        "taken. GET /info shows the calibrated latency per width.",
+        "taken. GET /info shows the calibrated latency per width. The Open Inference Protocol (KServe V2, Triton's "
+        "HTTP API, e.g. tritonclient.http) is served under /v2: one model version per width (the width x 100: "
+        "version 50 runs width 0.5), or parameters width / latency_budget_ms.",
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1; no others)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--name",
+        help="the model's name in the V2 routes, /v2/models/NAME (default: its registered name, e.g. "
+        "slim_mobilenet_v2)",
+    )
     p.add_argument("--serve-widths", help="comma-separated widths to serve (default: all, at most 8 for US models)")
     p.add_argument(
         "--input-size", type=positive_int, help="input side (default: checkpoint's, else 224; 32 with --small-input)"
@@ -81,6 +88,8 @@ def _check_args(args: argparse.Namespace, host: str) -> None:
         raise ValueError(f"--max-concurrency {args.max_concurrency} must be >= 1, or 0 for no limit")
     if not args.request_timeout > 0:
         raise ValueError(f"--request-timeout {args.request_timeout} must be a positive number of seconds")
+    if args.name is not None and (not args.name or "/" in args.name or args.name != args.name.strip()):
+        raise ValueError(f"--name {args.name!r} must be a non-empty name without '/' or surrounding spaces")
     if args.port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -138,14 +147,14 @@ def run(args: argparse.Namespace) -> int:
     )
     server = PredictionServer(
         runner, host, args.port, labels=labels, mean=pre.get("mean"), std=pre.get("std"), resize=pre.get("eval_resize"),
-        request_timeout=args.request_timeout, max_decodes=args.max_concurrency or None,
+        request_timeout=args.request_timeout, max_decodes=args.max_concurrency or None, model_name=args.name,
     )  # fmt: skip
     # SIGTERM stops the server like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: shells start background jobs that way
         print(f"SIGINT is ignored in this process (started in the background?): stop it with kill {os.getpid()}")
     try:  # a Ctrl-C right after the line below still stops cleanly
-        routes = "POST /predict, GET /info, GET /health"
+        routes = f"POST /predict, GET /info, GET /health; V2 protocol as model {server.v2.name!r} under /v2"
         print(f"serving {loaded.name} at {server.url} ({routes}); Ctrl-C stops", flush=True)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -39,8 +39,12 @@ Routes:
   What differs per task (decoding, request fields, the answer) is the model's task's
   (:class:`slimmable.tasks.Task`); the server itself is the same for all.
 
-Bad requests get a 4xx JSON ``{"error": message, "status": code}``; an unexpected failure a 500. Either way the
-server keeps serving.
+The Open Inference Protocol (KServe V2, Triton's HTTP API: what ``tritonclient.http`` speaks) is served next to
+these routes, under ``/v2`` (:mod:`slimmable.serve.v2`): server and model metadata, health, and ``POST
+/v2/models/{name}[/versions/{v}]/infer`` with JSON or binary tensors, a version per width.
+
+Bad requests get a 4xx JSON ``{"error": message, "status": code}`` (V2 routes: ``{"error": message}``); an
+unexpected failure a 500. Either way the server keeps serving.
 
 Bounds (see ``docs/reliability.md``): the listen backlog holds a burst of ``backlog`` (256) connections; an idle or
 stalled connection is closed after ``request_timeout`` seconds; at most ``max_decodes`` images decode at once, and
@@ -77,6 +81,7 @@ from ._decode import (
     image_pixels,
     number_param,
 )
+from .v2 import OpenInferenceProtocol, Reply, error_reply
 
 __all__ = ["BadRequest", "PredictionServer", "check_loopback"]
 
@@ -132,9 +137,12 @@ class PredictionServer(ThreadingHTTPServer):
         max_pixels_in_flight: decoded pixels held at once over all requests (an image is sized from its header
             before decoding); a request that does not fit gets 503 with ``Retry-After``. ``None``: no bound.
         max_body_bytes_in_flight: request-body bytes held at once; likewise 503 beyond it. ``None``: no bound.
+        model_name: the model's name in the V2 routes (``/v2/models/{model_name}``); default: the runner's
+            :attr:`~slimmable.runtime.SlimmableRunner.name` (the registry name).
 
     Raises:
-        ValueError: ``host`` is not a loopback address, or a bound is not positive.
+        ValueError: ``host`` is not a loopback address, a bound is not positive, or ``model_name`` cannot be a URL
+            path segment.
         OSError: the port is taken.
     """
 
@@ -163,6 +171,7 @@ class PredictionServer(ThreadingHTTPServer):
         max_decodes: int | None = None,
         max_pixels_in_flight: int | None = 2 * MAX_IMAGE_PIXELS,
         max_body_bytes_in_flight: int | None = 256 << 20,
+        model_name: str | None = None,
     ) -> None:
         addr = check_loopback(host)
         if backlog < 1 or (max_decodes is not None and max_decodes < 1):
@@ -181,6 +190,8 @@ class PredictionServer(ThreadingHTTPServer):
         self.max_body_bytes = int(max_body_bytes)
         self.max_batch = int(max_batch)
         self.mean, self.std, self.resize = mean, std, resize
+        #: the Open Inference Protocol (V2) routes
+        self.v2 = OpenInferenceProtocol(runner, model_name if model_name is not None else runner.name, max_batch)
         self._thread: threading.Thread | None = None
         self._open: set[socket.socket] = set()  # connections being served (shut down on close)
         self._open_lock = threading.Lock()
@@ -300,24 +311,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
-        if path == "/health":
+        if self.server.v2.owns(path):
+            try:
+                reply = self.server.v2.get(path)
+            except Exception as err:  # keep serving whatever happens in one request
+                _logger.exception("internal error answering %s", self.path)
+                reply = error_reply(BadRequest(f"internal error: {type(err).__name__}: {err}", 500))
+            self._send_reply(reply)
+        elif path == "/health":
             self._send(200, {"status": "ok"})
         elif path == "/info":
             info = self.server.runner.info()
             info["labels"] = len(self.server.labels) if self.server.labels is not None else None
             self._send(200, info)
         elif path == "/":
-            self._send(200, {"routes": ["GET /health", "GET /info", "POST /predict"]})
+            self._send(200, {"routes": ["GET /health", "GET /info", "POST /predict", *_V2_ROUTES]})
         else:
-            self._send(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict"})
+            self._send(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
 
     def do_POST(self) -> None:
         t0 = time.perf_counter()
         split = urlsplit(self.path)
+        v2 = self.server.v2
+        is_v2 = v2.owns(split.path)
         try:
-            if split.path != "/predict":
+            version = None
+            if is_v2:
+                try:
+                    version = v2.infer_version(split.path)
+                except BadRequest:
+                    self.close_connection = True  # the body is not read
+                    raise
+            elif split.path != "/predict":
                 self.close_connection = True  # the body is not read
-                raise BadRequest(f"no route POST {split.path}; use POST /predict", 404)
+                raise BadRequest(f"no route POST {split.path}; use POST /predict (or the V2 routes under /v2)", 404)
             n = self._body_length()
             try:
                 reservation = self.server.body_budget.reserve(n)
@@ -325,13 +352,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the body is not read
                 raise
             with reservation:
-                x, params = self._parse(self._read_body(n), dict(parse_qsl(split.query)))
-            self._send(200, self.server.predict(x, params, t0))
+                if is_v2:
+                    request = v2.parse(version, self._read_body(n), self.headers)
+                else:
+                    x, params = self._parse(self._read_body(n), dict(parse_qsl(split.query)))
+            if is_v2:
+                self._send_reply(v2.infer(request, t0))
+            else:
+                self._send(200, self.server.predict(x, params, t0))
         except BadRequest as err:
-            self._send(err.status, {"error": str(err), "status": err.status}, err.headers)
+            if is_v2:
+                self._send_reply(error_reply(err))
+            else:
+                self._send(err.status, {"error": str(err), "status": err.status}, err.headers)
         except Exception as err:  # keep serving whatever happens in one request
             _logger.exception("internal error answering %s", self.path)
-            self._send(500, {"error": f"internal error: {type(err).__name__}: {err}", "status": 500})
+            message = f"internal error: {type(err).__name__}: {err}"
+            self._send(500, {"error": message} if is_v2 else {"error": message, "status": 500})
 
     def _body_length(self) -> int:
         length = self.headers.get("Content-Length")
@@ -402,16 +439,30 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _send(self, status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._send_bytes(status, json.dumps(payload).encode(), {**(headers or {}), "Content-Type": "application/json"})
+
+    def _send_reply(self, reply: Reply) -> None:
+        self._send_bytes(reply.status, reply.body, reply.headers)
+
+    def _send_bytes(self, status: int, data: bytes, headers: Mapping[str, str]) -> None:
+        """Send ``data`` with ``headers`` (``Content-Type`` among them) and its ``Content-Length``."""
         self.send_response(status)
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+_V2_ROUTES = [
+    "GET /v2",
+    "GET /v2/health/live",
+    "GET /v2/health/ready",
+    "GET /v2/models/{name}[/versions/{version}][/ready]",
+    "POST /v2/models/{name}[/versions/{version}]/infer",
+]
 
 
 def _parse_multipart(content_type: str, body: bytes) -> tuple[bytes | None, dict[str, str]]:

@@ -245,6 +245,21 @@ class Task:
         """The JSON answer's :attr:`answer_field` list: one entry per input item."""
         raise NotImplementedError
 
+    def v2_outputs(self, model: nn.Module, output: Any) -> list[tuple[str, str, torch.Tensor]]:
+        """The model's output as the named tensors of the Open Inference Protocol (KServe V2, Triton HTTP):
+        ``(name, datatype, tensor)`` each, the batch first, ``datatype`` a V2 name (``FP32``, ``INT64``, ...; see
+        :data:`slimmable.serve.v2.DATATYPES`). Default: the output itself, named ``output_names(model)[0]`` (a
+        classifier's ``logits`` ``(N, num_classes)``).
+
+        Args:
+            model: the dense copy that ran.
+            output: what it returned for a batch.
+
+        Raises:
+            slimmable.serve.BadRequest: the task's models are not served over V2 (the server answers its status).
+        """
+        return [(self.output_names(model)[0], "FP32", output)]
+
     # -- export -----------------------------------------------------------------------------------------------------
 
     def output_names(self, model: nn.Module) -> list[str]:

@@ -278,6 +278,16 @@ class DetectionTask(Task):
     def answer(self, output: Any, options: Mapping[str, Any], labels: Sequence[str] | None, top_k: int) -> list:
         return [_detections(d, float(options.get("min_score") or 0.0), labels) for d in output]
 
+    def v2_outputs(self, model: nn.Module, output: Any) -> list[tuple[str, str, torch.Tensor]]:
+        """Not supported yet: a detector's outputs vary in length per image, which V2 tensors with one batch
+        dimension do not hold (the server answers 400)."""
+        from ..serve._decode import BadRequest
+
+        raise BadRequest(
+            "detectors are not supported over the V2 inference protocol yet (their boxes, labels and scores vary in "
+            "number per image); use POST /predict, which answers them as JSON"
+        )
+
     def output_names(self, model: nn.Module) -> list[str]:
         from ..export.detection import detector_output_names
 

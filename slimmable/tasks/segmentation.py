@@ -199,6 +199,12 @@ class SegmentationTask(Task):
     def output_names(self, model: nn.Module) -> list[str]:
         return ["out"]
 
+    def v2_outputs(self, model: nn.Module, output: Any) -> list[tuple[str, str, torch.Tensor]]:
+        """``out``: the logits ``FP32 (N, K, H, W)`` (what an export computes); ``class_map``: their argmax over
+        classes, ``INT64 (N, H, W)`` (class indices, as torch's argmax gives them)."""
+        logits = output["out"] if isinstance(output, Mapping) else output
+        return [(self.output_names(model)[0], "FP32", logits), ("class_map", "INT64", logits.argmax(dim=1))]
+
     def export_module(self, dense: nn.Module) -> nn.Module:
         return dense if isinstance(dense, OutLogits) else OutLogits(dense)
 

@@ -86,15 +86,17 @@ def _post_json(port: int, payload: dict) -> tuple[int, dict]:
 def test_serve_command_starts_answers_and_stops(tmp_path):
     args = [
         "--model", "slim_mobilenet_v1", "--num-classes", "10", "--small-input", "--calibration-seconds", "0.3",
-        "--latency-cache", str(tmp_path / "lat.json"), "--retain-freed-memory",
+        "--latency-cache", str(tmp_path / "lat.json"), "--retain-freed-memory", "--name", "mnet",
     ]  # fmt: skip
     with _serving(args) as (port, text):
-        assert "RANDOM WEIGHTS" in text and "calibrated latency" in text
+        assert "RANDOM WEIGHTS" in text and "calibrated latency" in text and "V2 protocol as model 'mnet'" in text
         assert "allocator: freed memory is retained" in text or "allocator: not glibc" in text
         info = _get(port, "/info")
         assert info["model"] == "slim_mobilenet_v1" and info["widths"] == [0.25, 0.5, 0.75, 1.0]
         status, answer = _post_json(port, {"tensor": [[[0.0] * 32] * 32] * 3, "budget_ms": 1e4})
         assert status == 200 and answer["width"] == 1.0
+        meta = _get(port, "/v2/models/mnet")  # --name names the model in the V2 routes
+        assert meta["name"] == "mnet" and meta["versions"] == ["25", "50", "75", "100"]
     assert (tmp_path / "lat.json").is_file()
     if "freed memory is retained" in text:  # latencies measured under each allocator are cached apart
         assert "malloc=retained" in (tmp_path / "lat.json").read_text()
@@ -158,6 +160,7 @@ def test_serve_refuses_bad_numbers_and_a_taken_port_before_loading(capsys):
             ("--port", "70000"): "--port 70000 is not a TCP port; give 1-65535, or 0",
             ("--threads", "-3"): "--threads -3 must be >= 1",
             ("--request-timeout", "0"): "--request-timeout 0.0 must be a positive number",
+            ("--name", "a/b"): "--name 'a/b' must be a non-empty name without '/'",
         }
         for extra, message in cases.items():
             t0 = time.monotonic()
