@@ -103,6 +103,6 @@ def print_outputs(out_dir: Path, tensorboard: bool = True) -> None:
     print(f"  best checkpoint  {out_dir / 'best.pt'}")
     print(f"  last checkpoint  {out_dir / 'last.pt'}")
     print(f"  metrics          {out_dir / 'final_metrics.json'} (.csv), {out_dir / 'history.json'}")
-    print(f"  plot             {out_dir / 'accuracy_vs_macs.png'} (top-1 or box AP vs MACs per width)")
+    print(f"  plot             {out_dir / 'accuracy_vs_macs.png'} (the task's metric vs MACs per width)")
     if tensorboard and (out_dir / "tb").exists():
         print(f"  TensorBoard      tensorboard --logdir {out_dir / 'tb'}")
