@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "no limit)",
     )
     p.add_argument(
+        "--width-policy",
+        choices=("load_aware", "static"),
+        default="load_aware",
+        help="how a budget picks the width: load_aware (default) runs the widest width whose predicted completion, "
+        "the wait behind the requests ahead included, fits the budget counted from arrival; static the widest whose "
+        "own calibrated latency fits, whatever the queue",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=30.0,
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         cache_path=None if args.latency_cache.lower() == "none" else args.latency_cache,
         name=loaded.name,
         max_concurrency=args.max_concurrency or None,
+        policy=args.width_policy,
     )
     src = "cache " + str(runner.cache_path) if runner.calibrated_from_cache else "measured"
     print(f"calibrated latency ({src}, {runner.calibration_seconds:.2f} s, {torch.get_num_threads()} threads):")

@@ -1,7 +1,18 @@
-"""Run-time width switching: :class:`SlimmableRunner` picks the widest width that fits a latency budget;
-:func:`retain_freed_memory` tunes glibc's allocator for CPU inference."""
+"""Run-time width switching: :class:`SlimmableRunner` picks the widest width that fits a latency budget, the wait
+behind the requests ahead included (:mod:`slimmable.runtime.policy`); :func:`retain_freed_memory` tunes glibc's
+allocator for CPU inference."""
 
 from .allocator import freed_memory_retained, retain_freed_memory
+from .policy import Admission, LoadAwarePolicy, StaticPolicy, WidthPolicy
 from .runner import RunResult, SlimmableRunner
 
-__all__ = ["RunResult", "SlimmableRunner", "freed_memory_retained", "retain_freed_memory"]
+__all__ = [
+    "Admission",
+    "LoadAwarePolicy",
+    "RunResult",
+    "SlimmableRunner",
+    "StaticPolicy",
+    "WidthPolicy",
+    "freed_memory_retained",
+    "retain_freed_memory",
+]

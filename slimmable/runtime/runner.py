@@ -11,10 +11,22 @@ as an unslimmed classifier, are stored once); :meth:`SlimmableRunner.memory_byte
 
 Latency. Start-up calibration measures the median latency of every width at each batch size (interleaved
 rounds, bounded by ``calibration_s``) and caches it in a JSON file keyed by model, architecture, input shape,
-batch size, device, thread count and torch version. A budgeted call picks the widest width whose estimate fits.
-Estimates adapt to drift (another process loading the CPU, thermal throttling): every call's measured latency
-updates an exponential moving average of ``measured / calibrated``, one factor shared by all widths, so a slowdown
-seen at one width also lowers the choice at the others, and the factor recovers when the load goes away.
+batch size, device, thread count and torch version. Estimates adapt to drift (another process loading the CPU,
+thermal throttling): every call's measured latency updates an exponential moving average of ``measured /
+calibrated``, one factor shared by all widths, so a slowdown seen at one width also lowers the choice at the
+others, and the factor recovers when the load goes away.
+
+Budgets under load. A budget counts from the request's arrival, and under load the wait behind other requests
+dominates. So by default (``policy="load_aware"``, :class:`~slimmable.runtime.policy.LoadAwarePolicy`) a budgeted
+call runs the widest width whose predicted *completion* fits: the time it already spent before the runner
+(``waited_ms``, e.g. decoding), plus the predicted remaining work of the requests admitted ahead of it (running or
+waiting for a slot, each at the width chosen for it) divided by the parallelism (``max_concurrency``, 1 without a
+limit), plus its own drift-adjusted latency. The queue prediction is corrected online by the ratio of moving
+averages of observed to predicted queueing delay. When no width fits, the narrowest runs (``predicted_met`` and,
+almost surely, ``budget_met`` are then ``False``); a call is never refused for load. ``policy="static"`` keeps the
+earlier rule: the widest width whose own estimate fits, whatever the queue. Either way a budget below the
+narrowest width's *calibrated* latency is an error: no load makes it feasible. Each :class:`RunResult` reports the
+predicted and measured queueing delay next to the predicted and measured latency.
 
 Detectors. A slimmable torchvision R-CNN detector (:mod:`slimmable.models.detection`) is served the same way:
 the dense copies are plain torchvision detectors (:func:`slimmable.export.export_width`), a call takes a list of
@@ -52,6 +64,7 @@ from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import width_key
 from ..tasks import task_of
 from .allocator import freed_memory_retained
+from .policy import POLICIES, Admission, WidthPolicy, make_policy
 
 __all__ = ["RunResult", "SlimmableRunner"]
 
@@ -72,7 +85,12 @@ class RunResult:
         width: the width that ran.
         latency_ms: measured wall time of the forward pass (excludes waiting for a concurrency slot).
         predicted_ms: the drift-adjusted estimate for this width and batch size (``None`` before calibration).
-        budget_ms: the requested budget, if any.
+        budget_ms: the requested budget, if any, counted from the request's arrival.
+        queue_ms: measured time between the call and the start of the forward pass (waiting for a slot).
+        predicted_queue_ms: the queueing delay the width policy predicted (``None`` before calibration).
+        waited_ms: time the request had spent before the call (the caller's ``waited_ms``).
+        predicted_met: whether the policy predicted the budget met (``None`` without a budget); ``False`` when no
+            width fitted and the narrowest ran.
     """
 
     output: Any
@@ -80,11 +98,21 @@ class RunResult:
     latency_ms: float
     predicted_ms: float | None
     budget_ms: float | None
+    queue_ms: float = 0.0
+    predicted_queue_ms: float | None = None
+    waited_ms: float = 0.0
+    predicted_met: bool | None = None
+
+    @property
+    def total_ms(self) -> float:
+        """Measured time from the request's arrival to the end of its forward pass: waited + queue + latency."""
+        return self.waited_ms + self.queue_ms + self.latency_ms
 
     @property
     def budget_met(self) -> bool | None:
-        """Whether the measured latency fitted the budget (``None`` without a budget)."""
-        return None if self.budget_ms is None else self.latency_ms <= self.budget_ms
+        """Whether the request finished within its budget, counted from arrival (:attr:`total_ms`; ``None``
+        without a budget)."""
+        return None if self.budget_ms is None else self.total_ms <= self.budget_ms
 
 
 class SlimmableRunner:
@@ -93,7 +121,7 @@ class SlimmableRunner:
     Example:
         >>> runner = SlimmableRunner(create_model("slim_mobilenet_v2"), input_size=224)
         >>> logits = runner(x, width=0.5)
-        >>> result = runner.run(x, budget_ms=8.0)  # result.width, result.latency_ms
+        >>> result = runner.run(x, budget_ms=8.0)  # result.width, result.latency_ms, result.predicted_queue_ms
 
     Args:
         model: a slimmable model (not modified; the runner keeps dense copies).
@@ -112,9 +140,12 @@ class SlimmableRunner:
         drift_alpha: weight of each new observation in the drift factor's moving average, in (0, 1].
         max_concurrency: at most this many forward passes at once (others wait); ``None`` for no limit.
         clock: a ``perf_counter``-like function returning seconds (tests inject a fake clock).
+        policy: how a budget picks the width: ``"load_aware"`` (default; the predicted wait behind the requests
+            ahead counts, see the module docstring) or ``"static"`` (the widest width whose own estimate fits).
 
     Raises:
-        ValueError: a width the model cannot run, empty ``batch_sizes``, or a bad ``drift_alpha``.
+        ValueError: a width the model cannot run, empty ``batch_sizes``, a bad ``drift_alpha``, or an unknown
+            ``policy``.
     """
 
     def __init__(
@@ -133,6 +164,7 @@ class SlimmableRunner:
         drift_alpha: float = 0.2,
         max_concurrency: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        policy: str = "load_aware",
     ) -> None:
         src = unwrap_model(model)
         if not 0 < drift_alpha <= 1:
@@ -142,6 +174,9 @@ class SlimmableRunner:
             raise ValueError(f"batch_sizes {tuple(batch_sizes)} must hold positive ints, e.g. (1, 8)")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency {max_concurrency!r} must be a positive int or None")
+        if policy not in POLICIES:
+            known = ", ".join(repr(n) for n in POLICIES)
+            raise ValueError(f"width policy {policy!r} is not known; use one of {known} (default 'load_aware')")
         ws = sorted({width_key(w) for w in (widths if widths is not None else default_widths(src))})
         p = next(iter(src.parameters()))
         self.device = torch.device(device) if device is not None else p.device
@@ -170,6 +205,15 @@ class SlimmableRunner:
         self._observations = 0
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        #: the width policy that budgeted calls go through (:mod:`slimmable.runtime.policy`)
+        self.policy: WidthPolicy = make_policy(
+            policy,
+            self._widths,
+            self._policy_estimate,
+            parallelism=max_concurrency or 1,
+            alpha=drift_alpha,
+            clock=clock,
+        )
         self.calibration_seconds: float | None = None
         self.calibrated_from_cache = False
         if calibrate:
@@ -226,6 +270,7 @@ class SlimmableRunner:
             self._base = base
             self._drift = 1.0
             self._observations = 0
+        self.policy.reset_correction()
         self.calibrated_from_cache = not missing
         if missing and self.cache_path is not None:
             self._write_cache({self._cache_key(b): base[b] for b in missing})
@@ -268,6 +313,7 @@ class SlimmableRunner:
             self._base = base
             self._drift = 1.0
             self._observations = 0
+        self.policy.reset_correction()
 
     @torch.inference_mode()
     def _measure(self, batch_size: int, seconds: float) -> dict[float, float]:
@@ -381,7 +427,8 @@ class SlimmableRunner:
         return {w: self.estimate(w, batch_size) for w in self._widths}
 
     def select_width(self, budget_ms: float, batch_size: int = 1) -> tuple[float, float]:
-        """The widest width whose expected latency fits ``budget_ms``, and that expectation.
+        """The widest width whose expected latency fits ``budget_ms``, and that expectation, ignoring the queue
+        (the ``"static"`` policy's choice for an idle runner; :meth:`run` asks :attr:`policy`).
 
         A budget below the fastest width's *calibrated* latency can never be met and is an error. When drift
         makes every width too slow for a feasible budget, the fastest width is chosen (best effort; the
@@ -391,6 +438,16 @@ class SlimmableRunner:
             ValueError: ``budget_ms`` is not a positive number, or below the fastest width's calibrated latency.
             RuntimeError: the runner is not calibrated.
         """
+        base = self._check_budget(budget_ms, batch_size)
+        fastest = min(base, key=base.__getitem__)
+        drift = self._drift
+        for w in reversed(self._widths):
+            if base[w] * drift <= budget_ms:
+                return w, base[w] * drift
+        return fastest, base[fastest] * drift
+
+    def _check_budget(self, budget_ms: float, batch_size: int) -> dict[float, float]:
+        """The calibrated latencies at ``batch_size``, once ``budget_ms`` is known to be feasible on an idle runner."""
         if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)):
             raise ValueError(f"budget_ms must be a number of milliseconds such as 10.0, got {budget_ms!r}")
         if not math.isfinite(budget_ms) or budget_ms <= 0:
@@ -403,11 +460,12 @@ class SlimmableRunner:
                 f"at batch {batch_size} on {self.device} (calibrated). Use a budget of at least "
                 f"{base[fastest]:.3g} ms" + (", or a smaller batch" if batch_size > 1 else "")
             )
-        drift = self._drift
-        for w in reversed(self._widths):
-            if base[w] * drift <= budget_ms:
-                return w, base[w] * drift
-        return fastest, base[fastest] * drift
+        return base
+
+    def _policy_estimate(self, width: float, batch_size: int) -> float:
+        """The policy's service estimate: :meth:`estimate`, or 0 before calibration (a pinned width's request then
+        adds no predicted work; budgets need calibration anyway)."""
+        return self.estimate(width, batch_size) if self._base else 0.0
 
     def observe(self, width: float, batch_size: int, latency_ms: float) -> None:
         """Feed a measured latency into the drift factor (the runner calls this after every forward pass).
@@ -437,43 +495,76 @@ class SlimmableRunner:
         detector: a list of images, and one detection dict per image)."""
         return self.run(x, width=width, budget_ms=budget_ms).output
 
-    def run(self, x: Any, *, width: float | None = None, budget_ms: float | None = None) -> RunResult:
-        """Run ``x`` at ``width``, at the widest width fitting ``budget_ms``, or (neither given) at the widest width.
+    def run(
+        self, x: Any, *, width: float | None = None, budget_ms: float | None = None, waited_ms: float = 0.0
+    ) -> RunResult:
+        """Run ``x`` at ``width``, at the width :attr:`policy` picks for ``budget_ms``, or (neither given) at the
+        widest width.
 
-        Thread-safe: concurrent calls at different widths run different read-only copies.
+        Thread-safe: concurrent calls at different widths run different read-only copies. Every call, budgeted or
+        not, is admitted to :attr:`policy`, so the budgeted calls after it see it in the queue.
 
         Args:
             x: input ``(N, C, H, W)`` with ``(C, H, W)`` equal to :attr:`input_shape`; moved to the runner's device.
                 A detector: a list of ``(C, H, W)`` images in [0, 1] (any height and width), or a tensor
                 ``(N, C, H, W)`` / ``(C, H, W)``.
             width: one of :attr:`widths`.
-            budget_ms: latency budget in milliseconds for this batch.
+            budget_ms: latency budget in milliseconds for this batch, counted from the request's arrival.
+            waited_ms: milliseconds the request has already spent since it arrived (e.g. reading and decoding
+                it); the load-aware policy takes them off the budget, and :attr:`RunResult.budget_met` counts them.
 
         Returns:
-            A :class:`RunResult` with the output, the width used and the measured latency.
+            A :class:`RunResult` with the output, the width used, the measured latency and queueing delay and
+            their predictions.
 
         Raises:
             TypeError: ``x`` is not a floating-point tensor.
-            ValueError: wrong input shape, unknown width, both ``width`` and ``budget_ms``, or a budget below the
-                fastest width.
+            ValueError: wrong input shape, unknown width, both ``width`` and ``budget_ms``, a budget below the
+                fastest width's calibrated latency, or a negative ``waited_ms``.
         """
         x, batch = self.task.check_inputs(x, self.input_shape, self.device, self.dtype)
         if width is not None and budget_ms is not None:
             raise ValueError("give either width or budget_ms, not both")
+        if isinstance(waited_ms, bool) or not isinstance(waited_ms, (int, float)) or not 0 <= waited_ms < math.inf:
+            raise ValueError(f"waited_ms must be zero or more milliseconds, such as 1.5, got {waited_ms!r}")
         if budget_ms is not None:
-            w, predicted = self.select_width(budget_ms, batch)
+            self._check_budget(budget_ms, batch)
+            admission = self.policy.choose(budget_ms, batch, waited_ms=waited_ms)
         else:
             w = self._check_width(width) if width is not None else self._widths[-1]
-            predicted = self.estimate(w, batch) if self._base else None
+            admission = self.policy.admit(w, batch, waited_ms=waited_ms)
+        return self._execute(x, batch, admission)
+
+    def _execute(self, x: Any, batch: int, admission: Admission) -> RunResult:
+        """Run an admitted request and close its admission, whatever happens."""
+        w = admission.width
         module = self._dense[w]
-        with self._slot():
-            t0 = self._clock()
-            with torch.inference_mode():
-                y = module(x)
-                self._sync()
-            ms = 1e3 * (self._clock() - t0)
+        try:
+            with self._slot():
+                t0 = self._clock()
+                self.policy.started(admission, t0)
+                with torch.inference_mode():
+                    y = module(x)
+                    self._sync()
+                t1 = self._clock()
+        except BaseException:
+            self.policy.finished(admission, failed=True)
+            raise
+        self.policy.finished(admission, t1)
+        ms = 1e3 * (t1 - t0)
         self.observe(w, batch, ms)
-        return RunResult(y, w, ms, predicted, None if budget_ms is None else float(budget_ms))
+        calibrated = bool(self._base)
+        return RunResult(
+            y,
+            w,
+            ms,
+            admission.service_ms if calibrated else None,
+            admission.budget_ms,
+            queue_ms=max(0.0, 1e3 * (t0 - admission.admitted_at)),
+            predicted_queue_ms=admission.queue_ms if calibrated else None,
+            waited_ms=admission.waited_ms,
+            predicted_met=admission.predicted_met if calibrated else None,
+        )
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
@@ -532,6 +623,7 @@ class SlimmableRunner:
             "calibrated_from_cache": self.calibrated_from_cache,
             "drift": round(self._drift, 4),
             "observations": self._observations,
+            "width_policy": self.policy.stats(),
             "memory_bytes": {
                 "source_weight_set": mem["source_weight_set"],
                 "dense_total": mem["dense_total"],

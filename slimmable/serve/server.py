@@ -21,8 +21,15 @@ Routes:
     fields.
 
   Answer: ``{"predictions": [{"class_index", "label"?, "top_k": [{"index", "prob", "label"?}]}], "width",
-  "budget_ms", "budget_met", "inference_ms", "predicted_ms", "total_ms", "batch_size"}``. Neither width nor
-  budget runs the widest width.
+  "budget_ms", "budget_met", "inference_ms", "predicted_ms", "queue_ms", "predicted_queue_ms", "total_ms",
+  "batch_size"}``. Neither width nor budget runs the widest width.
+
+  A budget counts from the request's arrival at the server: the time spent reading and decoding it is passed to
+  the runner, whose width policy (load-aware by default, :mod:`slimmable.runtime.policy`) picks the widest width
+  whose predicted completion fits, the wait behind the requests ahead included. ``width`` is the width chosen,
+  ``predicted_ms``/``inference_ms`` the forward pass predicted and measured, ``predicted_queue_ms``/``queue_ms``
+  the wait for a slot predicted and measured, and ``budget_met`` whether the request was done within its budget
+  (arrival to the end of inference). When no width fits, the narrowest runs: the request is never refused for load.
 
   A detector (the runner serves a slimmable R-CNN detector) takes images of any size, sent as they are (the
   detector normalises and resizes them; a JSON tensor holds values in [0, 1]), and answers ``"detections"``
@@ -263,8 +270,9 @@ class PredictionServer(ThreadingHTTPServer):
             raise BadRequest("give either width or budget_ms, not both")
         task = self.runner.task
         options = task.request_options(params, number_param)
+        waited_ms = 1e3 * max(0.0, time.perf_counter() - t0)  # reading and decoding: the budget counts from arrival
         try:
-            result = self.runner.run(x, width=width, budget_ms=budget)
+            result = self.runner.run(x, width=width, budget_ms=budget, waited_ms=waited_ms)
         except (ValueError, TypeError) as err:
             raise BadRequest(str(err)) from err
         timing = {
@@ -272,7 +280,9 @@ class PredictionServer(ThreadingHTTPServer):
             "budget_ms": result.budget_ms,
             "budget_met": result.budget_met,
             "inference_ms": round(result.latency_ms, 4),
-            "predicted_ms": None if result.predicted_ms is None else round(result.predicted_ms, 4),
+            "predicted_ms": _rounded(result.predicted_ms),
+            "queue_ms": round(result.queue_ms, 4),
+            "predicted_queue_ms": _rounded(result.predicted_queue_ms),
         }
         entries = task.answer(result.output, options, self.labels, self.top_k)
         return {task.answer_field: entries, **timing, **_total(t0, len(entries))}
@@ -287,6 +297,10 @@ class PredictionServer(ThreadingHTTPServer):
         with self.pixel_budget.reserve(image_pixels(data)), self.decode_slots:
             preprocess = {"mean": self.mean, "std": self.std, "resize": self.resize}
             return self.runner.task.decode_image(data, self.runner.input_shape, preprocess)
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 4)
 
 
 def _total(t0: float, batch_size: int) -> dict[str, Any]:

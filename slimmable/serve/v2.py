@@ -14,11 +14,13 @@ as to any V2 server. The routes, next to the server's own ``/predict`` and ``/in
 
 Widths are model versions. Version ``"50"`` runs width 0.5: a version is the width times 100 (``"100"`` the full
 width, ``"12.5"`` width 0.125), and the metadata's ``parameters.widths`` maps each version to its width. Without a
-version, the request's ``parameters`` choose: ``{"width": 0.5}``, or ``{"latency_budget_ms": 8}`` for the widest
-width whose calibrated latency fits (the runner's budget selection); neither runs the widest width. A version with
-a different ``width``, or ``latency_budget_ms`` with a version or a width, is a 400. The response's ``parameters``
-say what ran: ``width``, ``latency_ms`` (the measured forward pass), ``predicted_ms``, and with a budget
-``latency_budget_ms`` and ``budget_met``.
+version, the request's ``parameters`` choose: ``{"width": 0.5}``, or ``{"latency_budget_ms": 8}`` for the width the
+runner's width policy picks (by default the widest whose predicted completion fits, counted from the request's
+arrival, the wait behind the requests ahead included); neither runs the widest width. A version with a different
+``width``, or ``latency_budget_ms`` with a version or a width, is a 400. The response's ``parameters`` say what
+ran: ``width``, ``latency_ms`` (the measured forward pass), ``predicted_ms``, ``queue_ms`` and
+``predicted_queue_ms`` (the wait for a slot, measured and predicted), and with a budget ``latency_budget_ms`` and
+``budget_met`` (done within the budget, from arrival to the end of inference).
 
 Tensors. The input is ``input``, the model's dtype (``FP32``), shape ``[-1, C, H, W]`` (the calibrated size; at
 most ``max_batch`` items). The outputs are the model's task's (:meth:`slimmable.tasks.Task.v2_outputs`): a
@@ -474,13 +476,15 @@ class OpenInferenceProtocol:
 
         Args:
             request: from :meth:`parse`.
-            t0: ``time.perf_counter()`` when the request arrived (the response's ``total_ms``); ``None``: omitted.
+            t0: ``time.perf_counter()`` when the request arrived (the response's ``total_ms``, and where a budget
+                starts counting); ``None``: omitted, and a budget counts from this call.
 
         Raises:
             BadRequest: a width the runner does not serve, or a budget below the fastest width (400).
         """
+        waited_ms = 0.0 if t0 is None else 1e3 * max(0.0, time.perf_counter() - t0)  # the budget counts from arrival
         try:
-            result = self.runner.run(request.x, width=request.width, budget_ms=request.budget_ms)
+            result = self.runner.run(request.x, width=request.width, budget_ms=request.budget_ms, waited_ms=waited_ms)
         except (ValueError, TypeError) as err:
             raise BadRequest(str(err)) from err
         named = self.runner.task.v2_outputs(self.runner.module(result.width), result.output)
@@ -582,6 +586,9 @@ def _run_parameters(result: RunResult, t0: float | None, now: float) -> dict[str
     params: dict[str, Any] = {"width": result.width, "latency_ms": round(result.latency_ms, 4)}
     if result.predicted_ms is not None:
         params["predicted_ms"] = round(result.predicted_ms, 4)
+    params["queue_ms"] = round(result.queue_ms, 4)
+    if result.predicted_queue_ms is not None:
+        params["predicted_queue_ms"] = round(result.predicted_queue_ms, 4)
     if result.budget_ms is not None:
         params["latency_budget_ms"] = result.budget_ms
         params["budget_met"] = bool(result.budget_met)

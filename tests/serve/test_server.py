@@ -76,7 +76,7 @@ def test_png_body_with_a_budget(server, runner):
     status, body = _request(server, "POST", f"/predict?budget_ms={budget}", _image(), {"Content-Type": "image/png"})
     assert status == 200, body
     assert body["width"] == 1.0 and body["budget_ms"] == budget and isinstance(body["budget_met"], bool)
-    assert body["predicted_ms"] is not None
+    assert body["predicted_ms"] is not None and body["predicted_queue_ms"] is not None and body["queue_ms"] >= 0
 
 
 def test_jpeg_multipart_and_base64(server):
