@@ -5,7 +5,8 @@ OpenVINO and pickled files; all-width bundles.
 equal to the slimmable model at width 0.5. Each file format is an :class:`Exporter` in a registry
 (``get_exporter("openvino").export(model, "m.xml", width=0.5)``, :func:`list_exporters`): it writes the file and
 checks it against PyTorch with the format's runtime. ``export_onnx`` writes ONNX (checked with onnxruntime) and
-``export_bundle`` writes every width in any registered format plus a manifest with MACs and latency. Slimmable
+``export_bundle`` writes every width in any registered format plus a manifest with MACs and latency;
+``export_triton`` writes an NVIDIA Triton model repository (a version per width and a router model). Slimmable
 detectors export the same way (``export_width`` gives a plain torchvision detector; ``export_onnx`` dispatches to
 :func:`export_detector_onnx`).
 """
@@ -26,12 +27,14 @@ from .detection import export_detector_onnx, verify_detector_onnx
 from .exporter import Exporter
 from .formats import export_onnx, export_torchscript, save_dense, verify_onnx
 from .registry import get_exporter, list_exporters, register_exporter
+from .triton_repo import TritonRepository, export_triton
 
 __all__ = [
     "MANIFEST_NAME",
     "ExportResult",
     "Exporter",
     "LoadedModel",
+    "TritonRepository",
     "default_widths",
     "example_input",
     "export_bundle",
@@ -39,6 +42,7 @@ __all__ = [
     "export_detector_onnx",
     "export_onnx",
     "export_torchscript",
+    "export_triton",
     "export_width",
     "fold_batchnorm",
     "get_exporter",

@@ -109,10 +109,12 @@ def write_onnx(
     exporter: str = "auto",
     opset: int | None = None,
     dynamic_batch: bool = True,
+    output_name: str = OUTPUT_NAME,
 ) -> dict[str, Any]:
     """Write a dense classification module (eval mode) to ONNX, traced at ``example_input``.
 
-    One input ``input`` ``(N, C, H, W)`` (``N`` dynamic when ``dynamic_batch``), one output ``logits``.
+    One input ``input`` ``(N, C, H, W)`` (``N`` dynamic when ``dynamic_batch``), one output ``output_name``
+    (default ``logits``).
 
     Returns:
         ``{"exporter": "dynamo" | "torchscript", "opset": int}``.
@@ -127,7 +129,7 @@ def write_onnx(
             path,
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             opset_version=opset,
             dynamic_shapes=({0: batch},) if dynamic_batch else None,
             external_data=False,
@@ -145,9 +147,9 @@ def write_onnx(
                 path,
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name],
                 opset_version=opset,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None,
             )
     return {"exporter": which, "opset": opset}
 
@@ -165,11 +167,13 @@ def export_onnx(
     exporter: str = "auto",
     verify: bool = True,
     atol: float = 1e-4,
+    output_name: str = OUTPUT_NAME,
 ) -> ExportResult:
     """Export ``model`` (at ``width``, with ``channels``, or already dense) to an ONNX file.
 
     The graph has one input ``input`` of shape ``(N, C, H, W)`` (``N`` dynamic when ``dynamic_batch``) and one
-    output ``logits`` ``(N, num_classes)``. The file is written atomically. A torchvision R-CNN detector is
+    output ``logits`` ``(N, num_classes)`` (a segmenter's: its ``out`` logits ``(N, K, H, W)``, also named
+    ``logits`` unless ``output_name`` says otherwise). The file is written atomically. A torchvision R-CNN detector is
     exported by :func:`slimmable.export.detection.export_detector_onnx` (one image in; boxes, labels, scores,
     masks or keypoints out; the TorchScript-based exporter).
 
@@ -186,25 +190,35 @@ def export_onnx(
         verify: run the file with onnxruntime on batches of 1 and 3 (1 only for a static batch) and compare with
             PyTorch.
         atol: largest allowed difference, relative to the output's magnitude when that exceeds 1.
+        output_name: the name of the graph's output (a Triton repository names a segmenter's ``out``); not for
+            detectors, whose outputs are named by :func:`~slimmable.export.detection.detector_output_names`.
 
     Returns:
         An :class:`ExportResult` with the measured difference.
 
     Raises:
-        ValueError: bad arguments (see :func:`prepare_dense`), or ``exporter`` unknown.
+        ValueError: bad arguments (see :func:`prepare_dense`), ``exporter`` unknown, or ``output_name`` for a
+            detector.
         ImportError: ``onnx`` is not installed, ``exporter="dynamo"`` without onnxscript, or ``verify`` without
             onnxruntime (checked before any work).
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
     """
     require_onnx(verify)
     if _is_detection(model):
+        if output_name != OUTPUT_NAME:
+            raise ValueError(
+                f"output_name={output_name!r} is for single-output graphs; a detector's outputs are named by its kind "
+                "(boxes, labels, scores, ...): drop output_name"
+            )
         return _export_detector(model, path, width, channels, input_size, opset, fold_bn, exporter, verify, atol)
     which = _pick_exporter(exporter)
     dense = prepare_dense(model, width=width, channels=channels, fold_bn=fold_bn)
     shape = input_shape(dense, 224 if input_size is None else input_size)
     with eval_mode(dense), atomic_path(path) as tmp:
         x = example_input(dense, shape, batch_size=2 if dynamic_batch else 1)
-        info = write_onnx(dense, tmp, x, exporter=which, opset=opset, dynamic_batch=dynamic_batch)
+        info = write_onnx(
+            dense, tmp, x, exporter=which, opset=opset, dynamic_batch=dynamic_batch, output_name=output_name
+        )
         diff = None
         if verify:
             batches = VERIFY_BATCHES if dynamic_batch else (1,)

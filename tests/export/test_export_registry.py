@@ -149,7 +149,8 @@ def test_cli_format_choices_are_the_registry():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
     fmt = next(a for a in sub._actions if a.dest == "format")
-    assert list(fmt.choices) == list_exporters() and fmt.default == "onnx"
+    # the registry's file formats, then those that write a folder of every width (a Triton repository)
+    assert list(fmt.choices) == [*list_exporters(), "triton"] and fmt.default == "onnx"
 
 
 def test_cli_unknown_format_lists_the_registered_ones(capsys):

@@ -1,0 +1,261 @@
+"""A ``--triton-backend python`` repository served by the real Triton server: the one ``nvidia-pytriton`` bundles
+(``pip install nvidia-pytriton``; skipped without it). Every width through ``tritonclient.http`` equals the slimmable
+model; the router honours ``width`` and ``latency_budget_ms`` and refuses unknown widths.
+
+The bundled server is started the way pytriton starts it: the Python backend's stub for the models' Python
+version, that Python's library folder on ``LD_LIBRARY_PATH`` and its ``bin`` first on ``PATH`` (the stub embeds
+that Python and runs the models' ``model.py`` with its numpy and onnxruntime). The models' Python is this one, or
+the one ``SLIMMABLE_TRITON_PYTHON`` names: nvidia-pytriton 0.7.0's stub is built against numpy 1.x (pytriton
+requires numpy<2), and with numpy 2 every model answers "output tensor shape does not match size of output", so an
+environment with numpy 2 needs a separate one for the models::
+
+    python3.11 -m venv triton-env && triton-env/bin/pip install 'numpy<2' onnxruntime
+    SLIMMABLE_TRITON_PYTHON=triton-env/bin/python pytest tests/export/test_export_triton_server.py -s
+
+Run with ``-s`` to see the start-up time and latencies it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import slimmable
+from slimmable.export import export_triton
+from slimmable.export.triton_models.router import choose_version
+from slimmable.export.triton_repo import read_route
+from slimmable.nn import use_width
+
+pytestmark = pytest.mark.slow
+
+WIDTHS = (0.25, 0.5, 1.0)
+START_TIMEOUT_S = 240
+NO_PYTRITON = "the Triton server bundled in nvidia-pytriton is not installed: pip install nvidia-pytriton"
+
+
+def _model() -> torch.nn.Module:
+    """A small slimmable classifier with random (non-trivial) BN statistics."""
+    model = slimmable.create_model("slim_mobilenet_v1", num_classes=10, small_input=True, widths=WIDTHS)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1.0 + torch.rand(m.running_var.shape, generator=g))
+    return model.eval()
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _models_python() -> tuple[Path, str, str]:
+    """The Python that runs the models (``SLIMMABLE_TRITON_PYTHON``, default this one): its executable, its
+    ``major.minor`` version and its library folder; skips when its numpy is 2 or it lacks onnxruntime."""
+    python = Path(os.environ.get("SLIMMABLE_TRITON_PYTHON") or sys.executable)
+    probe = (
+        "import sys, sysconfig, numpy; print(f'{sys.version_info.major}.{sys.version_info.minor}'); "
+        "print(sysconfig.get_config_var('LIBDIR')); print(numpy.__version__); import onnxruntime"
+    )
+    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.skip(f"{python} cannot run the models (it needs numpy<2 and onnxruntime): {out.stderr.strip()[-300:]}")
+    version, libdir, numpy_version = out.stdout.split()[:3]
+    if int(numpy_version.split(".")[0]) >= 2:
+        pytest.skip(
+            f"{python} has numpy {numpy_version}; the Python-backend stub of nvidia-pytriton is built against numpy "
+            "1.x (every model answers 'output tensor shape does not match size of output'): set "
+            "SLIMMABLE_TRITON_PYTHON to a Python with numpy<2 and onnxruntime (see this file's docstring)"
+        )
+    return python, version, libdir
+
+
+def _bundled_triton(version: str) -> tuple[Path, Path, Path]:
+    """``(tritonserver binary, the Python backend folder, the stub for Python version)`` from pytriton."""
+    pytriton = pytest.importorskip(
+        "pytriton", reason="the Triton server of nvidia-pytriton: pip install nvidia-pytriton"
+    )
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    binary = dist / "bin" / "tritonserver"
+    backend = dist / "backends" / "python"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():  # older pytriton: one stub, in the backend folder
+        stub = backend / "triton_python_backend_stub"
+    for path in (binary, backend, stub):
+        if not path.exists():
+            pytest.skip(f"pytriton {getattr(pytriton, '__version__', '?')} has no {path} (Python {version})")
+    return binary, backend, stub
+
+
+def _libs_path() -> list[str]:
+    try:
+        from pytriton.utils.distribution import get_libs_path
+
+        return [str(get_libs_path())]
+    except ImportError:
+        return []
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The repository, written and served: ``model``, ``repo``, ``client`` (``tritonclient.http``), ``timings``."""
+    pytest.importorskip("pytriton", reason=NO_PYTRITON)
+    python, version, libdir = _models_python()
+    binary, backend, stub = _bundled_triton(version)
+    httpclient = pytest.importorskip("tritonclient.http")
+    work = tmp_path_factory.mktemp("triton")
+    model = _model()
+    t0 = time.perf_counter()
+    repo = export_triton(model, work / "repo", name="mnv1", input_size=32, triton_backend="python", latency_runs=20)
+    export_s = time.perf_counter() - t0
+
+    # the Python backend with this interpreter's stub (pytriton copies it the same way)
+    backends = work / "backends" / "python"
+    backends.mkdir(parents=True)
+    for f in backend.iterdir():
+        if f.name != "triton_python_backend_stub":
+            (backends / f.name).symlink_to(f)
+    shutil.copy(stub, backends / "triton_python_backend_stub")
+
+    env = dict(os.environ)
+    libs = [libdir, *_libs_path(), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+    env["PATH"] = f"{python.parent}:{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    http = _free_port()
+    cmd = [
+        str(binary),
+        f"--model-repository={repo.path}",
+        f"--backend-directory={work / 'backends'}",
+        f"--http-port={http}",
+        f"--grpc-port={_free_port()}",
+        f"--metrics-port={_free_port()}",
+        "--allow-metrics=false",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--backend-config=python,shm-region-prefix-name=slimmable{os.getpid()}",
+        "--backend-config=python,shm-default-byte-size=4194304",
+        "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ]
+    log = work / "tritonserver.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+    t0 = time.perf_counter()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+            with contextlib.suppress(Exception):
+                if client.is_server_ready():
+                    break
+            if time.perf_counter() - t0 > START_TIMEOUT_S:
+                pytest.fail(f"tritonserver not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
+            time.sleep(0.5)
+        timings = {"export_s": export_s, "start_s": time.perf_counter() - t0}
+        yield SimpleNamespace(model=model, repo=repo, client=client, timings=timings)
+        print(f"\nbundled Triton: {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}")
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _slim_out(model, width, x):
+    with torch.no_grad(), use_width(model, width):
+        return model(x)
+
+
+def _infer(client, name, x, version="", parameters=None):
+    import tritonclient.http as httpclient
+
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.numpy())
+    result = client.infer(name, [inp], model_version=version, parameters=parameters)
+    return torch.from_numpy(np.array(result.as_numpy("logits"))), result.get_response()
+
+
+def _median_ms(fn, runs=20):
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def test_the_server_lists_a_version_per_width(served):
+    client = served.client
+    meta = client.get_model_metadata("mnv1")
+    assert sorted(meta["versions"], key=int) == ["25", "50", "100"]
+    assert [i["name"] for i in meta["inputs"]] == ["input"] and [o["name"] for o in meta["outputs"]] == ["logits"]
+    assert client.is_model_ready("mnv1_router")
+
+
+def test_every_width_equals_the_slimmable_model(served):
+    model, repo, client, timings = served.model, served.repo, served.client, served.timings
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for version, w in repo.versions.items():
+        got, _ = _infer(client, "mnv1", x, version=str(version))
+        torch.testing.assert_close(got, _slim_out(model, w, x), atol=1e-4, rtol=0)
+        x1 = x[:1]
+        timings[f"v{version}_ms"] = _median_ms(lambda v=version, x1=x1: _infer(client, "mnv1", x1, str(v)))
+
+
+def test_the_router_runs_the_requested_width(served):
+    model, client, timings = served.model, served.client, served.timings
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for w in WIDTHS:
+        for value in (w, str(w)):  # a number, and the string form
+            got, response = _infer(client, "mnv1_router", x, parameters={"width": value})
+            torch.testing.assert_close(got, _slim_out(model, w, x), atol=1e-4, rtol=0)
+            params = response.get("parameters")
+            if params:  # a Triton whose Python backend returns response parameters
+                assert params["width"] == f"{w:g}" and int(params["version"]) == round(w * 100)
+    got, _ = _infer(client, "mnv1_router", x)  # neither parameter: the widest
+    torch.testing.assert_close(got, _slim_out(model, 1.0, x), atol=1e-4, rtol=0)
+    x1 = x[:1]
+    timings["router_w0.5_ms"] = _median_ms(lambda: _infer(client, "mnv1_router", x1, parameters={"width": 0.5}))
+
+
+def test_the_router_fits_a_latency_budget(served):
+    model, repo, client = served.model, served.repo, served.client
+    route = read_route(repo.path, "mnv1")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    budgets = [e["latency_ms"] for e in route["versions"]] + [1e6]
+    for budget in budgets:
+        w = choose_version(route, budget_ms=budget)["width"]
+        got, _ = _infer(client, "mnv1_router", x, parameters={"latency_budget_ms": budget})
+        torch.testing.assert_close(got, _slim_out(model, w, x), atol=1e-4, rtol=0)
+    assert choose_version(route, budget_ms=1e6)["width"] == 1.0
+
+
+def test_the_router_refuses_an_unknown_width(served):
+    client = served.client
+    from tritonclient.utils import InferenceServerException
+
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(InferenceServerException, match=r"mnv1 has no width 0.3; its widths 0.25, 0.5, 1 \(versions"):
+        _infer(client, "mnv1_router", x, parameters={"width": 0.3})
+    with pytest.raises(InferenceServerException, match="latency_budget_ms 0.0001 is below the fastest width"):
+        _infer(client, "mnv1_router", x, parameters={"latency_budget_ms": 0.0001})
