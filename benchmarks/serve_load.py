@@ -352,7 +352,8 @@ def main() -> None:
         print(f"{k:>20}  {s['requests']:>8}  {json.dumps(s['widths']):<40}  {im:>9}  {rt:>14}")
     if budgeted:
         print(
-            f"budget met: {100 * summary['budget_met_inference']:.1f}% by the server (from arrival: decode, queue and inference), "
+            f"budget met: {100 * summary['budget_met_inference']:.1f}% by the server (from arrival: decode, queue, "
+            "inference), "
             f"{100 * summary['budget_met_round_trip']:.1f}% by client round trip ({len(budgeted)} budgeted requests)"
         )
     write_json(args.json, summary)
