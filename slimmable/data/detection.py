@@ -8,11 +8,13 @@ restricted to image ids, so COCOeval scores each split against exactly its image
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +88,30 @@ def _scenes(
     folder = scenes_folder(cache_dir, split, num_images, seed, image_size)
     ann = folder / "annotations.json"
     if not ann.is_file():  # make_scenes writes the JSON last, atomically: its presence means complete
-        _logger.info("generating %d Fashion-MNIST scenes (%s) into %s", num_images, split, folder)
-        make_scenes(folder, split, num_images, seed, image_size=image_size, root=root)
+        with _generation_lock(folder):
+            if not ann.is_file():  # another process (a torchrun rank, a second run) may have made them meanwhile
+                _logger.info("generating %d Fashion-MNIST scenes (%s) into %s", num_images, split, folder)
+                make_scenes(folder, split, num_images, seed, image_size=image_size, root=root)
     return folder, ann
+
+
+@contextlib.contextmanager
+def _generation_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` beside ``folder`` while its scenes are generated. Without it two processes sharing a
+    cache (the ranks of a torchrun job) both generated the scenes, and one read images the other was rewriting
+    (a truncated PNG). The others wait, then find the scenes complete. Without ``fcntl`` (Windows): no lock."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _coco_files(root: Path) -> tuple[tuple[Path, Path], tuple[Path, Path]]:

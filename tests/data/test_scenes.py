@@ -85,3 +85,32 @@ def test_real_scenes_are_as_recorded_before_semantic_masks(tmp_path: Path) -> No
     )
     assert hashlib.sha256(pixels).hexdigest() == "4ca4d8f1d7d386fb946137f35f2b84c9cfb5d79d14d79c9da1696704ae504bd0"
     assert len(data["annotations"]) == 17
+
+
+def test_concurrent_processes_generate_the_scenes_once(tmp_path, monkeypatch) -> None:
+    """Two ranks of a torchrun job (here: two threads, each with its own lock file handle) asking for the same
+    scenes: one generates them, the other waits and finds them complete (no reading of half-written images)."""
+    import threading
+    import time
+
+    from slimmable.data import detection, scenes
+
+    calls = []
+
+    def fake_make_scenes(folder, split, n, seed, image_size, root):
+        calls.append(split)
+        time.sleep(0.3)  # the other thread arrives meanwhile
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "annotations.json").write_text("{}")
+
+    monkeypatch.setattr(scenes, "make_scenes", fake_make_scenes)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(detection._scenes(tmp_path, "train", 4, 0, 64, None)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["train"] and len(results) == 2 and results[0] == results[1]

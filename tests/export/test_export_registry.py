@@ -238,7 +238,11 @@ def test_openvino_is_imported_with_its_usage_statistics_declined(tmp_path):
         "import openvino_telemetry as tm; print(tm.Telemetry().consent, 'CI' in os.environ)"
     )
     env = {k: v for k, v in os.environ.items() if k != "CI"} | {"HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # its own session and no stdin: nothing the child does can reach the pytest worker (its stdin is xdist's channel)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
     assert not (tmp_path / "intel").exists()
