@@ -88,7 +88,7 @@ def test_scene_masks_are_the_instance_masks_classes(fmnist: Path, tmp_path: Path
         "fmnist_scenes", fmnist, image_size=64, scenes_train=10, scenes_test=6, val_size=3, cache_dir=cache
     )
     assert det.val.ids == splits.val.ids and det.train.ids == splits.train.ids and det.root == splits.root
-    assert len(list((cache / "fmnist_scenes").iterdir())) == 2
+    assert len([p for p in (cache / "fmnist_scenes").iterdir() if not p.name.startswith(".")]) == 2  # .locks
     rgb = create_segmentation_datasets(
         "fmnist_scenes", fmnist, image_size=64, scenes_test=6, cache_dir=cache, load_train=False, channels=3
     )
