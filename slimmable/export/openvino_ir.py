@@ -1,12 +1,15 @@
 """OpenVINO IR export (``model.xml`` + ``model.bin``), checked with OpenVINO's CPU plugin.
 
-The dense module is first written to ONNX (:func:`slimmable.export.formats.write_onnx`, dynamic batch, tensors
-``input`` and ``logits``) in a temporary folder; OpenVINO reads that file (``openvino.Core().read_model``) and saves
-it as IR with ``openvino.save_model`` (no model converter: ``openvino.convert_model`` is not used). OpenVINO sends
-anonymous usage statistics on import and on conversion unless the user opted out (``opt_in_out --opt_out``); a
-library should not do that on its users' behalf, so :func:`import_openvino` imports it with ``CI=true``, OpenVINO's
-switch that declines for the process (a user who imported ``openvino`` first keeps the choice they made). Two
-numerics choices keep the file equal to PyTorch's float32 model, as the other formats are:
+The dense module is converted directly from PyTorch with ``openvino.convert_model`` (OpenVINO traces it; no ONNX
+file needed), with a dynamic batch dimension and the ONNX export's tensor names (``input``, ``logits``), and saved
+with ``openvino.save_model``. (Going through an ONNX file and OpenVINO's ONNX reader instead was tried: in a process
+that also runs the ``onnx`` package, a later Python call crashed after a few dozen such conversions.)
+
+OpenVINO sends anonymous usage statistics on import and on conversion unless the user opted out (``opt_in_out
+--opt_out``); a library should not do that on its users' behalf, so :func:`import_openvino` imports it with
+``CI=true``, OpenVINO's switch that declines for the whole process, conversions included (a user who imported
+``openvino`` first keeps the choice they made). Two numerics choices keep the file equal to PyTorch's float32
+model, as the other formats are:
 
 * weights are saved in float32 (``compress_to_fp16=False``; OpenVINO's default halves the file but rounds every
   weight to float16);
@@ -18,10 +21,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,24 +55,22 @@ def import_openvino() -> Any:
 def write_openvino(
     dense: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor, *, compress_to_fp16: bool = False
 ) -> dict[str, Any]:
-    """Write ``dense`` (eval mode) to ONNX, read it with OpenVINO and save ``path`` (``.xml``) and its ``.bin``.
+    """Convert ``dense`` (eval mode) with ``openvino.convert_model`` and save ``path`` (``.xml``) and its ``.bin``.
 
     Args:
         compress_to_fp16: store weights as float16 (half the file; no longer equal to PyTorch within 1e-4).
     """
-    from .formats import write_onnx
-
     ov = import_openvino()
-
-    with tempfile.TemporaryDirectory(prefix="slimmable-openvino-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            write_onnx(dense, onnx_path, example_input)
-        model = ov.Core().read_model(str(onnx_path))
-        model.inputs[0].get_tensor().set_names({INPUT_NAME})
-        model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-        ov.save_model(model, str(path), compress_to_fp16=compress_to_fp16)
+    shape = [-1, *example_input.shape[1:]]  # the batch dynamic, the image size as traced
+    with torch.no_grad(), warnings.catch_warnings():
+        # convert_model traces with torch.jit, whose deprecation notices and tracer warnings say nothing here;
+        # the comparison with PyTorch checks the result
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = ov.convert_model(dense, example_input=example_input, input=[shape])
+    model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    ov.save_model(model, str(path), compress_to_fp16=compress_to_fp16)
     return {}
 
 
@@ -107,7 +106,7 @@ OPENVINO = Exporter(
     runtime="openvino",
     write=write_openvino,
     load=load_openvino,
-    requires=("openvino", "onnx"),
+    requires=("openvino",),
     runtime_requires=("openvino",),
     pip=f"{EXPORT_PIP} (or pip install openvino)",
     companions=(".bin",),
