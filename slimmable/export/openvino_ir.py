@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ._io import INPUT_NAME, OUTPUT_NAME
-from .exporter import EXPORT_PIP, Exporter
+from .exporter import Exporter
 
 __all__ = ["OPENVINO", "import_openvino", "load_openvino", "write_openvino"]
 
@@ -108,7 +108,7 @@ OPENVINO = Exporter(
     load=load_openvino,
     requires=("openvino",),
     runtime_requires=("openvino",),
-    pip=f"{EXPORT_PIP} (or pip install openvino)",
+    pip="pip install 'slimmable[openvino]' (or pip install openvino)",
     companions=(".bin",),
     atol=1e-4,
     description="OpenVINO IR (.xml + .bin, float32 weights), checked with OpenVINO's CPU plugin",

@@ -124,7 +124,7 @@ def test_a_missing_dependency_names_the_pip_command(build, tmp_path, monkeypatch
     monkeypatch.setattr("slimmable.cli.export_cmd._load_model", lambda args: pytest.fail("loaded before the check"))
     assert main(["export", *SMALL, "--format", "openvino", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'slimmable[export]' (or pip install openvino)" in err and "installed here: onnx" in err
+    assert "pip install 'slimmable[openvino]' (or pip install openvino)" in err and "installed here: onnx" in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
