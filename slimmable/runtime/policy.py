@@ -12,6 +12,13 @@ of every request already running (its prediction minus the time it has run, at l
 parallelism (its ``max_concurrency`` slots, 1 without a limit), that is the predicted queueing delay, a fluid
 approximation: ``P`` slots work off ``P`` milliseconds of predicted work per millisecond.
 
+Sustained load. A request that fits its own budget can still make the requests after it miss theirs: when
+requests arrive faster than the chosen width serves them, the queue grows whatever each one predicts for itself.
+So :class:`LoadAwarePolicy` also measures the arrival rate (requests per second over the last ``rate_window_s``,
+arrival = admission minus the time already waited) and keeps to widths the runner can sustain at that rate: the
+predicted utilisation ``rate x service / parallelism`` at most ``utilization`` (default 0.8). A burst then still
+finds the queue short, and a rise of the load moves the width down before the queue has built up.
+
 Online correction. The service estimates already follow the runner's drift factor (measured / calibrated
 latency). The queueing model is corrected separately: when a request that had work ahead of it finishes, its
 observed queueing delay (its time in the runner minus its predicted service) and the delay the model predicted
@@ -32,6 +39,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +137,7 @@ class WidthPolicy:
         self._predicted_ewma: float | None = None
         self._factor = 1.0
         self._observations = 0
+        self._arrivals: deque[float] = deque()  # clock times of recent arrivals (see _arrival_rate)
 
     # ------------------------------------------------------------------ state
 
@@ -160,14 +169,16 @@ class WidthPolicy:
                 "predicted_queue_ms": round(self._raw_queue_ms(t) * self._factor, 4),
                 "queue_factor": round(self._factor, 4),
                 "queue_observations": self._observations,
+                "arrival_rate_per_s": round(self._arrival_rate(t), 3),
             }
 
     def reset_correction(self) -> None:
-        """Forget the learnt queue factor (back to 1.0); the admitted requests stay."""
+        """Forget the learnt queue factor (back to 1.0) and the recent arrivals; the admitted requests stay."""
         with self._lock:
             self._observed_ewma = self._predicted_ewma = None
             self._factor = 1.0
             self._observations = 0
+            self._arrivals.clear()
 
     # ------------------------------------------------------------------ admission
 
@@ -199,7 +210,8 @@ class WidthPolicy:
             t = self._now(now)
             raw = self._raw_queue_ms(t)
             queue = raw * self._factor
-            width = self._pick(budget, waited, queue, service)
+            self._arrived(t - waited / 1e3)
+            width = self._pick(budget, waited, queue, service, self._arrival_rate(t))
             return self._admit(width, batch_size, budget, waited, service[width], queue, raw, t)
 
     def admit(
@@ -218,6 +230,7 @@ class WidthPolicy:
         with self._lock:
             t = self._now(now)
             raw = self._raw_queue_ms(t)
+            self._arrived(t - waited / 1e3)
             return self._admit(w, batch_size, None, waited, service, raw * self._factor, raw, t)
 
     def started(self, admission: Admission, now: float | None = None) -> None:
@@ -250,8 +263,24 @@ class WidthPolicy:
 
     # ------------------------------------------------------------------ internals (the lock is held)
 
-    def _pick(self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float]) -> float:
+    def _pick(
+        self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float], rate: float
+    ) -> float:
+        """The width for a request: ``rate`` is the recent arrival rate per second (0 until measured)."""
         raise NotImplementedError
+
+    #: the arrival rate counts the arrivals of the last this many seconds
+    rate_window_s = 1.0
+
+    def _arrived(self, at: float) -> None:
+        self._arrivals.append(at)
+        while self._arrivals and self._arrivals[0] < at - 2 * self.rate_window_s:
+            self._arrivals.popleft()
+
+    def _arrival_rate(self, now: float) -> float:
+        """Arrivals per second: those within ``rate_window_s`` before ``now``, over the window (a burst at start-up
+        counts as spread over the window rather than as an infinite rate)."""
+        return sum(1 for a in self._arrivals if a > now - self.rate_window_s) / self.rate_window_s
 
     def _service(self, batch_size: int) -> dict[float, float]:
         return {w: float(self._estimate(w, batch_size)) for w in self._widths}
@@ -300,19 +329,50 @@ class StaticPolicy(WidthPolicy):
 
     name = "static"
 
-    def _pick(self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float]) -> float:
+    def _pick(
+        self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float], rate: float
+    ) -> float:
         return _widest_within(budget_ms, service)
 
 
 class LoadAwarePolicy(WidthPolicy):
-    """The widest width whose predicted completion fits the budget: time already waited, plus the predicted queueing
-    delay behind the admitted requests, plus its own predicted service. With an empty queue and nothing waited it
-    chooses as :class:`StaticPolicy` does."""
+    """The widest width whose predicted completion fits the budget (time already waited, plus the predicted queueing
+    delay behind the admitted requests, plus its own predicted service) and that the runner sustains at the recent
+    arrival rate (utilisation ``rate x service / parallelism`` at most ``utilization``). With an empty queue, nothing
+    waited and no measured rate it chooses as :class:`StaticPolicy` does.
+
+    Args:
+        utilization: the highest predicted utilisation a width may run at, in (0, 1] (default 0.8: queues stay
+            short under Poisson arrivals; 1.0 only refuses widths that cannot keep up at all); ``None``: no rate
+            limit, the queue ahead alone decides.
+        **kwargs: as :class:`WidthPolicy`.
+
+    Raises:
+        ValueError: ``utilization`` outside (0, 1], or as :class:`WidthPolicy`.
+    """
 
     name = "load_aware"
 
-    def _pick(self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float]) -> float:
-        return _widest_within(budget_ms - waited_ms - queue_ms, service)
+    def __init__(
+        self, widths: Sequence[float], estimate: Callable[[float, int], float], *,
+        utilization: float | None = 0.8, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        if utilization is not None and (
+            isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1
+        ):
+            raise ValueError(f"utilization {utilization!r} must be in (0, 1] (e.g. 0.8), or None for no rate limit")
+        super().__init__(widths, estimate, **kwargs)
+        self.utilization = None if utilization is None else float(utilization)
+
+    def _pick(
+        self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float], rate: float
+    ) -> float:
+        limit = budget_ms - waited_ms - queue_ms
+        if self.utilization is None:
+            return _widest_within(limit, service)
+        # a width the runner sustains at the recent rate: rate/s x ms/request / 1000 x 1/parallelism <= utilization
+        sustained = {w: ms for w, ms in service.items() if rate * ms / (1e3 * self.parallelism) <= self.utilization}
+        return _widest_within(limit, sustained or {min(service, key=lambda w: (service[w], w)): 0.0})
 
 
 #: the policies by name (``SlimmableRunner(policy=NAME)``)

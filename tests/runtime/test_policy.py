@@ -278,3 +278,47 @@ def test_arguments_are_checked():
     assert set(POLICIES) == {"load_aware", "static"}
     assert isinstance(make_policy("static", tuple(TABLE), estimate), StaticPolicy)
     assert policy.stats()["policy"] == "load_aware"
+
+
+def _steady(policy, clock, rate, seconds, budget=100.0):
+    """Requests arriving every 1/rate s on the fake clock, each served at once (no queue): the widths chosen."""
+    widths = []
+    for _ in range(int(rate * seconds)):
+        clock.t += 1.0 / rate
+        a = policy.choose(budget)
+        policy.finished(a, failed=True)
+        widths.append(a.width)
+    return widths
+
+
+@pytest.mark.parametrize(
+    ("rate", "width"),
+    [(100, 1.0), (250, 0.75), (350, 0.5), (700, 0.25), (1000, 0.25)],  # utilisation of 1.0 at 250/s: 250 x 4 ms = 1.0
+)
+def test_the_width_the_arrival_rate_sustains(rate, width):
+    # nothing is ever queued, so the queue rule alone would run 1.0 at every rate; the rate rule keeps
+    # rate x service <= 0.8 of the one slot
+    policy, clock = _policy()
+    widths = _steady(policy, clock, rate, 2.0)
+    assert set(widths[rate:]) == {width}  # after the first window
+    assert policy.stats()["arrival_rate_per_s"] == pytest.approx(rate, rel=0.01)
+
+
+def test_the_rate_limit_follows_the_load_down_and_back_up():
+    policy, clock = _policy(utilization=0.6)
+    assert _steady(policy, clock, 100, 1.0)[-1] == 1.0  # 100 x 4 ms = 0.4
+    assert _steady(policy, clock, 300, 1.0)[-1] == 0.5  # 0.75: 0.9, 0.5: 0.6
+    assert _steady(policy, clock, 100, 1.5)[-1] == 1.0  # the burst left the window
+    clock.t += 10.0
+    assert policy.choose(100.0).width == 1.0 and policy.stats()["arrival_rate_per_s"] == 1.0
+
+
+def test_no_rate_limit_and_bad_utilizations():
+    policy, clock = _policy(utilization=None)
+    assert set(_steady(policy, clock, 1000, 1.0)) == {1.0}  # the queue alone decides, and it is always empty
+    for bad in (0.0, -0.5, 1.5, True, "0.8", float("nan")):
+        with pytest.raises(ValueError, match="utilization"):
+            _policy(utilization=bad)
+    # the static policy has no rate rule
+    static, clock = _policy(StaticPolicy)
+    assert set(_steady(static, clock, 1000, 1.0)) == {1.0}
