@@ -11,7 +11,9 @@
       <name>_router/           picks a width per request and runs it on <name> through BLS
         config.pbtxt           backend "python"
         1/model.py             slimmable/export/triton_models/router.py, verbatim
-        1/route.json           the versions, their widths and the latency measured here per width
+        1/width_policy.py      slimmable/runtime/policy.py, verbatim: the router's load-aware width policy
+        1/route.json           the versions, their widths, the latency measured here per width at batch 1 and
+                               at max_batch_size, and the policy's settings
 
 Every ``model.onnx`` is the ONNX writer's file (:func:`~slimmable.export.formats.export_onnx`: one input
 ``input``, one output, a dynamic batch), checked with onnxruntime against the slimmable model at its width. The
@@ -74,6 +76,8 @@ ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
 MODEL_PY = "model.py"
 ROUTE_FILE = "route.json"
+#: the router's width policy, beside its model.py
+POLICY_PY = "width_policy.py"
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ def export_triton(
             exporter,
             verify,
             latency_runs,
+            max_batch_size,
         )
         kind = {"platform": "onnxruntime_onnx"} if triton_backend == "onnxruntime" else {"backend": "python"}
         config = model_config(
@@ -326,6 +331,7 @@ def _write_versions(
     exporter: str,
     verify: bool,
     latency_runs: int,
+    max_batch_size: int,
 ) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
     """Each width's ``<version>/model.onnx`` (and ``model.py``); returns the route entries and the output dims."""
     entries: list[dict[str, Any]] = []
@@ -346,11 +352,18 @@ def _write_versions(
         if output_dims is not None and dims != output_dims:
             raise RuntimeError(f"width {w:g} gives outputs of shape {dims}, other widths {output_dims}")
         output_dims = dims
+        by_batch: dict[str, float] = {}
+        if latency_runs > 0:  # batch 1 and the largest batch: the router interpolates between them
+            session = load_onnx(path)
+            for b in sorted({1, max_batch_size}):
+                xb = x1 if b == 1 else example_input(module, shape, b)
+                by_batch[str(b)] = round(_median_ms(session, xb, latency_runs), 4)
         entries.append(
             {
                 "version": version,
                 "width": w,
-                "latency_ms": round(_median_ms(load_onnx(path), x1, latency_runs), 4) if latency_runs > 0 else None,
+                "latency_ms": by_batch.get("1"),
+                "latency_ms_by_batch": by_batch or None,
                 "macs": int(count_macs(module, x1)),
                 "params": int(sum(p.numel() for p in module.parameters())),
                 "max_abs_diff_vs_torch": res.max_abs_diff,
@@ -375,17 +388,28 @@ def _write_router(
     vdir = folder / str(ROUTER_VERSION)
     vdir.mkdir(parents=True)
     (vdir / MODEL_PY).write_text(source("router"), encoding="utf-8")
+    (vdir / POLICY_PY).write_text(source("width_policy"), encoding="utf-8")
     route = {
         "format_version": 1,
         "model": model,
         "input": INPUT_NAME,
         "outputs": [output_name],
         "latency": {
-            "what": "median onnxruntime CPU latency of one image, measured at export; replace with the serving "
-            "hardware's to budget there",
-            "batch_size": 1,
+            "what": "median onnxruntime CPU latency (ms) at export: latency_ms of one image, latency_ms_by_batch "
+            "at batch 1 and max_batch_size (other batches interpolated); the router corrects them online by the "
+            "ratio it observes, or replace them with the serving hardware's",
+            "batch_sizes": sorted({1, max_batch_size}),
             "runs": latency_runs,
             "threads": torch.get_num_threads(),
+        },
+        "policy": {
+            "what": "how latency_budget_ms picks the width (slimmable.runtime.policy, in width_policy.py): "
+            "load_aware = the widest width whose predicted completion, behind the requests in flight, fits, and "
+            "that the measured arrival rate keeps under utilization; static = the widest whose own latency fits; "
+            "parallelism = requests the versions run at once",
+            "name": "load_aware",
+            "utilization": 0.8,
+            "parallelism": 1,
         },
         "versions": entries,
     }

@@ -23,6 +23,7 @@ from slimmable.export.triton_models import router as router_module
 from slimmable.export.triton_models import source
 from slimmable.export.triton_repo import model_config, read_route, triton_version
 from slimmable.nn import use_width
+from slimmable.runtime import policy as policy_module
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -84,6 +85,7 @@ def test_the_repository_layout(repo):
         "slim_mobilenet_v1/config.pbtxt",
         "slim_mobilenet_v1_router/1/model.py",
         "slim_mobilenet_v1_router/1/route.json",
+        "slim_mobilenet_v1_router/1/width_policy.py",
         "slim_mobilenet_v1_router/config.pbtxt",
     ]
     assert all(d <= 1e-4 for d in repo.max_abs_diff.values()) and all(ms > 0 for ms in repo.latency_ms.values())
@@ -115,6 +117,14 @@ def test_the_router_config_and_route(repo):
     assert route["model"] == repo.model and route["input"] == "input" and route["outputs"] == ["logits"]
     assert [(e["version"], e["width"]) for e in route["versions"]] == [(25, 0.25), (100, 1.0)]
     assert all(e["latency_ms"] > 0 and e["macs"] > 0 for e in route["versions"])
+    for e in route["versions"]:  # batch 1 and max_batch_size, for the router's interpolation
+        assert set(e["latency_ms_by_batch"]) == {"1", "8"} and e["latency_ms_by_batch"]["1"] == e["latency_ms"]
+    assert route["latency"]["batch_sizes"] == [1, 8]
+    assert {k: v for k, v in route["policy"].items() if k != "what"} == {
+        "name": "load_aware", "utilization": 0.8, "parallelism": 1
+    }  # fmt: skip
+    policy_py = repo.path / repo.router / "1" / "width_policy.py"
+    assert policy_py.read_text() == source("width_policy") == Path(policy_module.__file__).read_text()
     assert route["versions"][0]["macs"] < route["versions"][1]["macs"]
     model_py = repo.path / repo.router / "1" / "model.py"
     assert model_py.read_text() == source("router")
@@ -262,6 +272,7 @@ def test_the_python_backend_repository_runs_in_a_stand_in_for_triton(mnv1, tmp_p
         "slim_mobilenet_v1/config.pbtxt",
         "slim_mobilenet_v1_router/1/model.py",
         "slim_mobilenet_v1_router/1/route.json",
+        "slim_mobilenet_v1_router/1/width_policy.py",
         "slim_mobilenet_v1_router/config.pbtxt",
     ]
     cfg = (tmp_path / repo.model / "config.pbtxt").read_text()
@@ -483,3 +494,49 @@ def _fake_pb_utils() -> types.ModuleType:
         get_input_tensor_by_name,
     )
     return fake
+
+
+# ---------------------------------------------------------------------------------------------- the router's policy
+
+ROUTE_BY_BATCH = {
+    **ROUTE,
+    "versions": [
+        {"version": 25, "width": 0.25, "latency_ms": 1.0, "latency_ms_by_batch": {"1": 1.0, "9": 3.0}},
+        {"version": 50, "width": 0.5, "latency_ms": 2.5, "latency_ms_by_batch": {"1": 2.5, "9": 10.5}},
+        {"version": 100, "width": 1.0, "latency_ms": 6.0, "latency_ms_by_batch": {"1": 6.0, "9": 30.0}},
+    ],
+    "policy": {"what": "...", "name": "load_aware", "utilization": 0.8, "parallelism": 1},
+}
+
+
+def test_the_estimator_interpolates_the_batches_and_learns_the_drift():
+    est = router_module.Estimator(ROUTE_BY_BATCH)
+    assert est.base(0.25, 1) == 1.0 and est.base(0.25, 5) == pytest.approx(2.0) and est.base(1.0, 9) == 30.0
+    assert est.base(1.0, 17) == pytest.approx(54.0)  # extrapolated along the same line
+    assert est(0.5, 1) == 2.5  # no drift yet
+    for _ in range(50):  # twice as slow as measured, at any width and batch
+        est.observe(0.5, 9, 21.0)
+    assert est.drift == pytest.approx(2.0, rel=1e-3) and est(1.0, 1) == pytest.approx(12.0, rel=1e-3)
+    one = router_module.Estimator(ROUTE)  # only one image measured: in proportion to the batch
+    assert one.base(0.5, 4) == 10.0
+
+
+def test_the_router_policy_narrows_behind_requests_in_flight(tmp_path):
+    path = tmp_path / "width_policy.py"
+    path.write_text(source("width_policy"))
+    est = router_module.Estimator(ROUTE_BY_BATCH)
+    policy = router_module.load_policy(str(path), ROUTE_BY_BATCH, est)
+    assert type(policy).__name__ == "LoadAwarePolicy" and policy.utilization == 0.8 and policy.parallelism == 1
+    first = policy.choose(8.0, 1)
+    assert first.width == 1.0  # nothing ahead: 6 ms fits
+    second = policy.choose(8.0, 1)
+    assert second.width == 0.25 and second.queue_ms == 6.0  # 6 ms ahead: only 1 ms fits the 2 left
+    policy.finished(first)
+    policy.finished(second)
+    static = router_module.load_policy(str(path), {**ROUTE_BY_BATCH, "policy": {"name": "static"}}, est)
+    static.admit(1.0, 1)
+    assert static.choose(8.0, 1).width == 1.0  # the static rule ignores the queue
+    with pytest.raises(ValueError, match="width policy 'fastest' is not known"):
+        router_module.load_policy(str(path), {**ROUTE_BY_BATCH, "policy": {"name": "fastest"}}, est)
+    with pytest.raises(RuntimeError, match="write the repository again"):
+        router_module.load_policy(str(tmp_path / "missing.py"), ROUTE_BY_BATCH, est)

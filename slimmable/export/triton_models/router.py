@@ -7,24 +7,31 @@ routes:
 
 * ``width``: run that width (``0.5``; the string ``"0.5"`` too, for clients and Triton builds whose request
   parameters take no floating-point numbers);
-* ``latency_budget_ms``: run the widest width whose latency, measured when the repository was written and
-  recorded in ``route.json`` beside this file, fits the budget (the latencies are of one image, on the exporting
-  machine's CPU with onnxruntime: edit ``route.json`` with numbers measured on the serving hardware);
+* ``latency_budget_ms``: the width policy in ``width_policy.py`` beside this file (``slimmable.runtime.policy``,
+  copied verbatim) picks the width: by default (``route.json``'s ``policy``: ``load_aware``) the widest width
+  whose predicted completion, behind the requests this router has in flight, fits the budget, and that the
+  measured arrival rate keeps under the utilisation limit. Its latencies are those ``route.json`` records (onnxruntime
+  on the exporting machine's CPU, at batch 1 and the largest batch), corrected online by the ratio of observed to
+  predicted latency of the requests that ran with nothing ahead of them;
 * neither: run the widest width.
 
 An unknown width, both parameters, or a budget below the fastest width is an error response that says what to
 send. When Triton allows it the response's parameters say what ran: ``width`` and ``version``.
 
-The file needs nothing but the standard library and Triton's ``triton_python_backend_utils``; outside Triton it
-imports without the latter, so that :func:`request_choice` and :func:`choose_version` can be tested on their own.
+The file needs nothing but the standard library, ``width_policy.py`` and Triton's ``triton_python_backend_utils``;
+outside Triton it imports without the latter, so that :func:`request_choice`, :func:`choose_version` and
+:class:`Estimator` can be tested on their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +42,8 @@ except ImportError:  # outside Triton: the routing functions below still import 
 
 #: the routing table beside this file: the model, its tensors and its versions with their widths and latencies
 ROUTE_FILE = "route.json"
+#: the width policy beside this file (slimmable.runtime.policy)
+POLICY_FILE = "width_policy.py"
 #: the request parameters that choose a width
 WIDTH_PARAMETER = "width"
 BUDGET_PARAMETER = "latency_budget_ms"
@@ -154,15 +163,84 @@ def load_route(path: str) -> dict:
     return route
 
 
-def _route_path(args: Mapping[str, str]) -> str:
-    """``route.json`` of this model version: in the repository Triton names, else beside this file."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), ROUTE_FILE)
+class Estimator:
+    """Predicted latency (ms) of a width at a batch size: the route's measured latencies (linear in the batch size
+    between the measured batches, extrapolated beyond them), times a drift factor learnt online.
+
+    Args:
+        route: the routing table (its versions' ``latency_ms_by_batch``, or ``latency_ms`` of one image).
+        alpha: weight of each observation in the drift factor's moving average, in (0, 1].
+    """
+
+    def __init__(self, route: Mapping[str, Any], alpha: float = 0.2) -> None:
+        self.table: dict[float, dict[int, float]] = {}
+        for entry in route["versions"]:
+            by_batch = entry.get("latency_ms_by_batch") or (
+                {"1": entry["latency_ms"]} if entry.get("latency_ms") is not None else {}
+            )
+            if by_batch:
+                self.table[_key(entry["width"])] = {int(b): float(ms) for b, ms in by_batch.items()}
+        self.alpha = float(alpha)
+        self.drift = 1.0
+
+    def base(self, width: float, batch_size: int) -> float:
+        """The measured latency of ``width`` at ``batch_size`` (interpolated), before the drift factor."""
+        points = sorted(self.table[_key(width)].items())
+        if len(points) == 1:  # one measured batch: in proportion to the batch size
+            b0, ms0 = points[0]
+            return ms0 * batch_size / b0
+        near = sorted(points, key=lambda p: abs(p[0] - batch_size))[:2]
+        (b0, ms0), (b1, ms1) = sorted(near)
+        return max(ms0 + (ms1 - ms0) * (batch_size - b0) / (b1 - b0), 1e-3)
+
+    def __call__(self, width: float, batch_size: int) -> float:
+        """The predicted latency now: :meth:`base` times the drift factor."""
+        return self.base(width, batch_size) * self.drift
+
+    def observe(self, width: float, batch_size: int, observed_ms: float) -> None:
+        """Learn from a request that ran with nothing ahead of it: the drift factor moves towards observed/base."""
+        ratio = observed_ms / self.base(width, batch_size)
+        self.drift += self.alpha * (min(max(ratio, 0.02), 50.0) - self.drift)
+
+
+def _key(width: Any) -> float:
+    return round(float(width), _DECIMALS)
+
+
+def _beside(args: Mapping[str, str], filename: str) -> str:
+    """``filename`` of this model version: in the repository Triton names, else beside this file."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
     repo, version = args.get("model_repository"), args.get("model_version")
     if repo and version:
-        named = os.path.join(repo, str(version), ROUTE_FILE)
+        named = os.path.join(repo, str(version), filename)
         if os.path.isfile(named):
             return named
     return here
+
+
+def _route_path(args: Mapping[str, str]) -> str:
+    """``route.json`` of this model version."""
+    return _beside(args, ROUTE_FILE)
+
+
+def load_policy(path: str, route: Mapping[str, Any], estimate: Any) -> Any:
+    """The width policy that ``route``'s ``policy`` section names, from the module file ``path``.
+
+    Raises:
+        RuntimeError: the file is missing (a repository written before the router had a policy).
+        ValueError: an unknown policy or bad settings (the message names them).
+    """
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path} is missing: write the repository again with slimmable export --format triton")
+    spec = importlib.util.spec_from_file_location("slimmable_width_policy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    settings = dict(route.get("policy") or {"name": "load_aware"})
+    settings.pop("what", None)
+    name = settings.pop("name", "load_aware")
+    widths = [float(e["width"]) for e in route["versions"]]
+    return module.make_policy(name, widths, estimate, **settings)
 
 
 def _parameters(request: Any) -> Mapping[str, Any]:
@@ -201,23 +279,59 @@ class TritonPythonModel:
         self.model = str(self.route["model"])
         self.input = str(self.route["input"])
         self.outputs = [str(o) for o in self.route["outputs"]]
+        self.by_width = {_key(e["width"]): e for e in self.route["versions"]}
+        self.estimate = Estimator(self.route)
+        measured = set(self.estimate.table) == set(self.by_width)
+        # without measured latencies budgets are refused (choose_version says so), pinned widths add no work
+        self.policy = load_policy(
+            _beside(args, POLICY_FILE), self.route, self.estimate if measured else (lambda w, b: 0.0)
+        )
+
+    def _admit(self, request: Any, tensor: Any) -> tuple[Mapping[str, Any], Any]:
+        """The version entry for ``request`` and its admission to the width policy.
+
+        Raises:
+            ValueError: a RouteError, or parameters that are not JSON.
+        """
+        width, budget = request_choice(_parameters(request))
+        entry = choose_version(self.route, width, budget)  # checks the width, or that the budget can be met
+        batch = _batch_size(tensor)
+        if budget is None:
+            return entry, self.policy.admit(float(entry["width"]), batch)
+        admission = self.policy.choose(budget, batch)
+        return self.by_width[_key(admission.width)], admission
+
+    async def _run(self, entry: Mapping[str, Any], admission: Any, tensor: Any) -> Any:
+        """Run one request on its version through BLS; the policy learns when it ends."""
+        call = pb_utils.InferenceRequest(
+            model_name=self.model,
+            model_version=int(entry["version"]),
+            requested_output_names=self.outputs,
+            inputs=[tensor],
+        )
+        t0 = time.perf_counter()
+        try:
+            reply = await call.async_exec()
+        except BaseException:
+            self.policy.finished(admission, failed=True)
+            raise
+        failed = reply.has_error()
+        self.policy.finished(admission, failed=failed)
+        if not failed and admission.raw_queue_ms == 0 and self.estimate.table:
+            self.estimate.observe(admission.width, admission.batch_size, 1e3 * (time.perf_counter() - t0))
+        return reply
 
     async def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         pending = []
         for i, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input)
             try:
-                entry = choose_version(self.route, *request_choice(_parameters(request)))
+                entry, admission = self._admit(request, tensor)
             except ValueError as err:  # a RouteError, or parameters that are not JSON
                 responses[i] = _error(str(err), invalid=True)
                 continue
-            call = pb_utils.InferenceRequest(
-                model_name=self.model,
-                model_version=int(entry["version"]),
-                requested_output_names=self.outputs,
-                inputs=[pb_utils.get_input_tensor_by_name(request, self.input)],
-            )
-            pending.append((i, entry, call.async_exec()))
+            pending.append((i, entry, self._run(entry, admission, tensor)))
         replies = await asyncio.gather(*(p[2] for p in pending))
         for (i, entry, _), reply in zip(pending, replies):
             if reply.has_error():
@@ -226,3 +340,9 @@ class TritonPythonModel:
             else:
                 responses[i] = _response(reply.output_tensors(), entry)
         return responses
+
+
+def _batch_size(tensor: Any) -> int:
+    """The batch dimension of a Triton input tensor (1 for a tensor without one)."""
+    shape = tensor.shape() if callable(getattr(tensor, "shape", None)) else tensor.as_numpy().shape
+    return int(shape[0]) if len(shape) else 1
