@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._equiv import Equivalent, equivalent, is_elementwise
 from ._trace import LEAF_TYPES
 
 Seg = tuple[int, Fraction]  # (group id, unit)
@@ -166,6 +167,7 @@ class Analysis:
     params: dict[fx.Node, Layout]  # get_attr nodes to slice, with the layout they must take
     frozen_ops: list[tuple[str, str]]  # (where, why) of operations and modules that froze channels
     channel_first_norms: set[str]
+    equivalents: dict[str, Equivalent] = field(default_factory=dict)  # leaf module path -> what it computes
 
 
 class _Analyser:
@@ -179,6 +181,7 @@ class _Analyser:
         self.frozen_ops: list[tuple[str, str]] = []
         self.module_calls: dict[str, int] = {}
         self.channel_first_norms: set[str] = set()
+        self.equivalents: dict[str, Equivalent] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -251,7 +254,7 @@ class _Analyser:
                 self.freeze_inputs(node, why)
                 self.frozen_ops.append((_where(node), why))
                 self.env[node] = self._unknown_output(node)
-        return Analysis(self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms)
+        return Analysis(self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms, self.equivalents)
 
     def _unknown_output(self, node: fx.Node) -> Any:
         tm = _tmeta(node)
@@ -286,20 +289,27 @@ class _Analyser:
         if path in self.leaves:
             self.freeze_inputs(node, f"cannot be traced: {self.leaves[path]}")
             return self._unknown_output(node)
-        if type(m) is nn.Conv2d:
+        kind = type(m)
+        if isinstance(m, LEAF_TYPES) and kind not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm):
+            x_shape = _shape(x) if isinstance(x, fx.Node) else None
+            eq = equivalent(m, x_shape) if x_shape is not None and not node.kwargs and len(node.args) == 1 else None
+            if eq is not None:  # a subclass computing the base layer (timm's BatchNormAct2d, Linear, ...)
+                self.equivalents[path] = eq
+                kind = eq.base
+        if kind is nn.Conv2d:
             return self.visit_conv(node, m, lay)
-        if type(m) is nn.Linear:
+        if kind is nn.Linear:
             shape = _shape(node)
             if lay is not None and lay.dim != len(shape) - 1:
                 self.freeze_value(lay, f"linear layer {path} applied along another dimension")
             g = self.g.new(m.out_features, path)
             return Layout(len(shape) - 1, ((g, Fraction(1)),))
-        if type(m) is nn.BatchNorm2d:
+        if kind is nn.BatchNorm2d:
             if not (m.affine and m.track_running_stats):
                 self.freeze_inputs(node, "BatchNorm without affine or running statistics")
                 return None
             return lay
-        if type(m) is nn.GroupNorm:
+        if kind is nn.GroupNorm:
             if lay is not None:
                 if lay.dim != 1:
                     self.freeze_value(lay, f"GroupNorm {path} along another dimension")
@@ -316,6 +326,8 @@ class _Analyser:
         if isinstance(m, LEAF_TYPES):
             self.freeze_inputs(node, f"{type(m).__name__} (a subclass with its own forward) is not converted")
             return self._unknown_output(node)
+        if stateless and _is_tensor_node(x) and _shape(node) == _shape(x) and is_elementwise(m, _shape(x)):
+            return lay  # an activation the lists above do not name
         self.freeze_inputs(node, f"module {type(m).__name__} is not understood")
         return self._unknown_output(node)
 

@@ -16,9 +16,11 @@ from ..nn import SlimModule, Widths, WidthTable, get_widths, make_divisible, nor
 from ..nn.converted import (
     ChannelSelect,
     ConvertedBatchNorm2d,
+    ConvertedBatchNormAct2d,
     IndexedSlimConv2d,
     IndexedSlimLinear,
     SlimGroupNorm,
+    SlimGroupNormAct,
     SlimLayerNorm,
 )
 from ._coupling import Analysis, Layout, analyse
@@ -260,7 +262,11 @@ class _Builder:
         x = node.args[0] if node.args else None
         lin = env.get(x) if isinstance(x, fx.Node) else None
         lout = env.get(node)
-        if type(m) is nn.Conv2d:
+        eq = self.an.equivalents.get(str(node.target))
+        kind = eq.base if eq is not None else type(m)
+        if eq is not None and eq.with_act:
+            return self.norm_act(m, kind, lout)
+        if kind is nn.Conv2d:
             depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
             rule = None if depthwise else self.out_rule(lout)
             table = self.index_table(lin) if (m.groups == 1 or depthwise) else {}
@@ -269,16 +275,16 @@ class _Builder:
             if rule is None and not self.slim(lin):
                 return None
             return IndexedSlimConv2d(m, rule, table or {w: None for w in self.widths})
-        if type(m) is nn.Linear:
+        if kind is nn.Linear:
             rule = self.out_rule(lout)
             if isinstance(lin, Layout) and lin.dim != len(node.meta["tensor_meta"].shape) - 1:
                 lin = None
             if rule is None and not self.slim(lin):
                 return None
             return IndexedSlimLinear(m, rule, self.index_table(lin) or {w: None for w in self.widths})
-        if type(m) is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
+        if kind is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
             return ConvertedBatchNorm2d(m, self.index_table(lout, prefix_as_none=False))
-        if type(m) is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
+        if kind is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
             return SlimGroupNorm(m, self.index_table(lout))
         if isinstance(m, nn.LayerNorm) and self.slim(lout):
             nd = len(node.meta["tensor_meta"].shape)
@@ -286,6 +292,16 @@ class _Builder:
                 return SlimLayerNorm(m, self.index_table(lout), channel_dim=-1)
             if node.target in self.an.channel_first_norms and lout.dim == 1:
                 return SlimLayerNorm(m, self.index_table(lout), channel_dim=1)
+        return None
+
+    def norm_act(self, m: nn.Module, kind: type[nn.Module], lout: object) -> nn.Module | None:
+        """A norm followed by its own dropout and activation (timm's ``BatchNormAct2d``, ``GroupNormAct``)."""
+        if not (self.slim(lout) and lout.dim == 1):
+            return None
+        if kind is nn.BatchNorm2d:
+            return ConvertedBatchNormAct2d(m, self.index_table(lout, prefix_as_none=False), m.drop, m.act)
+        if kind is nn.GroupNorm:
+            return SlimGroupNormAct(m, self.index_table(lout), m.drop, m.act)
         return None
 
     def report(self, name: str, out: nn.Module, leaves: dict[str, str]) -> ConversionReport:
