@@ -239,6 +239,7 @@ class _Builder:
                 if new is not None:
                     _set(self.gm, node.target, new)
                     self.converted.add(node.target)
+        self.rewrite_channel_ranges()
         for node, lay in self.an.params.items():
             if not self.slim(lay):
                 continue
@@ -256,6 +257,43 @@ class _Builder:
         self.gm.graph.lint()
         self.gm.recompile()
         return bool(self.converted)
+
+    def range_table(self, segs: tuple, i0: int, i1: int) -> dict[float, torch.Tensor | None]:
+        """Per width, the positions in the active (compact) tensor of the channels of segments ``[i0, i1)``."""
+        table: dict[float, torch.Tensor | None] = {}
+        for k, w in enumerate(self.widths):
+            counts = [self.seg_count(s, k) for s in segs]
+            table[w] = torch.arange(sum(counts[:i0]), sum(counts[:i1]))
+        return table
+
+    def select(self, src: fx.Node, dim: int, table: dict, before: fx.Node, name: str) -> fx.Node:
+        self.gm.add_submodule(name, ChannelSelect(dim, table))
+        with self.gm.graph.inserting_before(before):
+            sel = self.gm.graph.call_module(name, (src,))
+        self.converted.add(name)
+        return sel
+
+    def rewrite_channel_ranges(self) -> None:
+        """Constant channel sizes in the graph (``split(16)``, ``x[:, :c]``) become what they are at each width."""
+        for i, (node, rw) in enumerate(self.an.rewrites.items()):
+            src = node.args[0]
+            if rw[0] == "chunk":
+                _, k, dim = rw
+                node.op, node.target, node.args, node.kwargs = "call_function", torch.chunk, (src, k, dim), {}
+            elif rw[0] == "select":
+                _, dim, segs, (i0, i1) = rw
+                sel = self.select(src, dim, self.range_table(segs, i0, i1), node, f"channel_range_{i}")
+                node.replace_all_uses_with(sel)
+                self.gm.graph.erase_node(node)
+            else:  # split into parts at concatenation boundaries: each part a selection of the input
+                _, dim, segs, ranges = rw
+                for user in list(node.users):
+                    i0, i1 = ranges[user.args[1]]
+                    name = f"channel_range_{i}_{user.args[1]}"
+                    sel = self.select(src, dim, self.range_table(segs, i0, i1), user, name)
+                    user.replace_all_uses_with(sel)
+                    self.gm.graph.erase_node(user)
+                self.gm.graph.erase_node(node)
 
     def replacement(self, node: fx.Node, m: nn.Module) -> nn.Module | None:
         env = self.an.layouts
