@@ -330,7 +330,9 @@ class _Analyser:
         if type(m) is nn.Flatten:
             return self.reshape(node, lay, check_args=False)
         if isinstance(m, LEAF_TYPES):
-            self.freeze_inputs(node, f"{type(m).__name__} (a subclass with its own forward) is not converted")
+            why = f"{type(m).__name__} (a subclass with its own forward) is not converted"
+            self.freeze_inputs(node, why)
+            self.frozen_ops.append((path, why))  # its own channels stay full too, whatever its input
             return self._unknown_output(node)
         if stateless and _is_tensor_node(x) and _shape(node) == _shape(x) and is_elementwise(m, _shape(x)):
             return lay  # an activation the lists above do not name
