@@ -266,7 +266,7 @@ def _check_shapes_on_meta(name: str, kwargs: Mapping[str, Any], sd: Any) -> None
     """
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError("checkpoint 'model' is not a state dict of tensors")
-    if name.startswith("torchvision/"):  # converted by tracing, which needs real tensors; kwargs are bounded
+    if name.startswith(("torchvision/", "timm/")):  # converted by tracing, which needs real tensors; kwargs bounded
         return
     try:
         with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""``slimmable convert torchvision/<arch>``: convert a torchvision model, print the report and MACs per width."""
+"""``slimmable convert torchvision/<arch>`` / ``timm/<arch>``: convert a zoo model, print the report and MACs per
+width."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from ._common import format_table, parse_widths, positive_int
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="make a torchvision model slimmable; print the conversion report and MACs per width",
-        description="Build a torchvision model (random weights; no download) and convert it with slimmable.convert: "
+        help="make a torchvision or timm model slimmable; print the conversion report and MACs per width",
+        description="Build a torchvision or timm model (random weights; no download; timm needs slimmable[timm]) "
+        "and convert it with slimmable.convert: "
         "coupled channels are found by tracing, layers become slimmable, what cannot be analysed stays at full "
         "width. Prints the report (groups slimmed, layers frozen and why) and the MACs at each width; --out "
         "saves a checkpoint that `slimmable eval/export --checkpoint` rebuild.",
     )
-    p.add_argument("model", help="torchvision/<arch>, e.g. torchvision/resnet50")
+    p.add_argument("model", help="torchvision/<arch> or timm/<arch>, e.g. torchvision/resnet50, timm/efficientnet_b0")
     p.add_argument("--widths", help="comma-separated widths, the largest 1.0 (default 0.25,0.5,0.75,1.0)")
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: torchvision's 1000)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the zoo's 1000)")
     p.add_argument("--in-chans", type=positive_int, help="input channels (default 3; others rebuild the first conv)")
     p.add_argument("--small-input", action="store_true", help="first convolution with stride 1 (28-32 px images)")
     p.add_argument("--input-size", type=positive_int, default=224, help="square input side for the MACs (default 224)")
@@ -34,14 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_model(name: str) -> None:
     """Refuse what convert does not take, in one line: registered models are slimmable already."""
-    if name.startswith("torchvision/"):
+    if name.startswith(("torchvision/", "timm/")):
         return
+    takes = "convert takes a torchvision model, torchvision/<arch> (e.g. torchvision/resnet50), or a timm model, "
+    takes += "timm/<arch> (e.g. timm/efficientnet_b0)"
     if name in list_models():
         raise ValueError(
             f"{name} is already slimmable (a registered model): use it directly (`slimmable train/profile/export`); "
-            "convert takes a torchvision model, torchvision/<arch> (e.g. torchvision/resnet50)"
+            + takes
         )
-    raise ValueError(f"convert takes a torchvision model, torchvision/<arch> (e.g. torchvision/resnet50), not {name!r}")
+    raise ValueError(f"{takes}, not {name!r}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._equiv import Equivalent, equivalent, is_elementwise
 from ._trace import LEAF_TYPES
 
 Seg = tuple[int, Fraction]  # (group id, unit)
@@ -110,7 +111,7 @@ _UNARY_FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.dropout, F.leaky_relu,
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.hardtanh, F.elu, F.mish,
     torch.relu, torch.sigmoid, torch.tanh, operator.neg, torch.nn.functional.interpolate, torch.clone,
-    torch.exp, torch.abs, torch.sqrt, torch.rsqrt,
+    torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.softmax, F.softmax,
 }  # fmt: skip
 _UNARY_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "to", "detach", "exp", "abs",
@@ -166,6 +167,10 @@ class Analysis:
     params: dict[fx.Node, Layout]  # get_attr nodes to slice, with the layout they must take
     frozen_ops: list[tuple[str, str]]  # (where, why) of operations and modules that froze channels
     channel_first_norms: set[str]
+    equivalents: dict[str, Equivalent] = field(default_factory=dict)  # leaf module path -> what it computes
+    # nodes whose constant channel sizes become per-width ones: ("chunk", k, dim), ("select", dim, segs, (i, j)),
+    # ("split", dim, segs, ((i, j), ...))
+    rewrites: dict[fx.Node, tuple] = field(default_factory=dict)
 
 
 class _Analyser:
@@ -179,6 +184,8 @@ class _Analyser:
         self.frozen_ops: list[tuple[str, str]] = []
         self.module_calls: dict[str, int] = {}
         self.channel_first_norms: set[str] = set()
+        self.equivalents: dict[str, Equivalent] = {}
+        self.rewrites: dict[fx.Node, tuple] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -251,7 +258,9 @@ class _Analyser:
                 self.freeze_inputs(node, why)
                 self.frozen_ops.append((_where(node), why))
                 self.env[node] = self._unknown_output(node)
-        return Analysis(self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms)
+        return Analysis(
+            self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms, self.equivalents, self.rewrites
+        )
 
     def _unknown_output(self, node: fx.Node) -> Any:
         tm = _tmeta(node)
@@ -286,20 +295,27 @@ class _Analyser:
         if path in self.leaves:
             self.freeze_inputs(node, f"cannot be traced: {self.leaves[path]}")
             return self._unknown_output(node)
-        if type(m) is nn.Conv2d:
+        kind = type(m)
+        if isinstance(m, LEAF_TYPES) and kind not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm):
+            x_shape = _shape(x) if isinstance(x, fx.Node) else None
+            eq = equivalent(m, x_shape) if x_shape is not None and not node.kwargs and len(node.args) == 1 else None
+            if eq is not None:  # a subclass computing the base layer (timm's BatchNormAct2d, Linear, ...)
+                self.equivalents[path] = eq
+                kind = eq.base
+        if kind is nn.Conv2d:
             return self.visit_conv(node, m, lay)
-        if type(m) is nn.Linear:
+        if kind is nn.Linear:
             shape = _shape(node)
             if lay is not None and lay.dim != len(shape) - 1:
                 self.freeze_value(lay, f"linear layer {path} applied along another dimension")
             g = self.g.new(m.out_features, path)
             return Layout(len(shape) - 1, ((g, Fraction(1)),))
-        if type(m) is nn.BatchNorm2d:
+        if kind is nn.BatchNorm2d:
             if not (m.affine and m.track_running_stats):
                 self.freeze_inputs(node, "BatchNorm without affine or running statistics")
                 return None
             return lay
-        if type(m) is nn.GroupNorm:
+        if kind is nn.GroupNorm:
             if lay is not None:
                 if lay.dim != 1:
                     self.freeze_value(lay, f"GroupNorm {path} along another dimension")
@@ -314,8 +330,12 @@ class _Analyser:
         if type(m) is nn.Flatten:
             return self.reshape(node, lay, check_args=False)
         if isinstance(m, LEAF_TYPES):
-            self.freeze_inputs(node, f"{type(m).__name__} (a subclass with its own forward) is not converted")
+            why = f"{type(m).__name__} (a subclass with its own forward) is not converted"
+            self.freeze_inputs(node, why)
+            self.frozen_ops.append((path, why))  # its own channels stay full too, whatever its input
             return self._unknown_output(node)
+        if stateless and _is_tensor_node(x) and _shape(node) == _shape(x) and is_elementwise(m, _shape(x)):
+            return lay  # an activation the lists above do not name
         self.freeze_inputs(node, f"module {type(m).__name__} is not understood")
         return self._unknown_output(node)
 
@@ -408,6 +428,10 @@ class _Analyser:
             return Layout(d, lay.segs)
         if (meth and t == "chunk") or (not meth and t is torch.chunk):
             return self.chunk(node, lay)
+        if (meth and t == "split") or (not meth and t is torch.split):
+            return self.split(node, lay)
+        if not meth and t is torch.stack:
+            return self.stack(node)
         if (meth and t in ("mean", "sum", "amax")) or (not meth and t in (torch.mean, torch.sum, torch.amax)):
             return self.reduce(node, lay)
         if not meth and t is operator.getitem:
@@ -481,6 +505,69 @@ class _Analyser:
             return tuple(None for _ in range(n_out))
         return tuple(Layout(dim, part) for _ in range(k))
 
+    def split(self, node: fx.Node, lay: Layout | None) -> Any:
+        """``split(sizes, dim)``: equal parts of the channels as ``chunk``; unequal ones where they fall on the
+        boundaries of concatenated parts."""
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+        if sizes is None:
+            sizes = node.kwargs.get("split_size")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        n_out = len(_tmeta(node))
+        if lay is None:
+            return tuple(None for _ in range(n_out))
+        dim %= len(_shape(node.args[0]))
+        if dim != lay.dim:
+            return tuple(lay for _ in range(n_out))
+        parts = [int(_shape_of(t)[dim]) for t in _tmeta(node)]
+        if len(set(parts)) == 1:
+            full = sum(self.seg_full(s) for s in lay.segs)
+            block = self.split_blocks(lay.segs, n_out) if full == sum(parts) else None
+            if block is not None:
+                self.rewrites[node] = ("chunk", n_out, dim)  # equal parts at every width: a chunk, not fixed sizes
+                return tuple(Layout(dim, block) for _ in range(n_out))
+        out, ranges, start = [], [], 0
+        for n in parts:
+            r = self.seg_range(lay.segs, start, start + n)
+            if r is None:
+                self.freeze_inputs(node, f"split into parts {parts} that cut a channel group")
+                return tuple(None for _ in range(n_out))
+            out.append(Layout(dim, lay.segs[r[0] : r[1]]))
+            ranges.append(r)
+            start += n
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in node.users):
+            self.freeze_inputs(node, "split whose parts are used as a tuple")
+            return tuple(None for _ in range(n_out))
+        # the sizes are constants of the graph: each part becomes a per-width selection of the input
+        self.rewrites[node] = ("split", dim, lay.segs, tuple(ranges))
+        return tuple(out)
+
+    def seg_range(self, segs: tuple[Seg, ...], start: int, stop: int) -> tuple[int, int] | None:
+        """Segments ``[i, j)`` holding the full-width channels ``[start, stop)``, or ``None`` when a bound falls
+        inside a segment."""
+        total = sum(self.seg_full(s) for s in segs)
+        stop = min(stop, total)
+        bounds, pos = {}, Fraction(0)
+        for i, s in enumerate(segs):
+            bounds[pos] = i
+            pos += self.seg_full(s)
+        bounds[pos] = len(segs)
+        if start not in bounds or stop not in bounds or start >= stop:
+            return None
+        return bounds[start], bounds[stop]
+
+    def stack(self, node: fx.Node) -> Layout | None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim %= len(_shape(node))
+        lays = [self.env.get(a) for a in tensors]
+        if not any(isinstance(v, Layout) for v in lays):
+            return None
+        first = next(v for v in lays if isinstance(v, Layout))
+        if all(isinstance(v, Layout) and v.dim == first.dim and self.same_segs(first.segs, v.segs) for v in lays):
+            return Layout(first.dim + (1 if dim <= first.dim else 0), first.segs)
+        self.freeze_inputs(node, "stack of tensors whose channels do not match")
+        return None
+
     def reduce(self, node: fx.Node, lay: Layout | None) -> Layout | None:
         if lay is None:
             return None
@@ -521,6 +608,18 @@ class _Analyser:
                     return Layout(d_out, v.segs)
                 d_in += 1
                 d_out += 1
+            elif isinstance(i, slice) and d_in == v.dim and i.step in (None, 1):
+                # a fixed channel range: the whole of it (GhostNet's out[:, :out_chs]) or concatenated parts
+                start, stop = i.start or 0, _shape(src)[d_in] if i.stop is None else i.stop
+                ok = isinstance(start, int) and isinstance(stop, int) and start >= 0 and stop >= 0
+                r = self.seg_range(v.segs, start, stop) if ok else None
+                plain = all(j is Ellipsis or j == slice(None) for j in items if j is not i)
+                if r is None or (r != (0, len(v.segs)) and not plain):
+                    self.freeze_inputs(node, f"indexing into the channels (a fixed range {start}:{stop})")
+                    return None
+                if r != (0, len(v.segs)):  # a constant range: becomes a per-width selection
+                    self.rewrites[node] = ("select", v.dim, v.segs, r)
+                return Layout(d_out, v.segs[r[0] : r[1]])
             else:
                 if d_in == v.dim:
                     self.freeze_inputs(node, "indexing into the channels")
@@ -565,6 +664,10 @@ class _Analyser:
             return Layout(k, segs)
         self.freeze_inputs(node, f"{_op_name(node)} with a fixed channel count")
         return None
+
+
+def _shape_of(tm: Any) -> tuple[int, ...]:
+    return tuple(tm.shape)
 
 
 def _dynamic_arg(node: fx.Node, k: int) -> bool:

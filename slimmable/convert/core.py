@@ -16,9 +16,11 @@ from ..nn import SlimModule, Widths, WidthTable, get_widths, make_divisible, nor
 from ..nn.converted import (
     ChannelSelect,
     ConvertedBatchNorm2d,
+    ConvertedBatchNormAct2d,
     IndexedSlimConv2d,
     IndexedSlimLinear,
     SlimGroupNorm,
+    SlimGroupNormAct,
     SlimLayerNorm,
 )
 from ._coupling import Analysis, Layout, analyse
@@ -237,6 +239,7 @@ class _Builder:
                 if new is not None:
                     _set(self.gm, node.target, new)
                     self.converted.add(node.target)
+        self.rewrite_channel_ranges()
         for node, lay in self.an.params.items():
             if not self.slim(lay):
                 continue
@@ -255,12 +258,53 @@ class _Builder:
         self.gm.recompile()
         return bool(self.converted)
 
+    def range_table(self, segs: tuple, i0: int, i1: int) -> dict[float, torch.Tensor | None]:
+        """Per width, the positions in the active (compact) tensor of the channels of segments ``[i0, i1)``."""
+        table: dict[float, torch.Tensor | None] = {}
+        for k, w in enumerate(self.widths):
+            counts = [self.seg_count(s, k) for s in segs]
+            table[w] = torch.arange(sum(counts[:i0]), sum(counts[:i1]))
+        return table
+
+    def select(self, src: fx.Node, dim: int, table: dict, before: fx.Node, name: str) -> fx.Node:
+        self.gm.add_submodule(name, ChannelSelect(dim, table))
+        with self.gm.graph.inserting_before(before):
+            sel = self.gm.graph.call_module(name, (src,))
+        self.converted.add(name)
+        return sel
+
+    def rewrite_channel_ranges(self) -> None:
+        """Constant channel sizes in the graph (``split(16)``, ``x[:, :c]``) become what they are at each width."""
+        for i, (node, rw) in enumerate(self.an.rewrites.items()):
+            src = node.args[0]
+            if rw[0] == "chunk":
+                _, k, dim = rw
+                node.op, node.target, node.args, node.kwargs = "call_function", torch.chunk, (src, k, dim), {}
+            elif rw[0] == "select":
+                _, dim, segs, (i0, i1) = rw
+                sel = self.select(src, dim, self.range_table(segs, i0, i1), node, f"channel_range_{i}")
+                node.replace_all_uses_with(sel)
+                self.gm.graph.erase_node(node)
+            else:  # split into parts at concatenation boundaries: each part a selection of the input
+                _, dim, segs, ranges = rw
+                for user in list(node.users):
+                    i0, i1 = ranges[user.args[1]]
+                    name = f"channel_range_{i}_{user.args[1]}"
+                    sel = self.select(src, dim, self.range_table(segs, i0, i1), user, name)
+                    user.replace_all_uses_with(sel)
+                    self.gm.graph.erase_node(user)
+                self.gm.graph.erase_node(node)
+
     def replacement(self, node: fx.Node, m: nn.Module) -> nn.Module | None:
         env = self.an.layouts
         x = node.args[0] if node.args else None
         lin = env.get(x) if isinstance(x, fx.Node) else None
         lout = env.get(node)
-        if type(m) is nn.Conv2d:
+        eq = self.an.equivalents.get(str(node.target))
+        kind = eq.base if eq is not None else type(m)
+        if eq is not None and eq.with_act:
+            return self.norm_act(m, kind, lout)
+        if kind is nn.Conv2d:
             depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
             rule = None if depthwise else self.out_rule(lout)
             table = self.index_table(lin) if (m.groups == 1 or depthwise) else {}
@@ -269,16 +313,16 @@ class _Builder:
             if rule is None and not self.slim(lin):
                 return None
             return IndexedSlimConv2d(m, rule, table or {w: None for w in self.widths})
-        if type(m) is nn.Linear:
+        if kind is nn.Linear:
             rule = self.out_rule(lout)
             if isinstance(lin, Layout) and lin.dim != len(node.meta["tensor_meta"].shape) - 1:
                 lin = None
             if rule is None and not self.slim(lin):
                 return None
             return IndexedSlimLinear(m, rule, self.index_table(lin) or {w: None for w in self.widths})
-        if type(m) is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
+        if kind is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
             return ConvertedBatchNorm2d(m, self.index_table(lout, prefix_as_none=False))
-        if type(m) is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
+        if kind is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
             return SlimGroupNorm(m, self.index_table(lout))
         if isinstance(m, nn.LayerNorm) and self.slim(lout):
             nd = len(node.meta["tensor_meta"].shape)
@@ -286,6 +330,16 @@ class _Builder:
                 return SlimLayerNorm(m, self.index_table(lout), channel_dim=-1)
             if node.target in self.an.channel_first_norms and lout.dim == 1:
                 return SlimLayerNorm(m, self.index_table(lout), channel_dim=1)
+        return None
+
+    def norm_act(self, m: nn.Module, kind: type[nn.Module], lout: object) -> nn.Module | None:
+        """A norm followed by its own dropout and activation (timm's ``BatchNormAct2d``, ``GroupNormAct``)."""
+        if not (self.slim(lout) and lout.dim == 1):
+            return None
+        if kind is nn.BatchNorm2d:
+            return ConvertedBatchNormAct2d(m, self.index_table(lout, prefix_as_none=False), m.drop, m.act)
+        if kind is nn.GroupNorm:
+            return SlimGroupNormAct(m, self.index_table(lout), m.drop, m.act)
         return None
 
     def report(self, name: str, out: nn.Module, leaves: dict[str, str]) -> ConversionReport:

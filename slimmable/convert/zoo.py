@@ -1,4 +1,5 @@
-"""``create_model("torchvision/<name>")``: a torchvision model (random weights, never downloaded), converted."""
+"""``create_model("torchvision/<arch>")`` and ``create_model("timm/<arch>")``: a torchvision or timm model (random
+weights, never downloaded), converted."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from torch import nn
 
 from .core import SlimGraphModule, convert
 
-__all__ = ["PREFIX", "create_torchvision_model"]
+__all__ = ["PREFIX", "TIMM_PREFIX", "ZOO_PREFIXES", "create_timm_model", "create_torchvision_model", "is_zoo_name"]
 
 PREFIX = "torchvision/"
+TIMM_PREFIX = "timm/"
+#: names of models from another zoo, converted when built (``create_model`` takes them besides registered names)
+ZOO_PREFIXES = (PREFIX, TIMM_PREFIX)
+
+
+def is_zoo_name(name: object) -> bool:
+    """Whether ``name`` is ``torchvision/<arch>`` or ``timm/<arch>`` (a model converted when it is built)."""
+    return isinstance(name, str) and name.startswith(ZOO_PREFIXES)
 
 
 def create_torchvision_model(
@@ -88,3 +97,62 @@ def _adapt_stem(model: nn.Module, in_chans: int, small_input: bool) -> None:
                 setattr(parent, child_name, new)
                 return
     raise ValueError(f"{type(model).__name__} has no convolution to adapt to {in_chans} input channels")
+
+
+def create_timm_model(
+    name: str,
+    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    small_input: bool = False,
+    drop_rate: float = 0.0,
+    width_range: tuple[float, float] | None = None,
+    **timm_kwargs: Any,
+) -> SlimGraphModule:
+    """Build ``timm.create_model(<arch>, pretrained=False)`` and convert it (:func:`slimmable.convert`).
+
+    The model is traced on a 64 px input (32 px with ``small_input``), or at its default input size from timm's
+    configuration when it cannot run on that (fixed positional embeddings, large pooling windows).
+
+    Args:
+        name: ``"timm/<arch>"`` such as ``"timm/efficientnet_b0"``.
+        widths: the widths of the result (the largest must be 1.0).
+        num_classes: classifier outputs (timm's default 1000 when ``None``).
+        in_chans: input channels (timm adapts the stem itself).
+        small_input: 28x28 / 32x32 images: the first convolution takes stride 1.
+        drop_rate: dropout before the classifier (timm's ``drop_rate``).
+        width_range: not supported (see :func:`slimmable.convert`).
+        **timm_kwargs: further keyword arguments of ``timm.create_model``.
+
+    Raises:
+        ValueError: timm is not installed, an unknown architecture, or an argument the model does not take.
+    """
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError(f"{name} needs timm: pip install 'slimmable[timm]' (or pip install timm)") from err
+    arch = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+    if not timm.is_model(arch):
+        import difflib
+
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(TIMM_PREFIX + n for n in near)}?" if near else ""
+        raise ValueError(f"unknown timm model {arch!r}.{hint}")
+    kwargs = dict(timm_kwargs, in_chans=in_chans, drop_rate=drop_rate)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"timm's {arch} does not take these arguments ({err}); see timm.create_model") from err
+    if small_input:
+        _adapt_stem(model, in_chans, small_input)
+    model.eval()
+    x = torch.randn(1, in_chans, 32 if small_input else 64, 32 if small_input else 64)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception:  # the model needs its own input size
+        size = tuple(model.pretrained_cfg.get("input_size", (in_chans, 224, 224)))[-2:]
+        x = torch.randn(1, in_chans, *size)
+    return convert(model, widths=widths, example_input=x, width_range=width_range)

@@ -86,7 +86,7 @@ def model_task(name: str) -> str:
     Raises:
         ValueError: unknown name.
     """
-    if name.startswith("torchvision/"):  # a torchvision classifier, converted (see create_model)
+    if _is_zoo_name(name):  # a torchvision or timm classifier, converted (see create_model)
         return "classification"
     if name not in _MODEL_TASKS:
         raise ValueError(f"unknown model {name!r}; see slimmable.list_models()")
@@ -97,9 +97,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``, or ``"torchvision/<arch>"``: a
-            torchvision model with random weights, converted by :func:`slimmable.convert` (see
-            :func:`slimmable.convert.zoo.create_torchvision_model` for its arguments).
+        name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``, or ``"torchvision/<arch>"`` /
+            ``"timm/<arch>"``: a torchvision or timm model with random weights, converted by
+            :func:`slimmable.convert` (see :func:`slimmable.convert.zoo.create_torchvision_model` and
+            :func:`~slimmable.convert.zoo.create_timm_model` for their arguments; timm needs ``slimmable[timm]``).
         **kwargs: passed to the model (``widths``, ``num_classes``, ``in_chans``, ``small_input``, ...);
             ``None`` values are dropped so that unset CLI/config fields keep the model's defaults. Three are
             create_model's own, for classification models (as timm's):
@@ -117,13 +118,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             network of this package.
     """
     _check_arguments(name, kwargs)
-    if not name.startswith("torchvision/") and name not in _MODEL_ENTRYPOINTS:
+    if not _is_zoo_name(name) and name not in _MODEL_ENTRYPOINTS:
         near = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     features_only = bool(kwargs.pop("features_only", False))
-    backbone = not name.startswith("torchvision/") and model_task(name) == "classification"
+    backbone = not _is_zoo_name(name) and model_task(name) == "classification"
     feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs} if backbone else {}
     if features_only and not backbone:
         raise ValueError(
@@ -132,10 +133,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         )
     if feature_kwargs and not features_only:
         raise ValueError(f"{', '.join(feature_kwargs)} select(s) the maps of a backbone: add features_only=True")
-    if name.startswith("torchvision/"):  # a torchvision model, converted
-        from ..convert.zoo import create_torchvision_model
+    if _is_zoo_name(name):  # a torchvision or timm model, converted
+        from ..convert.zoo import TIMM_PREFIX, create_timm_model, create_torchvision_model
 
-        model = create_torchvision_model(name, **kwargs)
+        build = create_timm_model if name.startswith(TIMM_PREFIX) else create_torchvision_model
+        model = build(name, **kwargs)
         model.model_name = name
         model.model_kwargs = dict(kwargs)
         model.slimmable_task = "classification"
@@ -150,6 +152,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     # the task, read back by slimmable.tasks.task_of (TASK_ATTR): every caller asks the model, none checks types
     model.slimmable_task = _MODEL_TASKS[name]
     return model
+
+
+def _is_zoo_name(name: str) -> bool:
+    """``torchvision/<arch>`` or ``timm/<arch>``: built from the other zoo and converted (no torch.fx import here)."""
+    return name.startswith(("torchvision/", "timm/"))
 
 
 def _check_arguments(name: Any, kwargs: dict[str, Any]) -> None:

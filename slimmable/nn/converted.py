@@ -12,6 +12,7 @@ Index tensors are non-persistent buffers: they follow ``.to(device)`` but never 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,10 +27,13 @@ __all__ = [
     "ChannelLayerNorm",
     "ChannelSelect",
     "ConvertedBatchNorm2d",
+    "ConvertedBatchNormAct2d",
     "IndexSelect",
     "IndexedSlimConv2d",
     "IndexedSlimLinear",
+    "NormAct",
     "SlimGroupNorm",
+    "SlimGroupNormAct",
     "SlimLayerNorm",
 ]
 
@@ -471,6 +475,77 @@ class SlimGroupNorm(_SelectAffine, nn.GroupNorm, SlimModule):
 
     def load_dense(self, dense: nn.Module) -> None:
         _put_affine(self, dense)
+
+
+class NormAct(nn.Module):
+    """``act(drop(norm(x)))``: the dense form of a converted norm-act layer (timm's ``BatchNormAct2d``).
+
+    Args:
+        norm: the dense norm layer.
+        drop: the dropout (or ``nn.Identity``) after it.
+        act: the activation after that.
+    """
+
+    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.drop, self.act = norm, drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(x)))
+
+
+class _ActAfter:
+    """Mixin of converted norms that keep the original's ``drop`` and ``act`` children (same state-dict keys) and
+    apply them after normalising; the activation is elementwise, so it runs on any number of channels."""
+
+    drop: nn.Module
+    act: nn.Module
+
+    def _init_act(self, drop: nn.Module, act: nn.Module) -> None:
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))  # type: ignore[misc]
+
+    def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> NormAct:
+        norm = super().to_dense(in_channels, fresh_stats=fresh_stats)  # type: ignore[misc]
+        return NormAct(norm, copy.deepcopy(self.drop), copy.deepcopy(self.act)).eval()
+
+    def load_dense(self, dense: nn.Module) -> None:
+        super().load_dense(dense.norm if isinstance(dense, NormAct) else dense)  # type: ignore[misc]
+
+
+class ConvertedBatchNormAct2d(_ActAfter, ConvertedBatchNorm2d):
+    """:class:`ConvertedBatchNorm2d` followed by the original's dropout and activation (timm's ``BatchNormAct2d``).
+
+    Args:
+        bn: the original norm-act layer, an ``nn.BatchNorm2d`` subclass (its tensors are taken over).
+        index: width → positions of the channels that width keeps (see :class:`ConvertedBatchNorm2d`).
+        drop: the dropout applied after normalising (``nn.Identity`` for none).
+        act: the elementwise activation applied last.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, index: Mapping[float, torch.Tensor], drop: nn.Module, act: nn.Module):
+        super().__init__(bn, index)
+        self._init_act(drop, act)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, then {type(self.act).__name__}"
+
+
+class SlimGroupNormAct(_ActAfter, SlimGroupNorm):
+    """:class:`SlimGroupNorm` followed by the original's dropout and activation (timm's ``GroupNormAct``).
+
+    Args:
+        norm: the original norm-act layer, an ``nn.GroupNorm`` subclass (parameters taken over).
+        in_index: width → positions of the active channels (``None`` entries: a prefix).
+        drop: the dropout applied after normalising (``nn.Identity`` for none).
+        act: the elementwise activation applied last.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, in_index: IndexTable | None, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__(norm, in_index)
+        self._init_act(drop, act)
 
 
 class IndexSelect(nn.Module):

@@ -277,7 +277,8 @@ def test_convert_of_a_registered_model_says_it_is_slimmable_already(capsys) -> N
     line = _one_line_error(capsys.readouterr().err)
     assert "slim_resnet18 is already slimmable" in line and "torchvision/<arch>" in line
     assert main(["convert", "resnet18"]) == 2
-    assert "convert takes a torchvision model, torchvision/<arch>" in _one_line_error(capsys.readouterr().err)
+    line = _one_line_error(capsys.readouterr().err)
+    assert "convert takes a torchvision model, torchvision/<arch>" in line and "timm/<arch>" in line
 
 
 def test_one_run_at_a_time_in_a_folder(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
