@@ -2,12 +2,10 @@
 (``pip install nvidia-pytriton``; skipped without it). Every width through ``tritonclient.http`` equals the slimmable
 model; the router honours ``width`` and ``latency_budget_ms`` and refuses unknown widths.
 
-The bundled server is started the way pytriton starts it: the Python backend's stub for the models' Python
-version, that Python's library folder on ``LD_LIBRARY_PATH`` and its ``bin`` first on ``PATH`` (the stub embeds
-that Python and runs the models' ``model.py`` with its numpy and onnxruntime). The models' Python is this one, or
-the one ``SLIMMABLE_TRITON_PYTHON`` names: nvidia-pytriton 0.7.0's stub is built against numpy 1.x (pytriton
-requires numpy<2), and with numpy 2 every model answers "output tensor shape does not match size of output", so an
-environment with numpy 2 needs a separate one for the models::
+The bundled server is started by :class:`slimmable.export.triton_local.LocalTriton`. The models' Python is this
+one, or the one ``SLIMMABLE_TRITON_PYTHON`` names: nvidia-pytriton 0.7.0's stub is built against numpy 1.x
+(pytriton requires numpy<2), and with numpy 2 every model answers "output tensor shape does not match size of
+output", so an environment with numpy 2 needs a separate one for the models::
 
     python3.11 -m venv triton-env && triton-env/bin/pip install 'numpy<2' onnxruntime
     SLIMMABLE_TRITON_PYTHON=triton-env/bin/python pytest tests/export/test_export_triton_server.py -s
@@ -17,15 +15,9 @@ Run with ``-s`` to see the start-up time and latencies it measures.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,6 +26,7 @@ import torch
 
 import slimmable
 from slimmable.export import export_triton
+from slimmable.export.triton_local import LocalTriton, TritonUnavailable
 from slimmable.export.triton_repo import read_route
 from slimmable.nn import use_width
 
@@ -41,7 +34,6 @@ pytestmark = pytest.mark.slow
 
 WIDTHS = (0.25, 0.5, 1.0)
 START_TIMEOUT_S = 240
-NO_PYTRITON = "the Triton server bundled in nvidia-pytriton is not installed: pip install nvidia-pytriton"
 
 
 def _model() -> torch.nn.Module:
@@ -56,127 +48,28 @@ def _model() -> torch.nn.Module:
     return model.eval()
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _models_python() -> tuple[Path, str, str]:
-    """The Python that runs the models (``SLIMMABLE_TRITON_PYTHON``, default this one): its executable, its
-    ``major.minor`` version and its library folder; skips when its numpy is 2 or it lacks onnxruntime."""
-    python = Path(os.environ.get("SLIMMABLE_TRITON_PYTHON") or sys.executable)
-    probe = (
-        "import sys, sysconfig, numpy; print(f'{sys.version_info.major}.{sys.version_info.minor}'); "
-        "print(sysconfig.get_config_var('LIBDIR')); print(numpy.__version__); import onnxruntime"
-    )
-    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        pytest.skip(f"{python} cannot run the models (it needs numpy<2 and onnxruntime): {out.stderr.strip()[-300:]}")
-    version, libdir, numpy_version = out.stdout.split()[:3]
-    if int(numpy_version.split(".")[0]) >= 2:
-        pytest.skip(
-            f"{python} has numpy {numpy_version}; the Python-backend stub of nvidia-pytriton is built against numpy "
-            "1.x (every model answers 'output tensor shape does not match size of output'): set "
-            "SLIMMABLE_TRITON_PYTHON to a Python with numpy<2 and onnxruntime (see this file's docstring)"
-        )
-    return python, version, libdir
-
-
-def _bundled_triton(version: str) -> tuple[Path, Path, Path]:
-    """``(tritonserver binary, the Python backend folder, the stub for Python version)`` from pytriton."""
-    pytriton = pytest.importorskip(
-        "pytriton", reason="the Triton server of nvidia-pytriton: pip install nvidia-pytriton"
-    )
-    dist = Path(pytriton.__file__).parent / "tritonserver"
-    binary = dist / "bin" / "tritonserver"
-    backend = dist / "backends" / "python"
-    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():  # older pytriton: one stub, in the backend folder
-        stub = backend / "triton_python_backend_stub"
-    for path in (binary, backend, stub):
-        if not path.exists():
-            pytest.skip(f"pytriton {getattr(pytriton, '__version__', '?')} has no {path} (Python {version})")
-    return binary, backend, stub
-
-
-def _libs_path() -> list[str]:
-    try:
-        from pytriton.utils.distribution import get_libs_path
-
-        return [str(get_libs_path())]
-    except ImportError:
-        return []
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The repository, written and served: ``model``, ``repo``, ``client`` (``tritonclient.http``), ``timings``."""
-    pytest.importorskip("pytriton", reason=NO_PYTRITON)
-    python, version, libdir = _models_python()
-    binary, backend, stub = _bundled_triton(version)
     httpclient = pytest.importorskip("tritonclient.http")
     work = tmp_path_factory.mktemp("triton")
     model = _model()
     t0 = time.perf_counter()
     repo = export_triton(model, work / "repo", name="mnv1", input_size=32, triton_backend="python", latency_runs=20)
     export_s = time.perf_counter() - t0
-
-    # the Python backend with this interpreter's stub (pytriton copies it the same way)
-    backends = work / "backends" / "python"
-    backends.mkdir(parents=True)
-    for f in backend.iterdir():
-        if f.name != "triton_python_backend_stub":
-            (backends / f.name).symlink_to(f)
-    shutil.copy(stub, backends / "triton_python_backend_stub")
-
-    env = dict(os.environ)
-    libs = [libdir, *_libs_path(), env.get("LD_LIBRARY_PATH", "")]
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
-    env["PATH"] = f"{python.parent}:{env.get('PATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"
-    http = _free_port()
-    cmd = [
-        str(binary),
-        f"--model-repository={repo.path}",
-        f"--backend-directory={work / 'backends'}",
-        f"--http-port={http}",
-        f"--grpc-port={_free_port()}",
-        f"--metrics-port={_free_port()}",
-        "--allow-metrics=false",
-        "--strict-readiness=true",
-        "--exit-on-error=true",
-        f"--backend-config=python,shm-region-prefix-name=slimmable{os.getpid()}",
-        "--backend-config=python,shm-default-byte-size=4194304",
-        "--exit-timeout-secs=10",
-        "--log-verbose=0",
-    ]
-    log = work / "tritonserver.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-    t0 = time.perf_counter()
+    server = LocalTriton(repo.path, python=os.environ.get("SLIMMABLE_TRITON_PYTHON"), start_timeout_s=START_TIMEOUT_S)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-            with contextlib.suppress(Exception):
-                if client.is_server_ready():
-                    break
-            if time.perf_counter() - t0 > START_TIMEOUT_S:
-                pytest.fail(f"tritonserver not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
-            time.sleep(0.5)
-        timings = {"export_s": export_s, "start_s": time.perf_counter() - t0}
+        server.start()
+    except TritonUnavailable as err:
+        pytest.skip(str(err))
+    client = httpclient.InferenceServerClient(server.url)
+    try:
+        timings = {"export_s": export_s, "start_s": server.start_s}
         yield SimpleNamespace(model=model, repo=repo, client=client, timings=timings)
         print(f"\nbundled Triton: {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}")
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def _slim_out(model, width, x):
