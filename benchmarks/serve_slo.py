@@ -69,9 +69,11 @@ import math
 import os
 import platform
 import queue
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -100,18 +102,11 @@ def _emit(obj: dict[str, Any]) -> None:
     print(_TAG + json.dumps(obj), flush=True)
 
 
-def server_child(spec: dict[str, Any]) -> None:
-    """The server process: build and calibrate, serve both policies, answer ``reset``/``stats``/``quit`` on stdin."""
+def build_model(spec: dict[str, Any]) -> tuple[str, dict[str, Any], Any]:
+    """``(name, kwargs, model)``: the served model (random weights from ``spec["seed"]``), the same in every process."""
     import torch
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    from _bench import machine_info
-
     import slimmable
-    from slimmable.export._io import INPUT_NAME
-    from slimmable.runtime import SlimmableRunner
-    from slimmable.serve import PredictionServer
 
     torch.manual_seed(spec["seed"])
     if spec["recipe"]:
@@ -122,7 +117,22 @@ def server_child(spec: dict[str, Any]) -> None:
         name, kwargs = cfg.model.name, model_kwargs_from_config(cfg, num_classes=10, in_chans=1)  # Fashion-MNIST
     else:
         name, kwargs = spec["model"], {}
-    model = slimmable.create_model(name, **kwargs).eval()
+    return name, kwargs, slimmable.create_model(name, **kwargs).eval()
+
+
+def server_child(spec: dict[str, Any]) -> None:
+    """The server process: build and calibrate, serve both policies, answer ``reset``/``stats``/``quit`` on stdin."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    from _bench import machine_info
+
+    from slimmable.export._io import INPUT_NAME
+    from slimmable.runtime import SlimmableRunner
+    from slimmable.serve import PredictionServer
+
+    name, kwargs, model = build_model(spec)
     mc = spec["max_concurrency"] or None
     t0 = time.perf_counter()
     n = spec["images"]
@@ -229,9 +239,11 @@ class Mode:
     """A server mode: where requests go and what they ask for. ``bodies`` cycle over the inputs."""
 
     def __init__(
-        self, name: str, port: int, path: str, bodies: list[bytes], v2: bool, headers: list[dict[str, str]]
-    ) -> None:
+        self, name: str, port: int, path: str, bodies: list[bytes], v2: bool, headers: list[dict[str, str]],
+        width: float | None = None,
+    ) -> None:  # fmt: skip
         self.name, self.port, self.path, self.bodies, self.v2, self.headers = name, port, path, bodies, v2, headers
+        self.width = width  # the width a Triton version runs (its answers do not say)
 
     def request(self, i: int) -> tuple[bytes, dict[str, str]]:
         """The body and headers of the ``i``-th request (cycling over the inputs)."""
@@ -241,8 +253,9 @@ class Mode:
     def parse(self, data: dict[str, Any]) -> tuple[float, float | None, float | None, float | None, bool | None]:
         """``(width, server total_ms, queue_ms, inference_ms, budget_met)`` of an answer."""
         if self.v2:
-            p = data["parameters"]
-            return float(p["width"]), p.get("total_ms"), p.get("queue_ms"), p.get("latency_ms"), p.get("budget_met")
+            p = data.get("parameters") or {}
+            width = self.width if self.width is not None else float(p["width"])  # Triton's router: a string
+            return width, p.get("total_ms"), p.get("queue_ms"), p.get("latency_ms"), p.get("budget_met")
         return (
             float(data["width"]), data.get("total_ms"), data.get("queue_ms"), data.get("inference_ms"),
             data.get("budget_met"),
@@ -264,7 +277,10 @@ def predict_mode(name: str, port: int, inputs: list[np.ndarray], query: str) -> 
     return Mode(name, port, f"/predict?{query}", bodies, v2=False, headers=[_HEADERS] * len(bodies))
 
 
-def v2_mode(name: str, port: int, inputs: list[np.ndarray], model: str, input_name: str, params: dict) -> Mode:
+def v2_mode(
+    name: str, port: int, inputs: list[np.ndarray], model: str, input_name: str, params: dict,
+    version: int | None = None, width: float | None = None,
+) -> Mode:  # fmt: skip
     """Open Inference Protocol infer with the images as binary tensor data (the extension Triton clients use)."""
     bodies, headers = [], []
     for x in inputs:
@@ -274,7 +290,8 @@ def v2_mode(name: str, port: int, inputs: list[np.ndarray], model: str, input_na
         head = json.dumps({"inputs": [entry], "parameters": params}).encode()
         bodies.append(head + blob)
         headers.append({"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})
-    return Mode(name, port, f"/v2/models/{model}/infer", bodies, v2=True, headers=headers)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/infer"
+    return Mode(name, port, path, bodies, v2=True, headers=headers, width=width)
 
 
 def closed_loop(mode: Mode, clients: int, seconds: float, timeout: float) -> dict[str, Any]:
@@ -383,7 +400,7 @@ def open_loop(mode: Mode, arrivals: np.ndarray, senders: int, drop_after_s: floa
                         results[i] = (sched, t_send, t_done, 200, w, total, q, inf, met, had_idle)
                     else:
                         results[i] = (sched, t_send, t_done, resp.status, None, None, None, None, None, had_idle)
-                except (OSError, http.client.HTTPException, ValueError) as err:
+                except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
                     t_done = time.perf_counter() - start
                     results[i] = (sched, t_send, t_done, f"error:{type(err).__name__}", None, None, None, None, None,
                                   had_idle)  # fmt: skip
@@ -576,6 +593,16 @@ def main() -> None:
         help="the load-aware policy's utilisation limit at the measured arrival rate (0: none, the queue alone)",
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--triton", action="store_true",
+        help="also serve the model's Triton repository (--triton-backend python) on the Triton bundled in "
+        "nvidia-pytriton: each version and the router at --triton-levels",
+    )  # fmt: skip
+    ap.add_argument("--triton-levels", default="0.5,1.0,1.5,2.0")
+    ap.add_argument(
+        "--triton-python", default=os.environ.get("SLIMMABLE_TRITON_PYTHON"),
+        help="the Python (numpy<2, onnxruntime) that runs the Triton models (default $SLIMMABLE_TRITON_PYTHON)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="a few seconds: 2 widths, 2 levels, short runs")
     ap.add_argument("--json", default="benchmarks/results/serve_slo.json")
     args = ap.parse_args()
@@ -719,25 +746,25 @@ def run_benchmark(
         mode("static", "static", args.protocol, budget=budget),
     ]
     other_adaptive = mode(f"adaptive_{other}", "load_aware", other, budget=budget)
-    n_runs = len(levels) * len(modes_common) + len(other_levels)
+    triton_levels = set(_floats(args.triton_levels)) & set(levels) if args.triton else set()
+    triton, triton_modes, triton_info = (None, [], None)
+    if triton_levels:
+        triton, triton_modes, triton_info = start_triton(args, spec, widths, inputs, info["v2_input"], budget)
+    n_runs = len(levels) * len(modes_common) + len(other_levels) + len(triton_levels) * len(triton_modes)
     print(f"{n_runs} runs of {args.seconds:g} s: about {n_runs * (args.seconds + 0.6) / 60:.1f} min", flush=True)
     rows: list[dict] = []
-    for li, level in enumerate(levels):
-        rate = level * cap
-        arrivals = poisson_arrivals(rate, args.seconds, args.seed * 1000 + li)
-        modes = modes_common + ([other_adaptive] if level in other_levels else [])
-        k = li % len(modes)
-        for m in modes[k:] + modes[:k]:
-            server.command("reset")
-            run = open_loop(m, arrivals, args.senders, drop_after / 1e3, timeout)
-            row = summarize(m, level, rate, args.seconds, run, slo, acc)
-            st = server.command("stats")
-            row["server_state_after"] = st["static" if m.name == "static" else "load_aware"]
-            rows.append(row)
-            print(f"  level {level:g} {m.name:>16}: {row['requests']:>6} req, attainment "
-                  f"{row['attainment']:.3f}, p50 {_fmt(row['p50_ms'], '.2f')} p99 {_fmt(row['p99_ms'], '.2f')} ms, "
-                  f"acc {_fmt(row['mean_accuracy'], '.2f')}, dropped {row['dropped']}, errors {row['errors']}, lag "
-                  f"p99 {_fmt(row['lag']['send_idle_sender_p99_ms'], '.2f')} ms", flush=True)  # fmt: skip
+    try:
+        for li, level in enumerate(levels):
+            rate = level * cap
+            arrivals = poisson_arrivals(rate, args.seconds, args.seed * 1000 + li)
+            modes = modes_common + ([other_adaptive] if level in other_levels else [])
+            modes += triton_modes if level in triton_levels else []
+            k = li % len(modes)
+            for m in modes[k:] + modes[:k]:
+                rows.append(run_mode(m, level, rate, arrivals, server, args, drop_after, slo, acc, timeout))
+    finally:
+        if triton is not None:
+            triton.stop()
 
     fixed = [f"w={w:g}" for w in widths]
     verdicts, extra = [], []
@@ -747,6 +774,8 @@ def run_benchmark(
         extra.append(verdict(lr, fixed, "static"))
         if level in other_levels:
             extra.append(verdict(lr, fixed, f"adaptive_{other}"))
+        if level in triton_levels:  # Triton's router against Triton's own fixed versions
+            extra.append(verdict(lr, [f"triton w={w:g}" for w in widths], "triton adaptive"))
     lagging = [
         f"{r['level']:g}/{r['mode']}" for r in rows
         if (r["lag"]["send_idle_sender_p99_ms"] or 0.0) > 1.0 or (r["lag"]["dispatch_p99_ms"] or 0.0) > 1.0
@@ -808,6 +837,8 @@ def run_benchmark(
         "levels": levels,
         "other_protocol": other,
         "other_levels": sorted(other_levels),
+        "triton_levels": sorted(triton_levels),
+        "triton": triton_info,
         "seconds": args.seconds,
         "senders": args.senders,
         "arrivals": "open-loop Poisson, drawn in advance (the same times for every mode of a level)",
@@ -820,6 +851,74 @@ def run_benchmark(
         "goal_met_levels": met,
         "superserve": SUPERSERVE,
     }
+
+
+def run_mode(
+    m: Mode, level: float, rate: float, arrivals: np.ndarray, server: ServerProcess, args: argparse.Namespace,
+    drop_after: float, slo: float, acc: dict[float, float], timeout: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One open-loop run of ``arrivals`` against mode ``m``, summarised (our server forgets its corrections first;
+    Triton's router keeps what it learnt)."""
+    ours = not m.name.startswith("triton")
+    if ours:
+        server.command("reset")
+    run = open_loop(m, arrivals, args.senders, drop_after / 1e3, timeout)
+    row = summarize(m, level, rate, args.seconds, run, slo, acc)
+    if ours:
+        st = server.command("stats")
+        row["server_state_after"] = st["static" if m.name == "static" else "load_aware"]
+    print(f"  level {level:g} {m.name:>16}: {row['requests']:>6} req, attainment "
+          f"{row['attainment']:.3f}, p50 {_fmt(row['p50_ms'], '.2f')} p99 {_fmt(row['p99_ms'], '.2f')} ms, "
+          f"acc {_fmt(row['mean_accuracy'], '.2f')}, dropped {row['dropped']}, errors {row['errors']}, lag "
+          f"p99 {_fmt(row['lag']['send_idle_sender_p99_ms'], '.2f')} ms", flush=True)  # fmt: skip
+    return row
+
+
+def start_triton(
+    args: argparse.Namespace, spec: dict, widths: list[float], inputs: list[np.ndarray], input_name: str,
+    budget: float,
+) -> tuple[Any, list[Mode], dict[str, Any]]:  # fmt: skip
+    """The same model as a Triton repository on the bundled Triton: the server, its modes (each version, and the
+    router with the budget) and what to record."""
+    from slimmable.export import export_triton
+    from slimmable.export.triton_local import LocalTriton
+
+    _, _, model = build_model(spec)
+    work = Path(tempfile.mkdtemp(prefix="serve-slo-triton-"))
+    t0 = time.perf_counter()
+    repo = export_triton(
+        model, work / "repo", widths=widths, name="slo", input_size=spec["input_size"], triton_backend="python",
+        max_batch_size=args.images, latency_runs=20,
+    )  # fmt: skip
+    export_s = time.perf_counter() - t0
+    server = LocalTriton(repo.path, python=args.triton_python, threads=1)
+    try:
+        server.start()
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"Triton (bundled in nvidia-pytriton) ready in {server.start_s:.1f} s on {server.url}", flush=True)
+    port = server.http_port
+    modes = [
+        v2_mode(f"triton w={w:g}", port, inputs, repo.model, input_name, {}, version=v, width=w)
+        for v, w in repo.versions.items()
+    ] + [v2_mode("triton adaptive", port, inputs, repo.router, input_name, {"latency_budget_ms": round(budget, 4)})]
+    stop = server.stop
+
+    def stop_and_clean() -> None:
+        stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    server.stop = stop_and_clean  # type: ignore[method-assign]
+    info = {
+        "server": "tritonserver bundled in nvidia-pytriton, Python-backend models running each width's ONNX file "
+        "with onnxruntime (1 thread), the router's load-aware policy (width_policy.py)",
+        "models_python": str(args.triton_python or sys.executable),
+        "export_s": export_s,
+        "start_s": server.start_s,
+        "export_latency_ms_by_batch": {f"{float(w):g}": e for w, e in zip(widths, repo.latency_ms.values())},
+    }
+    return server, modes, info
 
 
 def print_table(rows: list[dict], levels: list[float], slo: float) -> None:

@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "OpenVINO IR (.xml + .bin) or a pickled nn.Module; every file is run back and compared with PyTorch. "
         "--bundle writes every width plus manifest.json with MACs and measured latency. Files are named "
         "MODEL_wWIDTH.EXT (MODEL_cHASH.EXT for a ChannelSpec). --format triton writes an NVIDIA Triton model "
-        "repository into --out: the model with one version per width (width x 100) and a router model that picks "
-        "the width per request (parameters width or latency_budget_ms).",
+        "repository into --out: the model with one version per width (width x 100; x 10000 for widths such as "
+        "0.0625) and a router model that picks the width per request (parameters width or latency_budget_ms).",
     )
     add_model_args(p)
     what = p.add_mutually_exclusive_group()

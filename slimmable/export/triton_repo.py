@@ -5,7 +5,8 @@
     repo/
       <name>/                  the slimmable model: one version per width
         config.pbtxt           platform "onnxruntime_onnx" (or backend "python"), dynamic batching, all versions
-        25/model.onnx          width 0.25 (version = width x 100, as slimmable serve's V2 versions)
+        25/model.onnx          width 0.25 (version = width x 100, as slimmable serve's V2 versions; x 1000
+                               or x 10000 when a width is finer: 0.0625 is version 625)
         50/model.onnx
         100/model.onnx         (+ model.py in each version with triton_backend="python")
       <name>_router/           picks a width per request and runs it on <name> through BLS
@@ -103,20 +104,24 @@ class TritonRepository:
     latency_ms: dict[int, float | None]
 
 
-def triton_version(width: float) -> int:
-    """The Triton model version of ``width``: the width x 100 (``0.25`` → ``25``, ``1.0`` → ``100``), the version
-    ``slimmable serve`` gives it over V2.
+#: the scales a repository's versions may use (width x scale), the smallest that makes every version an integer
+VERSION_SCALES = (100, 1000, 10000)
+
+
+def triton_version(width: float, scale: int = 100) -> int:
+    """The Triton model version of ``width``: the width x ``scale``; with the default 100 (``0.25`` → ``25``,
+    ``1.0`` → ``100``) the version ``slimmable serve`` gives it over V2.
 
     Raises:
-        ValueError: the width is not a positive multiple of 0.01 (Triton versions are positive integers).
+        ValueError: the width x ``scale`` is not a positive integer (Triton versions are positive integers).
     """
     w = float(width)
-    version = round(w * 100)
-    if not (w > 0 and abs(w * 100 - version) < 1e-6 and version >= 1):
+    version = round(w * scale)
+    if not (w > 0 and abs(w * scale - version) < 1e-6 and version >= 1):
         raise ValueError(
-            f"width {w:g} has no Triton version: a version is the width x 100 and must be a positive integer, so "
-            "Triton repositories take widths that are multiples of 0.01; export such widths with --width (e.g. "
-            "0.25,0.5,1.0), or this one with --format onnx"
+            f"width {w:g} has no Triton version: a version is the width x {scale} and must be a positive integer, "
+            f"so Triton repositories take widths that are multiples of {1 / scale:g}; export such widths with "
+            "--width (e.g. 0.25,0.5,1.0), or this one with --format onnx"
         )
     return version
 
@@ -303,16 +308,22 @@ def _checked_name(name: str) -> str:
 
 
 def _versions(widths: Sequence[float]) -> dict[int, float]:
-    """Version → width, narrowest first.
+    """Version → width, narrowest first: width x 100, or x 1000 or x 10000 when a width is finer (the main job's
+    0.0625 is version 625 and its 0.25 version 2500; ``route.json`` and the model metadata map them).
 
     Raises:
-        ValueError: no widths, a width that is not a multiple of 0.01, or two widths with one version.
+        ValueError: no widths, a width that is not a multiple of 0.0001, or two widths with one version.
     """
     if not widths:
         raise ValueError("no widths to export; give at least one, e.g. --width 0.5,1.0")
+
+    def fits(scale: int) -> bool:
+        return all(abs(w * scale - round(w * scale)) < 1e-6 for w in widths)
+
+    scale = next((k for k in VERSION_SCALES if fits(k)), VERSION_SCALES[-1])  # the last one names the culprit
     versions: dict[int, float] = {}
     for w in sorted(widths):
-        v = triton_version(w)
+        v = triton_version(w, scale)
         if v in versions and versions[v] != w:
             raise ValueError(f"widths {versions[v]:g} and {w:g} both have Triton version {v}; export one of them")
         versions[v] = w

@@ -344,8 +344,8 @@ def test_a_detector_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"widths": [0.125]}, r"width 0.125 has no Triton version.*multiples of 0.01"),
-        ({"widths": [0.004]}, "width 0.004 has no Triton version"),
+        ({"widths": [0.12345]}, r"width 0.12345 has no Triton version.*multiples of 0.0001"),
+        ({"widths": [0.00004]}, "width 4e-05 has no Triton version"),
         ({"widths": [0.25, 0.250000001]}, "both have Triton version 25"),
         ({"max_batch_size": 0}, "max_batch_size 0 must be an integer >= 1"),
         ({"triton_backend": "tensorrt"}, "triton_backend 'tensorrt' is not one of onnxruntime, python"),
@@ -361,6 +361,14 @@ def test_bad_arguments_are_refused_before_any_work(mnv1, tmp_path, kwargs, messa
 
 def test_triton_versions():
     assert [triton_version(w) for w in (0.01, 0.25, 0.35, 0.5, 1.0, 1.5, 0.1 + 0.2)] == [1, 25, 35, 50, 100, 150, 30]
+    assert triton_version(0.0625, 10000) == 625
+    # widths finer than 0.01 (the main job's) scale every version of the repository alike
+    from slimmable.export.triton_repo import _versions
+
+    assert _versions([0.25, 0.0625, 0.125, 0.1875]) == {625: 0.0625, 1250: 0.125, 1875: 0.1875, 2500: 0.25}
+    assert _versions([0.35, 1.0]) == {35: 0.35, 100: 1.0}
+    with pytest.raises(ValueError, match="multiples of 0.0001"):
+        _versions([0.123456, 1.0])
 
 
 def test_cli_writes_a_repository(capsys, tmp_path):
@@ -380,7 +388,7 @@ def test_cli_writes_a_repository(capsys, tmp_path):
 def test_cli_refusals(capsys, tmp_path):
     out = str(tmp_path / "repo")
     cases = [
-        (["--format", "triton", "--width", "0.125"], "width 0.125 has no Triton version"),
+        (["--format", "triton", "--width", "0.12345"], "width 0.12345 has no Triton version"),
         (["--format", "triton", "--bundle"], "--bundle does not apply to --format triton"),
         (["--format", "onnx", "--triton-backend", "python"], "--triton-backend: for --format triton only"),
         (["--max-batch-size", "4", "--name", "x"], "--max-batch-size, --name: for --format triton only; drop them"),
