@@ -77,6 +77,9 @@ ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
 MODEL_PY = "model.py"
 ROUTE_FILE = "route.json"
+#: the router's second output: the width each item ran at (Triton's Python backend may not return response
+#: parameters, so a client learns it from this tensor)
+WIDTH_OUTPUT = "width"
 #: the router's width policy, beside its model.py
 POLICY_PY = "width_policy.py"
 
@@ -138,6 +141,7 @@ def model_config(
     all_versions: bool = True,
     dynamic_batching: bool = True,
     instance_kind: str | None = None,
+    extra_outputs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> str:
     """A ``config.pbtxt`` (protobuf text of Triton's ``ModelConfig``) for a model with one FP32 input ``input``
     and one FP32 output; dims are without the batch dimension, which Triton adds (``max_batch_size`` >= 1).
@@ -153,6 +157,7 @@ def model_config(
         all_versions: serve every version (``version_policy: { all { } }``), not only the latest.
         dynamic_batching: let Triton batch requests together.
         instance_kind: one instance of this kind (``"KIND_CPU"``); ``None``: Triton's default instances.
+        extra_outputs: more FP32 outputs, ``(name, dims)`` each (the router's ``width``).
     """
     if (platform is None) == (backend is None):
         raise ValueError("give exactly one of platform and backend")
@@ -162,6 +167,8 @@ def model_config(
         lines.append("version_policy: { all { } }")
     lines += _tensor_block("input", INPUT_NAME, input_dims)
     lines += _tensor_block("output", output_name, output_dims)
+    for extra, dims in extra_outputs:
+        lines += _tensor_block("output", extra, dims)
     if instance_kind is not None:
         lines.append(f"instance_group [ {{ kind: {instance_kind} count: 1 }} ]")
     if dynamic_batching:
@@ -434,6 +441,7 @@ def _write_router(
         output_dims=output_dims,
         all_versions=False,
         instance_kind="KIND_CPU",  # it only forwards requests (asynchronously: one instance serves many)
+        extra_outputs=[(WIDTH_OUTPUT, (1,))],
     )
     (folder / CONFIG_FILE).write_text(config, encoding="utf-8")
 

@@ -109,8 +109,9 @@ def test_the_model_config(repo):
 def test_the_router_config_and_route(repo):
     cfg = _parse_config(repo.path / repo.router / "config.pbtxt")
     assert cfg.name == repo.router and cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 8
-    ((inp,), (out,)) = cfg.input, cfg.output
+    ((inp,), (out, width)) = cfg.input, cfg.output
     assert (inp.name, list(inp.dims), out.name, list(out.dims)) == ("input", [3, 32, 32], "logits", [10])
+    assert (width.name, list(width.dims), width.data_type) == ("width", [1], _pb2().TYPE_FP32)  # what each item ran
     kind_cpu = _pb2().ModelInstanceGroup.KIND_CPU
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(kind_cpu, 1)]  # it only forwards requests
     route = read_route(repo.path, repo.model)
@@ -313,6 +314,8 @@ def test_the_python_backend_repository_runs_in_a_stand_in_for_triton(mnv1, tmp_p
             w = router_module.choose_version(route, budget_ms=params["latency_budget_ms"])["width"]
         ran.append((repo.model, triton_version(w)))
         assert reply.parameters == {"width": f"{w:g}", "version": triton_version(w)}
+        width_out = reply.output_tensors()[1]
+        assert width_out.name() == "width" and width_out.as_numpy().tolist() == [[w]] * len(x)
         got = torch.from_numpy(reply.output_tensors()[0].as_numpy())
         torch.testing.assert_close(got, _slim_out(mnv1, w, x), atol=1e-4, rtol=0)
     bad = replies[-1]

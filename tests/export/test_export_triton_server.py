@@ -150,6 +150,12 @@ def test_the_router_fits_a_latency_budget(served):
         assert ran(e["latency_ms"]) <= e["width"]
     assert ran(1e6) == 1.0
     assert ran(route["versions"][0]["latency_ms"]) == 0.25  # nothing fits below the fastest: the narrowest
+    import tritonclient.http as httpclient
+
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.numpy())
+    result = client.infer("mnv1_router", [inp], parameters={"width": 0.5})
+    assert result.as_numpy("width").tolist() == [[0.5]]  # the router's own output: the width each item ran at
 
 
 def test_the_router_refuses_an_unknown_width(served):

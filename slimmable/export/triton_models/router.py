@@ -16,7 +16,8 @@ routes:
 * neither: run the widest width.
 
 An unknown width, both parameters, or a budget below the fastest width is an error response that says what to
-send. When Triton allows it the response's parameters say what ran: ``width`` and ``version``.
+send. The router answers the model's output and ``width``, the width each item ran at (shape ``(N, 1)``); when
+Triton allows it the response's parameters also say what ran: ``width`` and ``version``.
 
 The file needs nothing but the standard library, ``width_policy.py`` and Triton's ``triton_python_backend_utils``;
 outside Triton it imports without the latter, so that :func:`request_choice`, :func:`choose_version` and
@@ -35,6 +36,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # outside Triton: the routing functions below still import and run
@@ -44,6 +47,8 @@ except ImportError:  # outside Triton: the routing functions below still import 
 ROUTE_FILE = "route.json"
 #: the width policy beside this file (slimmable.runtime.policy)
 POLICY_FILE = "width_policy.py"
+#: the router's own output: the width each item ran at
+WIDTH_OUTPUT = "width"
 #: the request parameters that choose a width
 WIDTH_PARAMETER = "width"
 BUDGET_PARAMETER = "latency_budget_ms"
@@ -260,8 +265,10 @@ def _error(message: str, invalid: bool = False) -> Any:
     return pb_utils.InferenceResponse(error=error)
 
 
-def _response(tensors: Any, entry: Mapping[str, Any]) -> Any:
-    """The response with ``tensors``; its parameters name the width that ran where this Triton has them."""
+def _response(tensors: Any, entry: Mapping[str, Any], batch: int) -> Any:
+    """The response with ``tensors`` and the ``width`` output; its parameters name the width that ran where this
+    Triton has them."""
+    tensors = [*tensors, pb_utils.Tensor(WIDTH_OUTPUT, np.full((batch, 1), float(entry["width"]), np.float32))]
     params = {WIDTH_PARAMETER: f"{float(entry['width']):g}", "version": int(entry["version"])}
     try:
         return pb_utils.InferenceResponse(output_tensors=tensors, parameters=params)
@@ -331,14 +338,14 @@ class TritonPythonModel:
             except ValueError as err:  # a RouteError, or parameters that are not JSON
                 responses[i] = _error(str(err), invalid=True)
                 continue
-            pending.append((i, entry, self._run(entry, admission, tensor)))
-        replies = await asyncio.gather(*(p[2] for p in pending))
-        for (i, entry, _), reply in zip(pending, replies):
+            pending.append((i, entry, admission, self._run(entry, admission, tensor)))
+        replies = await asyncio.gather(*(p[3] for p in pending))
+        for (i, entry, admission, _), reply in zip(pending, replies):
             if reply.has_error():
                 where = f"{self.model} version {entry['version']} (width {float(entry['width']):g})"
                 responses[i] = _error(f"{where}: {reply.error().message()}")
             else:
-                responses[i] = _response(reply.output_tensors(), entry)
+                responses[i] = _response(reply.output_tensors(), entry, admission.batch_size)
         return responses
 
 
