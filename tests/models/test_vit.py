@@ -204,3 +204,32 @@ def test_profile_counts_every_width_and_restores_it() -> None:
     assert [p.width for p in profs] == [0.25, 0.5, 0.75, 1.0] and model.width == 0.5
     macs = [p.macs for p in profs]
     assert macs == sorted(macs) and macs[0] < 0.3 * macs[-1]
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path) -> None:
+    from slimmable.checkpoint import load_model, model_checkpoint, save_checkpoint
+
+    model = _perturb(_small(slim_embed=True))
+    save_checkpoint(tmp_path / "vit.pt", model_checkpoint(model))
+    loaded = load_model(tmp_path / "vit.pt").model.eval()
+    assert type(loaded) is SlimVisionTransformer and loaded.widths == model.widths
+    x = _x()
+    with torch.no_grad(), model.use_width(0.25), loaded.use_width(0.25):
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_channel_plan_builds_head_rules_and_takes_a_norm_factory() -> None:
+    from slimmable.models import ChannelPlan
+    from slimmable.models.vit import layer_norm
+    from slimmable.nn import SlimLayerNorm, head_count, make_divisible
+
+    plan = ChannelPlan((0.25, 0.5, 1.0), make_divisible, norm=layer_norm)
+    assert plan.heads(8).channels == (2, 4, 8) and plan.norm_kind == "custom"
+    assert type(plan.norm(None, 16)) is nn.LayerNorm and isinstance(plan.norm(plan.rule(16), 16), SlimLayerNorm)
+    # a universally slimmable plan: whole groups of 2 query heads for any width in the range, rounded as an S-Net's
+    # (0.3: 1.2 groups; one group would be 17% below, more than the 10% the rounding allows, so two)
+    rule = ChannelPlan((), make_divisible, width_range=(0.25, 1.0)).heads(8, group=2)
+    ws = (0.25, 0.3, 0.5, 0.8, 1.0)
+    assert [rule(w) for w in ws] == [head_count(8, w, 2) for w in ws] == [2, 4, 4, 6, 8]
+    with pytest.raises(ValueError, match="nor a norm layer factory"):
+        ChannelPlan((1.0,), make_divisible, norm="layer")
