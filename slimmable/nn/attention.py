@@ -337,8 +337,10 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
         return projections + 2 * h * t * t * d
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self.head_rule is None else f"{s}, heads={self.head_rule.channels}"
+        s, rule = super().extra_repr(), self.head_rule
+        if rule is None:
+            return s
+        return f"{s}, heads={rule.channels}" if isinstance(rule, WidthTable) else f"{s}, widths={rule.describe()}"
 
 
 def _resize_pos(pos: torch.Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
