@@ -26,12 +26,14 @@ from ..nn import (
     set_width,
     use_width,
 )
+from ..nn.attention import head_count, head_rule
 from ..nn.channels import ChannelRule
 
 __all__ = [
     "NORM_KINDS",
     "ChannelPlan",
     "FeatureInfo",
+    "NormFactory",
     "SlimNet",
     "init_weights",
     "slim_conv_from",
@@ -40,6 +42,9 @@ __all__ = [
 ]
 
 NORM_KINDS = ("switchable", "shared")
+#: builds the norm layer after a layer whose output follows ``rule`` (``None``: the same size at every width) and
+#: has ``channels`` at full width: ``factory(rule, channels) -> nn.Module``
+NormFactory = Callable[[ChannelRule | None, int], nn.Module]
 
 
 class ChannelPlan:
@@ -55,8 +60,9 @@ class ChannelPlan:
         stat_widths: US-Nets: widths whose BN statistics are stored.
         channels: a ChannelSpec: full-size channels of named layers (an int: the same at every width, for a
             single-width network such as a searched one; a list: one count per width, as AutoSlim trains them).
-        norm: ``"switchable"`` (one BN per width, the S-Nets' switchable BN) or ``"shared"`` (one BN sliced for
-            every width: the naive baseline whose shared statistics fail at test time).
+        norm: ``"switchable"`` (one BN per width, the S-Nets' switchable BN), ``"shared"`` (one BN sliced for
+            every width: the naive baseline whose shared statistics fail at test time), or a :data:`NormFactory`
+            building another norm layer (a transformer's LayerNorm), as torchvision's models take ``norm_layer``.
     """
 
     def __init__(
@@ -66,11 +72,14 @@ class ChannelPlan:
         width_range: tuple[float, float] | None = None,
         stat_widths: Sequence[float] | None = None,
         channels: Mapping[str, int | Sequence[int]] | None = None,
-        norm: str = "switchable",
+        norm: str | NormFactory = "switchable",
     ) -> None:
         self.round_fn = round_fn
-        if norm not in NORM_KINDS:
-            raise ValueError(f"norm {norm!r} is not one of {NORM_KINDS}")
+        self._norm_factory: NormFactory | None = None
+        if callable(norm):
+            self._norm_factory, norm = norm, "custom"
+        elif norm not in NORM_KINDS:
+            raise ValueError(f"norm {norm!r} is not one of {NORM_KINDS}, nor a norm layer factory")
         self.norm_kind = norm
         self.spec = dict(channels) if channels is not None else None
         self._asked: list[str] = []
@@ -124,10 +133,29 @@ class ChannelPlan:
         return WidthTable.build(self.widths, counts)
 
     def norm(self, rule: ChannelRule | None, channels: int) -> nn.Module:
-        """The norm layer for a conv with output ``rule``: switchable BN (default), shared BN, or US BN."""
+        """The norm layer for a layer with output ``rule``: switchable BN (default), shared BN, US BN, or what the
+        plan's norm factory builds."""
+        if self._norm_factory is not None:
+            return self._norm_factory(rule, channels)
         if self.norm_kind == "shared" and rule is not None:
             return SharedBatchNorm2d(rule)
         return create_norm(rule, channels, self.stat_widths)
+
+    def heads(self, num_heads: int, group: int = 1) -> ChannelRule:
+        """Rule of the active attention heads of a layer with ``num_heads`` heads at width 1.0, in whole groups of
+        ``group`` query heads per key/value head (:func:`slimmable.nn.attention.head_count`: the nearest whole
+        group, never more than 10% below, at least one group; a US-Net: the same for any width in its range).
+
+        Raises:
+            ValueError: a width needs more heads than ``num_heads`` (widths above 1.0).
+        """
+        if self.width_range is None:
+            return head_rule(self.widths, num_heads, group)
+        lo, hi = self.width_range
+        if head_count(num_heads, hi, group) > num_heads:
+            raise ValueError(f"width {hi:g} needs more than the {num_heads} attention heads; the range ends at 1.0")
+        # make_divisible(num_heads * w / hi / group, 1) * group: the head_count rounding relative to ``hi``
+        return WidthRange(num_heads, lo, hi, ratio=group, divisor=1)
 
     def fixed(self, name: str, default: int) -> int:
         """Size of a layer that is not slimmed (one size at every width), unless the channel spec names it."""
@@ -192,12 +220,15 @@ class FeatureInfo:
 class SlimNet(nn.Module):
     """Base of all slimmable model families: the width API as methods, and the constructor kwargs for checkpoints.
 
-    A family builds ``features`` (an ``nn.Sequential`` ending in global pooling) and ``classifier``, and declares
-    its stages with :meth:`_set_stages`: consecutive runs of ``features`` with a name, a stride and an output
-    channel rule. That gives every family :meth:`forward_features`, :meth:`forward_head`, :meth:`forward_stages`
-    and :attr:`feature_info` (timm's ``features_only`` / torchvision's ``IntermediateLayerGetter``, at any width).
-    Module names, and so state-dict keys and channel specs, do not change: stages are named views of
-    ``features``.
+    A family builds a *trunk* (an ``nn.Sequential`` named by :attr:`trunk_name`: a CNN's ``features``, ending in
+    global pooling; a transformer's ``blocks``, whose head pools the class token instead) and a head
+    (:attr:`head_names`: a CNN's ``classifier``), and declares its stages with :meth:`_set_stages`: consecutive
+    runs of the trunk with a name, a stride and an output channel rule. That gives every family
+    :meth:`forward_features`, :meth:`forward_head`, :meth:`forward_stages` and :attr:`feature_info` (timm's
+    ``features_only`` / torchvision's ``IntermediateLayerGetter``, at any width). Module names, and so state-dict
+    keys and channel specs, do not change: stages are named views of the trunk. A family whose head is not global
+    pooling and a linear layer overrides :meth:`forward_head` and :meth:`forward_logits`; one that runs something
+    before the trunk (a patch embedding) overrides :meth:`_forward_stem_input`.
 
     :meth:`as_features_only` (``create_model(name, features_only=True, out_indices=...)``) turns the network into
     a backbone whose forward returns the maps of the chosen stages, as detection and segmentation models use it.
@@ -217,10 +248,16 @@ class SlimNet(nn.Module):
 
     model_name: str = ""
     model_kwargs: dict[str, Any]
+    #: the ``nn.Sequential`` holding the stages
+    trunk_name: str = "features"
+    #: whether the trunk's last module is the global pooling (after the last stage), as in the CNN families
+    trunk_pools: bool = True
+    #: the modules only the classifier path runs after the trunk (a features-only model replaces them)
+    head_names: tuple[str, ...] = ("classifier",)
     feature_info: list[FeatureInfo]
     out_indices: tuple[int, ...] | None = None
     out_names: tuple[str, ...] = ()
-    #: ``(start, end)`` of each stage in ``features``, as :attr:`feature_info`
+    #: ``(start, end)`` of each stage in the trunk, as :attr:`feature_info`
     _stage_bounds: list[tuple[int, int]]
     #: torchvision's name of the classifier's linear layer (``fc``, ``classifier.1``); ``None`` without one
     torchvision_classifier: str | None = None
@@ -275,20 +312,26 @@ class SlimNet(nn.Module):
 
     # -- stages and features ----------------------------------------------------------------------------------------
 
+    @property
+    def _trunk(self) -> nn.Sequential:
+        return getattr(self, self.trunk_name)
+
     def _set_stages(self, stages: Sequence[tuple[str, int, int, ChannelRule | None, int]]) -> None:
         """Declare the stages: ``(name, end, stride, rule, channels)`` each, where stage ``i`` runs
-        ``features[end_{i-1}:end_i]`` (the first starts at 0; an empty run is the output of
-        :meth:`_forward_stem_input`) and the last ends before the global pooling."""
+        ``trunk[end_{i-1}:end_i]`` (the first starts at 0; an empty run is the output of
+        :meth:`_forward_stem_input`) and the last ends before the global pooling (:attr:`trunk_pools`), else at the
+        end of the trunk."""
         bounds, start = [], 0
         for _, end, *_rest in stages:
             if end < start:
                 raise ValueError(f"stage ends {[s[1] for s in stages]} must not decrease")
             bounds.append((start, end))
             start = end
-        if start != len(self.features) - 1:  # type: ignore[arg-type]
-            raise ValueError(
-                f"stages end at features.{start}, not at the global pooling features.{len(self.features) - 1}"
-            )
+        n, trunk = len(self._trunk), self.trunk_name
+        if self.trunk_pools and start != n - 1:
+            raise ValueError(f"stages end at {trunk}.{start}, not at the global pooling {trunk}.{n - 1}")
+        if not self.trunk_pools and start != n:
+            raise ValueError(f"stages end at {trunk}.{start}, not at the end of {trunk} ({n} modules)")
         self._stage_bounds = bounds
         self.feature_info = [FeatureInfo(name, stride, rule, c) for name, _, stride, rule, c in stages]
 
@@ -299,9 +342,9 @@ class SlimNet(nn.Module):
     def _run_features(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         # ``x`` stays referenced until the run is done, as torchvision's stage-wise forward holds a stage's input
         # (see resnet._run_stage: the free order a flat chain gives costs time with glibc's allocator).
-        out = x
+        out, trunk = x, self._trunk
         for i in range(start, end):
-            out = self.features[i](out)  # type: ignore[index]
+            out = trunk[i](out)
         return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,9 +407,9 @@ class SlimNet(nn.Module):
     ) -> SlimNet:
         """Make this network a backbone, in place: its forward returns the maps of the stages ``out_indices``.
 
-        The classifier and every layer after the last stage used (the global pooling, MobileNet v2's 1x1 conv head
-        when it is not used) become ``nn.Identity``, as torchvision's ``IntermediateLayerGetter`` drops them: they
-        would hold parameters without gradients. The other module names, and so the state-dict keys, stay.
+        The head (:attr:`head_names`) and every layer after the last stage used (the global pooling, MobileNet v2's
+        1x1 conv head when it is not used) become ``nn.Identity``, as torchvision's ``IntermediateLayerGetter`` drops
+        them: they would hold parameters without gradients. The other module names, and so the state-dict keys, stay.
         Calling it again may select other stages up to the last one kept.
 
         Args:
@@ -390,16 +433,18 @@ class SlimNet(nn.Module):
         if isinstance(out_names, str) or len(names) != len(order) or len(set(names)) != len(names):
             raise ValueError(f"out_names {out_names!r} must be {len(order)} distinct names, one per out_indices entry")
         by_index = dict(zip(order, names))
-        kept = self._stage_bounds[self.out_indices[-1]][1] if self.out_indices is not None else len(self.features)  # type: ignore[arg-type]
+        trunk = self._trunk
+        kept = self._stage_bounds[self.out_indices[-1]][1] if self.out_indices is not None else len(trunk)
         last_end = self._stage_bounds[picked[-1]][1]
         if last_end > kept:
             raise ValueError(
                 f"stage {self.feature_info[picked[-1]].name} was dropped when this backbone was made for "
                 f"out_indices {list(self.out_indices or ())}; build the model again"
             )
-        self.classifier = nn.Identity()
-        for i in range(last_end, len(self.features)):  # type: ignore[arg-type]
-            self.features[i] = nn.Identity()  # type: ignore[index]
+        for name in self.head_names:
+            setattr(self, name, nn.Identity())
+        for i in range(last_end, len(trunk)):
+            trunk[i] = nn.Identity()
         self.out_indices = tuple(picked)
         self.out_names = tuple(by_index[i] for i in picked)
         return self
@@ -425,7 +470,8 @@ class SlimNet(nn.Module):
         if self.out_indices is None:
             return []
         end = self._stage_bounds[self.out_indices[-1]][1]
-        return ["classifier", *(f"features.{i}" for i in range(end, len(self.features)))]  # type: ignore[arg-type]
+        trunk = self.trunk_name
+        return [*self.head_names, *(f"{trunk}.{i}" for i in range(end, len(self._trunk)))]
 
     # -- torchvision counterparts -------------------------------------------------------------------------------------
 
@@ -460,7 +506,8 @@ class SlimNet(nn.Module):
     def stage_modules(self) -> dict[str, list[nn.Module]]:
         """The modules of each stage, by name (for freezing or per-stage optimiser groups); stages that only
         reshape their input (ShuffleNet's stem concatenation) list the modules the family runs there."""
-        return {f.name: list(self.features[a:b]) for f, (a, b) in zip(self.feature_info, self._stage_bounds)}  # type: ignore[index]
+        trunk = self._trunk
+        return {f.name: list(trunk[a:b]) for f, (a, b) in zip(self.feature_info, self._stage_bounds)}
 
     @staticmethod
     def make_classifier(num_features: int, num_classes: int, drop_rate: float, slim: bool = True) -> nn.Sequential:

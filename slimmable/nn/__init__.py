@@ -1,5 +1,14 @@
 """Slimmable layers and the width API."""
 
+from .attention import (
+    PatchEmbed,
+    SelfAttention,
+    SlimMultiheadAttention,
+    SlimPatchEmbed,
+    head_count,
+    head_rule,
+    slim_mlp,
+)
 from .base import (
     SlimModule,
     get_channels,
@@ -36,12 +45,16 @@ __all__ = [
     "ConvertedBatchNorm2d",
     "IndexedSlimConv2d",
     "IndexedSlimLinear",
+    "PatchEmbed",
+    "SelfAttention",
     "SharedBatchNorm2d",
     "SlimConv2d",
     "SlimGroupNorm",
     "SlimLayerNorm",
     "SlimLinear",
     "SlimModule",
+    "SlimMultiheadAttention",
+    "SlimPatchEmbed",
     "SwitchableBatchNorm2d",
     "USBatchNorm2d",
     "WidthRange",
@@ -51,12 +64,15 @@ __all__ = [
     "get_channels",
     "get_width",
     "get_widths",
+    "head_count",
+    "head_rule",
     "make_divisible",
     "normalize_widths",
     "record_input_channels",
     "set_channels",
     "set_layer_widths",
     "set_width",
+    "slim_mlp",
     "slim_modules",
     "use_width",
 ]

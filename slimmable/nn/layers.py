@@ -7,7 +7,7 @@ depthwise convolutions follow their input on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,54 @@ __all__ = [
 ]
 
 
-class _SlimOut(SlimModule):
+class _WeightMemo:
+    """Mixin of slimmable layers that slice their weights: contiguous copies of the sliced weights for inference.
+
+    A sliced weight is a strided view (or, for a packed projection, a concatenation); oneDNN then re-lays it out on
+    every call, a measurable part of a narrow network's CPU latency. Without autograd the contiguous copy is
+    memoised, keyed by the slice and validated against the source tensor's storage and version counter, so
+    optimizer steps, ``load_state_dict`` and ``.to()`` all invalidate it; ``train()``/``eval()`` drop it, and
+    :meth:`clear_weight_memo` does so after writes autograd cannot see (``.data.copy_``, in-place collectives). The
+    memo holds at most one copy per width (less than one extra weight set for the usual width lists) and never
+    enters the state dict. The class using it sets ``self._weight_memo = {}`` in its constructor.
+    """
+
+    _weight_memo: dict
+
+    #: keep contiguous copies of sliced weights for inference (see :meth:`_memoised`)
+    cache_inference_weights: bool = True
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        # Writes that bypass autograd's version counter (``.data.copy_``, collectives such as ``dist.broadcast``)
+        # cannot be detected by the memo's stamp; dropping it on every train()/eval() switch covers training loops.
+        self._weight_memo.clear()
+        return super().train(mode)  # type: ignore[misc]
+
+    def clear_weight_memo(self) -> None:
+        """Drop the memoised sliced weights (after writing the weights in a way autograd does not see)."""
+        self._weight_memo.clear()
+
+    def _memoised(self, key: Hashable, source: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, a tensor sliced from ``source``; when gradients are off, a contiguous copy of it memoised
+        under ``key`` and stamped with ``source``'s storage and version."""
+        if (
+            self.cache_inference_weights
+            and not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference() (a graph break)
+            and not torch.jit.is_tracing()
+            and not (source.requires_grad and torch.is_grad_enabled())
+            and not source.is_inference()  # no version counter to validate a memo against
+        ):
+            stamp = (source.data_ptr(), source._version, source.dtype, source.device)
+            hit = self._weight_memo.get(key)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+            copy = make().contiguous()
+            self._weight_memo[key] = (stamp, copy)
+            return copy
+        return make()
+
+
+class _SlimOut(_WeightMemo, SlimModule):
     """Shared width logic of layers with a slimmable output dimension (conv, linear)."""
 
     out_rule: ChannelRule | None
@@ -55,44 +102,9 @@ class _SlimOut(SlimModule):
     def _set_out_channels(self, channels: int) -> None:
         self.width, self.active_out = None, int(channels)
 
-    #: keep contiguous copies of narrowed weights for inference (see :meth:`_narrow_weight`)
-    cache_inference_weights: bool = True
-
-    def train(self, mode: bool = True):  # type: ignore[override]
-        # Writes that bypass autograd's version counter (``.data.copy_``, collectives such as ``dist.broadcast``)
-        # cannot be detected by the memo's stamp; dropping it on every train()/eval() switch covers training loops.
-        self._weight_memo.clear()
-        return super().train(mode)
-
-    def clear_weight_memo(self) -> None:
-        """Drop the memoised narrowed weights (after writing the weights in a way autograd does not see)."""
-        self._weight_memo.clear()
-
     def _narrow_weight(self, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """``weight[:rows, :cols]``, contiguous when gradients are off.
-
-        A narrowed weight is a strided view; oneDNN then re-lays it out on every call, a measurable part of a
-        narrow MobileNet's CPU latency. Without autograd the contiguous copy is memoised, keyed by the slice
-        and validated against the weight's storage and version counter, so optimizer steps, ``load_state_dict``
-        and ``.to()`` all invalidate it; ``train()``/``eval()`` drop it, and :meth:`clear_weight_memo` does so
-        after writes autograd cannot see (``.data.copy_``, in-place collectives). The memo holds at most one copy
-        per width (less than one extra weight set for the usual width lists) and never enters the state dict.
-        """
-        if (
-            self.cache_inference_weights
-            and not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference() (a graph break)
-            and not torch.jit.is_tracing()
-            and not (weight.requires_grad and torch.is_grad_enabled())
-            and not weight.is_inference()  # no version counter to validate a memo against
-        ):
-            stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-            hit = self._weight_memo.get((rows, cols))
-            if hit is not None and hit[0] == stamp:
-                return hit[1]
-            copy = weight[:rows, :cols].contiguous()
-            self._weight_memo[(rows, cols)] = (stamp, copy)
-            return copy
-        return weight[:rows, :cols]
+        """``weight[:rows, :cols]``, contiguous and memoised when gradients are off (see :class:`_WeightMemo`)."""
+        return self._memoised((rows, cols), weight, lambda: weight[:rows, :cols])
 
 
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,10 +1,12 @@
 """Cost of a slimmable model at a width: MACs (``torch.utils.flop_counter``), active parameters, latency.
 
 MACs are FLOPs / 2 as counted by ``FlopCounterMode`` (convolutions, linear layers and matrix products); this
-is the convention of the official tables' ``flop_counter`` column. Active parameters count only the weights a
-forward pass at the current width actually uses (the official profiler reports the full count at every width):
-each slimmable layer reports its own (:meth:`slimmable.nn.SlimModule.active_params`), other layers count their
-parameters.
+is the convention of the official tables' ``flop_counter`` column. Attention counts its two products (``QK^T`` and
+``AV``) on every device: PyTorch's counter has formulas for the CUDA attention kernels only, so the CPU kernel
+that ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention``'s fast path) runs gets the same formula here.
+Active parameters count only the weights a forward pass at the current width actually uses (the official profiler
+reports the full count at every width): each slimmable layer reports its own
+(:meth:`slimmable.nn.SlimModule.active_params`), other layers count their parameters.
 
 Detectors (torchvision's R-CNN models, :mod:`slimmable.models.detection`) take a list of ``(C, H, W)`` images;
 every function here accepts such a list where it takes an input batch. :func:`detector_images` builds one at the
@@ -45,6 +47,27 @@ __all__ = [
 ]
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of scaled dot-product attention: ``QK^T`` and ``AV``, each ``2 * N * heads * L_q * L_k * head_dim``
+    (grouped key/value heads are broadcast to the query heads, so the query heads count)."""
+    n, heads, lq, d = query_shape
+    lk, dv = key_shape[-2], value_shape[-1]
+    return 2 * n * heads * lq * lk * (d + dv)
+
+
+#: kernels ``FlopCounterMode`` has no formula for (PyTorch counts the CUDA attention kernels only)
+_EXTRA_FLOP_FORMULAS = {
+    getattr(torch.ops.aten, op): _sdpa_flops
+    for op in ("_scaled_dot_product_flash_attention_for_cpu",)
+    if hasattr(torch.ops.aten, op)
+}
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts the CPU attention kernel."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+
+
 def _is_cuda(x: Inputs) -> bool:
     return (x if isinstance(x, torch.Tensor) else x[0]).is_cuda
 
@@ -74,7 +97,7 @@ def count_macs(model: nn.Module, x: Inputs, eval_mode: bool = True) -> int:
     Returns:
         MACs for the whole batch ``x``.
     """
-    with _maybe_eval(model, eval_mode), FlopCounterMode(display=False) as counter:
+    with _maybe_eval(model, eval_mode), _flop_counter() as counter:
         model(x)
     return counter.get_total_flops() // 2
 
@@ -108,7 +131,7 @@ def count_macs_by_part(
             model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(f"{name!r} is not a submodule of {type(model).__name__}: {err}") from err
-    with _maybe_eval(model, eval_mode), FlopCounterMode(display=False) as counter:
+    with _maybe_eval(model, eval_mode), _flop_counter() as counter:
         model(x)
     counts = counter.get_flop_counts()
     root = type(model).__name__

@@ -19,6 +19,7 @@ STAGE_NAMES = {
     "mobilenet_v2": ["stem", *(f"stage{i}" for i in range(1, 8)), "conv_head"],
     "shufflenet_v1": ["stem", "stage1", "stage2", "stage3"],
     "resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "vit": [f"blocks.{i}" for i in range(12)],  # tokens (N, 1 + patches, C) per block
 }
 
 
@@ -49,9 +50,10 @@ def test_stage_maps_have_the_channels_and_strides_feature_info_claims(name: str,
     assert [f.name for f in info] == STAGE_NAMES[_family(name)]
     assert all(isinstance(f, FeatureInfo) for f in info)
     strides = [f.stride for f in info]
-    # small_input drops the stem's reductions: stride 2 of the mobile nets, 4 of ResNet and ShuffleNet
-    small_last = 16 if "mobilenet" in name else 8
-    assert strides == sorted(strides) and strides[-1] == (small_last if small_input else 32)
+    # small_input drops the stem's reductions: stride 2 of the mobile nets, 4 of ResNet and ShuffleNet; a ViT's
+    # stages all sit on its patch grid (patch 16, small_input patch 4)
+    small_last = 16 if "mobilenet" in name else 4 if "vit" in name else 8
+    assert strides == sorted(strides) and strides[-1] == (small_last if small_input else 16 if "vit" in name else 32)
     side = 32 if small_input else 64
     x = torch.randn(2, 3, side, side)
     for w in _eval_widths(model):
@@ -63,6 +65,9 @@ def test_stage_maps_have_the_channels_and_strides_feature_info_claims(name: str,
         assert list(stages) == [f.name for f in info]
         assert model.feature_channels(w) == [f.channels(w) for f in info]
         for f, (key, y) in zip(info, stages.items()):
+            if "vit" in name:  # the class token, then the patches' tokens
+                assert y.shape == (2, 1 + math.ceil(side / f.stride) ** 2, f.channels(w)), (key, w, y.shape)
+                continue
             assert y.shape[:2] == (2, f.channels(w)), (key, w)
             if "shufflenet" in name and not small_input:
                 # the official stem's unpadded max pooling: 64 -> 32 -> 15 instead of 16, then back on the grid
