@@ -80,8 +80,17 @@ import torch
 
 from ..runtime import SlimmableRunner
 from ._decode import MAX_IMAGE_PIXELS, BadRequest, Budget, image_pixels
-from ._predict import parse_predict, predict_answer, predict_request, waited_ms
-from .v2 import OpenInferenceProtocol, Reply, error_reply
+from ._routes import (
+    error_reply_for,
+    get_route,
+    internal_error_reply,
+    parse_predict,
+    post_route,
+    predict_answer,
+    predict_request,
+    waited_ms,
+)
+from .v2 import OpenInferenceProtocol, Reply
 
 __all__ = ["BadRequest", "PredictionServer", "check_loopback"]
 
@@ -294,24 +303,14 @@ class _Handler(BaseHTTPRequestHandler):
         _logger.debug("%s - %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
+        srv = self.server
         path = urlsplit(self.path).path
-        if self.server.v2.owns(path):
-            try:
-                reply = self.server.v2.get(path)
-            except Exception as err:  # keep serving whatever happens in one request
-                _logger.exception("internal error answering %s", self.path)
-                reply = error_reply(BadRequest(f"internal error: {type(err).__name__}: {err}", 500))
-            self._send_reply(reply)
-        elif path == "/health":
-            self._send(200, {"status": "ok"})
-        elif path == "/info":
-            info = self.server.runner.info()
-            info["labels"] = len(self.server.labels) if self.server.labels is not None else None
-            self._send(200, info)
-        elif path == "/":
-            self._send(200, {"routes": ["GET /health", "GET /info", "POST /predict", *_V2_ROUTES]})
-        else:
-            self._send(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
+        try:
+            reply = get_route(path, srv.runner, srv.v2, srv.labels)
+        except Exception as err:  # keep serving whatever happens in one request
+            _logger.exception("internal error answering %s", self.path)
+            reply = internal_error_reply(err, srv.v2.owns(path))
+        self._send_reply(reply)
 
     def do_POST(self) -> None:
         t0 = time.perf_counter()
@@ -319,16 +318,11 @@ class _Handler(BaseHTTPRequestHandler):
         v2 = self.server.v2
         is_v2 = v2.owns(split.path)
         try:
-            version = None
-            if is_v2:
-                try:
-                    version = v2.infer_version(split.path)
-                except BadRequest:
-                    self.close_connection = True  # the body is not read
-                    raise
-            elif split.path != "/predict":
+            try:
+                version = post_route(split.path, v2)
+            except BadRequest:
                 self.close_connection = True  # the body is not read
-                raise BadRequest(f"no route POST {split.path}; use POST /predict (or the V2 routes under /v2)", 404)
+                raise
             n = self._body_length()
             try:
                 reservation = self.server.body_budget.reserve(n)
@@ -345,14 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, self.server.predict(x, params, t0))
         except BadRequest as err:
-            if is_v2:
-                self._send_reply(error_reply(err))
-            else:
-                self._send(err.status, {"error": str(err), "status": err.status}, err.headers)
+            self._send_reply(error_reply_for(err, is_v2))
         except Exception as err:  # keep serving whatever happens in one request
             _logger.exception("internal error answering %s", self.path)
-            message = f"internal error: {type(err).__name__}: {err}"
-            self._send(500, {"error": message} if is_v2 else {"error": message, "status": 500})
+            self._send_reply(internal_error_reply(err, is_v2))
 
     def _body_length(self) -> int:
         length = self.headers.get("Content-Length")
@@ -411,12 +401,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
-
-
-_V2_ROUTES = [
-    "GET /v2",
-    "GET /v2/health/live",
-    "GET /v2/health/ready",
-    "GET /v2/models/{name}[/versions/{version}][/ready]",
-    "POST /v2/models/{name}[/versions/{version}]/infer",
-]

@@ -60,7 +60,7 @@ from ..export._io import INPUT_NAME
 from ..nn.channels import width_key
 from ..runtime import RunResult, SlimmableRunner
 from ._decode import BadRequest, number_param
-from ._predict import waited_ms
+from ._routes import waited_ms
 
 __all__ = [
     "DATATYPES",

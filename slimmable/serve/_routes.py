@@ -1,6 +1,7 @@
-"""The ``POST /predict`` route without the HTTP server: a body to the model's input and options, and a run's result
-to the JSON answer. The stdlib server (:mod:`slimmable.serve.server`) and the Ray Serve deployment
-(:mod:`slimmable.serve.ray_serve`) both call these, so the route behaves the same on either engine."""
+"""The HTTP API's routes without an HTTP server: ``GET`` answers, ``POST /predict`` (a body to the model's input and
+options, a run's result to the JSON answer) and error replies. The stdlib server (:mod:`slimmable.serve.server`)
+and the Ray Serve deployment (:mod:`slimmable.serve.ray_serve`) both call these, so the API behaves the same on
+either engine; the V2 routes are :class:`slimmable.serve.v2.OpenInferenceProtocol`'s."""
 
 from __future__ import annotations
 
@@ -13,15 +14,87 @@ from dataclasses import dataclass
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..runtime import RunResult
+from ..runtime import RunResult, SlimmableRunner
 from ..tasks import Task
 from ._decode import MAX_IMAGE_PIXELS, BadRequest, number_param
 
-__all__ = ["PredictRequest", "parse_predict", "predict_answer", "predict_request"]
+if TYPE_CHECKING:  # v2 imports this module
+    from .v2 import OpenInferenceProtocol, Reply
+
+__all__ = [
+    "ROUTES",
+    "PredictRequest",
+    "error_reply_for",
+    "get_route",
+    "internal_error_reply",
+    "parse_predict",
+    "post_route",
+    "predict_answer",
+    "predict_request",
+    "waited_ms",
+]
+
+#: the Open Inference Protocol (V2) routes, as ``GET /`` lists them
+V2_ROUTES = (
+    "GET /v2",
+    "GET /v2/health/live",
+    "GET /v2/health/ready",
+    "GET /v2/models/{name}[/versions/{version}][/ready]",
+    "POST /v2/models/{name}[/versions/{version}]/infer",
+)
+#: every route, as ``GET /`` lists them
+ROUTES = ("GET /health", "GET /info", "POST /predict", *V2_ROUTES)
+
+
+def get_route(
+    path: str,
+    runner: SlimmableRunner,
+    v2: OpenInferenceProtocol,
+    labels: Sequence[str] | None,
+    info: Mapping[str, Any] | None = None,
+) -> Reply:
+    """The answer to ``GET path``: ``/health``, ``/info`` (the runner's, the number of labels, and ``info``),
+    ``/`` (the routes), a V2 route, or a 404 naming the routes."""
+    if v2.owns(path):
+        return v2.get(path)
+    if path == "/health":
+        return _json(200, {"status": "ok"})
+    if path == "/info":
+        answer = runner.info()
+        answer["labels"] = len(labels) if labels is not None else None
+        return _json(200, {**answer, **(info or {})})
+    if path == "/":
+        return _json(200, {"routes": list(ROUTES)})
+    return _json(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
+
+
+def post_route(path: str, v2: OpenInferenceProtocol) -> str | None:
+    """The V2 version that ``POST path`` infers with (``None``: the request's parameters choose, or ``/predict``).
+
+    Raises:
+        BadRequest: 404 for a path that is neither ``/predict`` nor a V2 ``infer`` route of the model.
+    """
+    if v2.owns(path):
+        return v2.infer_version(path)
+    if path != "/predict":
+        raise BadRequest(f"no route POST {path}; use POST /predict (or the V2 routes under /v2)", 404)
+    return None
+
+
+def error_reply_for(err: BadRequest, v2_route: bool) -> Reply:
+    """A refused request's reply: ``{"error", "status"}`` (a V2 route: ``{"error"}``), with ``err``'s status and
+    headers (``Retry-After``)."""
+    payload = {"error": str(err)} if v2_route else {"error": str(err), "status": err.status}
+    return _json(err.status, payload, err.headers)
+
+
+def internal_error_reply(err: Exception, v2_route: bool) -> Reply:
+    """The 500 reply to a request that failed unexpectedly (the server keeps serving)."""
+    return error_reply_for(BadRequest(f"internal error: {type(err).__name__}: {err}", 500), v2_route)
 
 
 @dataclass(frozen=True)
@@ -157,6 +230,12 @@ def waited_ms(t0: float | None) -> float:
     """Milliseconds since ``t0`` (a request's arrival, ``time.perf_counter()``), 0 for ``None``: what a budget has
     already spent on reading and decoding when the request reaches the runner."""
     return 0.0 if t0 is None else 1e3 * max(0.0, time.perf_counter() - t0)
+
+
+def _json(status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Reply:
+    from .v2 import Reply
+
+    return Reply(status, json.dumps(payload).encode(), {**(headers or {}), "Content-Type": "application/json"})
 
 
 def _rounded(ms: float | None) -> float | None:
