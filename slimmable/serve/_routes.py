@@ -30,7 +30,9 @@ __all__ = [
     "PredictRequest",
     "error_reply_for",
     "get_route",
+    "info_answer",
     "internal_error_reply",
+    "json_reply",
     "parse_predict",
     "post_route",
     "predict_answer",
@@ -62,14 +64,22 @@ def get_route(
     if v2.owns(path):
         return v2.get(path)
     if path == "/health":
-        return _json(200, {"status": "ok"})
+        return json_reply(200, {"status": "ok"})
     if path == "/info":
-        answer = runner.info()
-        answer["labels"] = len(labels) if labels is not None else None
-        return _json(200, {**answer, **(info or {})})
+        return json_reply(200, info_answer(runner, labels, info))
     if path == "/":
-        return _json(200, {"routes": list(ROUTES)})
-    return _json(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
+        return json_reply(200, {"routes": list(ROUTES)})
+    return json_reply(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
+
+
+def info_answer(
+    runner: SlimmableRunner, labels: Sequence[str] | None, info: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``GET /info``: the runner's summary (:meth:`~slimmable.runtime.SlimmableRunner.info`), the number of
+    labels, and what the engine adds (``info``)."""
+    answer = runner.info()
+    answer["labels"] = len(labels) if labels is not None else None
+    return {**answer, **(info or {})}
 
 
 def post_route(path: str, v2: OpenInferenceProtocol) -> str | None:
@@ -89,7 +99,7 @@ def error_reply_for(err: BadRequest, v2_route: bool) -> Reply:
     """A refused request's reply: ``{"error", "status"}`` (a V2 route: ``{"error"}``), with ``err``'s status and
     headers (``Retry-After``)."""
     payload = {"error": str(err)} if v2_route else {"error": str(err), "status": err.status}
-    return _json(err.status, payload, err.headers)
+    return json_reply(err.status, payload, err.headers)
 
 
 def internal_error_reply(err: Exception, v2_route: bool) -> Reply:
@@ -232,7 +242,8 @@ def waited_ms(t0: float | None) -> float:
     return 0.0 if t0 is None else 1e3 * max(0.0, time.perf_counter() - t0)
 
 
-def _json(status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Reply:
+def json_reply(status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Reply:
+    """A JSON reply (``Content-Type: application/json``) with ``headers``."""
     from .v2 import Reply
 
     return Reply(status, json.dumps(payload).encode(), {**(headers or {}), "Content-Type": "application/json"})
