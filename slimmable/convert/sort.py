@@ -21,9 +21,10 @@ holding tensors the sort does not know, or a group frozen at full width by the c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,17 +111,20 @@ def sort_channels(
         x = x.to(device=p.device, dtype=p.dtype if p.is_floating_point() else x.dtype)
     widths = get_widths(src)
     top = widths.range[1] if widths.range is not None else (widths.switches[-1] if widths.switches else None)
-    with _at_width(src, top):
+    with _widest(src, top):
         reference = _outputs(src, x)
         twin = _twin(src, top, x)
-        plan = _Plan.build(twin, x)
+        plan = _Plan.build(twin, x, _shared_owners(src))
         scores, criteria = _importance(plan, importance, data, loss_fn, max_batches)
         perms = {r: torch.argsort(s, descending=True, stable=True) for r, s in scores.items()}
         perms = {r: o for r, o in perms.items() if not torch.equal(o, torch.arange(len(o)))}
         backup = {k: v.detach().clone() for k, v in src.state_dict().items()}
-        modified = plan.apply(perms)
-        _write_back(src, twin, modified)
-        diff = _max_diff(reference, _outputs(src, x))
+        try:
+            _write_back(src, twin, plan.apply(perms))
+            diff = _max_diff(reference, _outputs(src, x))
+        except BaseException:
+            src.load_state_dict(backup)  # never leave a half-permuted model
+            raise
     if diff is None or diff > 1e-4 * (1.0 + _scale(reference)):
         src.load_state_dict(backup)
         raise RuntimeError(
@@ -135,22 +139,24 @@ def sort_channels(
 # -- the model at its widest width ----------------------------------------------------------------------------------
 
 
-class _at_width:
-    """Run at ``width`` (``None``: a model without slimmable layers) in eval mode; restore both on exit."""
+@contextlib.contextmanager
+def _widest(model: nn.Module, width: float | None) -> Iterator[None]:
+    """Run at ``width`` (``None``: a model without slimmable layers); restore the width and training mode on exit."""
+    training = model.training
+    try:
+        with use_width(model, width) if width is not None else contextlib.nullcontext():
+            yield
+    finally:
+        model.train(training)
 
-    def __init__(self, model: nn.Module, width: float | None) -> None:
-        self.model, self.width = model, width
-        self.ctx = use_width(model, width) if width is not None else None
 
-    def __enter__(self) -> None:
-        self.training = self.model.training
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        self.model.train(self.training)
+def _shared_owners(model: nn.Module) -> set[str]:
+    """Paths of the modules holding a tensor that another module holds too (tied weights): the exported copy
+    unties them, so their groups keep their order."""
+    owners: dict[int, set[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        owners.setdefault(id(t), set()).add(name.rpartition(".")[0])
+    return {path for paths in owners.values() if len(paths) > 1 for path in paths}
 
 
 def _twin(model: nn.Module, top: float | None, x: torch.Tensor) -> nn.Module:
@@ -240,13 +246,17 @@ class _Plan:
         return self.an.groups
 
     @classmethod
-    def build(cls, twin: nn.Module, x: torch.Tensor) -> _Plan:
+    def build(cls, twin: nn.Module, x: torch.Tensor, shared: set[str] | None = None) -> _Plan:
         gm, leaves = trace(twin)
         propagate_shapes(gm, x[:1])
         analyser = _SortAnalyser(gm, leaves)
         an = analyser.run()
         marks: dict[int, str] = dict(analyser.unsortable)
         uses, outputs = _collect_uses(gm, an, marks)
+        for use in uses.values():
+            tied = next((p for p in shared or () if p == use.module or p.startswith(f"{use.module}.")), None)
+            for gid, _ in use.segs if tied is not None else ():
+                marks.setdefault(gid, f"module {tied} shares a tensor with another module")
         g = an.groups
         for lay in an.layouts.values():
             for v in lay if isinstance(lay, tuple) else (lay,):

@@ -114,6 +114,35 @@ def test_constraints_are_reported_and_kept_in_order() -> None:
     assert "kept in their order" in report.format()
 
 
+class Tied(nn.Module):
+    """Two convolutions sharing one weight: a permutation for one would reorder the other's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3.weight = self.c2.weight
+        self.c4 = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.fc(torch.relu(self.c4(h)).mean((2, 3)))
+
+
+def test_tied_weights_keep_their_order() -> None:
+    model, x = _converted(Tied(), 8)
+    with torch.no_grad():
+        before = model(x)
+    report = slimmable.sort_channels(model, example_input=x)
+    left = {layer: why for layers, why in report.left for layer in layers}
+    assert all("shares a tensor" in left[name] for name in ("c1", "c2", "c3"))
+    assert [g.layers for g in report.groups] == [("c4",)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
 def test_sort_then_convert_equals_convert_then_sort_at_every_width() -> None:
     """Narrow switches restart from the permuted widest BN, and concatenated parts keep their offsets."""
     torch.manual_seed(0)
