@@ -16,7 +16,9 @@ into the slimmable layers through their own :meth:`~slimmable.nn.SlimModule.load
 A group stays in its order, and the report says why, when its channel positions carry meaning the permutation
 cannot follow: a grouped convolution or ``GroupNorm`` (channels in runs of consecutive positions), a split of the
 whole group into equal parts or a channel shuffle (position ``i`` of each part is not channel ``i``), a module
-holding tensors the sort does not know, or a group frozen at full width by the conversion.
+holding tensors the sort does not know, weights tied between modules, or a group frozen at full width by the
+coupling analysis. Attention is not followed yet: in a vision transformer each block's MLP hidden units sort, while
+the heads and the embedding stream keep their order.
 """
 
 from __future__ import annotations

@@ -84,6 +84,10 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "slim_resnet18": lambda: _family("slim_resnet18"),
     "slim_mobilenet_v2": lambda: _family("slim_mobilenet_v2"),
     "us_mobilenet_v2": lambda: _family("us_mobilenet_v2"),
+    "slim_vit_tiny": lambda: (
+        slimmable.create_model("slim_vit_tiny", num_classes=10, img_size=32, patch_size=4),
+        torch.randn(2, 3, 32, 32),
+    ),
 }
 
 
@@ -141,6 +145,15 @@ def test_tied_weights_keep_their_order() -> None:
     assert [g.layers for g in report.groups] == [("c4",)]
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_vit_mlp_units_sort_and_the_embedding_stream_is_reported() -> None:
+    """The coupling analysis freezes the embedding stream (the positional embedding, attention), so heads keep their
+    order; each block's MLP hidden units (fc1's rows, fc2's columns) sort."""
+    model, x = CASES["slim_vit_tiny"]()
+    report = slimmable.sort_channels(model, example_input=x)
+    assert sorted(g.layers for g in report.groups) == sorted((f"blocks.{i}.mlp.fc1",) for i in range(12))
+    assert any("fixed channels" in why for _, why in report.left)
 
 
 def test_sort_then_convert_equals_convert_then_sort_at_every_width() -> None:
