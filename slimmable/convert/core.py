@@ -6,7 +6,8 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -26,6 +27,7 @@ from ..nn.converted import (
 from ._coupling import Analysis, Layout, analyse
 from ._trace import propagate_shapes, trace
 from .report import ConversionReport, GroupReport
+from .sort import IMPORTANCES, sort_channels
 
 __all__ = ["SlimGraphModule", "convert"]
 
@@ -76,6 +78,8 @@ def convert(
     width_range: tuple[float, float] | None = None,
     *,
     check: bool = True,
+    sort: str | None = None,
+    sort_data: Iterable[Any] | None = None,
 ) -> SlimGraphModule:
     """A slimmable copy of ``model``; ``model`` itself is not modified.
 
@@ -94,14 +98,23 @@ def convert(
             channels; give one when the model needs another size.
         width_range: universally slimmable conversion (not supported yet; must be ``None``).
         check: compare the result at width 1.0 with the original on ``example_input`` (recorded in the report).
+        sort: reorder each channel group by importance before the widths are used, so that each width keeps the most
+            important channels: ``"magnitude"``, ``"bn"`` or ``"taylor"`` (see :func:`slimmable.sort_channels`);
+            ``None`` keeps the original order. The report's ``sort`` says what was sorted.
+        sort_data: ``(inputs, targets)`` batches for ``sort="taylor"``.
 
     Returns:
         A :class:`SlimGraphModule` at width 1.0 in ``model``'s training mode, with ``widths`` and
         ``conversion_report`` attributes.
 
     Raises:
-        ValueError: bad widths, ``width_range`` given, or a model whose own forward cannot be traced.
+        ValueError: bad widths, ``width_range`` given, a model whose own forward cannot be traced, an unknown
+            ``sort``, or ``sort="taylor"`` without ``sort_data``.
     """
+    if sort is not None and sort not in IMPORTANCES:
+        raise ValueError(f"sort {sort!r} is not one of {IMPORTANCES} (or None: keep the channel order)")
+    if sort == "taylor" and sort_data is None:
+        raise ValueError("sort='taylor' needs sort_data: an iterable of (inputs, targets) batches")
     if width_range is not None:
         raise ValueError("convert(width_range=...) is not supported yet; give switch widths, e.g. widths=(0.5, 1.0)")
     ws = normalize_widths(widths)
@@ -131,6 +144,8 @@ def convert(
     out.conversion_report = report
     if converted:
         set_width(out, 1.0)
+    if sort is not None:
+        report.sort = sort_channels(out, sort, data=sort_data, example_input=example_input)
     if check and isinstance(reference, torch.Tensor):
         out.eval()
         with torch.no_grad():
