@@ -159,8 +159,25 @@ def trace(
             _logger.info("cannot trace %s (%s): kept as a frozen leaf", failed[0], failed[1])
             leaves[failed[0]] = failed[1]
             continue
+        _inline_defaults(graph)
         return fx.GraphModule(model, graph, class_name=type(model).__name__), leaves
     raise ValueError(f"{type(model).__name__}: more than {max_retries} submodules fail to trace")
+
+
+def _inline_defaults(graph: fx.Graph) -> None:
+    """Forward arguments after the image that keep their default (timm's ``attn_mask=None``) become constants of
+    the graph: the converted model takes the image alone, as its export does."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        if len(node.args) != 1 or isinstance(node.args[0], fx.Node):
+            continue  # no default: a required argument stays one
+
+        def constant(n: fx.Node, node: fx.Node = node, default: Any = node.args[0]) -> Any:
+            return default if n is node else n
+
+        for user in list(node.users):
+            user.args, user.kwargs = fx.node.map_arg(user.args, constant), fx.node.map_arg(user.kwargs, constant)
+        graph.erase_node(node)
 
 
 class _ShapeProp(ShapeProp):
