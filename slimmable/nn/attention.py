@@ -109,8 +109,12 @@ def _attend(
         extra["attn_mask"] = attn_bias.to(q.dtype)
     if dropout_p:
         extra["dropout_p"] = float(dropout_p)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale, **extra)
-    return F.linear(out.transpose(1, 2).reshape(n, length, heads * head_dim), proj_weight, proj_bias)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, **extra).transpose(1, 2)
+    if attn_bias is not None:
+        # torch.export's decomposition of the masked kernel gives this output other strides than the kernel:
+        # without the copy, the reshape below becomes a view that fails there (a dynamic batch of windows)
+        out = out.clone(memory_format=torch.contiguous_format)
+    return F.linear(out.reshape(n, length, heads * head_dim), proj_weight, proj_bias)
 
 
 class SelfAttention(nn.Module):

@@ -117,7 +117,7 @@ def _with_mask(bias: torch.Tensor, mask: torch.Tensor | None, n: int) -> torch.T
     if mask is None:
         return bias
     per_window = bias + mask.unsqueeze(1).to(bias.dtype)  # (nW, h, L, L)
-    return per_window.repeat(n // mask.shape[0], 1, 1, 1)
+    return per_window.unsqueeze(0).expand(n // mask.shape[0], -1, -1, -1, -1).flatten(0, 1)
 
 
 # -- nn.MultiheadAttention -------------------------------------------------------------------------------------------
