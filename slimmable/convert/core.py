@@ -24,7 +24,8 @@ from ..nn.converted import (
     SlimGroupNormAct,
     SlimLayerNorm,
 )
-from ._coupling import Analysis, Layout, analyse
+from ..nn.converted_attention import convert_attention
+from ._coupling import KEPT_STREAM, Analysis, Layout, analyse
 from ._trace import propagate_shapes, trace
 from .report import ConversionReport, GroupReport
 from .sort import IMPORTANCES, sort_channels
@@ -94,8 +95,10 @@ def convert(
     Args:
         model: any ``nn.Module`` taking one image tensor ``(N, C, H, W)``.
         widths: the widths of the result; the largest must be 1.0 (the original model).
-        example_input: an input for tracing shapes, default ``randn(1, C, 224, 224)`` with the model's input
-            channels; give one when the model needs another size.
+        example_input: an input for tracing shapes, default ``randn(1, C, H, W)`` with the model's input channels
+            and the image size it names (torchvision's ``image_size``, timm's ``patch_embed.img_size`` or its
+            ``pretrained_cfg``), else 224 x 224; give one when the model needs another size. Conditions on sizes
+            in the model's code (its own shape assertions) are resolved on it.
         width_range: universally slimmable conversion (not supported yet; must be ``None``).
         check: compare the result at width 1.0 with the original on ``example_input`` (recorded in the report).
         sort: reorder each channel group by importance before the widths are used, so that each width keeps the most
@@ -108,7 +111,8 @@ def convert(
         ``conversion_report`` attributes.
 
     Raises:
-        ValueError: bad widths, ``width_range`` given, a model whose own forward cannot be traced, an unknown
+        ValueError: bad widths, ``width_range`` given, a model whose own forward cannot be traced, a model that
+            refuses the example input (the message gives its own check, with the example's values), an unknown
             ``sort``, or ``sort="taylor"`` without ``sort_data``.
     """
     if sort is not None and sort not in IMPORTANCES:
@@ -123,13 +127,13 @@ def convert(
     src = unwrap_model(model)
     was_training = src.training
     work = copy.deepcopy(src).eval()
-    gm, leaves = trace(work)
-    notes = _training_branches(work, gm, leaves)
     if example_input is None:
-        example_input = torch.randn(1, input_channels(src), 224, 224)
+        example_input = torch.randn(1, input_channels(src), *_default_image_size(src))
     p = next(iter(work.parameters()), None)
     if p is not None:
         example_input = example_input.to(p.device)
+    gm, leaves = trace(work, example=example_input)
+    notes = _training_branches(work, gm, leaves, example_input)
     reference = propagate_shapes(gm, example_input)
     an = analyse(gm, leaves)
     counts = _channel_counts(an, ws)
@@ -155,12 +159,28 @@ def convert(
     return out
 
 
-def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str]) -> list[str]:
+def _default_image_size(model: nn.Module) -> tuple[int, int]:
+    """The image size ``model`` says it takes (torchvision's ``image_size``, timm's ``patch_embed.img_size`` or
+    ``pretrained_cfg['input_size']``), else 224 x 224."""
+    for owner, attr in ((model, "image_size"), (model, "img_size"), (getattr(model, "patch_embed", None), "img_size")):
+        size = getattr(owner, attr, None) if owner is not None else None
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        return int(size[1]), int(size[2])
+    return 224, 224
+
+
+def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], example: torch.Tensor) -> list[str]:
     """A note when the forward branches on ``self.training``: the graph (traced in eval mode) then differs from
     a trace in training mode, and the converted model follows the eval branch in training too."""
     work.train()
     try:
-        train_gm, _ = trace(work, known_leaves=leaves)
+        train_gm, _ = trace(work, known_leaves=leaves, example=example)
     except ValueError:
         return ["the model cannot be traced in training mode; the graph follows its eval-mode forward"]
     finally:
@@ -315,6 +335,8 @@ class _Builder:
         x = node.args[0] if node.args else None
         lin = env.get(x) if isinstance(x, fx.Node) else None
         lout = env.get(node)
+        if str(node.target) in self.an.attention:
+            return convert_attention(m, self.widths)
         eq = self.an.equivalents.get(str(node.target))
         kind = eq.base if eq is not None else type(m)
         if eq is not None and eq.with_act:
@@ -358,29 +380,37 @@ class _Builder:
         return None
 
     def report(self, name: str, out: nn.Module, leaves: dict[str, str]) -> ConversionReport:
-        groups, frozen = [], []
+        groups, frozen, kept = [], [], []
         for r in self.g.roots():
             info = self.g.info[r]
             if not info.producers:
                 continue
             if info.frozen is None:
                 groups.append(GroupReport(info.size, self.counts[r], tuple(info.producers)))
+            elif info.frozen == KEPT_STREAM:
+                kept.append((tuple(info.producers), info.frozen))
             else:
                 frozen.append((tuple(info.producers), info.frozen))
+        mods = dict(out.named_modules())
+        heads = []
+        for path in sorted(self.an.attention, key=list(mods).index):
+            rule = mods[path].head_rule
+            heads.append(GroupReport(mods[path].num_heads, tuple(int(rule(w)) for w in self.widths), (path,)))
         seen, ops = set(), []
         for where, why in self.an.frozen_ops:
             if (where, why) not in seen:
                 seen.add((where, why))
                 ops.append((where, why))
         n_params = n_frozen = 0
-        mods = dict(out.named_modules())
         for pname, p in out.named_parameters():
             n_params += p.numel()
             owner = pname.rpartition(".")[0]
             slim = isinstance(mods.get(owner), SlimModule) or _inside_slim(owner, mods)
             if not slim and pname not in self.selected_params:
                 n_frozen += p.numel()
-        return ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
+        report = ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
+        report.attention, report.kept_groups = heads, kept
+        return report
 
 
 def _inside_slim(path: str, mods: dict[str, nn.Module]) -> bool:

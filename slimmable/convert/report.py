@@ -100,6 +100,10 @@ class ConversionReport:
         max_abs_diff: largest absolute difference to the original's output at width 1.0 on the example input.
         notes: other things to know (e.g. a forward that branches on ``self.training``).
         sort: what ``convert(..., sort=...)`` sorted (:class:`SortReport`), else ``None``.
+        attention: attention layers whose heads slim: ``size`` is the layer's heads, ``channels`` its heads per
+            width, ``layers`` its path (head size and scale never change).
+        kept_groups: ``(layers, reason)`` of channel groups kept at full width by design, not for want of
+            analysis (a transformer's residual stream).
     """
 
     model: str
@@ -113,6 +117,8 @@ class ConversionReport:
     max_abs_diff: float | None = None
     notes: list[str] = field(default_factory=list)
     sort: SortReport | None = None
+    attention: list[GroupReport] = field(default_factory=list)
+    kept_groups: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
 
     def format(self, max_lines: int = 40) -> str:
         """Human-readable report (at most ``max_lines`` lines per section)."""
@@ -129,6 +135,17 @@ class ConversionReport:
             lines.append(f"  {'/'.join(map(str, g.channels))}: {names}")
         if len(self.groups) > max_lines:
             lines.append(f"  ... {len(self.groups) - max_lines} more")
+        if self.attention:
+            lines.append("attention heads slimmed (heads per width: layers):")
+            by_rule: dict[tuple[int, ...], list[str]] = {}
+            for a in self.attention:
+                by_rule.setdefault(a.channels, []).extend(a.layers)
+            for heads, layers in by_rule.items():
+                names = ", ".join(layers[:2]) + (f" (+{len(layers) - 2})" if len(layers) > 2 else "")
+                lines.append(f"  {'/'.join(map(str, heads))}: {names}")
+        for layers, why in self.kept_groups[:1]:
+            n = sum(len(g[0]) for g in self.kept_groups)
+            lines.append(f"kept at full width: {why} ({n} layers write it, e.g. {layers[0]})")
         if self.frozen_groups:
             lines.append("frozen at full width (layers: why):")
             for layers, why in self.frozen_groups[:max_lines]:

@@ -77,7 +77,7 @@ def create_torchvision_model(
         ) from err
     if in_chans != 3 or small_input:
         _adapt_stem(model, in_chans, small_input)
-    size = 224 if arch.startswith(("vit_", "swin_", "maxvit")) else 64
+    size = int(kwargs.get("image_size", 224)) if arch.startswith(("vit_", "swin_", "maxvit")) else 64
     model.eval()
     return convert(model, widths=widths, example_input=torch.randn(1, in_chans, size, size), width_range=width_range)
 
