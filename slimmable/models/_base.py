@@ -182,7 +182,9 @@ class ChannelPlan:
         if from_spec is not None:
             return from_spec
         if isinstance(rule, WidthRange):
-            return WidthRange(rule.max_channels * factor, rule.lo, rule.hi, ratio=rule.ratio * factor)
+            # the divisor stays the rule's: a stream scaled from a head count rounds in whole heads, not to 8
+            scaled = rule.max_channels * factor
+            return WidthRange(scaled, rule.lo, rule.hi, ratio=rule.ratio * factor, divisor=rule.divisor)
         assert isinstance(rule, WidthTable)
         return WidthTable.build(rule.widths, [c * factor for c in rule.channels])
 

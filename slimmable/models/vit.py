@@ -96,8 +96,15 @@ class SlimVisionTransformer(SlimNet):
     The default widths run whole numbers of heads: quarters when the heads (key/value heads) divide by 4, else
     thirds (``slim_vit_tiny``: 1/3, 2/3, 1.0; ``slim_vit_small``: 2, 4 and 6 of its 6 heads), halves or 1.0.
 
+    Universally slimmable (``width_range=(lo, hi)``, US-Nets' sandwich rule and in-place distillation): any width in
+    the range, each running ``head_count(num_heads, w / hi)`` heads and as many MLP units as a US-Net's channels.
+    LayerNorm keeps no statistics, so every width runs as it is, with no calibration; ``stat_widths`` only names
+    the widths the model lists (:attr:`widths`: evaluated each run and reported), default the range's ends.
+
     Args:
         widths: the switches; default :func:`default_widths` of the head count.
+        width_range: ``(lo, hi)``: a universally slimmable ViT (any width in the range); excludes ``widths``.
+        stat_widths: with ``width_range``: the widths listed (evaluated, reported); default ``(lo, hi)``.
         num_classes: classifier outputs.
         in_chans: image channels.
         img_size: the image side the position embeddings are learned for (default 224; ``small_input``: 28).
@@ -128,6 +135,8 @@ class SlimVisionTransformer(SlimNet):
     def __init__(
         self,
         widths: Sequence[float] | None = None,
+        width_range: tuple[float, float] | None = None,
+        stat_widths: Sequence[float] | None = None,
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int | None = None,
@@ -152,8 +161,15 @@ class SlimVisionTransformer(SlimNet):
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
         img_size = (28 if small_input else 224) if img_size is None else img_size
         patch_size = (4 if small_input else 16) if patch_size is None else patch_size
+        if width_range is not None and widths is not None:
+            raise ValueError(
+                f"widths {tuple(widths)} are an S-Net's switches but width_range {tuple(width_range)} builds a "
+                "universally slimmable ViT (any width in the range); give one of them (stat_widths lists range widths)"
+            )
         widths = default_widths(num_kv_heads) if widths is None else widths
-        plan = ChannelPlan(widths, make_divisible, norm=norm_layer or layer_norm)
+        plan = ChannelPlan(widths, make_divisible, width_range, stat_widths, norm=norm_layer or layer_norm)
+        # what get_widths lists for a range model: LayerNorm holds no per-width statistics to read them off
+        self.listed_widths = plan.stat_widths if plan.is_us else None
         head_dim = embed_dim // num_heads
         heads = plan.heads(num_heads, num_heads // num_kv_heads)
         stream = plan.scaled(heads, head_dim) if slim_embed else None

@@ -230,8 +230,10 @@ def get_widths(model: nn.Module) -> Widths:
 
     Returns:
         :class:`~slimmable.nn.channels.Widths`: the switches of a slimmable network; for a universally slimmable
-        one, its range and the widths every universally slimmable BN holds statistics for. A model without
-        slimmable layers gives empty switches.
+        one, its range and the widths every universally slimmable BN holds statistics for. A universally slimmable
+        model whose layers keep no per-width statistics (a transformer's LayerNorm: every width runs as it is)
+        lists the widths its ``listed_widths`` attribute names (the model's ``stat_widths`` argument), else the
+        range's ends. A model without slimmable layers gives empty switches.
     """
     common: set[float] | None = None
     stats: set[float] | None = None
@@ -247,7 +249,10 @@ def get_widths(model: nn.Module) -> Widths:
             stats = held if stats is None else stats & held
     if ranges:
         lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
-        return Widths(tuple(stats or ()), (lo, hi))
+        if stats is None:  # no layer keeps statistics per width: the widths the model lists (evaluated, reported)
+            listed = next((m.listed_widths for m in model.modules() if getattr(m, "listed_widths", None)), (lo, hi))
+            stats = set(listed)
+        return Widths(tuple(stats), (lo, hi))
     return Widths(tuple(common or ()))
 
 

@@ -318,6 +318,7 @@ class _Run:
     widths: tuple[float, ...]
     val_widths: tuple[float, ...]  # validated each epoch (US-Nets: the widths trained at every step)
     width_range: tuple[float, float] | None  # US-Nets
+    calibrates: bool  # US-Nets with BatchNorm: statistics re-estimated after training (LayerNorm keeps none)
     # _decide_numerics
     per_rank_batch: int
     make_step: Callable[[torch.dtype | None, bool], Callable[[], None]]  # the probe's training step
@@ -418,6 +419,8 @@ class _Run:
             add_stat_widths(model, fixed)
         self.widths = tuple(model.widths)
         self.val_widths = self.widths if self.width_range is None else tuple(sorted(fixed or self.widths))
+        bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.calibrates = self.width_range is not None and bn
         if tc.sync_bn and info.distributed:
             convert_sync_batchnorm(model, dist.new_group())
         self.model = model.to(info.device)
@@ -471,7 +474,7 @@ class _Run:
                 data.root,
             )
         calib = None
-        if self.width_range is not None:  # a fixed-seed order without augmentation: the same batches on every call
+        if self.calibrates:  # a fixed-seed order without augmentation: the same batches on every call
             calib = create_loader(_without_augmentation(data), dc.batch_size, train=True, seed=tc.seed, **split)
         return _Loaders(train, select, select_dataset, selection_split, calib, eval_bs, num_workers)
 
@@ -788,7 +791,7 @@ class _Run:
         result.best_top1_mean, result.best_epoch = best.get("top1_mean"), best.get("epoch")
         result.best_checkpoint = self.best_path if best else None
         best_is_last = best.get("epoch") == self.epochs
-        if self.width_range is not None:
+        if self.calibrates:
             # US-Nets: only the widths trained at every step have statistics; calibrate every stat width so that
             # the final checkpoints evaluate at all of them without recalibration
             self._calibrate()
@@ -798,7 +801,7 @@ class _Run:
                 if best_is_last:
                     save_checkpoint(self.best_path, ck)
         self._load_best()
-        if self.width_range is not None and best and not best_is_last:
+        if self.calibrates and best and not best_is_last:
             self._calibrate()
             if info.is_main:
                 best_ck = load_checkpoint(self.best_path)
