@@ -271,22 +271,39 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
     def _projections(self) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter, nn.Parameter | None]:
         """The full-width ``(qkv weight, qkv bias, proj weight, proj bias)``; a converted layer keeping another
         library's parameter names (``in_proj_weight``, ``out_proj``) overrides this alone."""
-        qkv, proj = self.qkv._parameters, self.proj._parameters
+        # from the module dicts: nn.Module.__getattr__ costs a Python lookup per read, on every call
+        modules = self._modules
+        qkv, proj = modules["qkv"]._parameters, modules["proj"]._parameters  # type: ignore[union-attr]
         return qkv["weight"], qkv["bias"], proj["weight"], proj["bias"]
 
     def _active(self, cin: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(qkv weight, qkv bias, proj weight, proj bias)`` at the current setting for ``cin`` input features."""
         h, cout = self.active_heads, self.active_out
-        qkv_w, qkv_b, proj_w, proj_b = self._projections()
+        full = self._projections()
+        if h == self.num_heads and cin == self.dim and cout == self.dim:
+            return full
+        # one memo for the four tensors (see _memoised_group): this runs on every call of every block
+        return self._memoised_group(("attn", h, cin, cout), full, lambda: self._slice_projections(full, h, cin, cout))  # type: ignore[return-value]
+
+    def _slice_projections(
+        self,
+        full: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+        h: int,
+        cin: int,
+        cout: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The active rows and columns of the full-width ``(qkv weight, qkv bias, proj weight, proj bias)``; the
+        tensors a width does not narrow are returned as they are (slicing costs time on every call)."""
+        qkv_w, qkv_b, proj_w, proj_b = full
         if h != self.num_heads or cin != self.dim:
-            qkv_w = self._memoised(("qkv", h, cin), qkv_w, lambda: self._qkv_rows(qkv_w, h, cin))
-            if qkv_b is not None and h != self.num_heads:
-                bias = qkv_b
-                qkv_b = self._memoised(("qkv_bias", h), bias, lambda: self._qkv_rows(bias, h, None))
+            qkv_w = self._qkv_rows(qkv_w, h, cin)
+        if qkv_b is not None and h != self.num_heads:
+            qkv_b = self._qkv_rows(qkv_b, h, None)
+        cols = h * self.head_dim
         if h != self.num_heads or cout != self.dim:
-            cols = h * self.head_dim
-            proj_w = self._memoised(("proj", cout, cols), proj_w, lambda: proj_w[:cout, :cols])
-            proj_b = None if proj_b is None else proj_b[:cout]
+            proj_w = proj_w[:cout, :cols]
+        if proj_b is not None and cout != self.dim:
+            proj_b = proj_b[:cout]
         return qkv_w, qkv_b, proj_w, proj_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

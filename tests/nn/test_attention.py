@@ -182,6 +182,26 @@ def test_inference_memo_is_used_and_invalidated_by_updates() -> None:
     torch.testing.assert_close(b, _reference(x, m, 2, 32).detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_one_memo_per_setting_covers_every_projection_tensor() -> None:
+    # the four tensors are memoised together under one stamp: a write to any of them (a bias too) invalidates it
+    out = WidthTable.build(WIDTHS, [8, 16, 24, 32])
+    m = _randomize(SlimMultiheadAttention(32, 4, head_rule=head_rule(WIDTHS, 4), out_rule=out))
+    m.set_width(0.5)
+    x = _tokens(dim=16)
+    with torch.no_grad():
+        a = m(x)
+        assert list(m._weight_memo) == [("attn", 2, 16, 16)]
+        m.proj.bias.add_(1.0)
+        torch.testing.assert_close(m(x), a + 1.0)
+        m.qkv.bias.zero_()
+        torch.testing.assert_close(m(x), _reference(x, m, 2, 16), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # a model built in inference mode: no version counters, so no memo, same result
+        inf = _randomize(SlimMultiheadAttention(32, 4, head_rule=head_rule(WIDTHS, 4), out_rule=out))
+        inf.set_width(0.5)
+        torch.testing.assert_close(inf(x), _reference(x, inf, 2, 16), atol=1e-5, rtol=1e-5)
+        assert not inf._weight_memo
+
+
 def test_gradients_reach_only_the_active_heads() -> None:
     m = SlimMultiheadAttention(32, 4, head_rule=head_rule(WIDTHS, 4)).train()
     m.set_width(0.5)
