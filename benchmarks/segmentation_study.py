@@ -56,16 +56,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
-import logging
-import multiprocessing
 import os
-import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +70,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _bench import describe_machine, machine_info  # noqa: E402
+from _study import (  # noqa: E402
+    check_resumable,
+    individual_widths,
+    run_jobs,
+    run_names,
+    run_path,
+    schedule_seconds,
+    summarize,
+    train_logged,
+)
 
 import slimmable  # noqa: E402
 from slimmable._utils import write_json  # noqa: E402
 from slimmable.config import RunConfig, load_recipe  # noqa: E402
 from slimmable.data.segmentation import create_segmentation_datasets  # noqa: E402
-from slimmable.train import train_from_config  # noqa: E402
 from slimmable.train.segmentation import segmentation_loss  # noqa: E402
 
 #: seconds a run spends besides its training steps (process start, data, the final validation and test passes,
@@ -114,18 +117,14 @@ class StudyConfig:
 
     def run_names(self) -> list[str]:
         """``slimmable`` and ``individual_w{w}`` for each width."""
-        return ["slimmable", *(f"individual_w{w:g}" for w in self.widths)]
+        return run_names(self.widths)
 
 
 QUICK = StudyConfig(widths=(0.5, 1.0), image_size=64, scenes_train=16, scenes_test=8, batch_size=8, epochs=2)
 
 
 def run_widths(run: str, cfg: StudyConfig) -> tuple[float, ...]:
-    if run.startswith("individual_w"):
-        return (float(run.removeprefix("individual_w")),)
-    if run != "slimmable":
-        raise ValueError(f"unknown run {run!r}: not among {', '.join(cfg.run_names())}")
-    return cfg.widths
+    return individual_widths(run, cfg.widths)
 
 
 def run_overrides(run: str, seed: int, cfg: StudyConfig) -> list[str]:
@@ -152,10 +151,6 @@ def run_config(run: str, seed: int, cfg: StudyConfig) -> RunConfig:
     return load_recipe(cfg.recipe, overrides=run_overrides(run, seed, cfg))
 
 
-def run_path(out: Path, run: str, seed: int) -> Path:
-    return out / f"{run}_s{seed}.json"
-
-
 def prepare_scenes(cache_dir: Path, cfg: StudyConfig) -> Any:
     """Generate the scenes once, before the workers start (``train_from_config`` then finds them in the cache)."""
     rc = run_config("slimmable", 0, cfg)
@@ -170,27 +165,7 @@ def train_run(run: str, seed: int, cfg: StudyConfig, cache_dir: str, out: str, t
     """Train and score one run through ``train_from_config``; write its JSON (atomically) and return it."""
     torch.set_num_threads(threads)
     rc = run_config(run, seed, cfg)
-    log_path = Path(out) / "logs" / f"{run}_s{seed}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("slimmable")
-    saved = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the run's log goes to its file, not into the study's output
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"segstudy_{run}_s{seed}_") as tmp:
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            result = train_from_config(rc, tmp, device="cpu", latency_runs=0, tensorboard=False, cache_dir=cache_dir)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            final = json.loads((Path(tmp) / "final_metrics.json").read_text())
-            history = json.loads((Path(tmp) / "history.json").read_text())
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+    result, final, history, wall, cpu = train_logged(rc, Path(out) / "logs" / f"{run}_s{seed}.log", cache_dir)
     rows = final["widths"]
     res = {
         "run": run,
@@ -218,31 +193,6 @@ def train_run(run: str, seed: int, cfg: StudyConfig, cache_dir: str, out: str, t
     }
     write_json(run_path(Path(out), run, seed), res)
     return res
-
-
-def check_resumable(out: Path, cfg: StudyConfig, done: list[tuple[str, int]]) -> None:
-    """Refuse to resume over runs made with another config: their scores would be mixed into this study's table."""
-    want = json.loads(json.dumps(asdict(cfg)))
-    for run, seed in done:
-        path = run_path(out, run, seed)
-        data = json.loads(path.read_text())
-        have = data.get("config") or {}
-        if have != want:
-            diff = ", ".join(f"{k} {have.get(k)} there, {want[k]} now" for k in want if have.get(k) != want[k])
-            raise SystemExit(
-                f"{path} was trained with another study config ({diff}); give another --out, or delete {out} to "
-                "start over"
-            )
-        rc = run_config(run, seed, cfg).to_dict()
-        if data.get("run_config") != rc:  # the packaged recipe changed since
-            old = data.get("run_config") or {}
-            diff = ", ".join(
-                f"{sec}.{k}" for sec, vals in rc.items() for k, v in vals.items() if (old.get(sec) or {}).get(k) != v
-            )
-            raise SystemExit(
-                f"{path} was trained with another recipe ({diff} differ); give another --out, or delete {out} to "
-                "start over"
-            )
 
 
 def time_steps(cfg: StudyConfig, splits: Any, runs: list[str], steps: int = 3) -> dict[str, float]:
@@ -283,54 +233,6 @@ def _bare_step(
 def run_seconds(per_step: dict[str, float], run: str, cfg: StudyConfig) -> float:
     """A run's estimated seconds on one core: its steps at the measured speed, and the fixed overhead."""
     return per_step[run] * TRAINER_OVERHEAD * cfg.steps + RUN_OVERHEAD_S
-
-
-def schedule_seconds(durations: list[float], workers: int) -> float:
-    """Wall seconds of jobs taken in the given order by ``workers`` workers, each job by the first one free."""
-    free = [0.0] * workers
-    for d in durations:
-        heapq.heappush(free, heapq.heappop(free) + d)
-    return max(free)
-
-
-def summarize(out: Path, cfg: StudyConfig, seeds: list[int]) -> dict[str, Any]:
-    """Per width: the mean over seeds (and the per-seed values) of slimmable and individual scores, the difference,
-    whether slimmable >= individual; and whether it holds at every width."""
-    runs = {
-        (run, s): json.loads(run_path(out, run, s).read_text())
-        for run in cfg.run_names()
-        for s in seeds
-        if run_path(out, run, s).is_file()
-    }
-    table: dict[str, Any] = {"widths": {}}
-    for w in cfg.widths:
-        key = f"{w:g}"
-        entry: dict[str, Any] = {}
-        for variant, name in (("slimmable", "slimmable"), ("individual", f"individual_w{key}")):
-            src = [runs[(name, s)] for s in seeds if (name, s) in runs]
-            first = src[0]["metrics"][key] if src else {}
-            entry[variant] = {
-                "seeds": [r["seed"] for r in src],
-                **{m: [r["metrics"][key][m] for r in src] for m in ("miou", "pixel_acc")},
-                **{f"{m}_mean": (statistics.fmean(r["metrics"][key][m] for r in src) if len(src) == len(seeds)
-                                 else None) for m in ("miou", "pixel_acc")},
-                "macs": first.get("macs"),
-                "params": first.get("params"),
-                "train_seconds": [r["train_seconds"] for r in src],
-            }  # fmt: skip
-        for m in ("miou", "pixel_acc"):
-            a, b = entry["slimmable"][f"{m}_mean"], entry["individual"][f"{m}_mean"]
-            entry[f"{m}_diff"] = a - b if a is not None and b is not None else None
-            entry[f"{m}_slimmable_ge_individual"] = a >= b if a is not None and b is not None else None
-        table["widths"][key] = entry
-    for m in ("miou", "pixel_acc"):
-        verdicts = [e[f"{m}_slimmable_ge_individual"] for e in table["widths"].values()]
-        table[f"{m}_at_every_width"] = all(verdicts) if None not in verdicts else None
-    slim = [r["train_seconds"] for (name, _), r in runs.items() if name == "slimmable"]
-    indiv = [r["train_seconds"] for (name, _), r in runs.items() if name != "slimmable"]
-    table["train_seconds"] = {"slimmable_mean": statistics.fmean(slim) if slim else None,
-                              "individual_sum_per_seed": sum(indiv) / len(seeds) if indiv else None}  # fmt: skip
-    return table
 
 
 def _num(v: float | None, fmt: str = "6.2f") -> str:
@@ -411,7 +313,7 @@ def main() -> None:
     t_start = time.perf_counter()
     jobs = [(r, s) for s in seeds for r in runs]
     todo = [j for j in jobs if not run_path(out, *j).is_file()]
-    check_resumable(out, cfg, [j for j in jobs if j not in todo])
+    check_resumable(out, asdict(cfg), [j for j in jobs if j not in todo], lambda r, s: run_config(r, s, cfg))
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done (skipped), {len(todo)} to train")
     if todo:
         splits = prepare_scenes(cache_dir, cfg)
@@ -430,17 +332,8 @@ def main() -> None:
                   flush=True)  # fmt: skip
         if args.estimate_only:
             return
-        common = (cfg, str(cache_dir), str(out), args.threads)
-        if workers == 1:
-            for r, s in todo:
-                _report(train_run(r, s, *common))
-        else:
-            ctx = multiprocessing.get_context("spawn")  # no forked OpenMP pools
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = [pool.submit(train_run, r, s, *common) for r, s in todo]
-                for fut in as_completed(futures):
-                    _report(fut.result())
-    table = summarize(out, cfg, seeds)
+        run_jobs(train_run, todo, (cfg, str(cache_dir), str(out), args.threads), workers, _report)
+    table = summarize(out, cfg.widths, seeds, ("miou", "pixel_acc"))
     print_table(table, cfg, seeds)
     wall = time.perf_counter() - t_start
     summary = {"config": asdict(cfg), "steps": cfg.steps, "seeds": seeds, "runs": runs, "workers": workers,

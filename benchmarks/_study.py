@@ -1,0 +1,186 @@
+"""Shared by the studies of slimmable networks against networks of each width trained alone
+(``segmentation_study.py``, ``vit_study.py``): one run through ``train_from_config`` with its log in a file, one JSON
+per run so that an interrupted study resumes, the wall time of a schedule of runs, and the per-width table.
+
+A study names its runs ``slimmable`` (every width, Algorithm 1) and ``individual_w{w}`` (a model built with
+``widths=(w,)``, trained alone), and writes each run's result to ``<out>/<run>_s<seed>.json`` with at least
+``seed``, ``metrics`` (``{width: {metric: value, "macs": ..., "params": ...}}``), ``train_seconds``, ``config``
+(the study's) and ``run_config`` (the resolved recipe).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import multiprocessing
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from slimmable.config import RunConfig
+from slimmable.train import TrainResult, train_from_config
+
+__all__ = [
+    "check_resumable",
+    "individual_widths",
+    "run_jobs",
+    "run_names",
+    "run_path",
+    "schedule_seconds",
+    "summarize",
+    "train_logged",
+]
+
+
+def run_names(widths: Sequence[float]) -> list[str]:
+    """``slimmable`` and ``individual_w{w}`` for each width."""
+    return ["slimmable", *(f"individual_w{w:g}" for w in widths)]
+
+
+def individual_widths(run: str, widths: Sequence[float]) -> tuple[float, ...]:
+    """The widths a run trains: all of ``widths`` for ``slimmable``, ``(w,)`` for ``individual_w{w}``."""
+    if run.startswith("individual_w"):
+        return (float(run.removeprefix("individual_w")),)
+    if run != "slimmable":
+        raise ValueError(f"unknown run {run!r}: not among {', '.join(run_names(widths))}")
+    return tuple(widths)
+
+
+def run_path(out: Path, run: str, seed: int) -> Path:
+    return out / f"{run}_s{seed}.json"
+
+
+def train_logged(
+    rc: RunConfig, log_path: Path, cache_dir: str | None = None
+) -> tuple[TrainResult, dict[str, Any], list[dict[str, Any]], float, float]:
+    """Train ``rc`` on the CPU in a temporary folder, the library's log going to ``log_path`` only.
+
+    Returns:
+        The result, ``final_metrics.json`` and ``history.json`` as read back, and the wall and CPU seconds.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("slimmable")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the run's log goes to its file, not into the study's output
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"study_{log_path.stem}_") as tmp:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            result = train_from_config(rc, tmp, device="cpu", latency_runs=0, tensorboard=False, cache_dir=cache_dir)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            final = json.loads((Path(tmp) / "final_metrics.json").read_text())
+            history = json.loads((Path(tmp) / "history.json").read_text())
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    return result, final, history, wall, cpu
+
+
+def check_resumable(
+    out: Path, config: Mapping[str, Any], done: Iterable[tuple[str, int]], run_config: Callable[[str, int], RunConfig]
+) -> None:
+    """Refuse to resume over runs made with another study config or recipe: their scores would be mixed into this
+    study's table. ``config`` is the study's (as its runs record it), ``run_config(run, seed)`` a run's recipe."""
+    want = json.loads(json.dumps(dict(config)))
+    for run, seed in done:
+        path = run_path(out, run, seed)
+        data = json.loads(path.read_text())
+        have = data.get("config") or {}
+        if have != want:
+            diff = ", ".join(f"{k} {have.get(k)} there, {want[k]} now" for k in want if have.get(k) != want[k])
+            raise SystemExit(
+                f"{path} was trained with another study config ({diff}); give another --out, or delete {out} to "
+                "start over"
+            )
+        rc = run_config(run, seed).to_dict()
+        if data.get("run_config") != rc:  # the packaged recipe changed since
+            old = data.get("run_config") or {}
+            diff = ", ".join(
+                f"{sec}.{k}" for sec, vals in rc.items() for k, v in vals.items() if (old.get(sec) or {}).get(k) != v
+            )
+            raise SystemExit(
+                f"{path} was trained with another recipe ({diff} differ); give another --out, or delete {out} to "
+                "start over"
+            )
+
+
+def schedule_seconds(durations: Sequence[float], workers: int) -> float:
+    """Wall seconds of jobs taken in the given order by ``workers`` workers, each job by the first one free."""
+    free = [0.0] * workers
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free)
+
+
+def run_jobs(
+    fn: Callable[..., dict],
+    jobs: Sequence[tuple[str, int]],
+    common: tuple,
+    workers: int,
+    report: Callable[[dict], None],
+) -> None:
+    """``fn(run, seed, *common)`` for every job, in order, ``workers`` at a time (spawned processes, so that no
+    OpenMP pool is forked), ``report`` called with each result as it comes."""
+    if workers == 1:
+        for run, seed in jobs:
+            report(fn(run, seed, *common))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(fn, run, seed, *common) for run, seed in jobs]
+        for fut in as_completed(futures):
+            report(fut.result())
+
+
+def summarize(out: Path, widths: Sequence[float], seeds: Sequence[int], metrics: Sequence[str]) -> dict[str, Any]:
+    """Per width and metric: the mean over seeds (and the per-seed values) of the slimmable and the individual
+    run's score, their difference and whether slimmable >= individual; whether that holds at every width; and the
+    training seconds of the slimmable run and of a seed's individual runs together.
+
+    A mean is ``None`` until every seed's run of that kind is done (the verdicts then too)."""
+    runs = {
+        (run, s): json.loads(run_path(out, run, s).read_text())
+        for run in run_names(widths)
+        for s in seeds
+        if run_path(out, run, s).is_file()
+    }
+    table: dict[str, Any] = {"widths": {}}
+    for w in widths:
+        key = f"{w:g}"
+        entry: dict[str, Any] = {}
+        for variant, name in (("slimmable", "slimmable"), ("individual", f"individual_w{key}")):
+            src = [runs[(name, s)] for s in seeds if (name, s) in runs]
+            first = src[0]["metrics"][key] if src else {}
+            complete = len(src) == len(seeds)
+            entry[variant] = {
+                "seeds": [r["seed"] for r in src],
+                **{m: [r["metrics"][key][m] for r in src] for m in metrics},
+                **{f"{m}_mean": statistics.fmean(r["metrics"][key][m] for r in src) if complete else None
+                   for m in metrics},
+                "macs": first.get("macs"),
+                "params": first.get("params"),
+                "train_seconds": [r["train_seconds"] for r in src],
+            }  # fmt: skip
+        for m in metrics:
+            a, b = entry["slimmable"][f"{m}_mean"], entry["individual"][f"{m}_mean"]
+            entry[f"{m}_diff"] = a - b if a is not None and b is not None else None
+            entry[f"{m}_slimmable_ge_individual"] = a >= b if a is not None and b is not None else None
+        table["widths"][key] = entry
+    for m in metrics:
+        verdicts = [e[f"{m}_slimmable_ge_individual"] for e in table["widths"].values()]
+        table[f"{m}_at_every_width"] = all(verdicts) if None not in verdicts else None
+    slim = [r["train_seconds"] for (name, _), r in runs.items() if name == "slimmable"]
+    indiv = [r["train_seconds"] for (name, _), r in runs.items() if name != "slimmable"]
+    table["train_seconds"] = {"slimmable_mean": statistics.fmean(slim) if slim else None,
+                              "individual_sum_per_seed": sum(indiv) / len(seeds) if indiv else None}  # fmt: skip
+    return table
