@@ -16,7 +16,7 @@ import torchvision
 from fake_data import tiny_recipe, write_fashion_mnist
 
 import slimmable
-from slimmable.config import RunConfig
+from slimmable.config import RunConfig, load_recipe
 from slimmable.nn import slim_modules
 from slimmable.train import Sandwich, build_model_from_checkpoint, load_checkpoint, train_from_config, train_step
 
@@ -141,3 +141,15 @@ def test_us_vit_with_a_slim_stream_narrows_it_in_whole_heads() -> None:
             tokens = model.forward_features(x)
         # each width is a ViT of `heads` heads of 48: its stream has heads * 48 features
         assert model.blocks[0].attn.active_heads == heads and tokens.shape == (2, 50, heads * 48), width
+
+
+def test_the_packaged_recipe_trains(fmnist: Path, tmp_path: Path) -> None:
+    overrides = [f"data.root={fmnist}", "data.val_size=16", "data.batch_size=16", "train.epochs=1",
+                 "train.time_budget_min=null", "train.amp=off"]  # fmt: skip
+    cfg = load_recipe("fmnist_slim_vit_tiny", overrides=overrides)
+    assert cfg.optim.name == "adamw" and cfg.optim.warmup_epochs > 0 and cfg.train.label_smoothing == 0.1
+    assert cfg.data.val_size == 16 and load_recipe("fmnist_slim_vit_tiny").data.val_size == 5000  # held out
+    result = train_from_config(cfg, tmp_path / "run", device="cpu", latency_runs=0, tensorboard=False)
+    # the MACs per image its comments give: patch 7 (17 tokens), 4 blocks, 1-4 heads of 48
+    assert [round(r["macs"] / 1e6, 1) for r in result.report] == [7.8, 15.4, 23.0, 30.7]
+    assert all(0 <= r["top1"] <= 100 for r in result.report)
