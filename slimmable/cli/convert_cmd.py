@@ -17,8 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="make a torchvision or timm model slimmable; print the conversion report and MACs per width",
-        description="Build a torchvision or timm model (random weights; no download; timm needs slimmable[timm]) "
-        "and convert it with slimmable.convert: "
+        description="Build a torchvision or timm model (random weights, or your own with --weights; no download; "
+        "timm needs slimmable[timm]) and convert it with slimmable.convert: "
         "coupled channels are found by tracing, layers become slimmable, what cannot be analysed stays at full "
         "width. Prints the report (groups slimmed, layers frozen and why) and the MACs at each width; --out "
         "saves a checkpoint that `slimmable eval/export --checkpoint` rebuild.",
@@ -29,6 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-chans", type=positive_int, help="input channels (default 3; others rebuild the first conv)")
     p.add_argument("--small-input", action="store_true", help="first convolution with stride 1 (28-32 px images)")
     p.add_argument("--input-size", type=positive_int, default=224, help="square input side for the MACs (default 224)")
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a state dict of the original model (torch.save(model.state_dict(), FILE)), read with weights_only=True "
+        "and loaded strictly before conversion; it must fit --num-classes, --in-chans and --small-input",
+    )
     p.add_argument("--out", metavar="PATH", help="save the converted model as a slimmable checkpoint")
     p.add_argument("--verbose-report", action="store_true", help="list every slimmed group")
     p.set_defaults(func=run)
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         in_chans=args.in_chans,
         small_input=args.small_input or None,
+        weights=args.weights,
     )
     report = model.conversion_report
     print(report.format(max_lines=10_000 if args.verbose_report else 12))

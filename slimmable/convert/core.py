@@ -71,10 +71,11 @@ class SlimGraphModule(fx.GraphModule):
 
 def convert(
     model: nn.Module,
-    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    widths: Sequence[float] | None = None,
     example_input: torch.Tensor | None = None,
     width_range: tuple[float, float] | None = None,
     *,
+    stat_widths: Sequence[float] | None = None,
     check: bool = True,
 ) -> SlimGraphModule:
     """A slimmable copy of ``model``; ``model`` itself is not modified.
@@ -89,7 +90,8 @@ def convert(
 
     Args:
         model: any ``nn.Module`` taking one image tensor ``(N, C, H, W)``.
-        widths: the widths of the result; the largest must be 1.0 (the original model).
+        widths: the widths of the result; the largest must be 1.0 (the original model). Default
+            ``(0.25, 0.5, 0.75, 1.0)``.
         example_input: an input for tracing shapes, default ``randn(1, C, 224, 224)`` with the model's input
             channels; give one when the model needs another size.
         width_range: universally slimmable conversion (not supported yet; must be ``None``).
@@ -104,7 +106,7 @@ def convert(
     """
     if width_range is not None:
         raise ValueError("convert(width_range=...) is not supported yet; give switch widths, e.g. widths=(0.5, 1.0)")
-    ws = normalize_widths(widths)
+    ws = normalize_widths(widths if widths is not None else (0.25, 0.5, 0.75, 1.0))
     if ws[-1] != 1.0:
         raise ValueError(f"the largest of widths {ws} must be 1.0 (the original model); add 1.0")
     src = unwrap_model(model)

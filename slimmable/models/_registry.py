@@ -98,8 +98,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``, or ``"torchvision/<arch>"`` /
-            ``"timm/<arch>"``: a torchvision or timm model with random weights, converted by
-            :func:`slimmable.convert` (see :func:`slimmable.convert.zoo.create_torchvision_model` and
+            ``"timm/<arch>"``: a torchvision or timm model with random weights (or ``weights=``, a state dict
+            of the original architecture, loaded before conversion and not recorded in ``model_kwargs``), converted
+            by :func:`slimmable.convert` (see :func:`slimmable.convert.zoo.create_torchvision_model` and
             :func:`~slimmable.convert.zoo.create_timm_model` for their arguments; timm needs ``slimmable[timm]``).
         **kwargs: passed to the model (``widths``, ``num_classes``, ``in_chans``, ``small_input``, ...);
             ``None`` values are dropped so that unset CLI/config fields keep the model's defaults. Three are
@@ -139,7 +140,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         build = create_timm_model if name.startswith(TIMM_PREFIX) else create_torchvision_model
         model = build(name, **kwargs)
         model.model_name = name
-        model.model_kwargs = dict(kwargs)
+        # ``weights`` (the original's state dict) is not recorded: the converted state dict holds them
+        model.model_kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
         model.slimmable_task = "classification"
         return model
     model = _MODEL_ENTRYPOINTS[name](**kwargs)
