@@ -25,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="torchvision/<arch> or timm/<arch>, e.g. torchvision/resnet50, timm/efficientnet_b0")
     p.add_argument("--widths", help="comma-separated widths, the largest 1.0 (default 0.25,0.5,0.75,1.0)")
+    p.add_argument(
+        "--width-range",
+        metavar="LO,1.0",
+        help="universally slimmable instead of --widths: any width in [LO, 1.0] (US-Nets' BN, calibrated per width)",
+    )
+    p.add_argument("--stat-widths", metavar="W,...", help="with --width-range: widths keeping BN statistics")
     p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the zoo's 1000)")
     p.add_argument("--in-chans", type=positive_int, help="input channels (default 3; others rebuild the first conv)")
     p.add_argument("--small-input", action="store_true", help="first convolution with stride 1 (28-32 px images)")
@@ -56,10 +62,17 @@ def _check_model(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_model(args.model)
-    widths = parse_widths(args.widths) or (0.25, 0.5, 0.75, 1.0)
+    span = parse_widths(args.width_range)
+    if span is not None and (args.widths or len(span) != 2):
+        raise ValueError(f"--width-range {args.width_range!r}: give two numbers LO,1.0 and no --widths")
+    if args.stat_widths and span is None:
+        raise ValueError("--stat-widths are the BN statistics widths of --width-range; give --width-range LO,1.0 too")
+    widths = parse_widths(args.widths) or (None if span else (0.25, 0.5, 0.75, 1.0))
     model = create_model(
         args.model,
-        widths=tuple(widths),
+        widths=widths,
+        width_range=span,
+        stat_widths=parse_widths(args.stat_widths),
         num_classes=args.num_classes,
         in_chans=args.in_chans,
         small_input=args.small_input or None,

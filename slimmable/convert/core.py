@@ -12,11 +12,23 @@ import torch
 from torch import fx, nn
 
 from .._utils import input_channels, unwrap_model
-from ..nn import SlimModule, Widths, WidthTable, get_widths, make_divisible, normalize_widths, set_width, use_width
+from ..nn import (
+    SlimModule,
+    WidthRange,
+    Widths,
+    WidthTable,
+    get_widths,
+    make_divisible,
+    normalize_widths,
+    set_width,
+    use_width,
+)
 from ..nn.converted import (
     ChannelSelect,
     ConvertedBatchNorm2d,
     ConvertedBatchNormAct2d,
+    ConvertedUSBatchNorm2d,
+    ConvertedUSBatchNormAct2d,
     IndexedSlimConv2d,
     IndexedSlimLinear,
     SlimGroupNorm,
@@ -31,23 +43,33 @@ __all__ = ["SlimGraphModule", "convert"]
 
 _logger = logging.getLogger(__name__)
 
-_EXTRA_ATTRS = ("widths", "width_range", "conversion_report", "model_name", "model_kwargs", "example_input_size")
+_EXTRA_ATTRS = ("_widths", "conversion_report", "model_name", "model_kwargs", "example_input_size")
 
 
 class SlimGraphModule(fx.GraphModule):
     """The model :func:`convert` returns: the original's graph with slimmable layers, same parameter names.
 
     Attributes:
-        widths: the widths it runs at.
         conversion_report: a :class:`~slimmable.convert.ConversionReport`.
         example_input_size: ``(C, H, W)`` of the input it was traced with: the default input of
             :func:`~slimmable.export.export_width` and the other probes (a model such as ConvNeXt, or one that
             flattens a fixed feature map into a ``Linear``, cannot run on any smaller input).
     """
 
-    widths: tuple[float, ...] = ()
-    width_range = None
+    _widths: tuple[float, ...] = ()
     example_input_size: tuple[int, int, int] | None = None
+
+    @property
+    def widths(self) -> tuple[float, ...]:
+        """The widths it runs at; universally slimmable: the widths with BN statistics, read off the layers (BN
+        calibration adding a width shows here)."""
+        found = get_widths(self)
+        return found.switches if found.is_range else self._widths
+
+    @property
+    def width_range(self) -> tuple[float, float] | None:
+        """``(lo, 1.0)`` of a universally slimmable conversion (any width in it), else ``None``."""
+        return get_widths(self).range
 
     def set_width(self, width: float) -> None:
         """Switch every slimmable layer to ``width`` (see :func:`slimmable.set_width`)."""
@@ -94,19 +116,38 @@ def convert(
             ``(0.25, 0.5, 0.75, 1.0)``.
         example_input: an input for tracing shapes, default ``randn(1, C, 224, 224)`` with the model's input
             channels; give one when the model needs another size.
-        width_range: universally slimmable conversion (not supported yet; must be ``None``).
+        width_range: ``(lo, 1.0)``: a universally slimmable result instead of switches (US-Nets), running at any
+            width in the range. Channels follow the US rule (``make_divisible(channels * width)`` in multiples of the
+            group's divisor, computed per width); BN becomes universally slimmable BN (shared affine, statistics per
+            ``stat_widths``, each starting from the original's), to be calibrated for other widths
+            (:func:`slimmable.train.calibrate_bn`) and trained with the sandwich rule. Channels that are not a
+            prefix at every width (a concatenation of slimmed tensors, a fixed channel range) are refused.
+        stat_widths: with ``width_range``: the widths keeping BN statistics (default ``(lo, 1.0)``; must hold 1.0).
         check: compare the result at width 1.0 with the original on ``example_input`` (recorded in the report).
 
     Returns:
-        A :class:`SlimGraphModule` at width 1.0 in ``model``'s training mode, with ``widths`` and
+        A :class:`SlimGraphModule` at width 1.0 in ``model``'s training mode, with ``widths``, ``width_range`` and
         ``conversion_report`` attributes.
 
     Raises:
-        ValueError: bad widths, ``width_range`` given, or a model whose own forward cannot be traced.
+        ValueError: bad widths or range, both ``widths`` and ``width_range``, a model whose own forward cannot be
+            traced, or (``width_range``) channels that are not a prefix at every width.
     """
+    span = None
     if width_range is not None:
-        raise ValueError("convert(width_range=...) is not supported yet; give switch widths, e.g. widths=(0.5, 1.0)")
-    ws = normalize_widths(widths if widths is not None else (0.25, 0.5, 0.75, 1.0))
+        if widths is not None:
+            raise ValueError("give widths (switches) or width_range (any width in a range), not both")
+        span = _check_range(width_range)
+        ws = normalize_widths(stat_widths if stat_widths is not None else span)
+        outside = [w for w in ws if not span[0] <= w <= span[1]]
+        if outside or ws[-1] != 1.0:
+            raise ValueError(
+                f"stat_widths {ws} must lie in width_range {span} and hold 1.0 (the original's statistics)"
+            )
+    else:
+        if stat_widths is not None:
+            raise ValueError("stat_widths are the BN statistics widths of a width_range; give width_range too")
+        ws = normalize_widths(widths if widths is not None else (0.25, 0.5, 0.75, 1.0))
     if ws[-1] != 1.0:
         raise ValueError(f"the largest of widths {ws} must be 1.0 (the original model); add 1.0")
     src = unwrap_model(model)
@@ -121,15 +162,21 @@ def convert(
         example_input = example_input.to(p.device)
     reference = propagate_shapes(gm, example_input)
     an = analyse(gm, leaves)
-    counts = _channel_counts(an, ws)
-    built = _Builder(gm, an, ws, counts)
+    rules = _range_rules(an, span) if span is not None else None
+    counts = _channel_counts(an, ws) if rules is None else _range_counts(an, rules, ws)
+    built = _Builder(gm, an, ws, counts, rules)
     converted = built.apply()
     out = SlimGraphModule(gm, gm.graph, class_name=type(src).__name__)
     _restore_unused(out, work)
-    out.widths = ws
+    out._widths = ws
     out.example_input_size = tuple(int(d) for d in example_input.shape[1:])
     report = built.report(type(src).__name__, out, leaves)
     report.notes.extend(notes)
+    if span is not None:
+        report.notes.append(
+            f"universally slimmable: any width in [{span[0]:g}, 1]; channels listed at the BN statistics widths "
+            f"({', '.join(f'{w:g}' for w in ws)}); calibrate BN statistics for others (calibrate_bn)"
+        )
     out.conversion_report = report
     if converted:
         set_width(out, 1.0)
@@ -163,6 +210,53 @@ def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, st
     ]
 
 
+def _check_range(width_range: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in width_range)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"width_range must be (lo, 1.0), got {width_range!r}") from err
+    if not (0 < lo < hi and hi == 1.0):
+        raise ValueError(f"width_range {tuple(width_range)} must be (lo, 1.0) with 0 < lo < 1 (1.0: the original)")
+    return (lo, hi)
+
+
+def _divisor(info: object, c: int) -> int:
+    """The multiple a group's channels take: its own divisor, or multiples of 8 where the group is large enough (the
+    MobileNets' rounding)."""
+    d = info.divisor  # type: ignore[attr-defined]
+    d8 = math.lcm(d, 8)
+    return d8 if c % d8 == 0 and c // d8 >= 4 else d
+
+
+def _range_rules(an: Analysis, span: tuple[float, float]) -> dict[int, WidthRange]:
+    """The US channel rule of every group root (frozen groups: none); freezes groups the range cannot split."""
+    g = an.groups
+    out = {}
+    for r in g.roots():
+        info = g.info[r]
+        c = info.size
+        d = info.divisor
+        if info.frozen is None and (c % d or c < 2 or c // d < 2):
+            info.frozen = f"{c} channels cannot split into multiples of {d}"
+        if info.frozen is None:
+            rule = WidthRange(c, span[0], span[1], divisor=_divisor(info, c))
+            low = rule(span[0])
+            if low < rule.divisor or low % info.divisor:  # the US rounding falls below one multiple at the low end
+                info.frozen = f"{c} channels give {low} at width {span[0]:g}, not a multiple of {rule.divisor}"
+            else:
+                out[r] = rule
+                continue
+        out[r] = None  # type: ignore[assignment]
+    return out
+
+
+def _range_counts(
+    an: Analysis, rules: dict[int, WidthRange | None], widths: tuple[float, ...]
+) -> dict[int, tuple[int, ...]]:
+    """Channels at each statistics width of every group root (the report, the BN slots)."""
+    return {r: tuple(rule(w) if rule else an.groups.info[r].size for w in widths) for r, rule in rules.items()}
+
+
 def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[int, ...]]:
     """Channels per width of every group root (frozen: all at every width)."""
     g = an.groups
@@ -176,9 +270,7 @@ def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[
         if info.frozen is not None:
             out[r] = tuple(c for _ in widths)
             continue
-        d8 = math.lcm(d, 8)  # multiples of 8 where the group is large enough (the MobileNets' rounding)
-        if c % d8 == 0 and c // d8 >= 4:
-            d = d8
+        d = _divisor(info, c)
         counts, prev = [], d
         for w in widths:
             n = min(c, max(d, make_divisible(c * w, d, min_value=d)))
@@ -191,8 +283,17 @@ def _channel_counts(an: Analysis, widths: tuple[float, ...]) -> dict[int, tuple[
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, an: Analysis, widths: tuple[float, ...], counts: dict) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        an: Analysis,
+        widths: tuple[float, ...],
+        counts: dict,
+        rules: dict[int, WidthRange | None] | None = None,
+    ) -> None:
         self.gm, self.an, self.widths, self.counts = gm, an, widths, counts
+        #: universally slimmable: each group root's channel rule (``widths`` are then the BN statistics widths)
+        self.rules = rules
         self.g = an.groups
         self.converted: set[str] = set()
         self.selected_params: set[str] = set()
@@ -217,6 +318,9 @@ class _Builder:
     def index_table(self, lay: object, prefix_as_none: bool = True) -> dict[float, torch.Tensor | None]:
         if not self.slim(lay):
             return {}
+        if self.rules is not None:  # any width: a prefix at every width, no table
+            self.require_prefix(lay)
+            return {}
         table = {}
         for i, w in enumerate(self.widths):
             idx = self.index(lay, i)
@@ -224,10 +328,32 @@ class _Builder:
             table[w] = None if prefix and prefix_as_none else idx
         return table
 
-    def out_rule(self, lay: object) -> WidthTable | None:
+    def out_rule(self, lay: object) -> WidthTable | WidthRange | None:
         if not self.slim(lay) or len(lay.segs) != 1:
             return None
+        if self.rules is not None:
+            g, unit = lay.segs[0]
+            if unit != 1:
+                raise ValueError(
+                    f"convert(width_range=...): a layer produces {unit} x the channels of a slimmed group; convert "
+                    "this model with switch widths (widths=...)"
+                )
+            return self.rules[self.g.find(g)]
         return WidthTable.build(self.widths, [self.seg_count(lay.segs[0], i) for i in range(len(self.widths))])
+
+    def prefix_table(self) -> dict[float, None]:
+        """A prefix input at every width: one entry per switch, none for a range (any width)."""
+        return {} if self.rules is not None else {w: None for w in self.widths}
+
+    def require_prefix(self, lay: Layout, where: str = "") -> None:
+        """Universally slimmable: the active channels must be a prefix at every width, i.e. only the last segment
+        of the tensor slims (an index per width cannot be tabulated for a range)."""
+        if any(self.g.get(g).frozen is None for g, _ in lay.segs[:-1]):
+            raise ValueError(
+                f"convert(width_range=...): {where or 'a layer'} takes channels that are not a prefix at every width "
+                "(a concatenation of slimmed tensors or a fixed channel range); convert this model with switch widths "
+                "(widths=...)"
+            )
 
     def apply(self) -> bool:
         modules = dict(self.gm.named_modules())
@@ -245,6 +371,11 @@ class _Builder:
         for node, lay in self.an.params.items():
             if not self.slim(lay):
                 continue
+            if self.rules is not None:
+                raise ValueError(
+                    f"convert(width_range=...): the tensor {node.target} meets slimmed channels (a per-width "
+                    "selection); convert this model with switch widths (widths=...)"
+                )
             parent, _, attr = node.target.rpartition(".")
             name = f"{parent}.{attr}_select" if parent else f"{attr}_select"
             table: dict[float, torch.Tensor | None] = {w: self.index(lay, i) for i, w in enumerate(self.widths)}
@@ -279,6 +410,11 @@ class _Builder:
         """Constant channel sizes in the graph (``split(16)``, ``x[:, :c]``) become what they are at each width."""
         for i, (node, rw) in enumerate(self.an.rewrites.items()):
             src = node.args[0]
+            if rw[0] != "chunk" and self.rules is not None:
+                raise ValueError(
+                    f"convert(width_range=...): {node.name} takes a fixed channel range ({rw[0]}); convert this model "
+                    "with switch widths (widths=...)"
+                )
             if rw[0] == "chunk":
                 _, k, dim = rw
                 node.op, node.target, node.args, node.kwargs = "call_function", torch.chunk, (src, k, dim), {}
@@ -311,18 +447,20 @@ class _Builder:
             rule = None if depthwise else self.out_rule(lout)
             table = self.index_table(lin) if (m.groups == 1 or depthwise) else {}
             if m.groups > 1 and not depthwise and self.slim(lin):
-                table = {w: None for w in self.widths}
+                table = self.prefix_table()
             if rule is None and not self.slim(lin):
                 return None
-            return IndexedSlimConv2d(m, rule, table or {w: None for w in self.widths})
+            return IndexedSlimConv2d(m, rule, table or self.prefix_table())
         if kind is nn.Linear:
             rule = self.out_rule(lout)
             if isinstance(lin, Layout) and lin.dim != len(node.meta["tensor_meta"].shape) - 1:
                 lin = None
             if rule is None and not self.slim(lin):
                 return None
-            return IndexedSlimLinear(m, rule, self.index_table(lin) or {w: None for w in self.widths})
+            return IndexedSlimLinear(m, rule, self.index_table(lin) or self.prefix_table())
         if kind is nn.BatchNorm2d and self.slim(lout) and lout.dim == 1:
+            if self.rules is not None:
+                return ConvertedUSBatchNorm2d(m, self.norm_rule(lout, node), self.widths)
             return ConvertedBatchNorm2d(m, self.index_table(lout, prefix_as_none=False))
         if kind is nn.GroupNorm and self.slim(lout) and lout.dim == 1:
             return SlimGroupNorm(m, self.index_table(lout))
@@ -334,10 +472,24 @@ class _Builder:
                 return SlimLayerNorm(m, self.index_table(lout), channel_dim=1)
         return None
 
+    def norm_rule(self, lout: Layout, node: fx.Node | None) -> WidthRange:
+        """A universally slimmable BN's rule: its channels are one slimmed group (a prefix at every width)."""
+        where = str(node.target) if node is not None else "a norm layer"
+        self.require_prefix(lout, where)
+        rule = self.out_rule(lout)
+        if rule is None:
+            raise ValueError(
+                f"convert(width_range=...): {where} normalises more than one channel group; convert this model with "
+                "switch widths (widths=...)"
+            )
+        return rule
+
     def norm_act(self, m: nn.Module, kind: type[nn.Module], lout: object) -> nn.Module | None:
         """A norm followed by its own dropout and activation (timm's ``BatchNormAct2d``, ``GroupNormAct``)."""
         if not (self.slim(lout) and lout.dim == 1):
             return None
+        if kind is nn.BatchNorm2d and self.rules is not None:
+            return ConvertedUSBatchNormAct2d(m, self.norm_rule(lout, None), self.widths, m.drop, m.act)
         if kind is nn.BatchNorm2d:
             return ConvertedBatchNormAct2d(m, self.index_table(lout, prefix_as_none=False), m.drop, m.act)
         if kind is nn.GroupNorm:
