@@ -196,3 +196,22 @@ def test_teacher_setting_errors(fmnist: Path, tmp_path: Path) -> None:
     cfg = RunConfig.from_dict(tiny_recipe(fmnist, train={"teacher": "original"}))
     with pytest.raises(ValueError, match="slim_resnet18 was never converted"):
         _train(cfg, tmp_path / "a")
+
+
+def test_universally_slimmable_conversion_trains_with_the_original_as_teacher(
+    fmnist: Path, original_weights: Path, tmp_path: Path
+) -> None:
+    """convert(width_range=...) through a whole run: sandwich rule, in-place distillation, the original as
+    teacher, BN calibration of every statistics width before the final report."""
+    model = {"name": ZOO, "widths": None, "width_range": [0.25, 1.0], "stat_widths": [0.25, 0.5, 1.0],
+             "small_input": True, "weights": str(original_weights)}  # fmt: skip
+    train = {"epochs": 1, "width_sampler": "sandwich", "num_sampled_widths": 3, "inplace_distill": True,
+             "calib_batches": 1, "teacher": "original"}  # fmt: skip
+    result = _train(RunConfig.from_dict(tiny_recipe(fmnist, model=model, train=train)), tmp_path / "us")
+    history = json.loads((tmp_path / "us" / "history.json").read_text())
+    assert [t["width"] for t in history[0]["train"]] == [1.0, "random", 0.25]
+    assert all(torch.isfinite(torch.tensor(t["loss"])) for t in history[0]["train"])
+    assert [r["width"] for r in result.report] == [0.25, 0.5, 1.0]
+    assert result.report[0]["macs"] < result.report[1]["macs"] < result.report[2]["macs"]
+    ck = load_checkpoint(tmp_path / "us" / "last.pt")
+    assert ck["model_kwargs"]["width_range"] == [0.25, 1.0] and ck["widths"] == [0.25, 0.5, 1.0]
