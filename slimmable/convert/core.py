@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,16 @@ __all__ = ["SlimGraphModule", "convert"]
 
 _logger = logging.getLogger(__name__)
 
-_EXTRA_ATTRS = ("_widths", "conversion_report", "model_name", "model_kwargs", "example_input_size")
+_EXTRA_ATTRS = (
+    "_widths",
+    "conversion_report",
+    "model_name",
+    "model_kwargs",
+    "example_input_size",
+    "feature_info",
+    "out_indices",
+    "out_names",
+)
 
 
 class SlimGraphModule(fx.GraphModule):
@@ -54,10 +64,17 @@ class SlimGraphModule(fx.GraphModule):
         example_input_size: ``(C, H, W)`` of the input it was traced with: the default input of
             :func:`~slimmable.export.export_width` and the other probes (a model such as ConvNeXt, or one that
             flattens a fixed feature map into a ``Linear``, cannot run on any smaller input).
+        feature_info: the stages found on the traced graph, shallow to deep (:class:`~slimmable.models.FeatureInfo`:
+            the graph node's name, the stride, the channel rule per width): for each stride, the last map computed at
+            it (maps of 1x1 pixels, such as squeeze-excitation's and the pooled head's, are not stages).
+        out_indices, out_names: after :meth:`as_features_only`: the stages the forward returns and their keys.
     """
 
     _widths: tuple[float, ...] = ()
     example_input_size: tuple[int, int, int] | None = None
+    feature_info: list = []  # a class default: convert sets each instance's list
+    out_indices: tuple[int, ...] | None = None
+    out_names: tuple[str, ...] = ()
 
     @property
     def widths(self) -> tuple[float, ...]:
@@ -82,6 +99,78 @@ class SlimGraphModule(fx.GraphModule):
     def get_widths(self) -> Widths:
         """The widths every slimmable layer supports (see :func:`slimmable.get_widths`)."""
         return get_widths(self)
+
+    @property
+    def out_feature_info(self) -> list:
+        """The :class:`~slimmable.models.FeatureInfo` of each map a features-only model returns (every stage
+        before :meth:`as_features_only`), in the order of :attr:`out_names`."""
+        indices = range(len(self.feature_info)) if self.out_indices is None else self.out_indices
+        return [self.feature_info[i] for i in indices]
+
+    def _stage_graph(self, picked: Sequence[int], names: Sequence[str]) -> fx.Graph:
+        """A copy of the graph returning ``{name: stage map}`` for the stages ``picked`` (what follows them is dead
+        code: the owning module removes it)."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        graph.graph_copy(self.graph, env)
+        nodes = {n.name: n for n in self.graph.nodes}
+        outputs = OrderedDict((name, env[nodes[self.feature_info[i].name]]) for i, name in zip(picked, names))
+        graph.output(outputs)
+        return graph
+
+    def _check_out_indices(self, out_indices: Sequence[int] | None) -> list[int]:
+        n = len(self.feature_info)
+        if not n:
+            raise ValueError(f"{type(self).__name__} has no feature stages (no spatial maps found when converting it)")
+        wanted = list(range(n)) if out_indices is None else [int(i) for i in out_indices]
+        picked = [i % n for i in wanted if -n <= i < n]
+        if not picked or len(set(picked)) != len(wanted):
+            names = [f.name for f in self.feature_info]
+            raise ValueError(f"out_indices {wanted} must be distinct positions in the {n} stages {names}")
+        return picked
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C_in, H, W)`` → the last stage's map at the current width (``feature_info[-1]``).
+
+        Builds the trunk's graph on each call; for repeated use make a features-only model
+        (``create_model(name, features_only=True)`` or :meth:`as_features_only`).
+        """
+        last = len(self.feature_info) - 1
+        runner = fx.GraphModule(self, self._stage_graph(self._check_out_indices([last]), ["x"]))
+        runner.graph.eliminate_dead_code()
+        runner.recompile()
+        return runner(x)["x"]
+
+    def as_features_only(
+        self, out_indices: Sequence[int] | None = None, out_names: Sequence[str] | None = None
+    ) -> SlimGraphModule:
+        """Make this model a backbone, in place: its forward returns ``{name: map}`` of the stages ``out_indices``.
+
+        What runs only after the last stage used (global pooling, the classifier) is removed from the graph and its
+        modules deleted, as torchvision's ``IntermediateLayerGetter`` drops them; the other parameter names stay.
+
+        Args:
+            out_indices: positions in :attr:`feature_info` (negative from the end); default every stage.
+            out_names: the key of each map (default the stage names).
+
+        Returns:
+            ``self``; its forward gives ``OrderedDict(out_name → (N, C_i, H / s_i, W / s_i))`` in stage order.
+
+        Raises:
+            ValueError: bad or repeated indices, names that do not pair with them, or a model without stages.
+        """
+        order = self._check_out_indices(out_indices)
+        names = [self.feature_info[i].name for i in order] if out_names is None else [str(n) for n in out_names]
+        if isinstance(out_names, str) or len(names) != len(order) or len(set(names)) != len(names):
+            raise ValueError(f"out_names {out_names!r} must be {len(order)} distinct names, one per out_indices entry")
+        by_index = sorted(zip(order, names))
+        self.graph = self._stage_graph([i for i, _ in by_index], [n for _, n in by_index])
+        self.graph.eliminate_dead_code()
+        self.recompile()
+        self.delete_all_unused_submodules()
+        self.out_indices = tuple(i for i, _ in by_index)
+        self.out_names = tuple(n for _, n in by_index)
+        return self
 
     def __deepcopy__(self, memo: dict) -> SlimGraphModule:
         res = super().__deepcopy__(memo)
@@ -161,6 +250,7 @@ def convert(
     if p is not None:
         example_input = example_input.to(p.device)
     reference = propagate_shapes(gm, example_input)
+    stages = _find_stages(gm, example_input)
     an = analyse(gm, leaves)
     rules = _range_rules(an, span) if span is not None else None
     counts = _channel_counts(an, ws) if rules is None else _range_counts(an, rules, ws)
@@ -170,6 +260,7 @@ def convert(
     _restore_unused(out, work)
     out._widths = ws
     out.example_input_size = tuple(int(d) for d in example_input.shape[1:])
+    out.feature_info = built.feature_info(stages)
     report = built.report(type(src).__name__, out, leaves)
     report.notes.extend(notes)
     if span is not None:
@@ -208,6 +299,42 @@ def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, st
         "the forward branches on self.training; the converted model follows the eval-mode graph in training "
         f"mode too{extra}"
     ]
+
+
+def _find_stages(gm: fx.GraphModule, example: torch.Tensor) -> list[tuple[fx.Node, int]]:
+    """``(node, stride)`` of each stage of the traced graph: for each stride, the last map computed at it outside
+    the block that leaves it (a MobileNet block's expansion runs at the old stride inside the block that
+    downsamples: the stage is the block before it, as torchvision's and timm's backbones take it).
+
+    Maps of 1x1 pixels (squeeze-excitation, global pooling) are left out, so the pooled head never counts.
+    """
+    side = int(example.shape[-2])
+    stride: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        if node.op in ("placeholder", "output") or shape is None or len(shape) != 4:
+            continue
+        h, w = int(shape[-2]), int(shape[-1])
+        if h * w > 1 and side % h == 0:
+            stride[node] = side // h
+    out = []
+    for s in sorted(set(stride.values())):
+        at = [n for n in stride if stride[n] == s]
+        inside = set().union(*(_module_paths(n) for n in at))  # modules computing some map at this stride
+        leaving = set()  # the innermost such module around each step to a coarser map: a block leaving the stride
+        for d in stride:
+            if stride[d] > s and any(stride.get(a) == s for a in d.all_input_nodes):
+                leaving.update(next(([p] for p in reversed(_module_paths(d, ordered=True)) if p in inside), []))
+        kept = [n for n in at if not set(_module_paths(n)) & leaving]
+        out.append(((kept or at)[-1], s))
+    return out
+
+
+def _module_paths(node: fx.Node, ordered: bool = False) -> list[str] | set[str]:
+    """The qualified names of the modules the traced call of ``node`` is inside (outermost first)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+    return paths if ordered else set(paths)
 
 
 def _check_range(width_range: Sequence[float]) -> tuple[float, float]:
@@ -344,6 +471,28 @@ class _Builder:
     def prefix_table(self) -> dict[float, None]:
         """A prefix input at every width: one entry per switch, none for a range (any width)."""
         return {} if self.rules is not None else {w: None for w in self.widths}
+
+    def feature_info(self, stages: list[tuple[fx.Node, int]]) -> list:
+        """A :class:`~slimmable.models.FeatureInfo` per stage: its channels per width from its layout."""
+        from ..models._base import FeatureInfo
+
+        out = []
+        for node, stride in stages:
+            channels = int(node.meta["tensor_meta"].shape[1])
+            lay = self.an.layouts.get(node)
+            rule: WidthTable | WidthRange | None = None
+            if self.slim(lay) and lay.dim == 1:
+                if len(lay.segs) == 1 and lay.segs[0][1] == 1:
+                    rule = self.out_rule(lay)
+                elif self.rules is not None:
+                    continue  # the channels of several groups at any width: no rule (not a stage of a US model)
+                else:
+                    counts = [sum(self.seg_count(sg, i) for sg in lay.segs) for i in range(len(self.widths))]
+                    rule = WidthTable.build(self.widths, counts)
+            elif self.slim(lay):
+                continue  # channels slim along another dimension: not a channel-first map
+            out.append(FeatureInfo(node.name, stride, rule, channels))
+        return out
 
     def require_prefix(self, lay: Layout, where: str = "") -> None:
         """Universally slimmable: the active channels must be a prefix at every width, i.e. only the last segment

@@ -125,7 +125,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     features_only = bool(kwargs.pop("features_only", False))
-    backbone = not _is_zoo_name(name) and model_task(name) == "classification"
+    backbone = model_task(name) == "classification"
     feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs} if backbone else {}
     if features_only and not backbone:
         raise ValueError(
@@ -139,6 +139,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
         build = create_timm_model if name.startswith(TIMM_PREFIX) else create_torchvision_model
         model = build(name, **kwargs)
+        if features_only:
+            model.as_features_only(**feature_kwargs)
+            kwargs = {**kwargs, "features_only": True, **feature_kwargs}
         model.model_name = name
         # ``weights`` (the original's state dict) is not recorded: the converted state dict holds them
         model.model_kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
