@@ -13,9 +13,16 @@ architecture (fewest parameters among the module's registered names, counted onc
 ``export_width`` at 0.5 equals the converted model at 0.5, and MACs at 0.5 are at most 0.6x those at 1.0 (the
 issue's target). A failure in one family is recorded and the run goes on.
 
+With ``--transformers``: the vision transformers of :data:`TRANSFORMERS` (torchvision's ViT and Swin, timm's
+DeiT, ViT and Swin) at 64 px (ViTs built for 64 px: ``image_size`` / ``img_size``), LayerNorm affines, relative
+position biases and zero-initialised layers randomised, converted and checked: equal to the original at 1.0,
+``export_width`` at 0.5 equal to the converted model (its attention class and heads recorded), the ONNX file of
+width 0.5 run by onnxruntime against PyTorch, MACs at 0.5 and 0.25 relative to 1.0 (target: at most 0.6 at 0.5).
+
 Usage:
     python benchmarks/convert_zoo.py [--models resnet18,mobilenet_v2] [--json benchmarks/results/convert_zoo.json]
     python benchmarks/convert_zoo.py --timm [--models cspnet,vgg] [--json benchmarks/results/convert_zoo_timm.json]
+    python benchmarks/convert_zoo.py --transformers [--json benchmarks/results/convert_zoo_transformers.json]
 """
 
 from __future__ import annotations
@@ -72,6 +79,11 @@ TIMM_EXCLUDED = {
 }
 #: what each check asks (the issue's target for MACs)
 MACS_TARGET = 0.6
+#: vision transformers (library/architecture -> input side in px; ViTs are built for that side)
+TRANSFORMERS = {
+    "torchvision/vit_b_16": 64, "torchvision/swin_t": 64, "timm/deit_tiny_patch16_224": 64,
+    "timm/vit_small_patch16_224": 64, "timm/swin_tiny_patch4_window7_224": 64,
+}  # fmt: skip
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> None:
@@ -204,6 +216,136 @@ def main_timm(args: argparse.Namespace, info: dict) -> None:
     )  # fmt: skip
 
 
+def build_transformer(name: str, size: int) -> nn.Module:
+    """The original with random weights, the tensors a conversion slices randomised so that they matter."""
+    torch.manual_seed(0)
+    lib, arch = name.split("/", 1)
+    if lib == "torchvision":
+        kwargs = {"image_size": size} if arch.startswith("vit") else {}
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    else:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, img_size=size)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "relative_position_bias_table" in pname:
+                p.normal_(0, 0.5, generator=gen)
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():  # torchvision's ViT head starts at zero
+                m.weight.normal_(0, 0.02, generator=gen)
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+    return model.eval()
+
+
+def measure_transformer(name: str, size: int, tmp: str) -> dict:
+    """Convert ``name`` and run the checks; an exception anywhere is recorded as the model's failure."""
+    from slimmable.export import export_onnx
+    from slimmable.nn import SlimMultiheadAttention
+
+    row: dict = {"model": name, "input_size": size, "converts": False}
+    t0 = time.perf_counter()
+    try:
+        original = build_transformer(name, size)
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            ref = original(x)
+        t1 = time.perf_counter()
+        model = slimmable.convert(original, widths=WIDTHS, example_input=x).eval()
+        row["convert_seconds"] = round(time.perf_counter() - t1, 2)
+        report = model.conversion_report
+        row.update(params=report.params, params_frozen=report.frozen_params, groups_slimmed=len(report.groups))
+        row["attention_converted"] = sum(isinstance(m, SlimMultiheadAttention) for m in model.modules())
+        row["heads"] = sorted({"/".join(map(str, a.channels)) for a in report.attention})
+        row["frozen"] = sorted({why.split(" (")[0] for _, why in report.frozen_groups})
+        row["frozen_ops"] = sorted({f"{where}: {why}" for where, why in report.frozen_ops})[:12]
+        row["untraced"] = report.untraced
+        with torch.no_grad():
+            y = model(x)
+        row["max_abs_diff_at_1"] = float((y - ref).abs().max())
+        row["equal_at_1"] = bool(torch.allclose(y, ref, atol=1e-4, rtol=1e-4))
+        row["converts"] = True
+        macs = {}
+        for w in WIDTHS:
+            with model.use_width(w):
+                macs[w] = count_macs(model, x)
+        row["macs"] = {str(w): m for w, m in macs.items()}
+        row["macs_ratio"] = {str(w): macs[w] / macs[1.0] for w in WIDTHS}
+        with torch.no_grad(), model.use_width(0.5):
+            y = model(x)
+            dense = export_width(model, 0.5, example=x)
+            row["export_max_abs_diff_at_0.5"] = float((dense(x) - y).abs().max())
+            row["export_equal_at_0.5"] = bool(torch.allclose(dense(x), y, atol=1e-4, rtol=1e-4))
+        kinds = {
+            f"{type(m).__module__.split('.')[0]}.{type(m).__name__}"
+            for m in dense.modules()
+            if hasattr(m, "num_heads") and isinstance(getattr(m, "qkv", None), nn.Linear)
+        }
+        row["dense_attention"] = sorted(kinds)
+        try:
+            res = export_onnx(model, f"{tmp}/{name.replace('/', '_')}.onnx", width=0.5, input_size=size)
+            row["onnx_ok"], row["onnx_max_abs_diff"], row["onnx_exporter"] = True, res.max_abs_diff, res.exporter
+        except Exception as err:  # recorded: the table says which export fails
+            row["onnx_ok"] = False
+            row["onnx_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    except Exception as err:  # recorded: the table says which model fails and how
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["passes"] = bool(
+        row["converts"]
+        and row.get("equal_at_1")
+        and row.get("export_equal_at_0.5")
+        and row.get("onnx_ok")
+        and row.get("macs_ratio", {}).get("0.5", 1.0) <= MACS_TARGET
+    )
+    return row
+
+
+def main_transformers(args: argparse.Namespace, info: dict) -> None:
+    import tempfile
+
+    import timm
+
+    names = args.models.split(",") if args.models else list(TRANSFORMERS)
+    header = (
+        "| model | converts | attention (heads at 0.25/0.5/0.75/1) | equal at 1.0 (max abs diff) | export at 0.5 "
+        "| ONNX at 0.5 | MACs at 0.5 / 0.25 | params frozen | seconds |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            size = TRANSFORMERS.get(name, args.input_size)
+            r = measure_transformer(name, size, tmp)
+            rows.append(r)
+            if r["converts"]:
+                ratio = r["macs_ratio"]
+                macs = f"{ratio['0.5']:.2f}x / {ratio['0.25']:.2f}x"
+                eq = f"{'yes' if r['equal_at_1'] else 'NO'} ({r['max_abs_diff_at_1']:.1e})"
+                exp = "yes" if r.get("export_equal_at_0.5") else "NO"
+                exp += f" ({', '.join(r.get('dense_attention', []))})"
+                onnx = f"yes ({r['onnx_max_abs_diff']:.1e})" if r.get("onnx_ok") else "NO"
+                frozen = f"{r['params_frozen'] / r['params']:.0%} of {r['params'] / 1e6:.1f}M"
+                attn = f"{r['attention_converted']} layers, {'; '.join(r['heads'])}"
+            else:
+                macs = eq = exp = onnx = frozen = attn = "-"
+            conv = "yes" if r["converts"] else "NO"
+            lines.append(f"| {name} ({size} px) | {conv} | {attn} | {eq} | {exp} | {onnx} | {macs} | {frozen} "
+                         f"| {r['seconds']:.1f} |")  # fmt: skip
+            print(lines[-1] + (f"  {r.get('error') or r.get('onnx_error') or ''}"), flush=True)
+    passed = sum(r["passes"] for r in rows)
+    print("\n".join(lines))
+    print(f"{passed} of {len(rows)} transformers pass all checks")
+    write_json(
+        args.json or "benchmarks/results/convert_zoo_transformers.json",
+        {"machine": info, "timm": timm.__version__, "torchvision": torchvision.__version__, "torch": torch.__version__,
+         "widths": WIDTHS, "macs_target": MACS_TARGET, "passed": passed, "rows": rows},
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated torchvision model names (with --timm: timm families)")
@@ -212,8 +354,13 @@ def main() -> None:
         "--json", help="where to write the results (default benchmarks/results/convert_zoo[_timm].json)"
     )
     parser.add_argument("--timm", action="store_true", help="one model per timm CNN family instead of torchvision's")
+    parser.add_argument("--transformers", action="store_true", help="torchvision's and timm's vision transformers")
     args = parser.parse_args()
     info = machine_info()
+    if args.transformers:
+        print(describe_machine(info))
+        main_transformers(args, info)
+        return
     if args.timm:
         print(describe_machine(info))
         main_timm(args, info)

@@ -254,7 +254,12 @@ class Mode:
         """``(width, server total_ms, queue_ms, inference_ms, budget_met)`` of an answer."""
         if self.v2:
             p = data.get("parameters") or {}
-            width = self.width if self.width is not None else float(p["width"])  # Triton's router: a string
+            if self.width is not None:  # a Triton version
+                width = self.width
+            elif "width" in p:
+                width = float(p["width"])
+            else:  # Triton's router: its width output (its Python backend returns no response parameters)
+                width = float(next(o for o in data["outputs"] if o["name"] == "width")["data"][0])
             return width, p.get("total_ms"), p.get("queue_ms"), p.get("latency_ms"), p.get("budget_met")
         return (
             float(data["width"]), data.get("total_ms"), data.get("queue_ms"), data.get("inference_ms"),

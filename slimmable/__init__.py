@@ -1,6 +1,6 @@
 """slimmable: slimmable neural networks — one set of weights, several widths, switched at run time."""
 
-from .convert import convert
+from .convert import convert, sort_channels
 from .models import create_model, list_models
 from .models.torchvision_weights import load_torchvision_weights
 from .nn import get_channels, get_width, get_widths, set_channels, set_width, use_width
@@ -19,6 +19,7 @@ __all__ = [
     "load_torchvision_weights",
     "set_channels",
     "set_width",
+    "sort_channels",
     "task_of",
     "use_width",
 ]

@@ -40,6 +40,17 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse ``type``: a finite number >= 0 (a wait that may be zero)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse ``type``: a finite number > 0 (seconds, minutes)."""
     try:

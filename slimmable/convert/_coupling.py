@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..nn.converted_attention import attention_support
 from ._equiv import Equivalent, equivalent, is_elementwise
 from ._trace import LEAF_TYPES
+
+#: why the residual stream of a transformer keeps its width: by design, not a failure of the analysis
+KEPT_STREAM = "residual stream (embedding dimension) kept at full width by design; attention heads and MLP units slim"
 
 Seg = tuple[int, Fraction]  # (group id, unit)
 
@@ -171,6 +175,7 @@ class Analysis:
     # nodes whose constant channel sizes become per-width ones: ("chunk", k, dim), ("select", dim, segs, (i, j)),
     # ("split", dim, segs, ((i, j), ...))
     rewrites: dict[fx.Node, tuple] = field(default_factory=dict)
+    attention: set[str] = field(default_factory=set)  # attention modules to replace by slimmable ones (heads slim)
 
 
 class _Analyser:
@@ -186,6 +191,7 @@ class _Analyser:
         self.channel_first_norms: set[str] = set()
         self.equivalents: dict[str, Equivalent] = {}
         self.rewrites: dict[fx.Node, tuple] = {}
+        self.attention: set[str] = set()
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -258,9 +264,11 @@ class _Analyser:
                 self.freeze_inputs(node, why)
                 self.frozen_ops.append((_where(node), why))
                 self.env[node] = self._unknown_output(node)
+        self.mark_kept_stream()
         return Analysis(
-            self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms, self.equivalents, self.rewrites
-        )
+            self.g, self.env, self.params, self.frozen_ops, self.channel_first_norms, self.equivalents, self.rewrites,
+            self.attention,
+        )  # fmt: skip
 
     def _unknown_output(self, node: fx.Node) -> Any:
         tm = _tmeta(node)
@@ -295,6 +303,8 @@ class _Analyser:
         if path in self.leaves:
             self.freeze_inputs(node, f"cannot be traced: {self.leaves[path]}")
             return self._unknown_output(node)
+        if attention_support(m) != "":
+            return self.visit_attention(node, m, lay)
         kind = type(m)
         if isinstance(m, LEAF_TYPES) and kind not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm):
             x_shape = _shape(x) if isinstance(x, fx.Node) else None
@@ -338,6 +348,62 @@ class _Analyser:
             return lay  # an activation the lists above do not name
         self.freeze_inputs(node, f"module {type(m).__name__} is not understood")
         return self._unknown_output(node)
+
+    def mark_kept_stream(self) -> None:
+        """Label the frozen groups of the residual stream around converted attention layers as kept by design.
+
+        The stream is often frozen before the first attention layer is reached (a class token concatenated, a
+        padding to whole windows): those groups keep their width either way, and the report should not list them
+        as failures. From each attention layer's input and output, the walk follows the tensors that hold the
+        stream's features (a dimension of that size) through everything but layers that produce new features
+        (linear, convolution, attention), whose own output group it labels when it reaches them from that output.
+        Only the label changes: what slims stays as the analysis found it."""
+        stack: list[tuple[fx.Node, int]] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and str(node.target) in self.attention and _is_tensor_node(node.args[0]):
+                c = _shape(node.args[0])[-1]
+                stack += [(node.args[0], c)] + [(u, c) for u in node.users]
+        seen: set[fx.Node] = set()
+        while stack:
+            node, c = stack.pop()
+            if node in seen or not _is_tensor_node(node) or c not in _shape(node):
+                continue
+            seen.add(node)
+            lay = self.env.get(node)
+            if isinstance(lay, Layout):
+                for g, _ in lay.segs:
+                    info = self.g.get(g)
+                    if info.frozen is not None and info.size == c:
+                        info.frozen = KEPT_STREAM
+            if not self._makes_features(node):
+                stack += [(a, c) for a in node.all_input_nodes]
+            stack += [(u, c) for u in node.users if not self._makes_features(u)]
+
+    def _makes_features(self, node: fx.Node) -> bool:
+        if node.op != "call_module":
+            return False
+        m = self.modules[str(node.target)]
+        return isinstance(m, (nn.Linear, nn.Conv2d)) or attention_support(m) != ""
+
+    def visit_attention(self, node: fx.Node, m: nn.Module, lay: Layout | None) -> Any:
+        """An attention module replaced whole by a slimmable one: its heads slim inside it; the residual stream it
+        reads and writes (its input and its output) keeps its width (:data:`KEPT_STREAM`)."""
+        path = str(node.target)
+        why = attention_support(m)
+        why = _attention_call(node, m) if why is None else why
+        if why is not None:
+            self.freeze_inputs(node, f"attention {path} not converted: {why}")
+            self.frozen_ops.append((path, f"attention not converted: {why}"))
+            return self._unknown_output(node)
+        tm = _tmeta(node)
+        multi = not hasattr(tm, "shape")  # nn.MultiheadAttention: (output, weights)
+        shape = tuple((tm[0] if multi else tm).shape)
+        if isinstance(lay, Layout):
+            for g, _ in lay.segs:
+                self.g.get(g).frozen = KEPT_STREAM  # replaces a reason met earlier (cls token, padding, ...)
+        out = Layout(len(shape) - 1, ((self.g.new(shape[-1], path, frozen=KEPT_STREAM), Fraction(1)),))
+        self.attention.add(path)
+        return (out, None) if multi else out
 
     def visit_conv(self, node: fx.Node, m: nn.Conv2d, lay: Layout | None) -> Layout:
         path = str(node.target)
@@ -664,6 +730,35 @@ class _Analyser:
             return Layout(k, segs)
         self.freeze_inputs(node, f"{_op_name(node)} with a fixed channel count")
         return None
+
+
+def _attention_call(node: fx.Node, m: nn.Module) -> str | None:
+    """Why this call of an attention module is not one the slimmable layer computes (self-attention, no masks
+    other than a Swin window mask, attention weights unused), or ``None``."""
+
+    def value(v: Any) -> Any:  # a forward argument left at its default (timm's attn_mask=None) is that default
+        if isinstance(v, fx.Node) and v.op == "placeholder" and len(v.args) == 1 and not isinstance(v.args[0], fx.Node):
+            return v.args[0]
+        return v
+
+    args, kw = tuple(value(a) for a in node.args), {k: value(v) for k, v in node.kwargs.items()}
+    if isinstance(m, nn.MultiheadAttention):
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+        given = dict(zip(names, args)) | dict(kw)
+        if not (given.get("key", given["query"]) is given["query"] is given.get("value", given["query"])):
+            return "query, key and value differ (not self-attention)"
+        if any(given.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or given.get("is_causal"):
+            return "called with a mask"
+        for user in node.users:
+            if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+                return "its output tuple is used whole"
+            if user.args[1] == 1 and user.users:
+                return "its attention weights are used"
+        return None
+    extra = list(args[1:]) + [v for k, v in kw.items() if k != "mask"]
+    if any(v not in (None, False) for v in extra):
+        return f"called with other arguments ({', '.join(map(str, extra))})"
+    return None
 
 
 def _shape_of(tm: Any) -> tuple[int, ...]:

@@ -7,7 +7,8 @@ import copy
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -36,9 +37,11 @@ from ..nn.converted import (
     SlimGroupNormAct,
     SlimLayerNorm,
 )
-from ._coupling import Analysis, Layout, analyse
+from ..nn.converted_attention import convert_attention
+from ._coupling import KEPT_STREAM, Analysis, Layout, analyse
 from ._trace import propagate_shapes, trace
 from .report import ConversionReport, GroupReport
+from .sort import IMPORTANCES, sort_channels
 
 __all__ = ["SlimGraphModule", "convert"]
 
@@ -188,6 +191,8 @@ def convert(
     *,
     stat_widths: Sequence[float] | None = None,
     check: bool = True,
+    sort: str | None = None,
+    sort_data: Iterable[Any] | None = None,
 ) -> SlimGraphModule:
     """A slimmable copy of ``model``; ``model`` itself is not modified.
 
@@ -203,16 +208,23 @@ def convert(
         model: any ``nn.Module`` taking one image tensor ``(N, C, H, W)``.
         widths: the widths of the result; the largest must be 1.0 (the original model). Default
             ``(0.25, 0.5, 0.75, 1.0)``.
-        example_input: an input for tracing shapes, default ``randn(1, C, 224, 224)`` with the model's input
-            channels; give one when the model needs another size.
+        example_input: an input for tracing shapes, default ``randn(1, C, H, W)`` with the model's input channels
+            and the image size it names (torchvision's ``image_size``, timm's ``patch_embed.img_size`` or its
+            ``pretrained_cfg``), else 224 x 224; give one when the model needs another size. Conditions on sizes
+            in the model's code (its own shape assertions) are resolved on it.
         width_range: ``(lo, 1.0)``: a universally slimmable result instead of switches (US-Nets), running at any
             width in the range. Channels follow the US rule (``make_divisible(channels * width)`` in multiples of the
             group's divisor, computed per width); BN becomes universally slimmable BN (shared affine, statistics per
             ``stat_widths``, each starting from the original's), to be calibrated for other widths
             (:func:`slimmable.train.calibrate_bn`) and trained with the sandwich rule. Channels that are not a
-            prefix at every width (a concatenation of slimmed tensors, a fixed channel range) are refused.
+            prefix at every width (a concatenation of slimmed tensors, a fixed channel range) and attention layers
+            are refused.
         stat_widths: with ``width_range``: the widths keeping BN statistics (default ``(lo, 1.0)``; must hold 1.0).
         check: compare the result at width 1.0 with the original on ``example_input`` (recorded in the report).
+        sort: reorder each channel group by importance before the widths are used, so that each width keeps the most
+            important channels: ``"magnitude"``, ``"bn"`` or ``"taylor"`` (see :func:`slimmable.sort_channels`);
+            ``None`` keeps the original order. The report's ``sort`` says what was sorted.
+        sort_data: ``(inputs, targets)`` batches for ``sort="taylor"``.
 
     Returns:
         A :class:`SlimGraphModule` at width 1.0 in ``model``'s training mode, with ``widths``, ``width_range`` and
@@ -220,12 +232,20 @@ def convert(
 
     Raises:
         ValueError: bad widths or range, both ``widths`` and ``width_range``, a model whose own forward cannot be
-            traced, or (``width_range``) channels that are not a prefix at every width.
+            traced, a model that refuses the example input (the message gives its own check, with the example's
+            values), an unknown ``sort``, ``sort="taylor"`` without ``sort_data``, or (``width_range``) channels
+            that are not a prefix at every width.
     """
+    if sort is not None and sort not in IMPORTANCES:
+        raise ValueError(f"sort {sort!r} is not one of {IMPORTANCES} (or None: keep the channel order)")
+    if sort == "taylor" and sort_data is None:
+        raise ValueError("sort='taylor' needs sort_data: an iterable of (inputs, targets) batches")
     span = None
     if width_range is not None:
         if widths is not None:
             raise ValueError("give widths (switches) or width_range (any width in a range), not both")
+        if sort is not None:
+            raise ValueError("sort orders the channels of switch widths; convert(width_range=...) takes no sort yet")
         span = _check_range(width_range)
         ws = normalize_widths(stat_widths if stat_widths is not None else span)
         outside = [w for w in ws if not span[0] <= w <= span[1]]
@@ -242,13 +262,13 @@ def convert(
     src = unwrap_model(model)
     was_training = src.training
     work = copy.deepcopy(src).eval()
-    gm, leaves = trace(work)
-    notes = _training_branches(work, gm, leaves)
     if example_input is None:
-        example_input = torch.randn(1, input_channels(src), 224, 224)
+        example_input = torch.randn(1, input_channels(src), *_default_image_size(src))
     p = next(iter(work.parameters()), None)
     if p is not None:
         example_input = example_input.to(p.device)
+    gm, leaves = trace(work, example=example_input)
+    notes = _training_branches(work, gm, leaves, example_input)
     reference = propagate_shapes(gm, example_input)
     stages = _find_stages(gm, example_input)
     an = analyse(gm, leaves)
@@ -271,6 +291,8 @@ def convert(
     out.conversion_report = report
     if converted:
         set_width(out, 1.0)
+    if sort is not None:
+        report.sort = sort_channels(out, sort, data=sort_data, example_input=example_input)
     if check and isinstance(reference, torch.Tensor):
         out.eval()
         with torch.no_grad():
@@ -280,12 +302,28 @@ def convert(
     return out
 
 
-def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str]) -> list[str]:
+def _default_image_size(model: nn.Module) -> tuple[int, int]:
+    """The image size ``model`` says it takes (torchvision's ``image_size``, timm's ``patch_embed.img_size`` or
+    ``pretrained_cfg['input_size']``), else 224 x 224."""
+    for owner, attr in ((model, "image_size"), (model, "img_size"), (getattr(model, "patch_embed", None), "img_size")):
+        size = getattr(owner, attr, None) if owner is not None else None
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        return int(size[1]), int(size[2])
+    return 224, 224
+
+
+def _training_branches(work: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], example: torch.Tensor) -> list[str]:
     """A note when the forward branches on ``self.training``: the graph (traced in eval mode) then differs from
     a trace in training mode, and the converted model follows the eval branch in training too."""
     work.train()
     try:
-        train_gm, _ = trace(work, known_leaves=leaves)
+        train_gm, _ = trace(work, known_leaves=leaves, example=example)
     except ValueError:
         return ["the model cannot be traced in training mode; the graph follows its eval-mode forward"]
     finally:
@@ -587,6 +625,13 @@ class _Builder:
         x = node.args[0] if node.args else None
         lin = env.get(x) if isinstance(x, fx.Node) else None
         lout = env.get(node)
+        if str(node.target) in self.an.attention:
+            if self.rules is not None:
+                raise ValueError(
+                    f"convert(width_range=...): {node.target} is attention, whose heads slim at switch widths only; "
+                    "convert this model with switch widths (widths=...)"
+                )
+            return convert_attention(m, self.widths)
         eq = self.an.equivalents.get(str(node.target))
         kind = eq.base if eq is not None else type(m)
         if eq is not None and eq.with_act:
@@ -646,29 +691,37 @@ class _Builder:
         return None
 
     def report(self, name: str, out: nn.Module, leaves: dict[str, str]) -> ConversionReport:
-        groups, frozen = [], []
+        groups, frozen, kept = [], [], []
         for r in self.g.roots():
             info = self.g.info[r]
             if not info.producers:
                 continue
             if info.frozen is None:
                 groups.append(GroupReport(info.size, self.counts[r], tuple(info.producers)))
+            elif info.frozen == KEPT_STREAM:
+                kept.append((tuple(info.producers), info.frozen))
             else:
                 frozen.append((tuple(info.producers), info.frozen))
+        mods = dict(out.named_modules())
+        heads = []
+        for path in sorted(self.an.attention, key=list(mods).index):
+            rule = mods[path].head_rule
+            heads.append(GroupReport(mods[path].num_heads, tuple(int(rule(w)) for w in self.widths), (path,)))
         seen, ops = set(), []
         for where, why in self.an.frozen_ops:
             if (where, why) not in seen:
                 seen.add((where, why))
                 ops.append((where, why))
         n_params = n_frozen = 0
-        mods = dict(out.named_modules())
         for pname, p in out.named_parameters():
             n_params += p.numel()
             owner = pname.rpartition(".")[0]
             slim = isinstance(mods.get(owner), SlimModule) or _inside_slim(owner, mods)
             if not slim and pname not in self.selected_params:
                 n_frozen += p.numel()
-        return ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
+        report = ConversionReport(name, self.widths, groups, frozen, ops, dict(leaves), n_params, n_frozen)
+        report.attention, report.kept_groups = heads, kept
+        return report
 
 
 def _inside_slim(path: str, mods: dict[str, nn.Module]) -> bool:

@@ -75,7 +75,7 @@ def create_torchvision_model(
         weights=weights, **tv_kwargs,
     )  # fmt: skip
     arch = name[len(PREFIX) :] if name.startswith(PREFIX) else name
-    size = 224 if arch.startswith(("vit_", "swin_", "maxvit")) else 64
+    size = int(tv_kwargs.get("image_size", 224)) if arch.startswith(("vit_", "swin_", "maxvit")) else 64
     x = torch.randn(1, in_chans, size, size)
     return convert(model, widths=widths, example_input=x, width_range=width_range, stat_widths=stat_widths)
 

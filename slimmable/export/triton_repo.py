@@ -423,10 +423,12 @@ def _write_router(
         "policy": {
             "what": "how latency_budget_ms picks the width (slimmable.runtime.policy, in width_policy.py): "
             "load_aware = the widest width whose predicted completion, behind the requests in flight, fits, and "
-            "that the measured arrival rate keeps under utilization; static = the widest whose own latency fits; "
-            "parallelism = requests the versions run at once",
+            "that the measured arrival rate keeps under utilization, its predictions scaled by the tail_quantile "
+            "of recent observed / predicted times; static = the widest whose own latency fits; parallelism = "
+            "requests the versions run at once",
             "name": "load_aware",
             "utilization": 0.8,
+            "tail_quantile": 0.99,
             "parallelism": 1,
         },
         "versions": entries,

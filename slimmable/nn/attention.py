@@ -81,19 +81,40 @@ def _attend(
     kv_heads: int,
     head_dim: int,
     scale: float,
+    *,
+    attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Self-attention of ``x`` ``(N, L, C)`` with packed ``[q; k; v]`` projection rows (``heads``, ``kv_heads`` and
-    ``kv_heads`` heads of ``head_dim``), the output projected by ``proj_weight``."""
+    ``kv_heads`` heads of ``head_dim``), the output projected by ``proj_weight``.
+
+    ``attn_bias`` (broadcastable to ``(N, heads, L, L)``) is added to the attention logits (a relative position
+    bias, a window mask); ``dropout_p`` drops attention weights; ``q_norm``/``k_norm`` act on each head's queries
+    and keys ``(N, heads, L, head_dim)`` (timm's ``qk_norm``)."""
     n, length, _ = x.shape
     qkv = F.linear(x, qkv_weight, qkv_bias)
     q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
     q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (N, heads, L, head_dim)
     k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
     v = v.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
-    # enable_gqa only where it is needed: older torch and exporters know the plain call
-    extra = {"enable_gqa": True} if kv_heads != heads else {}
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale, **extra)
-    return F.linear(out.transpose(1, 2).reshape(n, length, heads * head_dim), proj_weight, proj_bias)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    # optional arguments only where they are needed: older torch and exporters know the plain call
+    extra: dict = {"enable_gqa": True} if kv_heads != heads else {}
+    if attn_bias is not None:
+        extra["attn_mask"] = attn_bias.to(q.dtype)
+    if dropout_p:
+        extra["dropout_p"] = float(dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, **extra).transpose(1, 2)
+    if attn_bias is not None:
+        # torch.export's decomposition of the masked kernel gives this output other strides than the kernel:
+        # without the copy, the reshape below becomes a view that fails there (a dynamic batch of windows)
+        out = out.clone(memory_format=torch.contiguous_format)
+    return F.linear(out.reshape(n, length, heads * head_dim), proj_weight, proj_bias)
 
 
 class SelfAttention(nn.Module):
@@ -245,13 +266,18 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
         return torch.cat(parts)
 
     def _row_index(self, heads: int) -> torch.Tensor:
-        return torch.cat([torch.arange(a, b) for a, b in self._row_blocks(heads)]).to(self.qkv.weight.device)
+        return torch.cat([torch.arange(a, b) for a, b in self._row_blocks(heads)]).to(self._projections()[0].device)
+
+    def _projections(self) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter, nn.Parameter | None]:
+        """The full-width ``(qkv weight, qkv bias, proj weight, proj bias)``; a converted layer keeping another
+        library's parameter names (``in_proj_weight``, ``out_proj``) overrides this alone."""
+        qkv, proj = self.qkv._parameters, self.proj._parameters
+        return qkv["weight"], qkv["bias"], proj["weight"], proj["bias"]
 
     def _active(self, cin: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(qkv weight, qkv bias, proj weight, proj bias)`` at the current setting for ``cin`` input features."""
         h, cout = self.active_heads, self.active_out
-        qkv_w, qkv_b = self.qkv._parameters["weight"], self.qkv._parameters["bias"]
-        proj_w, proj_b = self.proj._parameters["weight"], self.proj._parameters["bias"]
+        qkv_w, qkv_b, proj_w, proj_b = self._projections()
         if h != self.num_heads or cin != self.dim:
             qkv_w = self._memoised(("qkv", h, cin), qkv_w, lambda: self._qkv_rows(qkv_w, h, cin))
             if qkv_b is not None and h != self.num_heads:
@@ -270,19 +296,27 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
 
     # -- the layer protocol ---------------------------------------------------------------------------------------
 
+    def _dense_tensors(
+        self, in_channels: int
+    ) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter, nn.Parameter | None]:
+        """Copies of the active ``(qkv weight, qkv bias, proj weight, proj bias)`` as new parameters."""
+        cin, h, cout = int(in_channels), self.active_heads, self.active_out
+        qkv_w, qkv_b, proj_w, proj_b = self._projections()
+        w = _param(self._qkv_rows(qkv_w.detach(), h, cin).clone(), qkv_w)
+        b = None if qkv_b is None else _param(self._qkv_rows(qkv_b.detach(), h, None).clone(), qkv_b)
+        pw = _param(_take(proj_w, cout, h * self.head_dim), proj_w)
+        pb = None if proj_b is None else _param(_take(proj_b, cout), proj_b)
+        return w, b, pw, pb
+
     def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> SelfAttention:
         """:class:`SelfAttention` with ``num_heads`` = the active heads, holding copies of the active rows."""
         cin, h, cout = int(in_channels), self.active_heads, self.active_out
+        _, qkv_b, _, proj_b = self._projections()
         dense = SelfAttention(
-            cin, h, self.head_dim, h // self.group, self.qkv.bias is not None, self.proj.bias is not None, cout,
-            self.scale, device="meta",
+            cin, h, self.head_dim, h // self.group, qkv_b is not None, proj_b is not None, cout, self.scale,
+            device="meta",
         )  # fmt: skip
-        dense.qkv.weight = _param(self._qkv_rows(self.qkv.weight.detach(), h, cin).clone(), self.qkv.weight)
-        if self.qkv.bias is not None:
-            dense.qkv.bias = _param(self._qkv_rows(self.qkv.bias.detach(), h, None).clone(), self.qkv.bias)
-        dense.proj.weight = _param(_take(self.proj.weight, cout, h * self.head_dim), self.proj.weight)
-        if self.proj.bias is not None:
-            dense.proj.bias = _param(_take(self.proj.bias, cout), self.proj.bias)
+        dense.qkv.weight, dense.qkv.bias, dense.proj.weight, dense.proj.bias = self._dense_tensors(cin)
         return dense.eval()
 
     def load_dense(self, dense: nn.Module) -> None:
@@ -297,35 +331,45 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
                 f"the dense attention has {dense.num_heads} heads of {dense.head_dim} and {dense.proj.out_features} "
                 f"outputs, this layer {self.active_heads} of {self.head_dim} and {self.active_out} at its setting"
             )
-        cin = dense.qkv.in_features
+        self._load_projections(dense.qkv.weight, dense.qkv.bias, dense.proj.weight, dense.proj.bias)
+
+    def _load_projections(
+        self, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, proj_w: torch.Tensor, proj_b: torch.Tensor | None
+    ) -> None:
+        """Write dense projections (as :meth:`_dense_tensors` gives them) into the active rows and columns."""
+        own_w, own_b, own_pw, own_pb = self._projections()
+        cin = qkv_w.shape[1]
         with torch.no_grad():
             start = 0
             for a, b in self._row_blocks(self.active_heads):
                 rows = slice(start, start + b - a)
-                self.qkv.weight[a:b, :cin].copy_(dense.qkv.weight[rows])
-                if self.qkv.bias is not None and dense.qkv.bias is not None:
-                    self.qkv.bias[a:b].copy_(dense.qkv.bias[rows])
+                own_w[a:b, :cin].copy_(qkv_w[rows])
+                if own_b is not None and qkv_b is not None:
+                    own_b[a:b].copy_(qkv_b[rows])
                 start += b - a
-        _put(self.proj.weight, dense.proj.weight, "SlimMultiheadAttention.proj.weight")
-        if self.proj.bias is not None and dense.proj.bias is not None:
-            _put(self.proj.bias, dense.proj.bias, "SlimMultiheadAttention.proj.bias")
+        name = type(self).__name__
+        _put(own_pw, proj_w, f"{name} output projection weight")
+        if own_pb is not None and proj_b is not None:
+            _put(own_pb, proj_b, f"{name} output projection bias")
         self.clear_weight_memo()
 
     def active_params(self, in_channels: int) -> int:
         h, g, cout = self.active_heads, self.active_kv_heads, self.active_out
+        _, qkv_b, _, proj_b = self._projections()
         rows = (h + 2 * g) * self.head_dim
-        qkv = rows * int(in_channels) + (rows if self.qkv.bias is not None else 0)
-        return qkv + cout * h * self.head_dim + (cout if self.proj.bias is not None else 0)
+        qkv = rows * int(in_channels) + (rows if qkv_b is not None else 0)
+        return qkv + cout * h * self.head_dim + (cout if proj_b is not None else 0)
 
     def active_slices(self, in_channels: int) -> list[tuple[nn.Parameter, tuple]]:
         """The active ``qkv`` rows as an index tensor (three blocks), ``proj`` as leading slices."""
         idx = self._row_index(self.active_heads)
+        qkv_w, qkv_b, proj_w, proj_b = self._projections()
         cout, cols = slice(0, self.active_out), slice(0, self.active_heads * self.head_dim)
-        out: list[tuple[nn.Parameter, tuple]] = [(self.qkv.weight, (idx, slice(0, int(in_channels))))]
-        if self.qkv.bias is not None:
-            out.append((self.qkv.bias, (idx,)))
-        out.append((self.proj.weight, (cout, cols)))
-        return out + ([(self.proj.bias, (cout,))] if self.proj.bias is not None else [])
+        out: list[tuple[nn.Parameter, tuple]] = [(qkv_w, (idx, slice(0, int(in_channels))))]
+        if qkv_b is not None:
+            out.append((qkv_b, (idx,)))
+        out.append((proj_w, (cout, cols)))
+        return out + ([(proj_b, (cout,))] if proj_b is not None else [])
 
     def macs(self, tokens: int, in_channels: int) -> int:
         """Multiply-accumulates of one sequence of ``tokens`` tokens with ``in_channels`` features at the current

@@ -4,10 +4,11 @@ allocator for CPU inference."""
 
 from .allocator import freed_memory_retained, retain_freed_memory
 from .policy import Admission, LoadAwarePolicy, StaticPolicy, WidthPolicy
-from .runner import RunResult, SlimmableRunner
+from .runner import AdmittedRequest, RunResult, SlimmableRunner
 
 __all__ = [
     "Admission",
+    "AdmittedRequest",
     "LoadAwarePolicy",
     "RunResult",
     "SlimmableRunner",

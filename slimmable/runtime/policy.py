@@ -19,6 +19,13 @@ arrival = admission minus the time already waited) and keeps to widths the runne
 predicted utilisation ``rate x service / parallelism`` at most ``utilization`` (default 0.8). A burst then still
 finds the queue short, and a rise of the load moves the width down before the queue has built up.
 
+Tails. The estimates are means (a calibrated median, corrected by moving averages), and a request that fits its
+budget on average misses it whenever its pass or its wait runs long: on a shared machine, one request in ten or
+twenty. So every finished request also records how its time in the runner compared with what was predicted at
+its admission (observed / predicted), and :class:`LoadAwarePolicy` scales its predictions by a high quantile of
+the last 200 such ratios (``tail_quantile``, default 0.99; at least 1): the noisier the machine, the more room a
+width must leave.
+
 Online correction. The service estimates already follow the runner's drift factor (measured / calibrated
 latency). The queueing model is corrected separately: when a request that had work ahead of it finishes, its
 observed queueing delay (its time in the runner minus its predicted service) and the delay the model predicted
@@ -138,6 +145,8 @@ class WidthPolicy:
         self._factor = 1.0
         self._observations = 0
         self._arrivals: deque[float] = deque()  # clock times of recent arrivals (see _arrival_rate)
+        self._ratios: deque[float] = deque(maxlen=self.tail_window)  # observed / predicted time in the runner
+        self._tail = 1.0
 
     # ------------------------------------------------------------------ state
 
@@ -170,6 +179,7 @@ class WidthPolicy:
                 "queue_factor": round(self._factor, 4),
                 "queue_observations": self._observations,
                 "arrival_rate_per_s": round(self._arrival_rate(t), 3),
+                "tail_factor": round(self._tail, 4),
             }
 
     def reset_correction(self) -> None:
@@ -179,6 +189,8 @@ class WidthPolicy:
             self._factor = 1.0
             self._observations = 0
             self._arrivals.clear()
+            self._ratios.clear()
+            self._tail = 1.0
 
     # ------------------------------------------------------------------ admission
 
@@ -256,10 +268,36 @@ class WidthPolicy:
             del self._active[admission]
             t = self._now(now)
             admission.finished_at = t
-            if not failed and admission.raw_queue_ms > 0:
+            if failed:
+                return True
+            if admission.raw_queue_ms > 0:
                 observed = 1e3 * (t - admission.admitted_at) - admission.service_ms
                 self._learn(min(max(observed, 0.0), _SAMPLE_CLIP * admission.raw_queue_ms), admission.raw_queue_ms)
+            predicted = admission.queue_ms + admission.service_ms
+            if predicted > 0:
+                self._ratios.append(1e3 * (t - admission.admitted_at) / predicted)
+                self._tail = self._ratio_quantile()
             return True
+
+    #: finished requests whose observed / predicted ratios the tail factor reads
+    tail_window = 200
+    #: the tail factor counts once this many ratios are known (1.0 before)
+    tail_min_samples = 20
+    #: the quantile of the ratios the tail factor is (see :class:`LoadAwarePolicy`); ``None``: none, factor 1
+    tail_quantile: float | None = None
+
+    @property
+    def tail_factor(self) -> float:
+        """The factor the load-aware policy scales predictions by: the ``tail_quantile`` of recent observed /
+        predicted ratios, between 1 and ``_SAMPLE_CLIP`` (1.0 without a quantile or with too few samples)."""
+        return self._tail
+
+    def _ratio_quantile(self) -> float:
+        if self.tail_quantile is None or len(self._ratios) < self.tail_min_samples:
+            return 1.0
+        ordered = sorted(self._ratios)
+        q = ordered[min(int(self.tail_quantile * len(ordered)), len(ordered) - 1)]
+        return min(max(q, 1.0), _SAMPLE_CLIP)
 
     # ------------------------------------------------------------------ internals (the lock is held)
 
@@ -345,29 +383,35 @@ class LoadAwarePolicy(WidthPolicy):
         utilization: the highest predicted utilisation a width may run at, in (0, 1] (default 0.8: queues stay
             short under Poisson arrivals; 1.0 only refuses widths that cannot keep up at all); ``None``: no rate
             limit, the queue ahead alone decides.
+        tail_quantile: predictions are scaled by this quantile of the recent observed / predicted ratios (default
+            0.99: about one request in a hundred runs longer than the margin allows), at least 1; ``None``: the
+            means alone.
         **kwargs: as :class:`WidthPolicy`.
 
     Raises:
-        ValueError: ``utilization`` outside (0, 1], or as :class:`WidthPolicy`.
+        ValueError: ``utilization`` or ``tail_quantile`` outside (0, 1], or as :class:`WidthPolicy`.
     """
 
     name = "load_aware"
 
     def __init__(
         self, widths: Sequence[float], estimate: Callable[[float, int], float], *,
-        utilization: float | None = 0.8, **kwargs: Any,
+        utilization: float | None = 0.8, tail_quantile: float | None = 0.99, **kwargs: Any,
     ) -> None:  # fmt: skip
-        if utilization is not None and (
-            isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1
-        ):
-            raise ValueError(f"utilization {utilization!r} must be in (0, 1] (e.g. 0.8), or None for no rate limit")
+        for name, value, example in (("utilization", utilization, 0.8), ("tail_quantile", tail_quantile, 0.99)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1
+            ):
+                raise ValueError(f"{name} {value!r} must be in (0, 1] (e.g. {example}), or None for none")
         super().__init__(widths, estimate, **kwargs)
         self.utilization = None if utilization is None else float(utilization)
+        self.tail_quantile = None if tail_quantile is None else float(tail_quantile)
 
     def _pick(
         self, budget_ms: float, waited_ms: float, queue_ms: float, service: Mapping[float, float], rate: float
     ) -> float:
-        limit = budget_ms - waited_ms - queue_ms
+        # completion = waited + tail x (queue + service) must fit: the measured wait is exact, the predictions not
+        limit = (budget_ms - waited_ms) / self._tail - queue_ms
         if self.utilization is None:
             return _widest_within(limit, service)
         # a width the runner sustains at the recent rate: rate/s x ms/request / 1000 x 1/parallelism <= utilization

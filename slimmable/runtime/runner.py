@@ -66,7 +66,7 @@ from ..tasks import task_of
 from .allocator import freed_memory_retained
 from .policy import POLICIES, Admission, WidthPolicy, make_policy
 
-__all__ = ["RunResult", "SlimmableRunner"]
+__all__ = ["AdmittedRequest", "RunResult", "SlimmableRunner"]
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class RunResult:
         waited_ms: time the request had spent before the call (the caller's ``waited_ms``).
         predicted_met: whether the policy predicted the budget met (``None`` without a budget); ``False`` when no
             width fitted and the narrowest ran.
+        forward_batch_size: the items in the forward pass that computed ``output``: the request's own, plus those
+            of the requests it ran with when :meth:`SlimmableRunner.run_admitted` batched several (0: not recorded).
     """
 
     output: Any
@@ -102,6 +104,7 @@ class RunResult:
     predicted_queue_ms: float | None = None
     waited_ms: float = 0.0
     predicted_met: bool | None = None
+    forward_batch_size: int = 0
 
     @property
     def total_ms(self) -> float:
@@ -113,6 +116,29 @@ class RunResult:
         """Whether the request finished within its budget, counted from arrival (:attr:`total_ms`; ``None``
         without a budget)."""
         return None if self.budget_ms is None else self.total_ms <= self.budget_ms
+
+
+@dataclass(eq=False)
+class AdmittedRequest:
+    """A request admitted by :meth:`SlimmableRunner.admit`: its checked input, and the width it will run at.
+
+    Run it with :meth:`SlimmableRunner.run_admitted` (with others: same-width requests share a forward pass), or
+    drop it with :meth:`SlimmableRunner.discard`; until then it counts in the queue the width policy sees.
+
+    Attributes:
+        x: the input, checked by the model's task and on the runner's device.
+        batch_size: its number of items.
+        admission: the policy's record (:attr:`~slimmable.runtime.policy.Admission.width` is the width chosen).
+    """
+
+    x: Any
+    batch_size: int
+    admission: Admission
+
+    @property
+    def width(self) -> float:
+        """The width it runs at."""
+        return self.admission.width
 
 
 class SlimmableRunner:
@@ -522,6 +548,17 @@ class SlimmableRunner:
             ValueError: wrong input shape, unknown width, both ``width`` and ``budget_ms``, a budget below the
                 fastest width's calibrated latency, or a negative ``waited_ms``.
         """
+        return self.run_admitted([self.admit(x, width=width, budget_ms=budget_ms, waited_ms=waited_ms)])[0]
+
+    def admit(
+        self, x: Any, *, width: float | None = None, budget_ms: float | None = None, waited_ms: float = 0.0
+    ) -> AdmittedRequest:
+        """Check ``x`` and admit it to :attr:`policy`, which fixes its width, without running it yet.
+
+        The first half of :meth:`run`, for servers that batch requests: admit each request when it arrives (so the
+        ones after it see it in the queue), then run the admitted ones together with :meth:`run_admitted`, or
+        :meth:`discard` one that will not run. Arguments and errors are :meth:`run`'s.
+        """
         x, batch = self.task.check_inputs(x, self.input_shape, self.device, self.dtype)
         if width is not None and budget_ms is not None:
             raise ValueError("give either width or budget_ms, not both")
@@ -533,38 +570,84 @@ class SlimmableRunner:
         else:
             w = self._check_width(width) if width is not None else self._widths[-1]
             admission = self.policy.admit(w, batch, waited_ms=waited_ms)
-        return self._execute(x, batch, admission)
+        return AdmittedRequest(x, batch, admission)
 
-    def _execute(self, x: Any, batch: int, admission: Admission) -> RunResult:
-        """Run an admitted request and close its admission, whatever happens."""
-        w = admission.width
-        module = self._dense[w]
+    def run_admitted(self, requests: Sequence[AdmittedRequest]) -> list[RunResult]:
+        """Run admitted requests, one forward pass per width: the requests at a width are joined into one batch
+        (:meth:`slimmable.tasks.Task.join_inputs`) and its output split back (``split_outputs``).
+
+        Each result reports the pass it ran in: its ``latency_ms`` and ``forward_batch_size`` are the pass's, its
+        queueing delay runs from its own admission to the pass's start. Widths run narrowest first.
+
+        Args:
+            requests: from :meth:`admit`, each given once.
+
+        Returns:
+            One :class:`RunResult` per request, in the order given.
+
+        Raises:
+            Exception: whatever a forward pass raised; every request not yet run is then discarded.
+        """
+        groups: dict[float, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.width, []).append(i)
+        results: list[RunResult | None] = [None] * len(requests)
         try:
+            for w in sorted(groups):
+                members = [requests[i] for i in groups[w]]
+                for i, result in zip(groups[w], self._execute(w, members)):
+                    results[i] = result
+        except BaseException:
+            for request in requests:
+                self.discard(request)
+            raise
+        return [r for r in results if r is not None]
+
+    def discard(self, request: AdmittedRequest) -> None:
+        """Take an admitted request that will not run out of the policy's queue (a no-op once it ran)."""
+        self.policy.finished(request.admission, failed=True)
+
+    def _execute(self, w: float, requests: Sequence[AdmittedRequest]) -> list[RunResult]:
+        """Run admitted requests at width ``w`` in one forward pass and close their admissions, whatever happens."""
+        module = self._dense[w]
+        sizes = [r.batch_size for r in requests]
+        admissions = [r.admission for r in requests]
+        try:
+            x = requests[0].x if len(requests) == 1 else self.task.join_inputs([r.x for r in requests])
             with self._slot():
                 t0 = self._clock()
-                self.policy.started(admission, t0)
+                for a in admissions:
+                    self.policy.started(a, t0)
                 with torch.inference_mode():
                     y = module(x)
                     self._sync()
                 t1 = self._clock()
+            outputs = [y] if len(requests) == 1 else self.task.split_outputs(y, sizes)
         except BaseException:
-            self.policy.finished(admission, failed=True)
+            for a in admissions:
+                self.policy.finished(a, failed=True)
             raise
-        self.policy.finished(admission, t1)
+        for a in admissions:
+            self.policy.finished(a, t1)
         ms = 1e3 * (t1 - t0)
-        self.observe(w, batch, ms)
+        total = sum(sizes)
+        self.observe(w, total, ms)
         calibrated = bool(self._base)
-        return RunResult(
-            y,
-            w,
-            ms,
-            admission.service_ms if calibrated else None,
-            admission.budget_ms,
-            queue_ms=max(0.0, 1e3 * (t0 - admission.admitted_at)),
-            predicted_queue_ms=admission.queue_ms if calibrated else None,
-            waited_ms=admission.waited_ms,
-            predicted_met=admission.predicted_met if calibrated else None,
-        )
+        return [
+            RunResult(
+                out,
+                w,
+                ms,
+                a.service_ms if calibrated else None,
+                a.budget_ms,
+                queue_ms=max(0.0, 1e3 * (t0 - a.admitted_at)),
+                predicted_queue_ms=a.queue_ms if calibrated else None,
+                waited_ms=a.waited_ms,
+                predicted_met=a.predicted_met if calibrated else None,
+                forward_batch_size=total,
+            )
+            for out, a in zip(outputs, admissions)
+        ]
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:

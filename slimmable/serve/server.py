@@ -22,7 +22,9 @@ Routes:
 
   Answer: ``{"predictions": [{"class_index", "label"?, "top_k": [{"index", "prob", "label"?}]}], "width",
   "budget_ms", "budget_met", "inference_ms", "predicted_ms", "queue_ms", "predicted_queue_ms", "total_ms",
-  "batch_size"}``. Neither width nor budget runs the widest width.
+  "batch_size", "forward_batch_size"}``. Neither width nor budget runs the widest width. ``batch_size`` counts the
+  request's inputs, ``forward_batch_size`` those of the forward pass that ran them (more where an engine batches
+  requests together, as the Ray Serve deployment does: :mod:`slimmable.serve.ray_serve`).
 
   A budget counts from the request's arrival at the server: the time spent reading and decoding it is passed to
   the runner, whose width policy (load-aware by default, :mod:`slimmable.runtime.policy`) picks the widest width
@@ -61,8 +63,6 @@ decoding), a request over a cap getting 503 with ``Retry-After``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import ipaddress
 import json
@@ -72,8 +72,6 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from email import policy
-from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -81,14 +79,18 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 
 from ..runtime import SlimmableRunner
-from ._decode import (
-    MAX_IMAGE_PIXELS,
-    BadRequest,
-    Budget,
-    image_pixels,
-    number_param,
+from ._decode import MAX_IMAGE_PIXELS, BadRequest, Budget, image_pixels
+from ._routes import (
+    error_reply_for,
+    get_route,
+    internal_error_reply,
+    parse_predict,
+    post_route,
+    predict_answer,
+    predict_request,
+    waited_ms,
 )
-from .v2 import OpenInferenceProtocol, Reply, error_reply
+from .v2 import OpenInferenceProtocol, Reply
 
 __all__ = ["BadRequest", "PredictionServer", "check_loopback"]
 
@@ -264,28 +266,14 @@ class PredictionServer(ThreadingHTTPServer):
         Raises:
             BadRequest: bad parameters, an unknown width, or a budget below the fastest width.
         """
-        width = number_param(params, "width")
-        budget = number_param(params, "budget_ms")
-        if width is not None and budget is not None:
-            raise BadRequest("give either width or budget_ms, not both")
-        task = self.runner.task
-        options = task.request_options(params, number_param)
-        waited_ms = 1e3 * max(0.0, time.perf_counter() - t0)  # reading and decoding: the budget counts from arrival
+        request = predict_request(x, params, self.runner.task)
         try:
-            result = self.runner.run(x, width=width, budget_ms=budget, waited_ms=waited_ms)
+            result = self.runner.run(
+                request.x, width=request.width, budget_ms=request.budget_ms, waited_ms=waited_ms(t0)
+            )
         except (ValueError, TypeError) as err:
             raise BadRequest(str(err)) from err
-        timing = {
-            "width": result.width,
-            "budget_ms": result.budget_ms,
-            "budget_met": result.budget_met,
-            "inference_ms": round(result.latency_ms, 4),
-            "predicted_ms": _rounded(result.predicted_ms),
-            "queue_ms": round(result.queue_ms, 4),
-            "predicted_queue_ms": _rounded(result.predicted_queue_ms),
-        }
-        entries = task.answer(result.output, options, self.labels, self.top_k)
-        return {task.answer_field: entries, **timing, **_total(t0, len(entries))}
+        return predict_answer(self.runner.task, result, request.options, self.labels, self.top_k, t0)
 
     def decode_image(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess an image within the bounds: its pixels (from the header) are reserved from
@@ -297,15 +285,6 @@ class PredictionServer(ThreadingHTTPServer):
         with self.pixel_budget.reserve(image_pixels(data)), self.decode_slots:
             preprocess = {"mean": self.mean, "std": self.std, "resize": self.resize}
             return self.runner.task.decode_image(data, self.runner.input_shape, preprocess)
-
-
-def _rounded(ms: float | None) -> float | None:
-    return None if ms is None else round(ms, 4)
-
-
-def _total(t0: float, batch_size: int) -> dict[str, Any]:
-    """The answer's closing fields: the request's time so far (decoding included) and its batch size."""
-    return {"total_ms": round(1e3 * (time.perf_counter() - t0), 4), "batch_size": batch_size}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -324,24 +303,14 @@ class _Handler(BaseHTTPRequestHandler):
         _logger.debug("%s - %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
+        srv = self.server
         path = urlsplit(self.path).path
-        if self.server.v2.owns(path):
-            try:
-                reply = self.server.v2.get(path)
-            except Exception as err:  # keep serving whatever happens in one request
-                _logger.exception("internal error answering %s", self.path)
-                reply = error_reply(BadRequest(f"internal error: {type(err).__name__}: {err}", 500))
-            self._send_reply(reply)
-        elif path == "/health":
-            self._send(200, {"status": "ok"})
-        elif path == "/info":
-            info = self.server.runner.info()
-            info["labels"] = len(self.server.labels) if self.server.labels is not None else None
-            self._send(200, info)
-        elif path == "/":
-            self._send(200, {"routes": ["GET /health", "GET /info", "POST /predict", *_V2_ROUTES]})
-        else:
-            self._send(404, {"error": f"no route GET {path}; routes: GET /health, GET /info, POST /predict, GET /v2"})
+        try:
+            reply = get_route(path, srv.runner, srv.v2, srv.labels)
+        except Exception as err:  # keep serving whatever happens in one request
+            _logger.exception("internal error answering %s", self.path)
+            reply = internal_error_reply(err, srv.v2.owns(path))
+        self._send_reply(reply)
 
     def do_POST(self) -> None:
         t0 = time.perf_counter()
@@ -349,16 +318,11 @@ class _Handler(BaseHTTPRequestHandler):
         v2 = self.server.v2
         is_v2 = v2.owns(split.path)
         try:
-            version = None
-            if is_v2:
-                try:
-                    version = v2.infer_version(split.path)
-                except BadRequest:
-                    self.close_connection = True  # the body is not read
-                    raise
-            elif split.path != "/predict":
+            try:
+                version = post_route(split.path, v2)
+            except BadRequest:
                 self.close_connection = True  # the body is not read
-                raise BadRequest(f"no route POST {split.path}; use POST /predict (or the V2 routes under /v2)", 404)
+                raise
             n = self._body_length()
             try:
                 reservation = self.server.body_budget.reserve(n)
@@ -375,14 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, self.server.predict(x, params, t0))
         except BadRequest as err:
-            if is_v2:
-                self._send_reply(error_reply(err))
-            else:
-                self._send(err.status, {"error": str(err), "status": err.status}, err.headers)
+            self._send_reply(error_reply_for(err, is_v2))
         except Exception as err:  # keep serving whatever happens in one request
             _logger.exception("internal error answering %s", self.path)
-            message = f"internal error: {type(err).__name__}: {err}"
-            self._send(500, {"error": message} if is_v2 else {"error": message, "status": 500})
+            self._send_reply(internal_error_reply(err, is_v2))
 
     def _body_length(self) -> int:
         length = self.headers.get("Content-Length")
@@ -415,41 +375,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _parse(self, body: bytes, query: dict[str, str]) -> tuple[Any, dict[str, Any]]:
         srv = self.server
-        shape = srv.runner.input_shape
-        ctype = self.headers.get_content_type()
-        params: dict[str, Any] = dict(query)
-        if ctype == "application/json":
-            try:
-                obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as err:
-                raise BadRequest(f"the body is not valid JSON ({err})") from err
-            except RecursionError as err:
-                raise BadRequest("the JSON body is nested too deeply; send a tensor of at most 4 dimensions") from err
-            if not isinstance(obj, dict):
-                raise BadRequest('the JSON body must be an object such as {"tensor": [...], "width": 0.5}')
-            params.update({k: v for k, v in obj.items() if k not in ("tensor", "image_base64")})
-            if "tensor" in obj:
-                task = srv.runner.task
-                return task.decode_tensor(obj["tensor"], shape, srv.max_batch, MAX_IMAGE_PIXELS), params
-            if "image_base64" in obj:
-                try:
-                    data = base64.b64decode(obj["image_base64"], validate=True)
-                except (binascii.Error, TypeError, ValueError) as err:
-                    raise BadRequest(f"'image_base64' is not valid base64 ({err})") from err
-                return srv.decode_image(data), params
-            raise BadRequest("the JSON body needs a 'tensor' (nested list) or an 'image_base64' field")
-        if ctype == "multipart/form-data":
-            image, fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
-            params.update(fields)
-            if image is None:
-                raise BadRequest("the multipart body needs an 'image' (or 'file') part")
-            return srv.decode_image(image), params
-        if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return srv.decode_image(body), params
-        raise BadRequest(
-            f"unsupported Content-Type {ctype!r}; send application/json, multipart/form-data, or image bytes "
-            "(image/png, image/jpeg)",
-            415,
+        return parse_predict(
+            body,
+            self.headers.get("Content-Type", ""),
+            query,
+            task=srv.runner.task,
+            input_shape=srv.runner.input_shape,
+            max_batch=srv.max_batch,
+            decode_image=srv.decode_image,
         )
 
     def _send(self, status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
@@ -468,31 +401,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
-
-
-_V2_ROUTES = [
-    "GET /v2",
-    "GET /v2/health/live",
-    "GET /v2/health/ready",
-    "GET /v2/models/{name}[/versions/{version}][/ready]",
-    "POST /v2/models/{name}[/versions/{version}]/infer",
-]
-
-
-def _parse_multipart(content_type: str, body: bytes) -> tuple[bytes | None, dict[str, str]]:
-    """The image part and the text fields of a ``multipart/form-data`` body (parsed with the email package)."""
-    msg = BytesParser(policy=policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
-    )
-    if not msg.is_multipart():
-        raise BadRequest("the multipart body could not be parsed (check the boundary)")
-    image: bytes | None = None
-    fields: dict[str, str] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name in ("image", "file"):
-            image = payload
-        elif isinstance(name, str):
-            fields[name] = payload.decode("utf-8", "replace").strip()
-    return image, fields

@@ -19,8 +19,9 @@ runner's width policy picks (by default the widest whose predicted completion fi
 arrival, the wait behind the requests ahead included); neither runs the widest width. A version with a different
 ``width``, or ``latency_budget_ms`` with a version or a width, is a 400. The response's ``parameters`` say what
 ran: ``width``, ``latency_ms`` (the measured forward pass), ``predicted_ms``, ``queue_ms`` and
-``predicted_queue_ms`` (the wait for a slot, measured and predicted), and with a budget ``latency_budget_ms`` and
-``budget_met`` (done within the budget, from arrival to the end of inference).
+``predicted_queue_ms`` (the wait for a slot, measured and predicted), with a budget ``latency_budget_ms`` and
+``budget_met`` (done within the budget, from arrival to the end of inference), and ``forward_batch_size`` (the
+inputs of the forward pass that ran the request, more than its own where requests are batched together).
 
 Tensors. The input is ``input``, the model's dtype (``FP32``), shape ``[-1, C, H, W]`` (the calibrated size; at
 most ``max_batch`` items). The outputs are the model's task's (:meth:`slimmable.tasks.Task.v2_outputs`): a
@@ -59,6 +60,7 @@ from ..export._io import INPUT_NAME
 from ..nn.channels import width_key
 from ..runtime import RunResult, SlimmableRunner
 from ._decode import BadRequest, number_param
+from ._routes import waited_ms
 
 __all__ = [
     "DATATYPES",
@@ -482,11 +484,23 @@ class OpenInferenceProtocol:
         Raises:
             BadRequest: a width the runner does not serve, or a budget below the fastest width (400).
         """
-        waited_ms = 0.0 if t0 is None else 1e3 * max(0.0, time.perf_counter() - t0)  # the budget counts from arrival
         try:
-            result = self.runner.run(request.x, width=request.width, budget_ms=request.budget_ms, waited_ms=waited_ms)
+            result = self.runner.run(
+                request.x, width=request.width, budget_ms=request.budget_ms, waited_ms=waited_ms(t0)
+            )
         except (ValueError, TypeError) as err:
             raise BadRequest(str(err)) from err
+        return self.reply(request, result, t0)
+
+    def reply(self, request: InferRequest, result: RunResult, t0: float | None = None) -> Reply:
+        """The response to ``request`` once the runner ran it (:meth:`infer` runs it itself; an engine that
+        batches requests runs them its way and calls this).
+
+        Args:
+            request: from :meth:`parse`.
+            result: the runner's result for it.
+            t0: when the request arrived (the response's ``total_ms``; ``None``: omitted).
+        """
         named = self.runner.task.v2_outputs(self.runner.module(result.width), result.output)
         tensors = {n: (_checked_datatype(n, d), t) for n, d, t in named}
         wanted = request.outputs if request.outputs is not None else tuple((n, None) for n in tensors)
@@ -592,6 +606,7 @@ def _run_parameters(result: RunResult, t0: float | None, now: float) -> dict[str
     if result.budget_ms is not None:
         params["latency_budget_ms"] = result.budget_ms
         params["budget_met"] = bool(result.budget_met)
+    params["forward_batch_size"] = result.forward_batch_size
     if t0 is not None:
         params["total_ms"] = round(1e3 * (now - t0), 4)
     return params

@@ -213,6 +213,19 @@ class Task:
         """The number of items in an input batch."""
         return len(x) if not isinstance(x, torch.Tensor) else int(x.shape[0])
 
+    def join_inputs(self, inputs: Sequence[Inputs]) -> Inputs:
+        """Several checked input batches (:meth:`check_inputs`) as one, for one forward pass over them all
+        (a server batching requests): tensors concatenated along the batch, lists of images chained."""
+        if all(isinstance(x, torch.Tensor) for x in inputs):
+            return torch.cat(list(inputs))
+        return [img for x in inputs for img in x]
+
+    def split_outputs(self, output: Any, sizes: Sequence[int]) -> list[Any]:
+        """The output of a joined batch (:meth:`join_inputs`) split back into one output per input batch of
+        ``sizes`` items, each as the model gives it for that batch alone: tensors are split along the batch,
+        mappings key by key, lists (one entry per item, as a detector's) into consecutive runs."""
+        return _split_batch(output, list(sizes))
+
     # -- profiling --------------------------------------------------------------------------------------------------
 
     def profile_parts(self, model: nn.Module) -> tuple[str, ...] | None:
@@ -338,3 +351,20 @@ def with_options(kwargs: dict[str, Any], options: Mapping[str, Any] | None) -> d
 def mean_metric(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
     """The mean of ``metric`` over the rows (widths); NaN for none."""
     return sum(float(r[metric]) for r in rows) / len(rows) if rows else math.nan
+
+
+def _split_batch(output: Any, sizes: list[int]) -> list[Any]:
+    """``output`` of a batch of ``sum(sizes)`` items as one output per run of ``sizes`` items (see
+    :meth:`Task.split_outputs`)."""
+    if isinstance(output, torch.Tensor):
+        return list(output.split(sizes))
+    if isinstance(output, Mapping):
+        parts = {key: _split_batch(value, sizes) for key, value in output.items()}
+        return [type(output)((key, parts[key][i]) for key in output) for i in range(len(sizes))]
+    if isinstance(output, (list, tuple)) and len(output) == sum(sizes):
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        return [list(output[end - n : end]) for n, end in zip(sizes, ends)]
+    raise TypeError(
+        f"cannot split a model output of type {type(output).__name__} into batches of {sizes}; the task must "
+        "override split_outputs (or serve without batching requests)"
+    )

@@ -122,7 +122,7 @@ def test_the_router_config_and_route(repo):
         assert set(e["latency_ms_by_batch"]) == {"1", "8"} and e["latency_ms_by_batch"]["1"] == e["latency_ms"]
     assert route["latency"]["batch_sizes"] == [1, 8]
     assert {k: v for k, v in route["policy"].items() if k != "what"} == {
-        "name": "load_aware", "utilization": 0.8, "parallelism": 1
+        "name": "load_aware", "utilization": 0.8, "tail_quantile": 0.99, "parallelism": 1
     }  # fmt: skip
     policy_py = repo.path / repo.router / "1" / "width_policy.py"
     assert policy_py.read_text() == source("width_policy") == Path(policy_module.__file__).read_text()

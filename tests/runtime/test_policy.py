@@ -322,3 +322,36 @@ def test_no_rate_limit_and_bad_utilizations():
     # the static policy has no rate rule
     static, clock = _policy(StaticPolicy)
     assert set(_steady(static, clock, 1000, 1.0)) == {1.0}
+
+
+def test_the_tail_factor_leaves_room_for_passes_that_run_long():
+    # predictions are right on average, but one request in ten takes three times as long: a budget that fits the
+    # mean of the widest width no longer chooses it once the ratios are known, and the misses stop
+    policy, clock = _policy(utilization=None)
+    widths = []
+    for i in range(300):
+        a = policy.choose(4.5)
+        widths.append(a.width)
+        clock.t += (3.0 if i % 10 == 0 else 1.0) * a.service_ms / 1e3
+        policy.finished(a)
+    assert widths[:20] == [1.0] * 20  # the factor counts from 20 ratios on
+    assert policy.tail_factor == pytest.approx(3.0) and policy.stats()["tail_factor"] == 3.0
+    assert set(widths[30:]) == {0.25}  # 3 x 1 ms fits 4.5 ms; 3 x 2 ms does not
+    # means only
+    plain, clock = _policy(utilization=None, tail_quantile=None)
+    for i in range(300):
+        a = plain.choose(4.5)
+        clock.t += (3.0 if i % 10 == 0 else 1.0) * a.service_ms / 1e3
+        plain.finished(a)
+    assert plain.tail_factor == 1.0 and plain.choose(4.5).width == 1.0
+    # a quantile below the share of slow passes ignores them
+    lenient, clock = _policy(utilization=None, tail_quantile=0.85)
+    for i in range(300):
+        a = lenient.choose(4.5)
+        clock.t += (3.0 if i % 10 == 0 else 1.0) * a.service_ms / 1e3
+        lenient.finished(a)
+    assert lenient.tail_factor == pytest.approx(1.0) and lenient.choose(4.5).width == 1.0
+    policy.reset_correction()
+    assert policy.tail_factor == 1.0
+    with pytest.raises(ValueError, match="tail_quantile"):
+        _policy(tail_quantile=1.5)

@@ -67,7 +67,7 @@ def test_tensor_at_a_width_matches_the_runner(server, runner):
 
 def test_batched_tensor(server):
     status, body = _post_json(server, {"tensor": _tensor(1, batch=3).tolist(), "width": 1.0})
-    assert status == 200 and body["batch_size"] == 3 and len(body["predictions"]) == 3
+    assert status == 200 and body["batch_size"] == body["forward_batch_size"] == 3 and len(body["predictions"]) == 3
     assert all(len(p["top_k"]) == 5 for p in body["predictions"])
 
 

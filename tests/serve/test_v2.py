@@ -128,7 +128,7 @@ def test_infer_at_each_width_by_version_and_by_parameter(client, model) -> None:
         response = res.get_response()
         assert response["model_name"] == NAME and response["model_version"] == version
         assert response["id"] == f"req-{version}" and response["parameters"]["width"] == width
-        assert response["parameters"]["latency_ms"] > 0
+        assert response["parameters"]["latency_ms"] > 0 and response["parameters"]["forward_batch_size"] == 2
         assert response["outputs"][0]["parameters"]["binary_data_size"] == 2 * 10 * 4
         torch.testing.assert_close(_tensor(res.as_numpy("logits")), ref, rtol=1e-4, atol=1e-5)
         # JSON input, JSON output, the width chosen by parameters.width
