@@ -354,6 +354,8 @@ class _Plan:
         kept = sum(1 for r in self.sortable if r not in perms)
         left = [(tuple(g.info[r].producers), why) for r, why in self.left.items() if g.info[r].producers]
         notes = [f"{kept} groups were already in order"] if kept else []
+        if self.heads:  # the analysis does not follow channels through attention: say so once, not per layer
+            notes.append("the residual stream read and written by attention layers keeps its order")
         return SortReport(importance, done, left, diff, notes)
 
 

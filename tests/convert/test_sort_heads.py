@@ -127,6 +127,7 @@ def test_heads_sort_the_widest_width_is_unchanged_and_exports_match(case: str) -
         assert list(g.order) == list(range(layer.num_kv_heads))[::-1]
     assert any(g.unit == "channels" for g in report.groups)  # the MLP units sort as before
     assert "heads moved (magnitude)" in report.format()
+    assert "the residual stream read and written by attention layers keeps its order" in report.notes
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
@@ -245,3 +246,19 @@ def test_attention_the_converter_refuses_keeps_its_head_order() -> None:
     assert not [g for g in report.groups if g.unit == "heads"]
     left = {layer: why for layers, why in report.left for layer in layers}
     assert "is called in a way the converter does not convert: heads keep their order" in left["attn"]
+
+
+def test_convert_with_sort_sorts_the_heads() -> None:
+    original = _randomise(MODELS["timm_vit"]())
+    x = _x()
+    model = slimmable.convert(original, widths=WIDTHS, example_input=x[:1], sort="magnitude").eval()
+    sort = model.conversion_report.sort
+    assert sort is not None and {g.layers for g in sort.groups if g.unit == "heads"} <= {
+        ("blocks.0.attn",),
+        ("blocks.1.attn",),
+    }
+    assert [g for g in sort.groups if g.unit == "heads"], sort.format()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), atol=1e-5, rtol=1e-4)
+        with model.use_width(0.5):
+            torch.testing.assert_close(export_width(model, 0.5, example=x[:1])(x), model(x), atol=1e-5, rtol=1e-4)
