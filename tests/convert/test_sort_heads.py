@@ -213,10 +213,11 @@ def test_bn_falls_back_to_magnitude_for_heads_and_says_so() -> None:
     assert criteria == {"magnitude (heads have no norm layer)"}, report.format()
 
 
-@pytest.mark.parametrize("name", ["tv_vit", "timm_swin"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_plain_models_sort_their_heads_before_conversion(name: str) -> None:
-    """A model not converted: its attention (``nn.MultiheadAttention``, timm's ``WindowAttention``) is read through
-    the slimmable layer conversion makes of it, sharing its tensors."""
+    """A model not converted: its attention (``nn.MultiheadAttention``, torchvision's Swin attention, timm's
+    ``Attention`` and ``WindowAttention``) is read through the slimmable layer conversion makes of it, sharing its
+    tensors; the heads sorted are those of the layers conversion slims."""
     original = _randomise(MODELS[name]())
     layers = _attention(slimmable.convert(original, widths=WIDTHS, example_input=torch.randn(1, 3, 32, 32)))
     x = _x()
