@@ -82,6 +82,10 @@ class ModelConfig:
             (as ``num_classes``, ``in_chans`` and ``small_input`` build it), read with ``weights_only=True`` and
             loaded strictly before conversion; ``train.teacher: original`` distils from that model. Read again on
             ``--resume`` (the teacher is rebuilt from it).
+        sort: ``torchvision/<arch>`` and ``timm/<arch>`` models: reorder each channel group (and attention heads)
+            by importance at conversion, ``magnitude`` or ``bn`` (:func:`slimmable.sort_channels`), so that each
+            width keeps the most important channels of pretrained ``weights``; ``None`` keeps their order. Not
+            recorded in checkpoints (their weights are sorted already).
     """
 
     name: str = "slim_mobilenet_v2"
@@ -96,6 +100,7 @@ class ModelConfig:
     channels: str | None = None
     options: dict[str, Any] | None = None
     weights: str | None = None
+    sort: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
@@ -103,6 +108,15 @@ class ModelConfig:
             self.weights is None or self.name.startswith(("torchvision/", "timm/")), "model.weights",
             f"is the state dict of an original torchvision/<arch> or timm/<arch> model; {self.name} is slimmable "
             "already (continue its training with --resume, or load a checkpoint)",
+        )  # fmt: skip
+        _check(
+            self.sort is None or self.name.startswith(("torchvision/", "timm/")), "model.sort",
+            f"sorts a torchvision/<arch> or timm/<arch> model at conversion; {self.name} is built slimmable (sort "
+            "it with slimmable.sort_channels)",
+        )  # fmt: skip
+        _check(
+            self.sort in (None, "magnitude", "bn"), "model.sort",
+            "must be magnitude or bn (taylor needs data: call slimmable.sort_channels(model, 'taylor', data=...))",
         )  # fmt: skip
         _check(
             self.channels is None or self.width_range is None, "model.channels",

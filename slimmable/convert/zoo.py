@@ -49,6 +49,7 @@ def create_torchvision_model(
     width_range: tuple[float, float] | None = None,
     stat_widths: Sequence[float] | None = None,
     weights: Weights | None = None,
+    sort: str | None = None,
     **tv_kwargs: Any,
 ) -> SlimGraphModule:
     """Build ``torchvision.models.<arch>`` with ``weights=None`` and convert it (:func:`slimmable.convert`).
@@ -65,6 +66,7 @@ def create_torchvision_model(
         stat_widths: with ``width_range``: the widths whose BN statistics are kept (default ``(lo, 1.0)``).
         weights: a state dict of the model as these arguments build it (the original architecture), loaded
             strictly before conversion (see :func:`load_original_weights`).
+        sort: reorder channel groups and heads by importance at conversion (``convert(..., sort=...)``).
         **tv_kwargs: further keyword arguments of the torchvision builder.
 
     Raises:
@@ -77,7 +79,7 @@ def create_torchvision_model(
     arch = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     size = int(tv_kwargs.get("image_size", 224)) if arch.startswith(("vit_", "swin_", "maxvit")) else 64
     x = torch.randn(1, in_chans, size, size)
-    return convert(model, widths=widths, example_input=x, width_range=width_range, stat_widths=stat_widths)
+    return convert(model, widths=widths, example_input=x, width_range=width_range, stat_widths=stat_widths, sort=sort)
 
 
 def create_original_model(
@@ -242,6 +244,7 @@ def create_timm_model(
     width_range: tuple[float, float] | None = None,
     stat_widths: Sequence[float] | None = None,
     weights: Weights | None = None,
+    sort: str | None = None,
     **timm_kwargs: Any,
 ) -> SlimGraphModule:
     """Build ``timm.create_model(<arch>, pretrained=False)`` and convert it (:func:`slimmable.convert`).
@@ -260,6 +263,7 @@ def create_timm_model(
         stat_widths: with ``width_range``: the widths whose BN statistics are kept (default ``(lo, 1.0)``).
         weights: a state dict of the model as these arguments build it, loaded strictly before conversion (see
             :func:`load_original_weights`).
+        sort: reorder channel groups and heads by importance at conversion (``convert(..., sort=...)``).
         **timm_kwargs: further keyword arguments of ``timm.create_model``.
 
     Raises:
@@ -277,7 +281,7 @@ def create_timm_model(
     except Exception:  # the model needs its own input size
         size = tuple(model.pretrained_cfg.get("input_size", (in_chans, 224, 224)))[-2:]
         x = torch.randn(1, in_chans, *size)
-    return convert(model, widths=widths, example_input=x, width_range=width_range, stat_widths=stat_widths)
+    return convert(model, widths=widths, example_input=x, width_range=width_range, stat_widths=stat_widths, sort=sort)
 
 
 def _build_timm(

@@ -144,7 +144,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             kwargs = {**kwargs, "features_only": True, **feature_kwargs}
         model.model_name = name
         # ``weights`` (the original's state dict) is not recorded: the converted state dict holds them
-        model.model_kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
+        # the original's weights and the sort are applied once, at conversion: a checkpoint holds their result
+        model.model_kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "sort")}
         model.slimmable_task = "classification"
         return model
     model = _MODEL_ENTRYPOINTS[name](**kwargs)

@@ -333,6 +333,8 @@ def model_kwargs_from_config(cfg: Any, num_classes: int, in_chans: int) -> dict[
         kwargs["stat_widths"] = tuple(mc.stat_widths)
     if mc.weights is not None:  # the original's state dict, loaded before conversion (not recorded in checkpoints)
         kwargs["weights"] = mc.weights
+    if mc.sort is not None:  # at conversion (not recorded either: a checkpoint's weights are sorted already)
+        kwargs["sort"] = mc.sort
     if mc.channels is not None:
         from ..search.autoslim import load_channel_spec
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 
@@ -99,3 +100,35 @@ def test_weights_must_be_a_file_or_a_mapping() -> None:
     lin = torch.nn.Linear(2, 2)
     load_original_weights(lin, {"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
     assert torch.equal(lin.weight, torch.ones(2, 2))
+
+
+def test_model_sort_sorts_the_users_weights_at_conversion(trained, tmp_path: Path) -> None:
+    """``model.sort`` (create_model(..., sort=)): the widest width still equals the original, the narrow one now
+    keeps the channels of largest |gamma| in the first BN, and checkpoints neither record it nor redo it."""
+    from slimmable.config import ModelConfig
+    from slimmable.tasks.base import model_kwargs_from_config
+
+    original, _ = trained
+    original = copy.deepcopy(original)
+    with torch.no_grad():  # BN scales that differ per channel (the fixture's are all 1.52)
+        for m in original.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 2.0)
+    path = tmp_path / "gammas.pt"
+    torch.save(original.state_dict(), path)
+    slim = slimmable.create_model(ZOO, num_classes=7, widths=(0.5, 1.0), weights=path, sort="bn").eval()
+    assert "sort" not in slim.model_kwargs and slim.conversion_report.sort is not None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), original(x), rtol=1e-5, atol=1e-5)
+    gamma = slim.get_submodule("bn1").weight.detach().abs()
+    stream = gamma.shape[0]
+    assert not torch.equal(gamma, original.bn1.weight.detach().abs())  # the order changed
+    # bn1's group is the residual stream of layer1: its first half is what width 0.5 keeps
+    assert gamma[: stream // 2].sum() >= gamma[stream // 2 :].sum()
+    cfg = ModelConfig(name=ZOO, weights=str(path), sort="bn")
+    assert model_kwargs_from_config(type("C", (), {"model": cfg})(), 7, 3)["sort"] == "bn"
+    for bad, message in [({"name": "slim_resnet18", "sort": "bn"}, "is built slimmable"),
+                         ({"name": ZOO, "sort": "taylor"}, "taylor needs data")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(**bad)
