@@ -785,8 +785,8 @@ class _Run:
         if self.info.is_main:
             way = "ahead of the plan, extended" if new.total_steps > old.total_steps else "behind the plan, shortened"
             _logger.warning(
-                "time budget: %s from %d to %d steps (%.2f epochs) at step %d: steps take %.3f s now (median of the "
-                "last %d), the plan assumed %.3f s; %.1f of %g min left",
+                "time budget: %s from %d to %d steps (%.2f epochs) at step %d: steps take %.3f s now (mean of the "
+                "last %d but the slowest), the plan assumed %.3f s; %.1f of %g min left",
                 way, old.total_steps, new.total_steps, new.epochs_float, self.trainer.step, per_step,
                 len(self.trainer.step_clock), old.seconds_per_step, max(0.0, old.budget_minutes - spent / 60),
                 old.budget_minutes,
