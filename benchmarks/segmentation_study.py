@@ -56,7 +56,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import logging
 import multiprocessing
@@ -75,7 +74,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import describe_machine, machine_info  # noqa: E402
+from _bench import describe_machine, machine_info, schedule_seconds  # noqa: E402
 
 import slimmable  # noqa: E402
 from slimmable._utils import write_json  # noqa: E402
@@ -283,14 +282,6 @@ def _bare_step(
 def run_seconds(per_step: dict[str, float], run: str, cfg: StudyConfig) -> float:
     """A run's estimated seconds on one core: its steps at the measured speed, and the fixed overhead."""
     return per_step[run] * TRAINER_OVERHEAD * cfg.steps + RUN_OVERHEAD_S
-
-
-def schedule_seconds(durations: list[float], workers: int) -> float:
-    """Wall seconds of jobs taken in the given order by ``workers`` workers, each job by the first one free."""
-    free = [0.0] * workers
-    for d in durations:
-        heapq.heappush(free, heapq.heappop(free) + d)
-    return max(free)
 
 
 def summarize(out: Path, cfg: StudyConfig, seeds: list[int]) -> dict[str, Any]:
