@@ -7,6 +7,7 @@ ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's and oneDNN's kernels limited to AVX2 on a n
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import subprocess
@@ -19,7 +20,15 @@ from typing import Any
 from slimmable.hardware import describe_machine, machine_info
 from slimmable.train.report import write_json as _write_json
 
-__all__ = ["AVX2_ENV", "describe_machine", "emulating_avx2", "machine_info", "run_avx2_child", "write_json"]
+__all__ = [
+    "AVX2_ENV",
+    "describe_machine",
+    "emulating_avx2",
+    "machine_info",
+    "run_avx2_child",
+    "schedule_seconds",
+    "write_json",
+]
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -43,3 +52,11 @@ def run_avx2_child(script: str, argv: Sequence[str]) -> dict[str, Any]:
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as JSON atomically (:func:`slimmable.train.report.write_json`) and say where."""
     print(f"wrote {_write_json(path, data)}")
+
+
+def schedule_seconds(durations: Sequence[float], workers: int) -> float:
+    """Wall seconds of jobs taken in the given order by ``workers`` workers, each job by the first one free."""
+    free = [0.0] * workers
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free)

@@ -1,6 +1,7 @@
 """Shared by the studies of slimmable networks against networks of each width trained alone
 (``segmentation_study.py``, ``vit_study.py``): one run through ``train_from_config`` with its log in a file, one JSON
-per run so that an interrupted study resumes, the wall time of a schedule of runs, and the per-width table.
+per run so that an interrupted study resumes, and the per-width table (the wall time of a schedule of runs is
+``_bench.schedule_seconds``).
 
 A study names its runs ``slimmable`` (every width, Algorithm 1) and ``individual_w{w}`` (a model built with
 ``widths=(w,)``, trained alone), and writes each run's result to ``<out>/<run>_s<seed>.json`` with at least
@@ -10,7 +11,6 @@ A study names its runs ``slimmable`` (every width, Algorithm 1) and ``individual
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import multiprocessing
@@ -31,7 +31,6 @@ __all__ = [
     "run_jobs",
     "run_names",
     "run_path",
-    "schedule_seconds",
     "summarize",
     "train_logged",
 ]
@@ -112,14 +111,6 @@ def check_resumable(
                 f"{path} was trained with another recipe ({diff} differ); give another --out, or delete {out} to "
                 "start over"
             )
-
-
-def schedule_seconds(durations: Sequence[float], workers: int) -> float:
-    """Wall seconds of jobs taken in the given order by ``workers`` workers, each job by the first one free."""
-    free = [0.0] * workers
-    for d in durations:
-        heapq.heappush(free, heapq.heappop(free) + d)
-    return max(free)
 
 
 def run_jobs(

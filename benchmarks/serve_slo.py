@@ -22,10 +22,10 @@ Steps:
 3. Capacity: ``--capacity-clients`` closed-loop clients per width, the answered requests per second. The load
    levels are fractions of the full width's (``--capacity measured``, default) or of ``1000 / its calibrated
    batch-1 latency`` (``--capacity calibrated``: the forward pass alone, no HTTP).
-4. The SLO: ``--slo-factor`` (3) times the full width's calibrated batch-1 latency (``--slo-basis calibrated``,
-   default) or its idle round trip at the client (``--slo-basis round_trip``), or ``--slo-ms``. Measured end to end
-   at the client, from the request's scheduled send time to its answer.
-   The margin that budgets leave for the client and the transport (``--margin open_loop``, default): the 90th
+4. The SLO: ``--slo-factor`` (3) times the full width's calibrated latency of a request (``--slo-basis
+   calibrated``, default) or its idle round trip at the client (``--slo-basis round_trip``), or ``--slo-ms``.
+   Measured end to end at the client, from the request's scheduled send time to its answer.
+   The margin that budgets leave for the client and the transport (``--margin open_loop``, default): the 99th
    percentile of (client latency from the scheduled send time - the server's ``total_ms``) over an open-loop run
    of ``--margin-seconds`` at ``--margin-level`` (0.2) of the capacity at the full width, i.e. measured at low load
    in the traffic the runs send. ``--margin closed_loop``: the idle closed-loop overhead's 90th percentile (step 2),
@@ -584,11 +584,11 @@ def main() -> None:
     ap.add_argument("--margin-ms", type=float, help="budget = SLO - margin ms (default: --margin's measurement)")
     ap.add_argument(
         "--margin", choices=("open_loop", "closed_loop"), default="open_loop",
-        help="how the margin is measured at the full width: p90 of the client time beyond the server's in an "
+        help="how the margin is measured at the full width: p99 of the client time beyond the server's in an "
         "open-loop run at --margin-level (default), or in the idle closed loop",
     )  # fmt: skip
     ap.add_argument("--margin-level", type=float, default=0.2)
-    ap.add_argument("--margin-seconds", type=float, default=4.0)
+    ap.add_argument("--margin-seconds", type=float, default=8.0)
     ap.add_argument("--drop-after-ms", type=float, help="drop a request not sent within this (default 10x SLO)")
     ap.add_argument("--max-concurrency", type=int, default=1, help="runner: forward passes at once (0: no limit)")
     ap.add_argument("--threads", type=int, default=1, help="server torch intra-op threads (default 1; 0: torch's)")
@@ -729,8 +729,8 @@ def run_benchmark(
     if args.margin_ms is not None:
         margin, margin_rule = args.margin_ms, "--margin-ms"
     elif args.margin == "open_loop":
-        margin = margin_info["open_loop"]["p90_ms"]
-        margin_rule = (f"p90 of the client latency beyond the server's total_ms, open loop at {args.margin_level:g} "
+        margin = margin_info["open_loop"]["p99_ms"]
+        margin_rule = (f"p99 of the client latency beyond the server's total_ms, open loop at {args.margin_level:g} "
                        f"of capacity, full width")  # fmt: skip
     else:
         margin, margin_rule = idle_full["overhead_p90_ms"], "p90 of the idle closed-loop client overhead, full width"

@@ -53,14 +53,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import describe_machine, machine_info  # noqa: E402
+from _bench import describe_machine, machine_info, schedule_seconds  # noqa: E402
 from _study import (  # noqa: E402
     check_resumable,
     individual_widths,
     run_jobs,
     run_names,
     run_path,
-    schedule_seconds,
     summarize,
     train_logged,
 )

@@ -78,6 +78,14 @@ class ModelConfig:
         options: further keyword arguments of the model's builder, e.g. a detector's ``num_keypoints``,
             ``slim_heads``, ``frozen_bn`` or torchvision's ``rpn_batch_size_per_image`` (scalars and lists; the
             builder rejects names it does not take).
+        weights: ``torchvision/<arch>`` and ``timm/<arch>`` models: a state dict file of the original architecture
+            (as ``num_classes``, ``in_chans`` and ``small_input`` build it), read with ``weights_only=True`` and
+            loaded strictly before conversion; ``train.teacher: original`` distils from that model. Read again on
+            ``--resume`` (the teacher is rebuilt from it).
+        sort: ``torchvision/<arch>`` and ``timm/<arch>`` models: reorder each channel group (and attention heads)
+            by importance at conversion, ``magnitude`` or ``bn`` (:func:`slimmable.sort_channels`), so that each
+            width keeps the most important channels of pretrained ``weights``; ``None`` keeps their order. Not
+            recorded in checkpoints (their weights are sorted already).
     """
 
     name: str = "slim_mobilenet_v2"
@@ -91,9 +99,25 @@ class ModelConfig:
     stat_widths: tuple[float, ...] | None = None
     channels: str | None = None
     options: dict[str, Any] | None = None
+    weights: str | None = None
+    sort: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "give a registered model name such as slim_mobilenet_v2")
+        _check(
+            self.weights is None or self.name.startswith(("torchvision/", "timm/")), "model.weights",
+            f"is the state dict of an original torchvision/<arch> or timm/<arch> model; {self.name} is slimmable "
+            "already (continue its training with --resume, or load a checkpoint)",
+        )  # fmt: skip
+        _check(
+            self.sort is None or self.name.startswith(("torchvision/", "timm/")), "model.sort",
+            f"sorts a torchvision/<arch> or timm/<arch> model at conversion; {self.name} is built slimmable (sort "
+            "it with slimmable.sort_channels)",
+        )  # fmt: skip
+        _check(
+            self.sort in (None, "magnitude", "bn"), "model.sort",
+            "must be magnitude or bn (taylor needs data: call slimmable.sort_channels(model, 'taylor', data=...))",
+        )  # fmt: skip
         _check(
             self.channels is None or self.width_range is None, "model.channels",
             "a channel spec fixes every layer's channels; it cannot be combined with model.width_range",
@@ -287,6 +311,14 @@ class TrainConfig:
         nonfinite: a NaN or infinite training loss ``stop``s the run with an error naming the step and width (the
             last good checkpoint is kept), or ``skip``s the step (no update, BN statistics restored) and counts it in
             ``history.json``.
+        teacher: distil every width from a frozen teacher (classification): ``original`` = the unconverted
+            ``torchvision/<arch>`` / ``timm/<arch>`` model with ``model.weights``, or the path of a slimmable
+            checkpoint (run at its widest width). Rebuilt from the recipe on ``--resume``, never saved in the
+            student's checkpoints. ``None``: no teacher.
+        teacher_temperature: the softmax temperature ``T`` of the teacher's and each width's logits.
+        teacher_weight: ``alpha`` in ``alpha * T^2 * KL(teacher || width) + (1 - alpha) * target loss``, where the
+            target loss is the labels' cross-entropy (with in-place distillation, narrower widths: the soft
+            cross-entropy with the widest width's predictions); 1.0 distils from the teacher alone.
     """
 
     epochs: int = 10
@@ -307,9 +339,26 @@ class TrainConfig:
     log_interval: int = 50
     log_seconds: float = 30.0
     nonfinite: Literal["stop", "skip"] = "stop"
+    teacher: str | None = None
+    # T = 4 softens a 10- to 1000-class teacher enough that its ranking of the wrong classes carries signal, the
+    # usual choice for CIFAR/ImageNet-scale distillation; alpha = 0.5 weighs the teacher and the labels equally (the
+    # T^2 factor keeps the KL term's gradients on the scale of the cross-entropy's)
+    teacher_temperature: float = 4.0
+    teacher_weight: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(
+            self.teacher is None or bool(self.teacher.strip()), "train.teacher",
+            "give 'original' or the path of a slimmable checkpoint, or null for no teacher",
+        )  # fmt: skip
+        _check(
+            self.teacher_temperature > 0, "train.teacher_temperature", f"must be > 0, got {self.teacher_temperature}"
+        )
+        _check(
+            0 < self.teacher_weight <= 1, "train.teacher_weight",
+            f"must be in (0, 1] (1: the teacher alone), got {self.teacher_weight}; set train.teacher to null for none",
+        )  # fmt: skip
         _check(
             not self.per_layer_widths or self.width_sampler == "sandwich", "train.per_layer_widths",
             "draws the sandwich sampler's random widths per layer; set train.width_sampler: sandwich",

@@ -27,12 +27,15 @@ class SortedGroup:
         order: the new order: position ``i`` now holds the channel that was at ``order[i]`` (most important first).
         criterion: the importance used (``"magnitude"``, ``"bn"``, ``"taylor"``, or the fallback for a group with no
             norm layer under ``"bn"``).
+        unit: what the group's entries are: ``"channels"``, or ``"heads"`` for an attention layer's heads (``layers``
+            names the layer; with grouped key/value heads an entry is a key/value head with its query heads).
     """
 
     size: int
     layers: tuple[str, ...]
     order: tuple[int, ...]
     criterion: str
+    unit: str = "channels"
 
     @property
     def moved(self) -> int:
@@ -64,7 +67,8 @@ class SortReport:
         if self.max_abs_diff is not None:
             lines.append(f"max |output change| at the widest width: {self.max_abs_diff:.3g}")
         for g in self.groups[:max_lines]:
-            lines.append(f"  {g.moved}/{g.size} moved ({g.criterion}): {_names(g.layers)}")
+            what = "" if g.unit == "channels" else f" {g.unit}"
+            lines.append(f"  {g.moved}/{g.size}{what} moved ({g.criterion}): {_names(g.layers)}")
         if len(self.groups) > max_lines:
             lines.append(f"  ... {len(self.groups) - max_lines} more")
         if self.left:

@@ -17,8 +17,16 @@ A group stays in its order, and the report says why, when its channel positions 
 cannot follow: a grouped convolution or ``GroupNorm`` (channels in runs of consecutive positions), a split of the
 whole group into equal parts or a channel shuffle (position ``i`` of each part is not channel ``i``), a module
 holding tensors the sort does not know, weights tied between modules, or a group frozen at full width by the
-coupling analysis. Attention is not followed yet: in a vision transformer each block's MLP hidden units sort, while
-the heads and the embedding stream keep their order.
+coupling analysis.
+
+Attention heads: each attention layer's heads are one more group, apart from the channel groups (the order of the
+heads inside a layer does not change its output, since attention sums the heads through the output projection). The
+layer names the tensors holding them (:meth:`~slimmable.nn.SelfAttention.head_tensors`): the q, k and v rows of the
+packed projection, the output projection's input columns, a relative position bias table's columns (Swin); with
+grouped key/value heads a key/value head moves with the query heads it serves. Another library's attention in a model
+not converted (``nn.MultiheadAttention``, timm's and torchvision's ViT and Swin attention) is read through the
+slimmable layer :func:`~slimmable.convert` would make of it, sharing its tensors. In a vision transformer each
+block's heads and MLP hidden units sort; the embedding stream keeps its order (the report says why).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -39,6 +48,7 @@ from .._utils import example_input as make_example
 from .._utils import unwrap_model
 from ..nn import SwitchableBatchNorm2d, USBatchNorm2d, get_widths, slim_modules, use_width
 from ..nn.converted import ConvertedBatchNorm2d, IndexSelect
+from ..nn.converted_attention import attention_support, convert_attention
 from ._coupling import Analysis, Groups, Layout, Seg, _Analyser, _shape
 from ._trace import propagate_shapes, trace
 from .report import SortedGroup, SortReport
@@ -78,16 +88,22 @@ def sort_channels(
     (:func:`slimmable.train.calibrate_bn`), or train. A universally slimmable BN keeps its shared affine (permuted) and
     its statistics slots are filled again the same way.
 
+    Attention heads sort as a group per layer (whole heads; with grouped key/value heads, a key/value head with its
+    query heads): their q, k and v rows, the output projection's columns and a per-head relative position bias move
+    together. Under ``"bn"`` they fall back to magnitude (heads have no norm layer), and the report says so.
+
     Only the graph the model runs in eval mode is analysed: modules that run only in training mode (GoogLeNet's
     auxiliary heads in an unconverted model) are not permuted.
 
     Args:
         model: the model (``nn.DataParallel``/DDP/compiled wrappers are unwrapped); modified in place.
-        importance: ``"magnitude"``: the L1 norm of the weights producing and consuming each channel, each layer's
-            norms divided by their mean so that every layer weighs the same (no data); ``"bn"``: the sum of
-            ``|gamma|`` of the group's norm layers (groups without one fall back to magnitude, reported);
-            ``"taylor"``: first order, ``|sum(activation * gradient)|`` over each batch of ``data`` at the outputs of
-            the group's layers, summed over batches.
+        importance: ``"magnitude"``: the L1 norm of the weights producing and consuming each channel (a head: its
+            q, k and v rows and its output projection columns), each layer's norms divided by their mean so that
+            every layer weighs the same (no data); ``"bn"``: the sum of ``|gamma|`` of the group's norm layers
+            (groups without one, and heads, fall back to magnitude, reported); ``"taylor"``: first order,
+            ``|sum(activation * gradient)|`` over each batch of ``data`` at the outputs of the group's layers (a head:
+            over its output before the output projection, the gradient of a mask of ones on it), summed over
+            batches.
         data: ``taylor`` only: an iterable of ``(inputs, targets)`` batches (a ``DataLoader``).
         loss_fn: ``taylor`` only: ``loss_fn(output, targets)``; default cross entropy.
         max_batches: ``taylor`` only: use at most this many batches of ``data``.
@@ -233,6 +249,16 @@ class _Use:
 
 
 @dataclass
+class _Heads:
+    """The heads of one attention layer of the traced copy, as a group of ``num_kv_heads`` entries."""
+
+    path: str
+    proj: str | None  # the output projection's weight (taylor reads its gradient), its input columns along proj_dim
+    proj_dim: int
+    head_dim: int
+
+
+@dataclass
 class _Plan:
     """Where each group's channels live in the traced copy, and which groups may be permuted."""
 
@@ -242,6 +268,7 @@ class _Plan:
     left: dict[int, str]  # root -> why it keeps its order
     sortable: list[int]  # roots
     outputs: dict[str, Layout]  # module path -> its output layout (taylor's hook points)
+    heads: dict[int, _Heads]  # group (a root) -> the attention layer whose heads it is
 
     @property
     def groups(self) -> Groups:
@@ -255,6 +282,7 @@ class _Plan:
         an = analyser.run()
         marks: dict[int, str] = dict(analyser.unsortable)
         uses, outputs = _collect_uses(gm, an, marks)
+        heads = _head_uses(twin, gm, an, uses, marks)
         for use in uses.values():
             tied = next((p for p in shared or () if p == use.module or p.startswith(f"{use.module}.")), None)
             for gid, _ in use.segs if tied is not None else ():
@@ -279,7 +307,7 @@ class _Plan:
                 left[r] = "no tensor holds its channels"
             else:
                 sortable.append(r)
-        return cls(gm, an, uses, left, sortable, outputs)
+        return cls(gm, an, uses, left, sortable, outputs, heads)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**dict(self.gm.named_parameters()), **dict(self.gm.named_buffers())}
@@ -317,14 +345,17 @@ class _Plan:
         self, importance: str, perms: dict[int, torch.Tensor], criteria: dict[int, str], diff: float | None
     ) -> SortReport:
         g = self.groups
+        unit = {r: "heads" if r in self.heads else "channels" for r in self.sortable}
         done = [
-            SortedGroup(g.info[r].size, tuple(g.info[r].producers), tuple(perms[r].tolist()), criteria[r])
+            SortedGroup(g.info[r].size, tuple(g.info[r].producers), tuple(perms[r].tolist()), criteria[r], unit[r])
             for r in self.sortable
             if r in perms
         ]
         kept = sum(1 for r in self.sortable if r not in perms)
         left = [(tuple(g.info[r].producers), why) for r, why in self.left.items() if g.info[r].producers]
         notes = [f"{kept} groups were already in order"] if kept else []
+        if self.heads:  # the analysis does not follow channels through attention: say so once, not per layer
+            notes.append("the residual stream read and written by attention layers keeps its order")
         return SortReport(importance, done, left, diff, notes)
 
 
@@ -436,6 +467,45 @@ def _collect_uses(gm: fx.GraphModule, an: Analysis, marks: dict[int, str]) -> tu
     return uses, outputs
 
 
+def _head_uses(
+    twin: nn.Module, gm: fx.GraphModule, an: Analysis, uses: dict[tuple[str, int], _Use], marks: dict[int, str]
+) -> dict[int, _Heads]:
+    """A group per attention layer of ``twin``, its heads (key/value heads with their query heads), and a use of each
+    tensor holding them, as the layer names them (:meth:`~slimmable.nn.SelfAttention.head_tensors`)."""
+    names = {id(t): n for n, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    heads: dict[int, _Heads] = {}
+    for path, m in twin.named_modules():
+        why = None
+        if callable(getattr(m, "head_tensors", None)):
+            layer = m  # ours (the dense form of a slimmable layer): only its own forward reads these tensors
+        elif attention_support(m) is None:
+            layer = convert_attention(m, (1.0,))  # another library's (a model not converted): a view sharing them
+            if path not in an.attention:  # masks or per-head attention weights may index heads by position
+                why = f"attention {path} is called in a way the converter does not convert"
+        else:
+            continue
+        gid = an.groups.new(layer.num_kv_heads, path)
+        info = _Heads(path, None, 1, layer.head_dim)
+        heads[gid] = info
+        found = [(ht, names.get(id(ht.tensor))) for ht in layer.head_tensors()]
+        if why is None and any(name is None for _, name in found):
+            why = f"attention {path} does not run in the traced model"
+        for ht, name in found if why is None else ():
+            key = (name, ht.dim)
+            if sum(ht.units) * layer.num_kv_heads != ht.tensor.shape[ht.dim]:
+                why = f"{name} does not hold the heads its layer gives"
+            elif key in uses:
+                why = f"{name} also holds channels of another group along its heads"
+            else:
+                segs = tuple((gid, Fraction(u)) for u in ht.units)
+                uses[key] = _Use(name, ht.dim, segs, "weight" if ht.kind in ("qkv", "proj") else "other", path)
+                if ht.kind == "proj":
+                    info.proj, info.proj_dim = name, ht.dim
+        if why is not None:
+            marks.setdefault(gid, f"{why}: heads keep their order")
+    return heads
+
+
 # -- importance -----------------------------------------------------------------------------------------------------
 
 
@@ -452,7 +522,8 @@ def _importance(
         for r, s in magnitude.items():
             bn = scales.get(r)
             scores[r] = bn if bn is not None else s
-            criteria[r] = "bn" if bn is not None else "magnitude (no norm layer)"
+            fallback = "magnitude (heads have no norm layer)" if r in plan.heads else "magnitude (no norm layer)"
+            criteria[r] = "bn" if bn is not None else fallback
         return scores, criteria
     taylor = _per_group(plan, _taylor(plan, data, loss_fn, max_batches))
     return {r: taylor.get(r, torch.zeros_like(s)) for r, s in magnitude.items()}, dict.fromkeys(magnitude, "taylor")
@@ -485,12 +556,14 @@ def _per_group(plan: _Plan, vectors: list[tuple[tuple[Seg, ...], torch.Tensor]])
 def _taylor(
     plan: _Plan, data: Iterable[Any] | None, loss_fn: LossFn | None, max_batches: int | None
 ) -> list[tuple[tuple[Seg, ...], torch.Tensor]]:
-    """``|sum over the batch of activation * gradient|`` per position at each layer's output, summed over batches."""
+    """``|sum over the batch of activation * gradient|`` per position at each layer's output, summed over batches;
+    for attention heads, per head."""
     gm = plan.gm
     for p in gm.parameters():
         p.requires_grad_(True)  # activations need a graph even where the model's parameters are frozen
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     acc: dict[str, torch.Tensor] = {}
+    heads: dict[int, torch.Tensor] = {}
     handles = []
 
     def hook(path: str, dim: int) -> Callable[..., None]:
@@ -525,13 +598,29 @@ def _taylor(
                 loss = loss_fn(out, targets) if loss_fn is not None else F.cross_entropy(out, targets)
                 gm.zero_grad(set_to_none=True)
                 loss.backward()
+                _taylor_heads(plan, heads)
                 n += 1
     finally:
         for h in handles:
             h.remove()
     if n == 0:
         raise ValueError("data gave no batches for importance='taylor'; give at least one (inputs, targets) batch")
-    return [(plan.outputs[path].segs, v) for path, v in acc.items()]
+    per_head = [(((r, Fraction(v.numel() // plan.groups.info[r].size)),), v) for r, v in heads.items()]
+    return [(plan.outputs[path].segs, v) for path, v in acc.items()] + per_head
+
+
+def _taylor_heads(plan: _Plan, acc: dict[int, torch.Tensor]) -> None:
+    """Add this batch's ``|sum(head output * gradient)|`` of every head to ``acc``, read off the output projection:
+    the columns ``j`` of a head sum ``W[:, j] * dL/dW[:, j]`` to ``sum over tokens of c_j * dL/dc_j`` (``c`` the
+    input of the projection), the gradient of a mask of ones on that head's output, as DynaBERT scores heads."""
+    tensors = plan.tensors()
+    for r, info in plan.heads.items():
+        w = tensors[info.proj] if info.proj is not None else None
+        if w is None or w.grad is None or r not in plan.sortable:
+            continue
+        per_col = (w.detach() * w.grad).sum(dim=[d for d in range(w.dim()) if d != info.proj_dim])
+        v = per_col.reshape(-1, info.head_dim).sum(1).abs().double().cpu()
+        acc[r] = acc[r] + v if r in acc else v
 
 
 # -- back into the model --------------------------------------------------------------------------------------------

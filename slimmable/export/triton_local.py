@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import os
 import shutil
 import socket
@@ -149,6 +150,8 @@ class LocalTriton:
 
     def start(self) -> LocalTriton:
         """Start the server and wait until it is ready; returns ``self``."""
+        if importlib.util.find_spec("pytriton") is None:  # before starting any process
+            raise TritonUnavailable(f"the Triton server of nvidia-pytriton is not installed: {PIP_HINT}")
         python, version, libdir = models_python(self.python)
         binary, backend, stub = bundled_triton(version)
         self._work = tempfile.TemporaryDirectory(prefix="slimmable-triton-")

@@ -98,8 +98,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"slim_mobilenet_v2"``, or ``"torchvision/<arch>"`` /
-            ``"timm/<arch>"``: a torchvision or timm model with random weights, converted by
-            :func:`slimmable.convert` (see :func:`slimmable.convert.zoo.create_torchvision_model` and
+            ``"timm/<arch>"``: a torchvision or timm model with random weights (or ``weights=``, a state dict
+            of the original architecture, loaded before conversion and not recorded in ``model_kwargs``), converted
+            by :func:`slimmable.convert` (see :func:`slimmable.convert.zoo.create_torchvision_model` and
             :func:`~slimmable.convert.zoo.create_timm_model` for their arguments; timm needs ``slimmable[timm]``).
         **kwargs: passed to the model (``widths``, ``num_classes``, ``in_chans``, ``small_input``, ...);
             ``None`` values are dropped so that unset CLI/config fields keep the model's defaults. Three are
@@ -124,7 +125,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     features_only = bool(kwargs.pop("features_only", False))
-    backbone = not _is_zoo_name(name) and model_task(name) == "classification"
+    backbone = model_task(name) == "classification"
     feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs} if backbone else {}
     if features_only and not backbone:
         raise ValueError(
@@ -138,8 +139,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
         build = create_timm_model if name.startswith(TIMM_PREFIX) else create_torchvision_model
         model = build(name, **kwargs)
+        if features_only:
+            model.as_features_only(**feature_kwargs)
+            kwargs = {**kwargs, "features_only": True, **feature_kwargs}
         model.model_name = name
-        model.model_kwargs = dict(kwargs)
+        # ``weights`` (the original's state dict) is not recorded: the converted state dict holds them
+        # the original's weights and the sort are applied once, at conversion: a checkpoint holds their result
+        model.model_kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "sort")}
         model.slimmable_task = "classification"
         return model
     model = _MODEL_ENTRYPOINTS[name](**kwargs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from .channels import ChannelRule, WidthTable, make_divisible, normalize_widths,
 from .layers import SlimLinear, _param, _put, _take, _WeightMemo
 
 __all__ = [
+    "HeadTensor",
     "PatchEmbed",
     "SelfAttention",
     "SlimMultiheadAttention",
@@ -117,6 +119,28 @@ def _attend(
     return F.linear(out.reshape(n, length, heads * head_dim), proj_weight, proj_bias)
 
 
+@dataclass(frozen=True)
+class HeadTensor:
+    """A tensor of an attention layer that holds per-head entries along ``dim``, as :meth:`SelfAttention.head_tensors`
+    gives it: ``dim`` is ``len(units)`` consecutive blocks (the q, k and v rows of the packed projection; one block
+    elsewhere), block ``i`` made of ``num_kv_heads`` groups of ``units[i]`` entries, group ``j`` belonging to key/value
+    head ``j`` and the query heads it serves. Reordering whole groups the same way in every such tensor of a layer
+    leaves its output unchanged (attention sums the heads' outputs through the output projection).
+
+    Attributes:
+        tensor: the parameter or buffer (the layer's own, not a copy).
+        dim: the dimension holding the heads.
+        units: entries per group in each block.
+        kind: ``"qkv"`` (the rows of the q/k/v projection weight), ``"proj"`` (the input columns of the output
+            projection weight) or ``"other"`` (biases, a relative position bias table).
+    """
+
+    tensor: torch.Tensor
+    dim: int
+    units: tuple[int, ...]
+    kind: str
+
+
 class SelfAttention(nn.Module):
     """Plain multi-head self-attention over tokens: a packed ``qkv`` projection, scaled dot-product attention
     (``F.scaled_dot_product_attention``), an output projection. The dense form of :class:`SlimMultiheadAttention`.
@@ -174,6 +198,25 @@ class SelfAttention(nn.Module):
             x, qkv.weight, qkv.bias, proj.weight, proj.bias, self.num_heads, self.num_kv_heads, self.head_dim,
             self.scale,
         )  # fmt: skip
+
+    def _projections(self) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter, nn.Parameter | None]:
+        """The full-width ``(qkv weight, qkv bias, proj weight, proj bias)``; a converted layer keeping another
+        library's parameter names (``in_proj_weight``, ``out_proj``) overrides this alone."""
+        # from the module dicts: nn.Module.__getattr__ costs a Python lookup per read, on every call of a slim layer
+        modules = self._modules
+        qkv, proj = modules["qkv"]._parameters, modules["proj"]._parameters  # type: ignore[union-attr]
+        return qkv["weight"], qkv["bias"], proj["weight"], proj["bias"]
+
+    def head_tensors(self) -> list[HeadTensor]:
+        """Every tensor holding per-head entries, at the size built (:class:`HeadTensor`): the q, k and v rows of
+        the packed projection (weight and bias) and the output projection's input columns; layers with other
+        per-head tensors (a relative position bias table) add theirs. :func:`slimmable.sort_channels` reorders whole
+        heads (key/value heads with their query heads) through these."""
+        qkv_w, qkv_b, proj_w, _ = self._projections()
+        d, per_group = self.head_dim, self.num_heads // self.num_kv_heads
+        rows = (per_group * d, d, d)  # [q heads; k heads; v heads]: a key/value head serves per_group query heads
+        out = [HeadTensor(qkv_w, 0, rows, "qkv"), HeadTensor(proj_w, 1, (per_group * d,), "proj")]
+        return out + ([HeadTensor(qkv_b, 0, rows, "other")] if qkv_b is not None else [])
 
     def extra_repr(self) -> str:
         kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
@@ -267,14 +310,6 @@ class SlimMultiheadAttention(_WeightMemo, SelfAttention, SlimModule):
 
     def _row_index(self, heads: int) -> torch.Tensor:
         return torch.cat([torch.arange(a, b) for a, b in self._row_blocks(heads)]).to(self._projections()[0].device)
-
-    def _projections(self) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter, nn.Parameter | None]:
-        """The full-width ``(qkv weight, qkv bias, proj weight, proj bias)``; a converted layer keeping another
-        library's parameter names (``in_proj_weight``, ``out_proj``) overrides this alone."""
-        # from the module dicts: nn.Module.__getattr__ costs a Python lookup per read, on every call
-        modules = self._modules
-        qkv, proj = modules["qkv"]._parameters, modules["proj"]._parameters  # type: ignore[union-attr]
-        return qkv["weight"], qkv["bias"], proj["weight"], proj["bias"]
 
     def _active(self, cin: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(qkv weight, qkv bias, proj weight, proj bias)`` at the current setting for ``cin`` input features."""

@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SlimModule
-from .channels import ChannelRule, WidthTable, width_key
-from .layers import SlimConv2d, SlimLinear, _dense_bn, _param, _put, _SlimOut
+from .channels import ChannelRule, WidthRange, WidthTable, width_key
+from .layers import SlimConv2d, SlimLinear, USBatchNorm2d, _dense_bn, _param, _put, _SlimOut
 
 __all__ = [
     "ChannelLayerNorm",
     "ChannelSelect",
     "ConvertedBatchNorm2d",
     "ConvertedBatchNormAct2d",
+    "ConvertedUSBatchNorm2d",
+    "ConvertedUSBatchNormAct2d",
     "IndexSelect",
     "IndexedSlimConv2d",
     "IndexedSlimLinear",
@@ -358,6 +360,52 @@ class ConvertedBatchNorm2d(nn.BatchNorm2d, SlimModule):
         return f"{super().extra_repr()}, widths={self.rule.describe()}"
 
 
+class ConvertedUSBatchNorm2d(USBatchNorm2d):
+    """A universally slimmable :class:`~slimmable.nn.USBatchNorm2d` made from an original ``nn.BatchNorm2d``.
+
+    The original's affine becomes the shared (sliced) affine; every statistics width starts from the original's
+    running statistics of the channels it keeps, so the widest width (1.0) normalises exactly as the original. Other
+    widths are re-estimated by BN calibration (:func:`slimmable.train.calibrate_bn`), as in US-Nets. The original's
+    state dict loads: its ``running_mean`` / ``running_var`` / ``num_batches_tracked`` fill every statistics slot.
+
+    Args:
+        bn: the original affine ``nn.BatchNorm2d`` with running statistics (its affine is taken over).
+        rule: channels for any width of the range (:class:`WidthRange`), ``rule.max_channels == bn.num_features``.
+        stat_widths: the widths that keep running statistics.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, rule: WidthRange, stat_widths: Sequence[float]) -> None:
+        if not (bn.affine and bn.track_running_stats) or rule.max_channels != bn.num_features:
+            raise ValueError("ConvertedUSBatchNorm2d needs an affine BatchNorm2d with statistics of the rule's size")
+        dev, dtype = bn.weight.device, bn.weight.dtype
+        super().__init__(rule, stat_widths, bn.eps, bn.momentum, device=dev, dtype=dtype)
+        self.weight, self.bias = bn.weight, bn.bias
+        self.train(bn.training)
+        self._fill_slots(bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        self._register_load_state_dict_pre_hook(self._from_original)
+
+    @torch.no_grad()
+    def _fill_slots(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor | None) -> None:
+        for slot in self.bn:
+            c = slot.num_features
+            slot.running_mean.copy_(mean[:c])
+            slot.running_var.copy_(var[:c])
+            if count is not None:
+                slot.num_batches_tracked.copy_(count)
+
+    def _from_original(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # An original (unconverted) state dict holds one set of statistics: every slot starts from it.
+        mean, var = state_dict.pop(f"{prefix}running_mean", None), state_dict.pop(f"{prefix}running_var", None)
+        count = state_dict.pop(f"{prefix}num_batches_tracked", None)
+        if mean is None or var is None or f"{prefix}bn.0.running_mean" in state_dict:
+            return
+        for i, slot in enumerate(self.bn):
+            c = slot.num_features
+            state_dict[f"{prefix}bn.{i}.running_mean"] = mean[:c]
+            state_dict[f"{prefix}bn.{i}.running_var"] = var[:c]
+            state_dict[f"{prefix}bn.{i}.num_batches_tracked"] = count if count is not None else slot.num_batches_tracked
+
+
 class _SelectAffine(_InIndex):
     """Mixin of norm layers with a per-channel affine: the active affine is ``weight[index]`` or a prefix."""
 
@@ -531,6 +579,24 @@ class ConvertedBatchNormAct2d(_ActAfter, ConvertedBatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, then {type(self.act).__name__}"
+
+
+class ConvertedUSBatchNormAct2d(_ActAfter, ConvertedUSBatchNorm2d):
+    """:class:`ConvertedUSBatchNorm2d` followed by the original's dropout and activation (timm's ``BatchNormAct2d``).
+
+    Args:
+        bn: the original norm-act layer, an ``nn.BatchNorm2d`` subclass (its affine is taken over).
+        rule: channels for any width of the range.
+        stat_widths: the widths that keep running statistics.
+        drop: the dropout applied after normalising (``nn.Identity`` for none).
+        act: the elementwise activation applied last.
+    """
+
+    def __init__(
+        self, bn: nn.BatchNorm2d, rule: WidthRange, stat_widths: Sequence[float], drop: nn.Module, act: nn.Module
+    ) -> None:
+        super().__init__(bn, rule, stat_widths)
+        self._init_act(drop, act)
 
 
 class SlimGroupNormAct(_ActAfter, SlimGroupNorm):

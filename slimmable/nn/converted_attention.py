@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttention, SlimMultiheadAttention, _attend, head_rule
+from .attention import HeadTensor, SelfAttention, SlimMultiheadAttention, _attend, head_rule
 from .layers import _param, _take
 
 __all__ = [
@@ -110,6 +110,11 @@ def _relative_bias(table: torch.Tensor, index: torch.Tensor, heads: int, length:
     """The relative position bias ``(1, heads, L, L)`` of the first ``heads`` heads (columns of ``table``)."""
     bias = table[:, :heads][index.reshape(-1)].view(length, length, heads)
     return bias.permute(2, 0, 1).unsqueeze(0)
+
+
+def _table_heads(layer: SelfAttention) -> HeadTensor:
+    """The relative position bias table ``(T, num_heads)`` as a per-head tensor (a column per query head)."""
+    return HeadTensor(layer.relative_position_bias_table, 1, (layer.num_heads // layer.num_kv_heads,), "other")
 
 
 def _with_mask(bias: torch.Tensor, mask: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -353,6 +358,10 @@ class SlimTimmWindowAttention(_LibraryAttention):
         )  # fmt: skip
         return self.proj_drop(y)
 
+    def head_tensors(self) -> list[HeadTensor]:
+        """As :meth:`~slimmable.nn.SelfAttention.head_tensors`, and the relative position bias table's columns."""
+        return [*super().head_tensors(), _table_heads(self)]
+
     def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> nn.Module:
         """timm's ``WindowAttention`` with the active heads and their relative position bias."""
         h, table = self.active_heads, self.relative_position_bias_table
@@ -472,6 +481,10 @@ class ShiftedWindowSelfAttention(SelfAttention):
         qkv, proj = self.qkv, self.proj
         return self._attend_windows(x, self.num_heads, (qkv.weight, qkv.bias, proj.weight, proj.bias))
 
+    def head_tensors(self) -> list[HeadTensor]:
+        """As :meth:`~slimmable.nn.SelfAttention.head_tensors`, and the relative position bias table's columns."""
+        return [*super().head_tensors(), _table_heads(self)]
+
 
 class SlimShiftedWindowAttention(SlimMultiheadAttention):
     """torchvision's Swin (v1) ``ShiftedWindowAttention`` with slimmable heads; keeps its names (same state-dict
@@ -498,6 +511,10 @@ class SlimShiftedWindowAttention(SlimMultiheadAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._attend_windows(x, self.active_heads, self._active(x.shape[-1]))
+
+    def head_tensors(self) -> list[HeadTensor]:
+        """As :meth:`~slimmable.nn.SelfAttention.head_tensors`, and the relative position bias table's columns."""
+        return [*super().head_tensors(), _table_heads(self)]
 
     def to_dense(self, in_channels: int, *, fresh_stats: bool = False) -> ShiftedWindowSelfAttention:
         """:class:`ShiftedWindowSelfAttention` with the active heads and their relative position bias."""

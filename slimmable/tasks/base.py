@@ -44,6 +44,22 @@ class Objective:
     def begin_step(self) -> None:
         """Called before the first width of each step (resets per-step state such as a distillation teacher)."""
 
+    def set_teacher(self, teacher: nn.Module, temperature: float, weight: float) -> None:
+        """Distil every width from ``teacher`` (``train.teacher``); objectives that cannot refuse.
+
+        Args:
+            teacher: a frozen model in eval mode on the training device, taking the same inputs.
+            temperature: the softmax temperature of the distillation.
+            weight: the distillation term's share of the loss, in (0, 1].
+
+        Raises:
+            ValueError: this objective has no distillation from a teacher.
+        """
+        raise ValueError(
+            f"train.teacher: {type(self).__name__} has no distillation from a teacher (classification only); set "
+            "train.teacher to null"
+        )
+
     def width_loss(
         self, forward: Callable[..., Any], images: Any, targets: Any, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,6 +331,10 @@ def model_kwargs_from_config(cfg: Any, num_classes: int, in_chans: int) -> dict[
         kwargs["width_range"] = tuple(mc.width_range)
     if mc.stat_widths is not None:
         kwargs["stat_widths"] = tuple(mc.stat_widths)
+    if mc.weights is not None:  # the original's state dict, loaded before conversion (not recorded in checkpoints)
+        kwargs["weights"] = mc.weights
+    if mc.sort is not None:  # at conversion (not recorded either: a checkpoint's weights are sorted already)
+        kwargs["sort"] = mc.sort
     if mc.channels is not None:
         from ..search.autoslim import load_channel_spec
 

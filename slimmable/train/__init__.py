@@ -26,11 +26,13 @@ from .engine import (
     soft_cross_entropy,
     train_step,
 )
+from .objectives import distillation_kl
 from .optim import create_optimizer, create_scheduler, lr_factor, param_groups
 from .report import REPORT_COLUMNS, plot_report, width_report, write_report
 from .rng import get_rng_state, set_rng_state
 from .run import TrainResult, train_from_config
 from .samplers import AllWidths, Sandwich, WidthSampler, create_width_sampler
+from .teacher import build_teacher
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -48,12 +50,14 @@ __all__ = [
     "add_stat_widths",
     "average_bn_statistics",
     "build_model_from_checkpoint",
+    "build_teacher",
     "calibrate_bn",
     "calibrate_channels",
     "convert_sync_batchnorm",
     "create_optimizer",
     "create_scheduler",
     "create_width_sampler",
+    "distillation_kl",
     "evaluate",
     "fixed_channels_name",
     "get_rng_state",

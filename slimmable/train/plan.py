@@ -131,7 +131,7 @@ class EpochPlan:
         max_epochs: the recipe's ``train.epochs``.
         budget_minutes: ``train.time_budget_min``.
         seconds_per_step: at start-up the probe's steady-state time at the training batch size with the chosen
-            numerics; after a :func:`replan`, the median of the recent steps.
+            numerics; after a :func:`replan`, the mean of the recent steps (their slowest left out).
         steps_per_epoch: training steps per epoch.
         eval_seconds: seconds of one validation pass: estimated at start-up (a forward costs about a third of a
             step), measured after the first.
@@ -239,7 +239,7 @@ def replan(
         steps_done: optimizer steps so far (the run's global step).
         validations_done: epochs ended and validated so far.
         spent_seconds: the budget spent so far: training and validation time, across resumes.
-        seconds_per_step: the current speed, e.g. the median of the last steps (not the average since the start:
+        seconds_per_step: the current speed, e.g. the mean of the last steps (not the average since the start:
             a slow minute must not weigh on the rest of the run).
         eval_seconds: the measured time of one validation (default: the plan's estimate, scaled by the change of the
             steps' speed: a probe on a busy machine overestimates both alike).

@@ -58,6 +58,7 @@ from .plan import (
 from .report import plot_report, write_json, write_report
 from .rng import get_rng_state, set_rng_state
 from .samplers import WidthSampler, create_width_sampler
+from .teacher import build_teacher, describe_teacher
 
 __all__ = ["TrainResult", "train_from_config"]
 
@@ -314,6 +315,7 @@ class _Run:
     # _build_model
     kwargs: dict[str, Any]  # create_model's arguments (recorded in checkpoints)
     model: nn.Module
+    teacher: nn.Module | None  # train.teacher: frozen, one per process, rebuilt from the recipe (not checkpointed)
     sampler: WidthSampler
     widths: tuple[float, ...]
     val_widths: tuple[float, ...]  # validated each epoch (US-Nets: the widths trained at every step)
@@ -424,6 +426,17 @@ class _Run:
         if tc.sync_bn and info.distributed:
             convert_sync_batchnorm(model, dist.new_group())
         self.model = model.to(info.device)
+        self.teacher = None
+        if tc.teacher is not None:  # rebuilt from the recipe on every process and on resume, never checkpointed
+            self.teacher = build_teacher(tc.teacher, mc.name, self.kwargs, info.device)
+            self.objective.set_teacher(self.teacher, tc.teacher_temperature, tc.teacher_weight)
+            if info.is_main:
+                _logger.info(
+                    "teacher: %s; loss = %g * T^2 * KL + %g * %s (T = %g)",
+                    describe_teacher(tc.teacher, mc.name, self.teacher), tc.teacher_weight, 1 - tc.teacher_weight,
+                    "target (labels; in-place distillation: the widest width)" if tc.inplace_distill else "labels",
+                    tc.teacher_temperature,
+                )  # fmt: skip
 
     def _decide_numerics(self, ckpt: Mapping[str, Any] | None) -> None:
         tc, data, info = self.cfg.train, self.data, self.info
@@ -451,6 +464,8 @@ class _Run:
             self.numerics_history.append({"label": self.numerics.label, "from_step": step})
         if self.numerics.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
         if info.is_main:
             _logger.info("machine: %s", describe_machine(self.machine))
             _logger.info("numerics: %s", self.numerics.describe())
@@ -773,8 +788,8 @@ class _Run:
         if self.info.is_main:
             way = "ahead of the plan, extended" if new.total_steps > old.total_steps else "behind the plan, shortened"
             _logger.warning(
-                "time budget: %s from %d to %d steps (%.2f epochs) at step %d: steps take %.3f s now (median of the "
-                "last %d), the plan assumed %.3f s; %.1f of %g min left",
+                "time budget: %s from %d to %d steps (%.2f epochs) at step %d: steps take %.3f s now (mean of the "
+                "last %d but the slowest), the plan assumed %.3f s; %.1f of %g min left",
                 way, old.total_steps, new.total_steps, new.epochs_float, self.trainer.step, per_step,
                 len(self.trainer.step_clock), old.seconds_per_step, max(0.0, old.budget_minutes - spent / 60),
                 old.budget_minutes,

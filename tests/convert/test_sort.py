@@ -147,12 +147,19 @@ def test_tied_weights_keep_their_order() -> None:
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
 
 
-def test_vit_mlp_units_sort_and_the_embedding_stream_is_reported() -> None:
-    """The coupling analysis freezes the embedding stream (the positional embedding, attention), so heads keep their
-    order; each block's MLP hidden units (fc1's rows, fc2's columns) sort."""
+def test_vit_heads_and_mlp_units_sort_and_the_embedding_stream_is_reported() -> None:
+    """The coupling analysis freezes the embedding stream (the positional embedding, attention), so it keeps its
+    order; each block's MLP hidden units (fc1's rows, fc2's columns) sort, and each attention layer's heads as one
+    group (tests/convert/test_sort_heads.py)."""
+    torch.manual_seed(0)
     model, x = CASES["slim_vit_tiny"]()
     report = slimmable.sort_channels(model, example_input=x)
-    assert sorted(g.layers for g in report.groups) == sorted((f"blocks.{i}.mlp.fc1",) for i in range(12))
+    channels = [g.layers for g in report.groups if g.unit == "channels"]
+    assert sorted(channels) == sorted((f"blocks.{i}.mlp.fc1",) for i in range(12))
+    heads = [g for g in report.groups if g.unit == "heads"]
+    # random weights: a layer whose 3 heads are already in magnitude order is not permuted (1 in 6)
+    assert len(heads) >= 6 and all(g.layers[0] in {f"blocks.{i}.attn" for i in range(12)} for g in heads)
+    assert all(g.size == 3 and sorted(g.order) == [0, 1, 2] for g in heads)
     assert any("fixed channels" in why for _, why in report.left)
 
 

@@ -64,6 +64,32 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+def test_two_processes_with_a_teacher_match_one_process(tmp_path: Path) -> None:
+    """Each process builds its own frozen teacher from the recipe (no DDP around it): 2 processes still compute what
+    1 process computes, and the teacher changes the result."""
+    fm = write_fashion_mnist(tmp_path / "fm", n_train=80, n_test=24)
+    base = {"data": {"augment": "none", "val_size": 16, "batch_size": 16},
+            "optim": {"lr": 0.01, "schedule": "constant"}}  # fmt: skip
+    write_recipe(tmp_path / "t.yaml", tiny_recipe(fm, train={"epochs": 1}, **base))
+    args = ["--device", "cpu", "--no-tensorboard", "--latency-runs", "0"]
+    _run([PYTHON, "-m", "slimmable.cli.main", "train", "--recipe", "t.yaml", *args, "--out", "teacher"], tmp_path)
+    train = {"epochs": 1, "sync_bn": True, "teacher": str(tmp_path / "teacher" / "last.pt"), "teacher_weight": 0.8}
+    write_recipe(tmp_path / "r.yaml", tiny_recipe(fm, train=train, **base))
+    args = ["train", "--recipe", "r.yaml", *args]
+    _run([PYTHON, "-m", "slimmable.cli.main", *args, "--out", "one"], tmp_path)
+    two = _run([*TORCHRUN, "-m", "slimmable.cli.main", *args, "--out", "two"], tmp_path)
+    assert "x2 processes" in two.stderr and "teacher: slim_resnet18 from" in two.stderr
+    one_ck, two_ck = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    for k, v in one_ck["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two_ck["model"][k], v, rtol=1e-4, atol=1e-4, msg=k)
+    alone, one_hist, two_hist = (json.loads((tmp_path / d / "history.json").read_text())[0]["train"]
+                                 for d in ("teacher", "one", "two"))  # fmt: skip
+    for a, b, c in zip(alone, one_hist, two_hist):
+        assert b["loss"] == pytest.approx(c["loss"], rel=1e-3)
+        assert abs(a["loss"] - b["loss"]) > 1e-3  # the same run without a teacher (the teacher's own) differs
+
+
 def test_a_budgeted_run_replans_on_every_process(tmp_path: Path) -> None:
     """Under torchrun the plan is re-planned every log_interval steps on every process (rank 0's plan, broadcast):
     the same steps everywhere, so the collective neither hangs nor lets the processes' step counts differ."""

@@ -298,14 +298,15 @@ def test_a_run_slowed_at_the_start_regains_its_plan(
     shrunk = [r for r in replans if r["to"] < r["from"]]
     grown = [r for r in replans if r["to"] > r["from"]]
     assert shrunk and grown and shrunk[0]["step"] < grown[0]["step"]  # shortened while busy, then extended
-    assert shrunk[0]["seconds_per_step"] == 4.0 and grown[-1]["seconds_per_step"] == 1.0
+    # the window's mean without its slowest step: all busy at first, mostly quiet at the last extension
+    assert shrunk[0]["seconds_per_step"] == 4.0 and grown[-1]["seconds_per_step"] < 2.0
     # the 8 busy steps take 32 s; the 28 s left hold about 27 quiet steps. A plan that only shrank would have ended
     # near step 15 (cut to 4 s per step while busy); this one regains what the quiet steps allow
     steps = load_checkpoint(out / "last.pt")["step"]
     assert steps == plan.total_steps == len(lrs) and 8 + 25 <= steps <= 8 + 28
     assert 55 <= fake[0] <= 60 * 1.02  # the budget is used and holds
     assert any("behind the plan, shortened" in r.getMessage() for r in caplog.records)
-    assert any("ahead of the plan, extended" in r.getMessage() and "median of the last" in r.getMessage()
+    assert any("ahead of the plan, extended" in r.getMessage() and "mean of the last" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     # the learning rate: a continuous cosine in the time spent, never rising, no jump at a re-plan
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs))
