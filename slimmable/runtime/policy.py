@@ -51,7 +51,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["POLICIES", "Admission", "LoadAwarePolicy", "StaticPolicy", "WidthPolicy", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "Admission",
+    "LoadAwarePolicy",
+    "StaticPolicy",
+    "WidthPolicy",
+    "interpolate_latency",
+    "make_policy",
+]
 
 #: the queue factor (observed / predicted queueing delay) stays in this range
 QUEUE_FACTOR_RANGE = (0.05, 20.0)
@@ -439,6 +447,22 @@ def make_policy(
         known = ", ".join(repr(n) for n in POLICIES)
         raise ValueError(f"width policy {name!r} is not known; use one of {known} (default 'load_aware')")
     return cls(widths, estimate, **kwargs)
+
+
+def interpolate_latency(points: Mapping[int, float], batch_size: int) -> float:
+    """A latency (ms) at ``batch_size`` from those measured at other batch sizes (``{batch: ms}``, not empty): the
+    measured one, else a line through the two nearest (at least a tenth of the smaller), or in proportion to the
+    batch size when one was measured. The runner's calibration and the Triton router both estimate with it."""
+    if batch_size in points:
+        return points[batch_size]
+    sizes = sorted(points)
+    if len(sizes) == 1:
+        b0 = sizes[0]
+        return points[b0] * batch_size / b0
+    lo, hi = sorted(sorted(sizes, key=lambda s: (abs(s - batch_size), s))[:2])
+    slope = (points[hi] - points[lo]) / (hi - lo)
+    est = points[lo] + slope * (batch_size - lo)
+    return max(est, 0.1 * min(points[lo], points[hi]))
 
 
 def _widest_within(limit_ms: float, service: Mapping[float, float]) -> float:

@@ -64,7 +64,7 @@ from ..export.dense import default_widths, export_width, input_shape
 from ..nn.channels import width_key
 from ..tasks import task_of
 from .allocator import freed_memory_retained
-from .policy import POLICIES, Admission, WidthPolicy, make_policy
+from .policy import POLICIES, Admission, WidthPolicy, interpolate_latency, make_policy
 
 __all__ = ["AdmittedRequest", "RunResult", "SlimmableRunner"]
 
@@ -432,17 +432,7 @@ class SlimmableRunner:
         base = self._base
         if not base:
             raise RuntimeError("the runner has no latencies yet; call calibrate() (or build it with calibrate=True)")
-        if batch_size in base:
-            return base[batch_size][w]
-        sizes = sorted(base)
-        if len(sizes) == 1:
-            b0 = sizes[0]
-            return base[b0][w] * batch_size / b0
-        # the two calibrated sizes nearest to batch_size, then a line through them
-        lo, hi = sorted(sorted(sizes, key=lambda s: (abs(s - batch_size), s))[:2])
-        slope = (base[hi][w] - base[lo][w]) / (hi - lo)
-        est = base[lo][w] + slope * (batch_size - lo)
-        return max(est, 0.1 * min(base[lo][w], base[hi][w]))
+        return interpolate_latency({b: table[w] for b, table in base.items()}, batch_size)
 
     def estimate(self, width: float, batch_size: int = 1) -> float:
         """Expected latency (ms) of ``width`` at ``batch_size`` now: calibrated latency times the drift factor."""

@@ -521,21 +521,22 @@ ROUTE_BY_BATCH = {
 
 
 def test_the_estimator_interpolates_the_batches_and_learns_the_drift():
-    est = router_module.Estimator(ROUTE_BY_BATCH)
+    est = router_module.Estimator(ROUTE_BY_BATCH, policy_module.interpolate_latency)
     assert est.base(0.25, 1) == 1.0 and est.base(0.25, 5) == pytest.approx(2.0) and est.base(1.0, 9) == 30.0
     assert est.base(1.0, 17) == pytest.approx(54.0)  # extrapolated along the same line
     assert est(0.5, 1) == 2.5  # no drift yet
     for _ in range(50):  # twice as slow as measured, at any width and batch
         est.observe(0.5, 9, 21.0)
     assert est.drift == pytest.approx(2.0, rel=1e-3) and est(1.0, 1) == pytest.approx(12.0, rel=1e-3)
-    one = router_module.Estimator(ROUTE)  # only one image measured: in proportion to the batch
+    # only one image measured: in proportion to the batch
+    one = router_module.Estimator(ROUTE, policy_module.interpolate_latency)
     assert one.base(0.5, 4) == 10.0
 
 
 def test_the_router_policy_narrows_behind_requests_in_flight(tmp_path):
     path = tmp_path / "width_policy.py"
     path.write_text(source("width_policy"))
-    est = router_module.Estimator(ROUTE_BY_BATCH)
+    est = router_module.Estimator(ROUTE_BY_BATCH, policy_module.interpolate_latency)
     policy = router_module.load_policy(str(path), ROUTE_BY_BATCH, est)
     assert type(policy).__name__ == "LoadAwarePolicy" and policy.utilization == 0.8 and policy.parallelism == 1
     first = policy.choose(8.0, 1)

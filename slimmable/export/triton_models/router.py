@@ -174,10 +174,11 @@ class Estimator:
 
     Args:
         route: the routing table (its versions' ``latency_ms_by_batch``, or ``latency_ms`` of one image).
+        interpolate: ``interpolate(points, batch_size)``, the width policy module's ``interpolate_latency``.
         alpha: weight of each observation in the drift factor's moving average, in (0, 1].
     """
 
-    def __init__(self, route: Mapping[str, Any], alpha: float = 0.2) -> None:
+    def __init__(self, route: Mapping[str, Any], interpolate: Any, alpha: float = 0.2) -> None:
         self.table: dict[float, dict[int, float]] = {}
         for entry in route["versions"]:
             by_batch = entry.get("latency_ms_by_batch") or (
@@ -185,18 +186,14 @@ class Estimator:
             )
             if by_batch:
                 self.table[_key(entry["width"])] = {int(b): float(ms) for b, ms in by_batch.items()}
+        self._interpolate = interpolate  # width_policy.interpolate_latency (the runner's rule)
         self.alpha = float(alpha)
         self.drift = 1.0
 
     def base(self, width: float, batch_size: int) -> float:
-        """The measured latency of ``width`` at ``batch_size`` (interpolated), before the drift factor."""
-        points = sorted(self.table[_key(width)].items())
-        if len(points) == 1:  # one measured batch: in proportion to the batch size
-            b0, ms0 = points[0]
-            return ms0 * batch_size / b0
-        near = sorted(points, key=lambda p: abs(p[0] - batch_size))[:2]
-        (b0, ms0), (b1, ms1) = sorted(near)
-        return max(ms0 + (ms1 - ms0) * (batch_size - b0) / (b1 - b0), 1e-3)
+        """The measured latency of ``width`` at ``batch_size`` (interpolated as the runner does), before the drift
+        factor."""
+        return self._interpolate(self.table[_key(width)], batch_size)
 
     def __call__(self, width: float, batch_size: int) -> float:
         """The predicted latency now: :meth:`base` times the drift factor."""
@@ -228,12 +225,11 @@ def _route_path(args: Mapping[str, str]) -> str:
     return _beside(args, ROUTE_FILE)
 
 
-def load_policy(path: str, route: Mapping[str, Any], estimate: Any) -> Any:
-    """The width policy that ``route``'s ``policy`` section names, from the module file ``path``.
+def load_policy_module(path: str) -> Any:
+    """The width-policy module file ``path`` (``width_policy.py``, :mod:`slimmable.runtime.policy`), imported.
 
     Raises:
         RuntimeError: the file is missing (a repository written before the router had a policy).
-        ValueError: an unknown policy or bad settings (the message names them).
     """
     if not os.path.isfile(path):
         raise RuntimeError(f"{path} is missing: write the repository again with slimmable export --format triton")
@@ -241,6 +237,18 @@ def load_policy(path: str, route: Mapping[str, Any], estimate: Any) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
+    return module
+
+
+def load_policy(path: str | Any, route: Mapping[str, Any], estimate: Any) -> Any:
+    """The width policy that ``route``'s ``policy`` section names, from the module file ``path`` (or the module
+    :func:`load_policy_module` returned).
+
+    Raises:
+        RuntimeError: the file is missing (a repository written before the router had a policy).
+        ValueError: an unknown policy or bad settings (the message names them).
+    """
+    module = load_policy_module(path) if isinstance(path, str) else path
     settings = dict(route.get("policy") or {"name": "load_aware"})
     settings.pop("what", None)
     name = settings.pop("name", "load_aware")
@@ -287,12 +295,11 @@ class TritonPythonModel:
         self.input = str(self.route["input"])
         self.outputs = [str(o) for o in self.route["outputs"]]
         self.by_width = {_key(e["width"]): e for e in self.route["versions"]}
-        self.estimate = Estimator(self.route)
+        policy_module = load_policy_module(_beside(args, POLICY_FILE))
+        self.estimate = Estimator(self.route, policy_module.interpolate_latency)
         measured = set(self.estimate.table) == set(self.by_width)
         # without measured latencies budgets are refused (choose_version says so), pinned widths add no work
-        self.policy = load_policy(
-            _beside(args, POLICY_FILE), self.route, self.estimate if measured else (lambda w, b: 0.0)
-        )
+        self.policy = load_policy(policy_module, self.route, self.estimate if measured else (lambda w, b: 0.0))
 
     def _admit(self, request: Any, tensor: Any) -> tuple[Mapping[str, Any], Any]:
         """The version entry for ``request`` and its admission to the width policy.
