@@ -752,9 +752,11 @@ def run_benchmark(
     ]
     other_adaptive = mode(f"adaptive_{other}", "load_aware", other, budget=budget)
     triton_levels = set(_floats(args.triton_levels)) & set(levels) if args.triton else set()
-    triton, triton_modes, triton_info = (None, [], None)
+    triton, triton_modes, triton_info, triton_work = (None, [], None, None)
     if triton_levels:
-        triton, triton_modes, triton_info = start_triton(args, spec, widths, inputs, info["v2_input"], budget)
+        triton, triton_modes, triton_info, triton_work = start_triton(
+            args, spec, widths, inputs, info["v2_input"], budget
+        )
     n_runs = len(levels) * len(modes_common) + len(other_levels) + len(triton_levels) * len(triton_modes)
     print(f"{n_runs} runs of {args.seconds:g} s: about {n_runs * (args.seconds + 0.6) / 60:.1f} min", flush=True)
     rows: list[dict] = []
@@ -770,6 +772,7 @@ def run_benchmark(
     finally:
         if triton is not None:
             triton.stop()
+            shutil.rmtree(triton_work, ignore_errors=True)
 
     fixed = [f"w={w:g}" for w in widths]
     verdicts, extra = [], []
@@ -882,9 +885,9 @@ def run_mode(
 def start_triton(
     args: argparse.Namespace, spec: dict, widths: list[float], inputs: list[np.ndarray], input_name: str,
     budget: float,
-) -> tuple[Any, list[Mode], dict[str, Any]]:  # fmt: skip
+) -> tuple[Any, list[Mode], dict[str, Any], Path]:  # fmt: skip
     """The same model as a Triton repository on the bundled Triton: the server, its modes (each version, and the
-    router with the budget) and what to record."""
+    router with the budget), what to record, and the folder holding the repository (removed after the runs)."""
     from slimmable.export import export_triton
     from slimmable.export.triton_local import LocalTriton
 
@@ -908,22 +911,15 @@ def start_triton(
         v2_mode(f"triton w={w:g}", port, inputs, repo.model, input_name, {}, version=v, width=w)
         for v, w in repo.versions.items()
     ] + [v2_mode("triton adaptive", port, inputs, repo.router, input_name, {"latency_budget_ms": round(budget, 4)})]
-    stop = server.stop
-
-    def stop_and_clean() -> None:
-        stop()
-        shutil.rmtree(work, ignore_errors=True)
-
-    server.stop = stop_and_clean  # type: ignore[method-assign]
     info = {
         "server": "tritonserver bundled in nvidia-pytriton, Python-backend models running each width's ONNX file "
         "with onnxruntime (1 thread), the router's load-aware policy (width_policy.py)",
         "models_python": str(args.triton_python or sys.executable),
         "export_s": export_s,
         "start_s": server.start_s,
-        "export_latency_ms_by_batch": {f"{float(w):g}": e for w, e in zip(widths, repo.latency_ms.values())},
+        "export_latency_ms_batch_1": {f"{float(repo.versions[v]):g}": ms for v, ms in repo.latency_ms.items()},
     }
-    return server, modes, info
+    return server, modes, info, work
 
 
 def print_table(rows: list[dict], levels: list[float], slo: float) -> None:
