@@ -19,8 +19,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from _bench import machine_info
 
 from slimmable.config import RunConfig
 from slimmable.train import TrainResult, train_from_config
@@ -48,6 +51,37 @@ def individual_widths(run: str, widths: Sequence[float]) -> tuple[float, ...]:
     if run != "slimmable":
         raise ValueError(f"unknown run {run!r}: not among {', '.join(run_names(widths))}")
     return tuple(widths)
+
+
+def run_record(
+    run: str, seed: int, cfg: Any, rc: RunConfig, result: TrainResult, history: list[dict], rows: list[dict],
+    wall: float, cpu: float, threads: int, **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """A finished run's JSON record: ``run``, ``seed``, ``widths``, the study's own ``fields`` (its metrics), then
+    what every study records (steps, per-width training loss, learning rates, times, numerics, configs, machine).
+    ``cfg`` is the study's config dataclass, ``rows`` the final per-width rows."""
+    return {
+        "run": run,
+        "seed": seed,
+        "widths": [float(r["width"]) for r in rows],
+        **fields,
+        "epochs": result.epochs_done,
+        "steps": result.epochs_done * cfg.steps_per_epoch,
+        "train_loss": {
+            width: [next(t["loss"] for t in h["train"] if f"{t['width']:g}" == width) for h in history]
+            for width in (f"{r['width']:g}" for r in rows)
+        },
+        "lr": [h["lr"] for h in history],
+        "epoch_seconds": [round(h["seconds"], 2) for h in history],
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "numerics": result.numerics.label if result.numerics is not None else None,
+        "threads": threads,
+        "config": asdict(cfg),
+        "run_config": rc.to_dict(),
+        "machine": machine_info(),
+    }
 
 
 def run_path(out: Path, run: str, seed: int) -> Path:

@@ -76,6 +76,7 @@ from _study import (  # noqa: E402
     run_jobs,
     run_names,
     run_path,
+    run_record,
     summarize,
     train_logged,
 )
@@ -166,30 +167,12 @@ def train_run(run: str, seed: int, cfg: StudyConfig, cache_dir: str, out: str, t
     rc = run_config(run, seed, cfg)
     result, final, history, wall, cpu = train_logged(rc, Path(out) / "logs" / f"{run}_s{seed}.log", cache_dir)
     rows = final["widths"]
-    res = {
-        "run": run,
-        "seed": seed,
-        "widths": [float(r["width"]) for r in rows],
-        "metrics": {f"{r['width']:g}": {k: r[k] for k in ("miou", "pixel_acc", "macs", "params")} for r in rows},
-        "test_scenes": rows[0]["images"],
-        "epochs": result.epochs_done,
-        "steps": result.epochs_done * cfg.steps_per_epoch,
-        "best_epoch": result.best_epoch if result.best_epoch is not None else final.get("epoch"),
-        "train_loss": {
-            width: [next(t["loss"] for t in h["train"] if f"{t['width']:g}" == width) for h in history]
-            for width in (f"{r['width']:g}" for r in rows)
-        },
-        "lr": [h["lr"] for h in history],
-        "epoch_seconds": [round(h["seconds"], 2) for h in history],
-        "train_seconds": round(sum(h["seconds"] for h in history), 2),
-        "wall_seconds": round(wall, 2),
-        "cpu_seconds": round(cpu, 2),
-        "numerics": result.numerics.label if result.numerics is not None else None,
-        "threads": threads,
-        "config": asdict(cfg),
-        "run_config": rc.to_dict(),
-        "machine": machine_info(),
-    }
+    res = run_record(
+        run, seed, cfg, rc, result, history, rows, wall, cpu, threads,
+        metrics={f"{r['width']:g}": {k: r[k] for k in ("miou", "pixel_acc", "macs", "params")} for r in rows},
+        test_scenes=rows[0]["images"],
+        best_epoch=result.best_epoch if result.best_epoch is not None else final.get("epoch"),
+    )  # fmt: skip
     write_json(run_path(Path(out), run, seed), res)
     return res
 
