@@ -250,3 +250,20 @@ def write_segmentation_folder(
     if classes_file:
         (root / "classes.txt").write_text("\n".join(["background", *(f"c{k}" for k in range(1, num_classes))]) + "\n")
     return root
+
+
+def served_classifier(widths: Sequence[float]):
+    """A small slimmable classifier (slim MobileNet v1, 10 classes, small input) at ``widths`` with random,
+    non-trivial BN statistics, in eval mode: what the serving-engine tests (Ray, Triton) serve."""
+    import torch
+
+    import slimmable
+
+    model = slimmable.create_model("slim_mobilenet_v1", num_classes=10, small_input=True, widths=widths)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1.0 + torch.rand(m.running_var.shape, generator=g))
+    return model.eval()

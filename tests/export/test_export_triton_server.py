@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fake_data import served_classifier
 
-import slimmable
 from slimmable.export import export_triton
 from slimmable.export.triton_local import PIP_HINT, LocalTriton, TritonUnavailable
 from slimmable.export.triton_repo import read_route
@@ -38,15 +38,7 @@ START_TIMEOUT_S = 240
 
 
 def _model() -> torch.nn.Module:
-    """A small slimmable classifier with random (non-trivial) BN statistics."""
-    model = slimmable.create_model("slim_mobilenet_v1", num_classes=10, small_input=True, widths=WIDTHS)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(1.0 + torch.rand(m.running_var.shape, generator=g))
-    return model.eval()
+    return served_classifier(WIDTHS)
 
 
 @pytest.fixture(scope="module")

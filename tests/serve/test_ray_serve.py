@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from fake_data import served_classifier
 
-import slimmable
 from slimmable.checkpoint import model_checkpoint, save_checkpoint
 from slimmable.cli.main import main
 from slimmable.nn import use_width
@@ -109,15 +109,7 @@ def test_options_check_their_numbers_and_calibrate_the_batch_size() -> None:
 
 
 def _model() -> torch.nn.Module:
-    """A small slimmable classifier with random (non-trivial) BN statistics."""
-    model = slimmable.create_model("slim_mobilenet_v1", num_classes=10, small_input=True, widths=WIDTHS)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(1.0 + torch.rand(m.running_var.shape, generator=g))
-    return model.eval()
+    return served_classifier(WIDTHS)
 
 
 def _reference(model: torch.nn.Module, x: torch.Tensor, width: float) -> torch.Tensor:
