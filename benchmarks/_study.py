@@ -125,6 +125,7 @@ def check_resumable(
     """Refuse to resume over runs made with another study config or recipe: their scores would be mixed into this
     study's table. ``config`` is the study's (as its runs record it), ``run_config(run, seed)`` a run's recipe."""
     want = json.loads(json.dumps(dict(config)))
+    defaults = RunConfig().to_dict()
     for run, seed in done:
         path = run_path(out, run, seed)
         data = json.loads(path.read_text())
@@ -136,11 +137,16 @@ def check_resumable(
                 "start over"
             )
         rc = run_config(run, seed).to_dict()
-        if data.get("run_config") != rc:  # the packaged recipe changed since
-            old = data.get("run_config") or {}
-            diff = ", ".join(
-                f"{sec}.{k}" for sec, vals in rc.items() for k, v in vals.items() if (old.get(sec) or {}).get(k) != v
-            )
+        old = data.get("run_config") or {}
+        # a setting added to RunConfig after the run was made is absent from its record: at its default it is the
+        # same run (the code then had that behaviour), at any other value a different one
+        diff = ", ".join(
+            f"{sec}.{k}"
+            for sec, vals in rc.items()
+            for k, v in vals.items()
+            if (old.get(sec) or {}).get(k, defaults.get(sec, {}).get(k)) != v
+        )
+        if diff:  # the packaged recipe changed since
             raise SystemExit(
                 f"{path} was trained with another recipe ({diff} differ); give another --out, or delete {out} to "
                 "start over"

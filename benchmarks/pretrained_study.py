@@ -4,7 +4,8 @@ each width trained alone.
 For each network (``torchvision/resnet18`` and ``timm/mobilenetv3_small_050``, both ``small_input``, ``in_chans=1``,
 10 classes) and each seed, on Fashion-MNIST:
 
-1. ``pretrain``: the dense original (converted with ``widths=(1.0,)``, whose state dict has the original's keys)
+1. ``pretrain``: the dense original (converted with ``widths=(1.0,)``, whose state dict has the original's keys),
+   initialised as the individuals are (each module's ``reset_parameters``: the same network as ``individual_w1``),
    trained for ``N`` steps; its state dict is saved (``pretrain_<net>_s<seed>.pt``) and reloaded strictly into the
    original architecture (:func:`slimmable.convert.zoo.create_original_model`).
 2. ``convert``: the original converted at widths 0.25 / 0.5 / 0.75 / 1.0 unsorted, sorted by ``magnitude`` and by
@@ -273,8 +274,9 @@ def train_cost(steps: int, batch: int, macs: dict[str, int], teacher_macs: int =
 
 
 def run_pretrain(net: str, seed: int, cfg: StudyConfig, data: Data, out: Path) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = slimmable.convert(_original(net), widths=(1.0,), example_input=_example())
+    # the individuals' initialisation (each module's own ``reset_parameters``), not the builder's: timm's
+    # MobileNetV3 init trained 4 points below it at this budget, which the comparison would otherwise inherit
+    model = slimmable.convert(_reinit(_original(net), seed), widths=(1.0,), example_input=_example())
     res = train_steps(model, data, cfg, seed, steps=cfg.steps, lr=cfg.lr)
     weights = out / f"{run_name('pretrain', net, seed)}.pt"
     torch.save(model.state_dict(), weights)

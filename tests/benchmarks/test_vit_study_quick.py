@@ -1,7 +1,8 @@
 """The ViT study's quick mode runs end to end on a tiny fake Fashion-MNIST: every run writes its file through
 ``train_from_config``, top-1 is a percentage, each individual run is the slimmable architecture at its width (the
 same MACs and parameters), all runs of a seed share the recipe but for ``model.widths``, a second invocation resumes
-(skips every finished run), another study config is refused, and the final table is printed.
+(skips every finished run; a run recorded before a setting existed resumes when the setting is at its default),
+another study config or recipe is refused, and the final table is printed.
 
 It checks that the table holds the runs' own scores and that its verdicts are the orderings of those scores, not
 which way they go: four steps on 32 fake images mean nothing; the full study (``benchmarks/vit_study.py`` without
@@ -75,5 +76,18 @@ def test_quick_vit_study(tmp_path: Path) -> None:
     again = _run(out, data)  # resumes: nothing left to train
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 runs, 3 already done (skipped), 0 to train" in again.stdout and "estimated" not in again.stdout
+    # a run recorded before a setting existed (absent from its record) resumes when the setting is at its default,
+    # and is refused when the record says another value
+    path = out / "slimmable_s0.json"
+    record = json.loads(path.read_text())
+    del record["run_config"]["train"]["teacher_weight"]
+    path.write_text(json.dumps(record))
+    assert _run(out, data).returncode == 0
+    record["run_config"]["train"]["teacher_weight"] = 0.9
+    path.write_text(json.dumps(record))
+    changed = _run(out, data)
+    assert changed.returncode != 0 and "another recipe (train.teacher_weight differ)" in changed.stderr, changed.stderr
+    del record["run_config"]["train"]["teacher_weight"]
+    path.write_text(json.dumps(record))
     other = _run(out, data, "--epochs", "3")
     assert other.returncode != 0 and "another study config (epochs 2 there, 3 now)" in other.stderr, other.stderr
