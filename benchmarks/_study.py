@@ -1,7 +1,7 @@
 """Shared by the studies of slimmable networks against networks of each width trained alone
-(``segmentation_study.py``, ``vit_study.py``): one run through ``train_from_config`` with its log in a file, one JSON
-per run so that an interrupted study resumes, and the per-width table (the wall time of a schedule of runs is
-``_bench.schedule_seconds``).
+(``segmentation_study.py``, ``vit_study.py``; ``pretrained_study.py`` uses :func:`run_jobs`): one run through
+``train_from_config`` with its log in a file, one JSON per run so that an interrupted study resumes, the per-width
+table, and the command line every study's ``main`` shares (options, the plan of jobs left, the estimate, the summary).
 
 A study names its runs ``slimmable`` (every width, Algorithm 1) and ``individual_w{w}`` (a model built with
 ``widths=(w,)``, trained alone), and writes each run's result to ``<out>/<run>_s<seed>.json`` with at least
@@ -11,6 +11,7 @@ A study names its runs ``slimmable`` (every width, Algorithm 1) and ``individual
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing
@@ -19,18 +20,26 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _bench import machine_info
+import torch
+from _bench import describe_machine, machine_info, schedule_seconds
 
+from slimmable._utils import write_json
 from slimmable.config import RunConfig
 from slimmable.train import TrainResult, train_from_config
 
 __all__ = [
+    "Plan",
+    "add_study_args",
     "check_resumable",
+    "estimate_schedule",
+    "finish_study",
     "individual_widths",
+    "plan_study",
+    "reporter",
     "run_jobs",
     "run_names",
     "run_path",
@@ -154,21 +163,21 @@ def check_resumable(
 
 
 def run_jobs(
-    fn: Callable[..., dict],
-    jobs: Sequence[tuple[str, int]],
+    fn: Callable[..., Any],
+    jobs: Sequence[tuple],
     common: tuple,
     workers: int,
-    report: Callable[[dict], None],
+    report: Callable[[Any], None],
 ) -> None:
-    """``fn(run, seed, *common)`` for every job, in order, ``workers`` at a time (spawned processes, so that no
-    OpenMP pool is forked), ``report`` called with each result as it comes."""
+    """``fn(*job, *common)`` for every job (a study's: ``(run, seed)``), in order, ``workers`` at a time (spawned
+    processes, so that no OpenMP pool is forked), ``report`` called with each result as it comes."""
     if workers == 1:
-        for run, seed in jobs:
-            report(fn(run, seed, *common))
+        for job in jobs:
+            report(fn(*job, *common))
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = [pool.submit(fn, run, seed, *common) for run, seed in jobs]
+        futures = [pool.submit(fn, *job, *common) for job in jobs]
         for fut in as_completed(futures):
             report(fut.result())
 
@@ -215,3 +224,102 @@ def summarize(out: Path, widths: Sequence[float], seeds: Sequence[int], metrics:
     table["train_seconds"] = {"slimmable_mean": statistics.fmean(slim) if slim else None,
                               "individual_sum_per_seed": sum(indiv) / len(seeds) if indiv else None}  # fmt: skip
     return table
+
+
+# -- a study's command line: what every study's main() shares ------------------------------------------------------
+
+
+def add_study_args(ap: argparse.ArgumentParser, *, name: str, runs_help: str) -> None:
+    """The options every study takes: ``--quick``, ``--seeds``, ``--workers``, ``--threads``, ``--runs``, ``--out``
+    (default ``benchmarks/results/<name>[_quick]``), ``--no-estimate`` and ``--estimate-only``."""
+    ap.add_argument("--quick", action="store_true", help="tiny study (2 widths, 1 seed, 4 steps): checks the code")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0)")
+    ap.add_argument("--workers", type=int, default=None, help="runs trained at once (default: 2, --quick: 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    ap.add_argument("--runs", help=runs_help)
+    ap.add_argument("--out", default=None, help=f"results folder (default benchmarks/results/{name}[_quick])")
+    ap.add_argument("--no-estimate", action="store_true", help="skip timing steps for the estimate")
+    ap.add_argument("--estimate-only", action="store_true", help="print the estimate and stop (trains nothing)")
+
+
+@dataclass
+class Plan:
+    """A study invocation's runs and seeds, where it writes, and the jobs left to train (``todo``)."""
+
+    runs: list[str]
+    seeds: list[int]
+    workers: int
+    threads: int
+    out: Path
+    jobs: list[tuple[str, int]]
+    todo: list[tuple[str, int]]
+    machine: dict[str, Any]
+    started: float
+
+
+def plan_study(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    results: Path,
+    config: Mapping[str, Any],
+    all_runs: Sequence[str],
+    default_runs: Sequence[str],
+    run_config: Callable[[str, int], RunConfig],
+) -> Plan:
+    """Resolve :func:`add_study_args`' options (``--runs`` must be among ``all_runs``), set the thread count, print
+    the machine, find the jobs already done (refused when made with another ``config`` or recipe:
+    :func:`check_resumable`) and print the counts."""
+    runs = list(default_runs)
+    if args.runs:
+        runs = args.runs.split(",")
+        if unknown := [r for r in runs if r not in all_runs]:
+            raise SystemExit(f"--runs {','.join(unknown)}: not among {','.join(all_runs)}")
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    workers = args.workers or (1 if args.quick else 2)
+    out = Path(args.out or results / (f"{name}_quick" if args.quick else name))
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    print(f"{describe_machine(machine)}; {workers} worker(s) x {args.threads} thread(s); results in {out}")
+    started = time.perf_counter()
+    jobs = [(r, s) for s in seeds for r in runs]
+    todo = [j for j in jobs if not run_path(out, *j).is_file()]
+    check_resumable(out, config, [j for j in jobs if j not in todo], run_config)
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done (skipped), {len(todo)} to train")
+    return Plan(runs, seeds, workers, args.threads, out, jobs, todo, machine, started)
+
+
+def estimate_schedule(
+    plan: Plan, per_step: Mapping[str, float], seconds: Callable[[str], float], *, steps: int, setting: str
+) -> None:
+    """Print the measured seconds per step (``setting``: the batch and the like), put the longest runs of
+    ``plan.todo`` first (the schedule's wall time is then close to the ideal) and print the estimated wall time;
+    ``seconds(run)``: a run's estimated seconds."""
+    speeds = ", ".join(f"{k} {v:.3f}" for k, v in per_step.items())
+    print(f"seconds per training step ({plan.threads} thread(s), {setting}): {speeds}")
+    plan.todo.sort(key=lambda j: -seconds(j[0]))
+    secs = [seconds(r) for r, _ in plan.todo]
+    est = schedule_seconds(secs, plan.workers)
+    print(f"estimated wall time: {est / 60:.1f} min ({len(plan.todo)} runs of {steps} steps, "
+          f"{sum(secs) / 60:.1f} core-minutes, {plan.workers} worker(s), if each gets a core)", flush=True)  # fmt: skip
+
+
+def finish_study(plan: Plan, config: Mapping[str, Any], steps: int, table: dict[str, Any]) -> None:
+    """Write ``<out>/summary.json`` (the study's config, runs, seeds, machine and table) and print the wall time."""
+    wall = time.perf_counter() - plan.started
+    summary = {"config": dict(config), "steps": steps, "seeds": plan.seeds, "runs": plan.runs,
+               "workers": plan.workers, "threads": plan.threads, "wall_seconds_this_invocation": round(wall, 1),
+               "machine": plan.machine, "table": table}  # fmt: skip
+    write_json(plan.out / "summary.json", summary)
+    print(f"wall time {wall / 60:.1f} min; wrote {plan.out / 'summary.json'}")
+
+
+def reporter(metric: str, label: str) -> Callable[[dict], None]:
+    """What prints a finished run: its wall and training seconds and ``metric`` (shown as ``label``) per width."""
+
+    def report(res: dict) -> None:
+        scores = " ".join(f"{w}:{v[metric]:.2f}" for w, v in res["metrics"].items())
+        print(f"{res['run']} seed {res['seed']}: {res['wall_seconds']:.0f} s wall ({res['train_seconds']:.0f} s "
+              f"training), {label} {scores}", flush=True)  # fmt: skip
+
+    return report

@@ -67,13 +67,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +83,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _bench import describe_machine, machine_info, schedule_seconds  # noqa: E402
+from _study import run_jobs  # noqa: E402
 
 import slimmable  # noqa: E402
 from slimmable._utils import write_json  # noqa: E402
@@ -517,6 +516,11 @@ def print_table(table: dict[str, Any], cfg: StudyConfig, seeds: list[int]) -> No
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
+def _call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``: a job of :func:`run_jobs` names the stage it runs."""
+    return fn(*args)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny study (1 seed, a few steps on a few hundred images)")
@@ -575,16 +579,8 @@ def main() -> None:
     if args.estimate_only:
         return
     if todo:
-        calls = [(do_chain, (j[1], j[2])) if j[0] == "chain" else (do_individual, (j[1], j[2], j[3])) for j in todo]
-        common = (cfg, str(out), args.threads)
-        if workers == 1:
-            for fn, a in calls:
-                fn(*a, *common)  # type: ignore[operator]
-        else:
-            ctx = multiprocessing.get_context("spawn")  # no forked OpenMP pools
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                for fut in as_completed([pool.submit(fn, *a, *common) for fn, a in calls]):  # type: ignore[arg-type]
-                    fut.result()
+        calls = [(do_chain, j[1], j[2]) if j[0] == "chain" else (do_individual, j[1], j[2], j[3]) for j in todo]
+        run_jobs(_call, calls, (cfg, str(out), args.threads), workers, report=lambda _: None)  # each job prints
     table = summarize(out, cfg, seeds)
     print_table(table, cfg, seeds)
     wall = time.perf_counter() - t_start

@@ -69,10 +69,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import describe_machine, machine_info, schedule_seconds  # noqa: E402
 from _study import (  # noqa: E402
-    check_resumable,
+    add_study_args,
+    estimate_schedule,
+    finish_study,
     individual_widths,
+    plan_study,
+    reporter,
     run_jobs,
     run_names,
     run_path,
@@ -257,72 +260,33 @@ def print_table(table: dict[str, Any], cfg: StudyConfig, seeds: list[int]) -> No
               f"of a seed {t['individual_sum_per_seed']:.0f} s together (mean over seeds)")  # fmt: skip
 
 
-def _report(res: dict) -> None:
-    scores = " ".join(f"{w}:{v['miou']:.2f}" for w, v in res["metrics"].items())
-    print(f"{res['run']} seed {res['seed']}: {res['wall_seconds']:.0f} s wall ({res['train_seconds']:.0f} s training), "
-          f"mIoU {scores}", flush=True)  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny study (2 widths, 1 seed, 4 steps): checks the code")
+    add_study_args(ap, name="segmentation_study", runs_help="comma-separated subset of the runs (slimmable, "
+                   "individual_w<w>)")  # fmt: skip
     ap.add_argument("--epochs", type=int, help="epochs per run (default 12: 1500 steps)")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0)")
-    ap.add_argument("--workers", type=int, default=None, help="runs trained at once (default: 2, --quick: 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    ap.add_argument("--runs", help="comma-separated subset of the runs (slimmable, individual_w<w>)")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/segmentation_study"
-                    "[_quick])")  # fmt: skip
     ap.add_argument("--data", default=None, help="scenes cache folder (default <out>/data)")
-    ap.add_argument("--no-estimate", action="store_true", help="skip timing steps for the estimate")
-    ap.add_argument("--estimate-only", action="store_true", help="print the estimate and stop (trains nothing)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else StudyConfig()
     if args.epochs:
         cfg = StudyConfig(**{**asdict(cfg), "epochs": args.epochs})
-    runs = cfg.run_names()
-    if args.runs:
-        runs = args.runs.split(",")
-        if unknown := [r for r in runs if r not in cfg.run_names()]:
-            raise SystemExit(f"--runs {','.join(unknown)}: not among {','.join(cfg.run_names())}")
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
-    workers = args.workers or (1 if args.quick else 2)
-    out = Path(args.out or HERE / "results" / ("segmentation_study_quick" if args.quick else "segmentation_study"))
-    cache_dir = Path(args.data) if args.data else out / "data"
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
-    print(f"{describe_machine(machine)}; {workers} worker(s) x {args.threads} thread(s); results in {out}")
-    t_start = time.perf_counter()
-    jobs = [(r, s) for s in seeds for r in runs]
-    todo = [j for j in jobs if not run_path(out, *j).is_file()]
-    check_resumable(out, asdict(cfg), [j for j in jobs if j not in todo], lambda r, s: run_config(r, s, cfg))
-    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done (skipped), {len(todo)} to train")
-    if todo:
+    plan = plan_study(args, name="segmentation_study", results=HERE / "results", config=asdict(cfg),
+                      all_runs=cfg.run_names(), default_runs=cfg.run_names(),
+                      run_config=lambda r, s: run_config(r, s, cfg))  # fmt: skip
+    cache_dir = Path(args.data) if args.data else plan.out / "data"
+    if plan.todo:
         splits = prepare_scenes(cache_dir, cfg)
-        per_step: dict[str, float] | None = None
         if not args.no_estimate:
-            per_step = time_steps(cfg, splits, sorted({r for r, _ in todo}, key=cfg.run_names().index))
-            speeds = ", ".join(f"{k} {v:.3f}" for k, v in per_step.items())
-            print(f"seconds per training step ({args.threads} thread(s), batch {cfg.batch_size}, {cfg.image_size} px): "
-                  f"{speeds}")  # fmt: skip
-            # the longest runs first: the wall time of the schedule is close to the ideal
-            todo.sort(key=lambda j: -run_seconds(per_step, j[0], cfg))  # type: ignore[arg-type]
-            secs = [run_seconds(per_step, r, cfg) for r, _ in todo]
-            est = schedule_seconds(secs, workers)
-            print(f"estimated wall time: {est / 60:.1f} min ({len(todo)} runs of {cfg.steps} steps, "
-                  f"{sum(secs) / 60:.1f} core-minutes, {workers} worker(s), if each gets a core)",
-                  flush=True)  # fmt: skip
+            per_step = time_steps(cfg, splits, sorted({r for r, _ in plan.todo}, key=cfg.run_names().index))
+            estimate_schedule(plan, per_step, lambda r: run_seconds(per_step, r, cfg), steps=cfg.steps,
+                              setting=f"batch {cfg.batch_size}, {cfg.image_size} px")  # fmt: skip
         if args.estimate_only:
             return
-        run_jobs(train_run, todo, (cfg, str(cache_dir), str(out), args.threads), workers, _report)
-    table = summarize(out, cfg.widths, seeds, ("miou", "pixel_acc"))
-    print_table(table, cfg, seeds)
-    wall = time.perf_counter() - t_start
-    summary = {"config": asdict(cfg), "steps": cfg.steps, "seeds": seeds, "runs": runs, "workers": workers,
-               "threads": args.threads, "wall_seconds_this_invocation": round(wall, 1), "machine": machine,
-               "table": table}  # fmt: skip
-    write_json(out / "summary.json", summary)
-    print(f"wall time {wall / 60:.1f} min; wrote {out / 'summary.json'}")
+        run_jobs(train_run, plan.todo, (cfg, str(cache_dir), str(plan.out), plan.threads), plan.workers,
+                 reporter("miou", "mIoU"))  # fmt: skip
+    table = summarize(plan.out, cfg.widths, plan.seeds, ("miou", "pixel_acc"))
+    print_table(table, cfg, plan.seeds)
+    finish_study(plan, asdict(cfg), cfg.steps, table)
 
 
 if __name__ == "__main__":
